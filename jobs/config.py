@@ -1,0 +1,339 @@
+"""The consortium's declarations under ``config/``, loaded into typed models.
+
+Every file is validated on load: a problem is reported with the file, the key
+and the reason, and nothing runs on a configuration that has one (fail closed).
+
+Layout::
+
+    config/
+      pipeline.yaml              retention, k, batch-level thresholds
+      purposes.yaml              purposes and their consent regime
+      agreements.yaml            establishment x datasets x purposes
+      establishments/<id>.yaml   one file per establishment (its input profile)
+      projects/<id>.yaml         one file per research project
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jobs.schemas import BRONZE_COLUMNS, DATASETS, SILVER_SCHEMAS
+
+REGIME_OPT_IN = "opt_in"
+REGIME_OPT_OUT = "opt_out"
+CANONICAL_ACTIONS = ("upsert", "delete")
+CANONICAL_DECISIONS = ("permit", "deny", "withdraw")
+DATE_PRECISIONS = ("day", "month", "year", "shifted")
+SUPPORTED_ENCODINGS = ("utf-8", "utf-8-sig", "latin-1", "iso-8859-1", "cp1252", "windows-1252")
+
+
+class ConfigError(Exception):
+    """The configuration has problems; each names the file, the key and the reason."""
+
+    def __init__(self, problems: list["Problem"]):
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the configuration:\n{lines}\n"
+                         "Fix them and run `affluent config check` again.")
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.reason}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CsvProfile(_Strict):
+    """How one establishment writes its CSV extracts."""
+
+    format: Literal["csv"]
+    delimiter: str = Field(min_length=1, max_length=1)
+    quote: str = Field(default='"', min_length=1, max_length=1)
+    encoding: str
+    date_format: str
+    datetime_format: str
+    decimal_separator: Literal[".", ","] = "."
+    action_values: dict[str, str]
+    # dataset -> {source header -> canonical column}
+    columns: dict[str, dict[str, str]]
+    # canonical column -> {source value -> canonical value}
+    value_maps: dict[str, dict[str, str]] = {}
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        if value.lower() not in SUPPORTED_ENCODINGS:
+            raise ValueError(f"unsupported encoding {value!r}; use one of {', '.join(SUPPORTED_ENCODINGS)}")
+        return value.lower()
+
+    @field_validator("action_values")
+    @classmethod
+    def _known_actions(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = sorted(v for v in value.values() if v not in CANONICAL_ACTIONS)
+        if bad:
+            raise ValueError(f"actions must be one of {CANONICAL_ACTIONS}, not {bad}")
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for dataset, mapping in value.items():
+            if dataset not in DATASETS:
+                raise ValueError(f"unknown dataset {dataset!r}; datasets are {', '.join(DATASETS)}")
+            unknown = sorted(set(mapping.values()) - set(BRONZE_COLUMNS[dataset]))
+            if unknown:
+                raise ValueError(f"{dataset}: unknown canonical column(s) {unknown}; "
+                                 f"expected some of {', '.join(BRONZE_COLUMNS[dataset])}")
+            targets = list(mapping.values())
+            dupes = sorted({t for t in targets if targets.count(t) > 1})
+            if dupes:
+                raise ValueError(f"{dataset}: several headers map to {dupes}")
+        return value
+
+
+class FhirProfile(_Strict):
+    """How one establishment sends FHIR R4 (Bulk NDJSON and Bundles)."""
+
+    format: Literal["fhir"]
+    nam_systems: list[str] = Field(min_length=1)
+    purpose_codes: dict[str, str] = {}
+
+
+class Establishment(_Strict):
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
+    name: str
+    landing_folder: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    input: CsvProfile | FhirProfile = Field(discriminator="format")
+
+
+class Purpose(_Strict):
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
+    description: str = ""
+    regime: Literal["opt_in", "opt_out"]
+
+
+class Agreement(_Strict):
+    establishment: str
+    datasets: list[str] = Field(min_length=1)
+    purposes: list[str] = Field(min_length=1)
+
+
+class Project(_Strict):
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
+    title: str
+    purpose: str
+    ethics_approval: str = Field(min_length=3)
+    valid_from: dt.date
+    valid_until: dt.date
+    members: list[str] = Field(min_length=1)
+    establishments: list[str] = Field(min_length=1)
+    date_precision: Literal["day", "month", "year", "shifted"] = "month"
+    min_cell_size: int = Field(default=11, ge=11)
+    datasets: dict[str, list[str]] = Field(min_length=1)
+    revoked: bool = False
+
+    @model_validator(mode="after")
+    def _dates_in_order(self) -> "Project":
+        if self.valid_until < self.valid_from:
+            raise ValueError(f"valid_until {self.valid_until} is before valid_from {self.valid_from}")
+        return self
+
+    def is_active(self, on: dt.date) -> bool:
+        return not self.revoked and self.valid_from <= on <= self.valid_until
+
+
+class BatchRules(_Strict):
+    max_row_count_drop_pct: float = Field(default=50, ge=0, le=100)
+    max_quarantined_pct: float = Field(default=20, ge=0, le=100)
+    allow_column_changes: bool = False
+
+
+class Pipeline(_Strict):
+    bronze_retention_days: int = Field(default=90, ge=0)
+    postal_prefix_min_persons: int = Field(default=5, ge=1)
+    batch_rules: BatchRules = BatchRules()
+
+
+@dataclass(frozen=True)
+class Consortium:
+    """Everything declared under ``config/``, validated."""
+
+    root: Path
+    pipeline: Pipeline
+    establishments: dict[str, Establishment]
+    purposes: dict[str, Purpose]
+    agreements: list[Agreement]
+    projects: dict[str, Project]
+    policy_version: str = field(default="")
+
+    def establishment(self, establishment_id: str) -> Establishment:
+        try:
+            return self.establishments[establishment_id]
+        except KeyError:
+            raise ConfigError([Problem("establishments/", establishment_id, "unknown establishment")]) from None
+
+    def agreement_for(self, establishment_id: str) -> Agreement | None:
+        return next((a for a in self.agreements if a.establishment == establishment_id), None)
+
+
+def _read_yaml(path: Path, root: Path, problems: list[Problem]) -> object | None:
+    rel = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except FileNotFoundError:
+        problems.append(Problem(rel, "-", "file is missing"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "-"
+        problems.append(Problem(rel, where, f"not valid YAML: {getattr(exc, 'problem', exc)}"))
+    return None
+
+
+def _validated(model: type[BaseModel], data: object, rel: str, prefix: str, problems: list[Problem]):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+            key = ".".join(p for p in (prefix, loc) if p) or "-"
+            problems.append(Problem(rel, key, err["msg"].removeprefix("Value error, ")))
+        return None
+
+
+def _policy_version(root: Path) -> str:
+    """A hash of every policy file, recorded with each published extract."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.yaml")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def load_consortium(root: Path | str) -> Consortium:
+    """Load and validate every file under ``root``; raise :class:`ConfigError` on any problem."""
+    root = Path(root)
+    problems: list[Problem] = []
+    if not root.is_dir():
+        raise ConfigError([Problem(str(root), "-", "configuration folder does not exist")])
+
+    pipeline = Pipeline()
+    data = _read_yaml(root / "pipeline.yaml", root, problems) if (root / "pipeline.yaml").exists() else {}
+    if data is not None:
+        pipeline = _validated(Pipeline, data or {}, "pipeline.yaml", "", problems) or pipeline
+
+    purposes: dict[str, Purpose] = {}
+    data = _read_yaml(root / "purposes.yaml", root, problems)
+    if isinstance(data, dict):
+        for i, item in enumerate(data.get("purposes") or []):
+            purpose = _validated(Purpose, item, "purposes.yaml", f"purposes[{i}]", problems)
+            if purpose:
+                if purpose.id in purposes:
+                    problems.append(Problem("purposes.yaml", f"purposes[{i}].id", f"duplicate purpose {purpose.id!r}"))
+                purposes[purpose.id] = purpose
+        if not data.get("purposes"):
+            problems.append(Problem("purposes.yaml", "purposes", "no purpose declared"))
+    elif data is not None:
+        problems.append(Problem("purposes.yaml", "-", "expected a mapping with key 'purposes'"))
+
+    establishments: dict[str, Establishment] = {}
+    for path in sorted((root / "establishments").glob("*.yaml")):
+        rel = str(path.relative_to(root))
+        data = _read_yaml(path, root, problems)
+        if data is None:
+            continue
+        est = _validated(Establishment, data, rel, "", problems)
+        if est is None:
+            continue
+        if est.id != path.stem:
+            problems.append(Problem(rel, "id", f"id {est.id!r} differs from the file name {path.stem!r}"))
+        if est.id in establishments:
+            problems.append(Problem(rel, "id", f"duplicate establishment {est.id!r}"))
+        if isinstance(est.input, FhirProfile):
+            for code, purpose in est.input.purpose_codes.items():
+                if purpose not in purposes:
+                    problems.append(Problem(rel, f"input.purpose_codes.{code}", f"unknown purpose {purpose!r}"))
+        else:
+            for dataset, mapping in est.input.columns.items():
+                if "record_action" not in mapping.values():
+                    problems.append(Problem(rel, f"input.columns.{dataset}", "no header maps to record_action"))
+            for column in est.input.value_maps:
+                if not any(column in BRONZE_COLUMNS[d] for d in DATASETS):
+                    problems.append(Problem(rel, f"input.value_maps.{column}", "unknown canonical column"))
+            for value in est.input.value_maps.get("decision", {}).values():
+                if value not in CANONICAL_DECISIONS:
+                    problems.append(Problem(rel, "input.value_maps.decision",
+                                            f"decision {value!r} must be one of {CANONICAL_DECISIONS}"))
+        establishments[est.id] = est
+    if not establishments:
+        problems.append(Problem("establishments/", "-", "no establishment declared"))
+
+    agreements: list[Agreement] = []
+    data = _read_yaml(root / "agreements.yaml", root, problems)
+    if isinstance(data, dict):
+        for i, item in enumerate(data.get("agreements") or []):
+            agreement = _validated(Agreement, item, "agreements.yaml", f"agreements[{i}]", problems)
+            if agreement is None:
+                continue
+            key = f"agreements[{i}]"
+            if agreement.establishment not in establishments:
+                problems.append(Problem("agreements.yaml", f"{key}.establishment",
+                                        f"unknown establishment {agreement.establishment!r}"))
+            for d in agreement.datasets:
+                if d not in DATASETS:
+                    problems.append(Problem("agreements.yaml", f"{key}.datasets", f"unknown dataset {d!r}"))
+            for p in agreement.purposes:
+                if p not in purposes:
+                    problems.append(Problem("agreements.yaml", f"{key}.purposes", f"unknown purpose {p!r}"))
+            agreements.append(agreement)
+    elif data is not None:
+        problems.append(Problem("agreements.yaml", "-", "expected a mapping with key 'agreements'"))
+
+    projects: dict[str, Project] = {}
+    for path in sorted((root / "projects").glob("*.yaml")):
+        rel = str(path.relative_to(root))
+        data = _read_yaml(path, root, problems)
+        if data is None:
+            continue
+        project = _validated(Project, data, rel, "", problems)
+        if project is None:
+            continue
+        if project.id != path.stem:
+            problems.append(Problem(rel, "id", f"id {project.id!r} differs from the file name {path.stem!r}"))
+        if project.purpose not in purposes:
+            problems.append(Problem(rel, "purpose", f"unknown purpose {project.purpose!r}"))
+        for est_id in project.establishments:
+            if est_id not in establishments:
+                problems.append(Problem(rel, "establishments", f"unknown establishment {est_id!r}"))
+        for dataset, columns in project.datasets.items():
+            if dataset not in DATASETS:
+                problems.append(Problem(rel, f"datasets.{dataset}", f"unknown dataset {dataset!r}"))
+                continue
+            known = set(SILVER_SCHEMAS[dataset].fieldNames())
+            for column in columns:
+                if column not in known or column.startswith("_"):
+                    problems.append(Problem(rel, f"datasets.{dataset}", f"unknown column {column!r}"))
+            if "person_id" not in columns:
+                problems.append(Problem(rel, f"datasets.{dataset}",
+                                        "person_id is required: consent is applied per person"))
+        projects[project.id] = project
+
+    if problems:
+        raise ConfigError(problems)
+    return Consortium(root=root, pipeline=pipeline, establishments=establishments, purposes=purposes,
+                      agreements=agreements, projects=projects, policy_version=_policy_version(root))

@@ -1,0 +1,42 @@
+"""Run-time settings read from the environment, with embedded defaults.
+
+Only non-secret settings live here; the pseudonymisation key is read by
+:mod:`jobs.keys` so that it never travels with ordinary configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_MASTER = "local[*]"
+ENV_MASTER = "AFFLUENT_SPARK_MASTER"
+ENV_LAKE_ROOT = "AFFLUENT_LAKE_ROOT"
+ENV_CONFIG_DIR = "AFFLUENT_CONFIG_DIR"
+ENV_JARS_CACHE = "AFFLUENT_JARS_CACHE"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the lake is, which Spark to use and where the configuration lives."""
+
+    lake_root: str
+    spark_master: str
+    config_dir: Path
+    jars_cache: Path
+
+    @classmethod
+    def from_env(cls, **overrides: str) -> "Settings":
+        values = {
+            "lake_root": os.environ.get(ENV_LAKE_ROOT, str(PROJECT_ROOT / "lake")),
+            "spark_master": os.environ.get(ENV_MASTER, DEFAULT_MASTER),
+            "config_dir": Path(os.environ.get(ENV_CONFIG_DIR, PROJECT_ROOT / "config")),
+            "jars_cache": Path(os.environ.get(ENV_JARS_CACHE, PROJECT_ROOT / ".cache" / "ivy")),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["config_dir"] = Path(values["config_dir"])
+        values["jars_cache"] = Path(values["jars_cache"])
+        return cls(**values)
