@@ -1,0 +1,1 @@
+"""Readers that turn landed files into bronze rows and quarantine rows."""

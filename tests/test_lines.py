@@ -1,0 +1,28 @@
+from jobs.readers.lines import decode_strict, read_lines
+
+
+def test_lines_keep_numbers_and_bytes_across_partitions(spark, tmp_path):
+    path = tmp_path / "f.csv"
+    lines = [f"row{i};é".encode("latin-1") for i in range(5000)]
+    lines[1234] = b"bad\x81byte"
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "16k")  # several splits of one file
+    try:
+        df = read_lines(spark, str(path))
+        assert df.rdd.getNumPartitions() > 1
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+    text, valid = decode_strict("raw", "latin-1")
+    got = {r.line_no: (r.t, r.ok) for r in df.select("line_no", text.alias("t"), valid.alias("ok")).collect()}
+    assert len(got) == 5000
+    assert got[1] == ("row0;é", True)
+    assert got[5000] == ("row4999;é", True)
+    assert got[1235][1] is False
+
+
+def test_utf8_strict_decoding_flags_invalid_bytes_and_strips_bom(spark, tmp_path):
+    path = tmp_path / "u.csv"
+    path.write_bytes("\ufeffh1,h2\nok,é\n".encode("utf-8") + b"bad,\xe9\n")
+    text, valid = decode_strict("raw", "utf-8-sig")
+    rows = read_lines(spark, str(path)).select("line_no", text.alias("t"), valid.alias("ok")).orderBy("line_no").collect()
+    assert [(r.t, r.ok) for r in rows] == [("h1,h2", True), ("ok,é", True), (None, False)]
