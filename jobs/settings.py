@@ -17,6 +17,7 @@ ENV_MASTER = "AFFLUENT_SPARK_MASTER"
 ENV_LAKE_ROOT = "AFFLUENT_LAKE_ROOT"
 ENV_CONFIG_DIR = "AFFLUENT_CONFIG_DIR"
 ENV_JARS_CACHE = "AFFLUENT_JARS_CACHE"
+ENV_LANDING_ROOT = "AFFLUENT_LANDING_ROOT"
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,14 @@ class Settings:
     spark_master: str
     config_dir: Path
     jars_cache: Path
+    landing_root: Path | None = None
+
+    @property
+    def landing(self) -> Path:
+        """Where establishments drop batches: a folder the pipeline reads (``<lake>/landing`` by default)."""
+        if self.landing_root is not None:
+            return self.landing_root
+        return Path(self.lake_root) / "landing"
 
     @classmethod
     def from_env(cls, **overrides: str) -> "Settings":
@@ -36,7 +45,11 @@ class Settings:
             "config_dir": Path(os.environ.get(ENV_CONFIG_DIR, PROJECT_ROOT / "config")),
             "jars_cache": Path(os.environ.get(ENV_JARS_CACHE, PROJECT_ROOT / ".cache" / "ivy")),
         }
+        if os.environ.get(ENV_LANDING_ROOT):
+            values["landing_root"] = Path(os.environ[ENV_LANDING_ROOT])
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("landing_root") is not None:
+            values["landing_root"] = Path(values["landing_root"])
         values["config_dir"] = Path(values["config_dir"])
         values["jars_cache"] = Path(values["jars_cache"])
         return cls(**values)

@@ -1,0 +1,153 @@
+"""Landing → bronze: take a complete batch, parse every file, keep lineage, lose nothing.
+
+Per batch and dataset: ``rows in the manifest = rows in bronze + rows
+quarantined``, checked after writing; a batch whose manifest does not hold
+(missing file, checksum, row count, unknown dataset) is rejected whole
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from functools import reduce
+from pathlib import Path
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.config import Consortium, CsvProfile
+from jobs.lake import Lake
+from jobs.landing import BatchRejected, check_batch, ready_batches
+from jobs.ops import (STATUS_INGESTED, STATUS_REJECTED, append_batch_log, append_quarantine,
+                      batches_with_status)
+from jobs.readers.csv import FileLineage, HeaderError, read_csv_file
+from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
+from jobs.tables import OVERWRITE, ensure_table, table_exists
+
+STAGE = "ingest"
+
+
+class IngestReconciliationError(Exception):
+    """Rows read from a file do not add up to what the manifest announced."""
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    establishment_id: str
+    batch_id: str
+    kind: str = ""
+    bronze: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    skipped: bool = False
+
+
+def pending_batches(spark: SparkSession, lake: Lake, landing_root: Path, consortium: Consortium,
+                    establishment_id: str) -> list[str]:
+    """Complete batches of an establishment not yet ingested nor rejected, in delivery order."""
+    est = consortium.establishment(establishment_id)
+    done = (batches_with_status(spark, lake, establishment_id, STAGE, STATUS_INGESTED)
+            | batches_with_status(spark, lake, establishment_id, STAGE, STATUS_REJECTED))
+    return [b for b in ready_batches(landing_root, est.landing_folder) if b not in done]
+
+
+def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage):
+    if isinstance(est.input, CsvProfile):
+        return read_csv_file(spark, path, dataset, est.input, lineage)
+    from jobs.readers.fhir import read_fhir_file
+
+    return read_fhir_file(spark, str(path), dataset, est.input, lineage)
+
+
+def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium: Consortium,
+                 establishment_id: str, batch_id: str) -> IngestOutcome:
+    """Ingest one batch into bronze; a batch already ingested is skipped."""
+    if batch_id in batches_with_status(spark, lake, establishment_id, STAGE, STATUS_INGESTED):
+        return IngestOutcome(establishment_id, batch_id, skipped=True)
+    try:
+        batch = check_batch(landing_root, consortium, establishment_id, batch_id)
+    except BatchRejected as exc:
+        append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                        "stage": STAGE, "status": STATUS_REJECTED, "message": exc.reason}])
+        raise
+
+    est = consortium.establishment(establishment_id)
+    ingested_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    bronze_parts: dict[str, list[DataFrame]] = {}
+    quarantine_parts: list[DataFrame] = []
+    for entry in batch.files:
+        lineage = FileLineage(establishment_id, batch_id, f"{est.landing_folder}/{batch_id}/{entry.path}",
+                              batch.extracted_at, ingested_at)
+        try:
+            result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage)
+        except HeaderError as exc:
+            append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                            "dataset": entry.dataset, "stage": STAGE,
+                                            "status": STATUS_REJECTED, "message": str(exc)}])
+            raise BatchRejected(establishment_id, batch_id, str(exc)) from None
+        for dataset, frame in result.bronze.items():
+            bronze_parts.setdefault(dataset, []).append(frame)
+        quarantine_parts.append(result.quarantine)
+
+    batch_filter = (F.col("_establishment") == establishment_id) & (F.col("_batch_id") == batch_id)
+    bronze_counts: dict[str, int] = {}
+    per_file: dict[str, int] = {}
+    for dataset, frames in bronze_parts.items():
+        path = lake.bronze(dataset)
+        ensure_table(spark, path, bronze_schema(dataset), partition_by=("_establishment", "_batch_id"),
+                     comment=f"Bronze {dataset}: parsed, still identifying. Pipeline only; purged after retention.")
+        frame = reduce(DataFrame.unionByName, frames)
+        (frame.write.format("delta").mode(OVERWRITE)
+         .option("replaceWhere", f"_establishment = '{establishment_id}' AND _batch_id = '{batch_id}'").save(path))
+        counts = (spark.read.format("delta").load(path).where(batch_filter)
+                  .groupBy("_source_file").count().collect())
+        bronze_counts[dataset] = sum(r["count"] for r in counts)
+        for r in counts:
+            per_file[r["_source_file"]] = per_file.get(r["_source_file"], 0) + r["count"]
+
+    quarantine = reduce(DataFrame.unionByName, quarantine_parts)
+    qpath = lake.quarantine()
+    ensure_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",),
+                 comment="Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
+    (quarantine.select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
+     .write.format("delta").mode(OVERWRITE)
+     .option("replaceWhere", f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
+     .save(qpath))
+    qrows = (spark.read.format("delta").load(qpath)
+             .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                    & (F.col("stage") == STAGE))
+             .groupBy("dataset", "source_file").count().collect())
+    quarantined: dict[str, int] = {}
+    for r in qrows:
+        quarantined[r["dataset"]] = quarantined.get(r["dataset"], 0) + r["count"]
+        per_file[r["source_file"]] = per_file.get(r["source_file"], 0) + r["count"]
+
+    for entry in batch.files:
+        source = f"{est.landing_folder}/{batch_id}/{entry.path}"
+        if per_file.get(source, 0) != entry.rows:
+            raise IngestReconciliationError(
+                f"{source}: the manifest announces {entry.rows} rows, {per_file.get(source, 0)} were read "
+                "(landed in bronze + quarantined). Nothing was logged as ingested; inspect the file.")
+
+    datasets = sorted(set(bronze_counts) | set(quarantined))
+    append_batch_log(spark, lake, [
+        {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
+         "status": STATUS_INGESTED, "rows_read": bronze_counts.get(d, 0) + quarantined.get(d, 0),
+         "rows_quarantined": quarantined.get(d, 0), "extracted_at": batch.extracted_at,
+         "message": f"kind={batch.kind}"}
+        for d in datasets
+    ])
+    return IngestOutcome(establishment_id, batch_id, batch.kind, bronze_counts, quarantined)
+
+
+def batch_kind(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> str:
+    """``full`` or ``incremental``, as the manifest said when the batch was ingested."""
+    from jobs.ops import read_batch_log
+
+    row = (read_batch_log(spark, lake)
+           .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                  & (F.col("stage") == STAGE) & (F.col("status") == STATUS_INGESTED))
+           .select("message").first())
+    if row is None:
+        raise LookupError(f"batch {establishment_id}/{batch_id} has not been ingested")
+    return row.message.removeprefix("kind=")

@@ -1,0 +1,66 @@
+"""Delta table helpers shared by every stage: key fingerprints and write metrics."""
+
+from __future__ import annotations
+
+from delta.tables import DeltaTable
+from pyspark.sql import SparkSession
+
+from jobs.keys import KeyMismatchError
+
+FINGERPRINT_PROPERTY = "affluent.key_fingerprint"
+
+# Write modes, named once.
+APPEND = "append"
+OVERWRITE = "overwrite"
+
+
+def table_exists(spark: SparkSession, path: str) -> bool:
+    return DeltaTable.isDeltaTable(spark, path)
+
+
+def check_fingerprint(spark: SparkSession, path: str, fingerprint: str) -> None:
+    """Refuse to write pseudonyms made with another key into an existing table."""
+    if not table_exists(spark, path):
+        return
+    props = DeltaTable.forPath(spark, path).detail().select("properties").first().properties or {}
+    stored = props.get(FINGERPRINT_PROPERTY)
+    if stored is not None and stored != fingerprint:
+        raise KeyMismatchError(
+            f"{path} was written with the key whose fingerprint is {stored}; the current key's is "
+            f"{fingerprint}. Pseudonyms from two keys must never be mixed: use the original key, "
+            "or rebuild the lake from bronze with the new one."
+        )
+
+
+def set_fingerprint(spark: SparkSession, path: str, fingerprint: str) -> None:
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{FINGERPRINT_PROPERTY}' = '{fingerprint}')")
+
+
+def table_version(spark: SparkSession, path: str) -> int | None:
+    if not table_exists(spark, path):
+        return None
+    return DeltaTable.forPath(spark, path).history(1).select("version").first().version
+
+
+def ensure_table(spark: SparkSession, path: str, schema, fingerprint: str | None = None,
+                 partition_by: tuple[str, ...] = (), properties: dict[str, str] | None = None,
+                 comment: str | None = None) -> None:
+    """Create the Delta table at ``path`` if missing (with its key fingerprint); check it otherwise.
+
+    Creating first, then writing, puts the fingerprint on the table before any
+    pseudonym reaches it.
+    """
+    if table_exists(spark, path):
+        if fingerprint is not None:
+            check_fingerprint(spark, path, fingerprint)
+        return
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    if partition_by:
+        builder = builder.partitionedBy(*partition_by)
+    if comment:
+        builder = builder.comment(comment)
+    for key, value in (properties or {}).items():
+        builder = builder.property(key, value)
+    if fingerprint is not None:
+        builder = builder.property(FINGERPRINT_PROPERTY, fingerprint)
+    builder.execute()

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+from pyspark.sql import functions as F
+
+from jobs.ingest import ingest_batch, pending_batches
+from jobs.lake import Lake
+from jobs.landing import BatchRejected
+from jobs.ops import read_batch_log
+from jobs.tables import table_version
+from tests.landing_helpers import (LAURENTIDES_ENCOUNTER_HEADER, LAURENTIDES_PATIENT_HEADER, latin1_csv,
+                                   write_batch)
+
+PATIENTS = [
+    "L001;TREM85521512;Tremblay;Éloïse;12/02/1985;F;12 rue des Érables;Montréal;H2X 1Y4;514-555-0101;e@x.ca;;A",
+    "L002;GAGL90010112;Gagnon;Luc;01/01/1990;M;3 av. du Parc;Laval;H7N 2B3;450-555-0102;l@x.ca;;A",
+    "L003;bad",
+]
+ENCOUNTERS = [
+    "S1;L001;03/01/2026 08:00;04/01/2026 12:30;hospitalisation;Médecine;Douleur thoracique;A",
+    "S2;L002;31/02/2026 08:00;;urgence;Urgence;;A",
+]
+
+
+@pytest.fixture()
+def landed(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    landing = tmp_path / "landing"
+    write_batch(landing, "chu_laurentides", "20260105-001", {
+        "patients.csv": ("patient", latin1_csv(LAURENTIDES_PATIENT_HEADER, PATIENTS)),
+        "sejours.csv": ("encounter", latin1_csv(LAURENTIDES_ENCOUNTER_HEADER, ENCOUNTERS)),
+    })
+    return lake, landing
+
+
+def test_ingest_accounts_for_every_row_and_is_skipped_the_second_time(spark, consortium, landed):
+    lake, landing = landed
+    assert pending_batches(spark, lake, landing, consortium, "chu_laurentides") == ["20260105-001"]
+    outcome = ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")
+    assert outcome.bronze == {"patient": 2, "encounter": 2}
+    assert outcome.quarantined == {"patient": 1}
+    bronze = spark.read.format("delta").load(lake.bronze("patient"))
+    assert bronze.where(F.col("patient_ref") == "L001").first()._source_file == "chu_laurentides/20260105-001/patients.csv"
+    versions = {t: table_version(spark, p) for t, p in
+                [("b", lake.bronze("patient")), ("q", lake.quarantine()), ("log", lake.ops("batch_log"))]}
+    again = ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")
+    assert again.skipped
+    assert versions == {t: table_version(spark, p) for t, p in
+                        [("b", lake.bronze("patient")), ("q", lake.quarantine()), ("log", lake.ops("batch_log"))]}
+    assert pending_batches(spark, lake, landing, consortium, "chu_laurentides") == []
+
+
+@pytest.mark.parametrize("breakage, reason", [
+    (lambda folder: (folder / "sejours.csv").unlink(), "file sejours.csv is missing"),
+    (lambda folder: (folder / "sejours.csv").write_bytes(b"changed"), "sha256 of sejours.csv does not match"),
+    (lambda folder: _edit_manifest(folder, lambda m: m["files"][0].update(dataset="imaging")), "unknown dataset 'imaging'"),
+    (lambda folder: _edit_manifest(folder, lambda m: m["files"][0].update(path="../../etc/passwd")), "leaves the batch folder"),
+    (lambda folder: _edit_manifest(folder, lambda m: m["files"][0].update(rows=99)), "has 3 rows, the manifest says 99"),
+    (lambda folder: (folder / "manifest.json").write_text("{not json"), "not valid JSON"),
+])
+def test_a_batch_breaking_the_contract_is_rejected_whole(spark, consortium, landed, breakage, reason):
+    lake, landing = landed
+    breakage(landing / "chu_laurentides" / "20260105-001")
+    with pytest.raises(BatchRejected, match=reason):
+        ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")
+    assert table_version(spark, lake.bronze("patient")) is None
+    log = read_batch_log(spark, lake).collect()
+    assert [(r.status, reason in r.message) for r in log] == [("rejected", True)]
+
+
+def test_unknown_establishment_is_rejected(spark, consortium, landed):
+    lake, landing = landed
+    with pytest.raises(BatchRejected, match="unknown establishment"):
+        ingest_batch(spark, lake, landing, consortium, "nowhere", "20260105-001")
+
+
+def _edit_manifest(folder, change):
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
