@@ -71,11 +71,11 @@ def normalise_nam(col: Column) -> Column:
 
 def is_valid_nam(nam: Column, birth_date: Column, sex: Column) -> Column:
     """A Québec NAM: 4 letters, birth yy mm(+50 if female) dd, 2 digits; consistent with the birth date and sex when known."""
-    yy, mm, dd = (F.substring(nam, 5, 2), F.substring(nam, 7, 2).cast("int"), F.substring(nam, 9, 2))
+    yy, mm, dd = (F.substring(nam, 5, 2), F.substring(nam, 7, 2).try_cast("int"), F.substring(nam, 9, 2))
     month = F.when(mm > 50, mm - 50).otherwise(mm)
     mmdd = F.concat(F.lpad(month.cast("string"), 2, "0"), dd)
-    real_date = (F.try_to_date(F.concat(F.lit("20"), yy, mmdd), F.lit("yyyyMMdd")).isNotNull()
-                 | F.try_to_date(F.concat(F.lit("19"), yy, mmdd), F.lit("yyyyMMdd")).isNotNull())
+    real_date = (F.try_to_date(F.concat(F.lit("20"), yy, mmdd), "yyyyMMdd").isNotNull()
+                 | F.try_to_date(F.concat(F.lit("19"), yy, mmdd), "yyyyMMdd").isNotNull())
     shape = F.coalesce(nam.rlike(r"^[A-Z]{4}[0-9]{8}$"), F.lit(False))
     agrees_with_birth = F.coalesce(F.date_format(birth_date, "yyMMdd") == F.concat(yy, mmdd), F.lit(True))
     agrees_with_sex = (F.when(sex == "female", mm > 50).when(sex == "male", mm <= 12).otherwise(F.lit(True)))
@@ -110,7 +110,7 @@ class Parser:
         text = _blank_to_null(col)
         if not self.date_formats:
             return F.to_date(F.try_to_timestamp(text))
-        return F.coalesce(*[F.try_to_date(text, F.lit(f)) for f in self.date_formats])
+        return F.coalesce(*[F.try_to_date(text, f) for f in self.date_formats])
 
     def number(self, col: Column) -> Column:
         text = _blank_to_null(col)
