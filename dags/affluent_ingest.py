@@ -1,0 +1,110 @@
+"""Ingest DAGs: one per establishment declared under ``config/establishments/``.
+
+Adding an establishment's YAML file adds its DAG; no code changes.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowSkipException
+
+from jobs.registry import CANONICAL_DATASETS, establishments, silver_asset_name
+
+SILVER_ASSETS = [Asset(name=silver_asset_name(d), uri=f"affluent://silver/{d}") for d in CANONICAL_DATASETS]
+
+DEFAULT_ARGS = {
+    "owner": "data-engineering",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=2),
+    "execution_timeout": timedelta(hours=2),
+}
+
+DOC = """
+### Ingest {name} (`{id}`)
+
+Takes the oldest complete batch in `landing/{id}/` (or the batch named in the
+run's `batch_id` parameter) through the four stages of the flow:
+
+1. **ingest** — checks the manifest (files, sha256, row counts), parses every
+   file with the establishment's profile into bronze; malformed lines and
+   bytes invalid in the declared encoding go to quarantine.
+2. **pseudonymise** — keyed pseudonyms, generalised quasi-identifiers, exact
+   duplicates dropped and counted. Needs the pseudonymisation key.
+3. **validate** — Great Expectations suites; failing rows to quarantine,
+   batch-level rules stop the batch before anything lands.
+4. **land** — MERGE into silver; checks `read = landed + quarantined + duplicates`.
+
+Every stage is idempotent: re-running a run for a batch already done changes
+no table. A failure names the establishment, the batch and the rule; see
+`affluent batches --establishment {id}` and the validation report.
+"""
+
+
+def _context():
+    from jobs.pipeline import Context, spark_master_from_connection
+
+    return Context.from_env(spark_master=spark_master_from_connection("spark_default"))
+
+
+def build_ingest_dag(establishment_id: str, name: str):
+    @dag(
+        dag_id=f"affluent_ingest_{establishment_id}",
+        schedule=timedelta(hours=1),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,  # batches are found in landing, not derived from the run date
+        max_active_runs=1,  # batches of one establishment land in delivery order
+        tags=["affluent", "ingest", establishment_id],
+        default_args=DEFAULT_ARGS,
+        params={"batch_id": Param(None, type=["null", "string"], description="Batch to process (default: oldest pending)")},
+        doc_md=DOC.format(id=establishment_id, name=name),
+    )
+    def ingest_establishment():
+        @task
+        def select_batch() -> str:
+            from jobs import pipeline
+
+            requested = get_current_context()["params"].get("batch_id")
+            if requested:
+                return requested
+            pending = pipeline.pending(_context(), establishment_id)
+            if not pending:
+                raise AirflowSkipException(f"no complete batch waiting in landing for {establishment_id}")
+            return pending[0]
+
+        @task
+        def ingest(batch_id: str) -> dict:
+            from jobs import pipeline
+
+            return pipeline.ingest(_context(), establishment_id, batch_id)
+
+        @task
+        def pseudonymise(batch_id: str) -> dict:
+            from jobs import pipeline
+
+            return pipeline.pseudonymise(_context(), establishment_id, batch_id)
+
+        @task
+        def validate(batch_id: str) -> dict:
+            from jobs import pipeline
+
+            return pipeline.validate(_context(), establishment_id, batch_id)
+
+        @task(outlets=SILVER_ASSETS)
+        def land(batch_id: str) -> dict:
+            from jobs import pipeline
+
+            return pipeline.land(_context(), establishment_id, batch_id)
+
+        batch = select_batch()
+        stages = [ingest(batch), pseudonymise(batch), validate(batch), land(batch)]
+        for upstream, downstream in zip(stages, stages[1:]):
+            upstream >> downstream
+
+    return ingest_establishment()
+
+
+for _est in establishments():
+    globals()[f"affluent_ingest_{_est.id}"] = build_ingest_dag(_est.id, _est.name)

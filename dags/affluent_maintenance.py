@@ -1,0 +1,61 @@
+"""Daily maintenance: erasure requests, bronze retention, compaction and VACUUM."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, task
+
+
+def _context():
+    from jobs.pipeline import Context, spark_master_from_connection
+
+    return Context.from_env(spark_master=spark_master_from_connection("spark_default"))
+
+
+@dag(
+    dag_id="affluent_maintenance",
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,  # maintenance acts on the lake as it is now; past days need no replay
+    max_active_runs=1,
+    tags=["affluent", "maintenance"],
+    default_args={"owner": "data-engineering", "retries": 1, "retry_delay": timedelta(minutes=10),
+                  "execution_timeout": timedelta(hours=4)},
+    doc_md="""
+### Maintenance
+
+1. **erasures** — processes pending erasure requests: the person is deleted from
+   silver, quarantine, gold and every project extract, then old files are vacuumed
+   so time travel cannot bring them back; a receipt is written in `ops/erasure_receipts`.
+2. **bronze retention** — batches older than `bronze_retention_days` are deleted
+   from bronze and vacuumed (bronze still holds identifiers).
+3. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
+""",
+)
+def affluent_maintenance():
+    @task
+    def erasures() -> dict:
+        from jobs.pipeline import process_erasure_requests
+
+        return process_erasure_requests(_context())
+
+    @task
+    def bronze_retention() -> dict:
+        from jobs.maintenance import purge_bronze
+
+        ctx = _context()
+        return purge_bronze(ctx.spark, ctx.lake, ctx.consortium.pipeline.bronze_retention_days)
+
+    @task
+    def compaction() -> dict:
+        from jobs.maintenance import compact_and_vacuum
+
+        ctx = _context()
+        return compact_and_vacuum(ctx.spark, ctx.lake)
+
+    erasures() >> bronze_retention() >> compaction()
+
+
+affluent_maintenance()

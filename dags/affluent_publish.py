@@ -1,0 +1,46 @@
+"""Publish: project extracts and gold indicators, whenever a silver table changes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, AssetAny, dag, task
+
+from jobs.registry import CANONICAL_DATASETS, silver_asset_name
+
+SILVER_ASSETS = [Asset(name=silver_asset_name(d), uri=f"affluent://silver/{d}") for d in CANONICAL_DATASETS]
+
+
+@dag(
+    dag_id="affluent_publish",
+    schedule=AssetAny(*SILVER_ASSETS),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["affluent", "publish"],
+    default_args={"owner": "data-stewardship", "retries": 1, "retry_delay": timedelta(minutes=5),
+                  "execution_timeout": timedelta(hours=2)},
+    doc_md="""
+### Publish project extracts and gold
+
+Runs when any silver table changes. Loads and validates the policies
+(purposes, sharing agreements, projects): an invalid policy stops publishing.
+For each active project, rebuilds `projects/<id>/` with only the persons whose
+consent allows the project's purpose, the establishments whose agreement
+allows it, the allowed columns, project pseudonyms and coarsened dates, then
+recomputes gold indicators with small-cell suppression. Expired or revoked
+projects lose their extract.
+""",
+)
+def affluent_publish():
+    @task
+    def publish() -> dict:
+        from jobs.pipeline import Context, publish_all, spark_master_from_connection
+
+        return publish_all(Context.from_env(spark_master=spark_master_from_connection("spark_default")))
+
+    publish()
+
+
+affluent_publish()

@@ -1,0 +1,157 @@
+"""The ``affluent`` command line: configuration checks, generation, the flow, demo.
+
+Run ``affluent --help`` or ``affluent <command> --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from jobs.config import ConfigError, load_consortium
+    from jobs.settings import Settings
+
+    root = Path(args.config or Settings.from_env().config_dir)
+    try:
+        consortium = load_consortium(root)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            where = problem if Path(problem.file).is_absolute() else f"{root}/{problem}"
+            print(where, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s); nothing will run on this configuration.", file=sys.stderr)
+        return 1
+    print(f"{root}: OK — {len(consortium.establishments)} establishments, {len(consortium.purposes)} purposes, "
+          f"{len(consortium.agreements)} agreements, {len(consortium.projects)} projects "
+          f"(policy version {consortium.policy_version})")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from jobs.config import load_consortium
+    from jobs.generate import generate_consortium
+    from jobs.settings import Settings
+
+    consortium = load_consortium(Settings.from_env().config_dir if not args.config else args.config)
+    summary = generate_consortium(Path(args.out), consortium, patients=args.patients, batches=args.batches,
+                                  seed=args.seed, defect_rate=args.defect_rate)
+    print(summary)
+    return 0
+
+
+def _stage_command(stage: str):
+    def run(args: argparse.Namespace) -> int:
+        from jobs import pipeline
+
+        ctx = pipeline.Context.from_env()
+        batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
+        for batch in batches:
+            if stage == "run":
+                result = pipeline.run_batch(ctx, args.establishment, batch)
+            else:
+                result = getattr(pipeline, stage)(ctx, args.establishment, batch)
+            print(json.dumps({"establishment": args.establishment, "batch": batch, stage: result}, default=str))
+        if not batches:
+            print(f"no pending batch for {args.establishment}")
+        return 0
+    return run
+
+
+def _cmd_batches(args: argparse.Namespace) -> int:
+    from pyspark.sql import functions as F
+
+    from jobs import pipeline
+    from jobs.ops import read_batch_log
+
+    ctx = pipeline.Context.from_env()
+    log = read_batch_log(ctx.spark, ctx.lake)
+    if args.establishment:
+        log = log.where(F.col("establishment_id") == args.establishment)
+    log.orderBy("establishment_id", "batch_id", "recorded_at").select(
+        "establishment_id", "batch_id", "dataset", "stage", "status", "rows_read", "rows_landed",
+        "rows_quarantined", "rows_duplicates", "message").show(args.limit, truncate=False)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(patients=args.patients, batches=args.batches, seed=args.seed, defect_rate=args.defect_rate,
+                    workdir=Path(args.workdir))
+
+
+def _cmd_airflow(args: argparse.Namespace) -> int:
+    from jobs.demo import airflow_env
+
+    env = airflow_env(Path(args.workdir))
+    print(f"Starting Airflow standalone with the project's DAGs (AIRFLOW_HOME={env['AIRFLOW_HOME']}).")
+    print(f"UI: http://localhost:{args.port}  — login and password are printed by Airflow below and kept in "
+          f"{env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
+    env["AIRFLOW__API__PORT"] = str(args.port)
+    os.execvpe("airflow", ["airflow", "standalone"], env)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="affluent", description="Affluent: the shared data lake of affiliated "
+                                     "health establishments.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="Check the consortium's configuration").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    check = config.add_parser("check", help="Validate every file under config/; print file, key and reason")
+    check.add_argument("--config", help="configuration folder (default: AFFLUENT_CONFIG_DIR or ./config)")
+    check.set_defaults(func=_cmd_config_check)
+
+    gen = sub.add_parser("generate", help="Write a synthetic consortium's landing batches and ground truth")
+    gen.add_argument("--out", required=True, help="output folder (landing/ and ground_truth/ are created in it)")
+    gen.add_argument("--patients", type=int, default=1000)
+    gen.add_argument("--batches", type=int, default=3)
+    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--defect-rate", type=float, default=0.01)
+    gen.add_argument("--config", help="configuration folder")
+    gen.set_defaults(func=_cmd_generate)
+
+    for stage, text in [("ingest", "Landing → bronze"), ("pseudonymise", "Bronze → staged"),
+                        ("validate", "Validate staged rows (Great Expectations)"),
+                        ("land", "MERGE validated rows into silver"), ("run", "All four stages")]:
+        p = sub.add_parser(stage, help=f"{text}, for one batch or every pending batch of an establishment")
+        p.add_argument("--establishment", required=True)
+        p.add_argument("--batch", help="batch id (default: every pending batch, in delivery order)")
+        p.set_defaults(func=_stage_command(stage))
+
+    batches = sub.add_parser("batches", help="Show the batch log: rows read, landed, quarantined, duplicates")
+    batches.add_argument("--establishment")
+    batches.add_argument("--limit", type=int, default=200)
+    batches.set_defaults(func=_cmd_batches)
+
+    demo = sub.add_parser("demo", help="Generate a consortium and run every DAG with Airflow, end to end")
+    demo.add_argument("--patients", type=int, default=2000)
+    demo.add_argument("--batches", type=int, default=3)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--defect-rate", type=float, default=0.01)
+    demo.add_argument("--workdir", default="demo", help="where the demo's lake and Airflow home go")
+    demo.set_defaults(func=_cmd_demo)
+
+    airflow = sub.add_parser("airflow", help="Start `airflow standalone` with the project's DAGs (UI + scheduler)")
+    airflow.add_argument("--workdir", default="demo")
+    airflow.add_argument("--port", type=int, default=8080)
+    airflow.set_defaults(func=_cmd_airflow)
+
+    from jobs import cli_access  # researcher, steward and maintenance commands
+
+    cli_access.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Entry points of the flow, one per stage, shared by the CLI and the Airflow tasks.
+
+Each takes ids (establishment, batch) and returns small, JSON-able summaries:
+what Airflow may keep in XCom. Data moves only through Delta tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+from pyspark.sql import SparkSession
+
+from jobs.config import Consortium, load_consortium
+from jobs.keys import PseudonymKey, load_key
+from jobs.lake import Lake
+from jobs.settings import Settings
+
+STAGES = ("ingest", "pseudonymise", "validate", "land")
+
+
+@dataclass
+class Context:
+    """What every stage needs: settings, the validated configuration, the lake, Spark."""
+
+    settings: Settings
+    spark_master: str | None = None
+
+    @cached_property
+    def consortium(self) -> Consortium:
+        return load_consortium(self.settings.config_dir)
+
+    @cached_property
+    def lake(self) -> Lake:
+        return Lake(self.settings.lake_root)
+
+    @cached_property
+    def key(self) -> PseudonymKey:
+        return load_key()
+
+    @cached_property
+    def spark(self) -> SparkSession:
+        from jobs.session import get_spark
+
+        settings = self.settings
+        if self.spark_master:
+            settings = Settings.from_env(spark_master=self.spark_master, lake_root=settings.lake_root,
+                                         config_dir=str(settings.config_dir))
+        return get_spark(settings, app_name="affluent")
+
+    @classmethod
+    def from_env(cls, spark_master: str | None = None) -> "Context":
+        return cls(Settings.from_env(), spark_master)
+
+
+def pending(ctx: Context, establishment_id: str) -> list[str]:
+    from jobs.ingest import pending_batches
+
+    return pending_batches(ctx.spark, ctx.lake, ctx.settings.landing, ctx.consortium, establishment_id)
+
+
+def ingest(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    from jobs.ingest import ingest_batch
+
+    return asdict(ingest_batch(ctx.spark, ctx.lake, ctx.settings.landing, ctx.consortium, establishment_id, batch_id))
+
+
+def pseudonymise(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    from jobs.pseudonymise import pseudonymise_batch
+
+    key = ctx.key  # read before Spark starts: a missing key stops the job at once
+    return asdict(pseudonymise_batch(ctx.spark, ctx.lake, ctx.consortium, key, establishment_id, batch_id))
+
+
+def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    from jobs.ingest import batch_kind
+    from jobs.validate import validate_batch
+
+    kind = batch_kind(ctx.spark, ctx.lake, establishment_id, batch_id)
+    return _summary(validate_batch(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id, kind))
+
+
+def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    from jobs.land import land_batch
+
+    key = ctx.key
+    return _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint))
+
+
+def run_batch(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    """Every stage of one batch, in order."""
+    return {stage: globals()[stage](ctx, establishment_id, batch_id) for stage in STAGES}
+
+
+def _summary(outcome) -> dict:
+    try:
+        return asdict(outcome)
+    except TypeError:
+        return {"result": str(outcome)}
+
+
+def spark_master_from_connection(conn_id: str = "spark_default") -> str | None:
+    """The Spark master URL of an Airflow connection (``local[*]`` or ``spark://host:7077``).
+
+    Read in the task, never at DAG parse time. ``None`` when the connection is
+    not defined: the embedded default (AFFLUENT_SPARK_MASTER or ``local[*]``) applies.
+    """
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowRuntimeError
+
+    try:
+        conn = Connection.get(conn_id)
+    except AirflowRuntimeError:
+        return None
+    host = (conn.host or "").strip()
+    if not host:
+        return None
+    if host.startswith("local"):
+        return host
+    if "://" not in host:
+        host = f"spark://{host}"
+    return f"{host}:{conn.port}" if conn.port else host
+
+
+def publish_all(ctx: Context) -> dict:
+    """Rebuild every active project's extract and the gold indicators."""
+    import datetime as dt
+
+    from jobs.publish import publish
+
+    key = ctx.key
+    return _summary(publish(ctx.spark, ctx.lake, ctx.consortium, key, dt.date.today()))
+
+
+def process_erasure_requests(ctx: Context) -> dict:
+    from jobs.erasure import process_erasures
+
+    key = ctx.key
+    return _summary(process_erasures(ctx.spark, ctx.lake, ctx.consortium, key))

@@ -1,0 +1,44 @@
+"""Light-weight look-ups for DAG files: what establishments and datasets exist.
+
+DAG files are parsed constantly by the scheduler, so this module imports
+neither Spark nor pydantic; it reads only ids from ``config/``. The full
+validation happens in the tasks (``jobs.config``), which refuse to run on a
+broken configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+CANONICAL_DATASETS = ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent")
+
+
+@dataclass(frozen=True)
+class EstablishmentEntry:
+    id: str
+    name: str
+    format: str
+
+
+def config_dir() -> Path:
+    default = Path(__file__).resolve().parent.parent / "config"
+    return Path(os.environ.get("AFFLUENT_CONFIG_DIR", default))
+
+
+def establishments() -> list[EstablishmentEntry]:
+    """Establishments declared under ``config/establishments/``, one per file."""
+    entries = []
+    for path in sorted((config_dir() / "establishments").glob("*.yaml")):
+        with path.open(encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        entries.append(EstablishmentEntry(str(data.get("id", path.stem)), str(data.get("name", path.stem)),
+                                          str((data.get("input") or {}).get("format", "?"))))
+    return entries
+
+
+def silver_asset_name(dataset: str) -> str:
+    return f"affluent.silver.{dataset}"

@@ -1,0 +1,79 @@
+import shutil
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from jobs.config import ConfigError, load_consortium
+from tests.conftest import CONFIG_DIR
+
+
+@pytest.fixture()
+def config(tmp_path):
+    root = tmp_path / "config"
+    shutil.copytree(CONFIG_DIR, root)
+    return root
+
+
+def _edit(path, change):
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+
+
+def test_the_shipped_configuration_is_valid(capsys):
+    assert main(["config", "check"]) == 0
+    assert "3 establishments" in capsys.readouterr().out
+
+
+MISTAKES = [
+    ("establishments/chu_laurentides.yaml", lambda d: d["input"].update(encoding="ebcdic"),
+     "input.csv.encoding", "unsupported encoding 'ebcdic'"),
+    ("establishments/chu_laurentides.yaml", lambda d: d["input"]["columns"]["patient"].update(nom="surname"),
+     "input.csv.columns", "unknown canonical column(s) ['surname']"),
+    ("establishments/chu_laurentides.yaml", lambda d: d["input"]["columns"].update(imaging={"x": "y"}),
+     "input.csv.columns", "unknown dataset 'imaging'"),
+    ("establishments/chu_laurentides.yaml", lambda d: d["input"]["columns"]["patient"].pop("action"),
+     "input.columns.patient", "no header maps to record_action"),
+    ("establishments/chu_laurentides.yaml", lambda d: d["input"].pop("delimiter"),
+     "input.csv.delimiter", "Field required"),
+    ("establishments/hopital_riviere.yaml", lambda d: d.update(id="other_id"), "id", "differs from the file name"),
+    ("establishments/cisss_estuaire.yaml", lambda d: d["input"]["purpose_codes"].update({"x|y": "marketing"}),
+     "input.purpose_codes.x|y", "unknown purpose 'marketing'"),
+    ("purposes.yaml", lambda d: d["purposes"][0].update(regime="maybe"), "purposes[0].regime", "Input should be"),
+    ("agreements.yaml", lambda d: d["agreements"][0].update(establishment="nowhere"),
+     "agreements[0].establishment", "unknown establishment 'nowhere'"),
+    ("agreements.yaml", lambda d: d["agreements"][1]["purposes"].append("marketing"),
+     "agreements[1].purposes", "unknown purpose 'marketing'"),
+    ("projects/diabetes_outcomes.yaml", lambda d: d.update(valid_until="2020-01-01"), "-", "is before valid_from"),
+    ("projects/diabetes_outcomes.yaml", lambda d: d["datasets"]["patient"].append("nam"),
+     "datasets.patient", "unknown column 'nam'"),
+    ("projects/diabetes_outcomes.yaml", lambda d: d["datasets"].update(imaging=["person_id"]),
+     "datasets.imaging", "unknown dataset 'imaging'"),
+    ("projects/diabetes_outcomes.yaml", lambda d: d.update(min_cell_size=3), "min_cell_size", "greater than or equal to 11"),
+    ("projects/oncology_cohort.yaml", lambda d: d.update(purpose="marketing"), "purpose", "unknown purpose 'marketing'"),
+    ("projects/oncology_cohort.yaml", lambda d: d["establishments"].append("nowhere"),
+     "establishments", "unknown establishment 'nowhere'"),
+    ("pipeline.yaml", lambda d: d["batch_rules"].update(max_quarantined_pct=140),
+     "batch_rules.max_quarantined_pct", "less than or equal to 100"),
+]
+
+
+@pytest.mark.parametrize("file, change, key, reason", MISTAKES, ids=[m[3][:40] for m in MISTAKES])
+def test_each_kind_of_mistake_names_file_key_and_reason(config, capsys, file, change, key, reason):
+    _edit(config / file, change)
+    with pytest.raises(ConfigError) as caught:
+        load_consortium(config)
+    assert any(p.file == file and p.key == key and reason in p.reason for p in caught.value.problems), \
+        caught.value.problems
+    assert main(["config", "check", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{file}: {key}: " in err and reason in err
+
+
+def test_yaml_syntax_error_names_the_line(config):
+    (config / "purposes.yaml").write_text("purposes:\n  - id: x\n   regime: [\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_consortium(config)
+    problem = caught.value.problems[0]
+    assert problem.file == "purposes.yaml" and problem.key.startswith("line ") and "not valid YAML" in problem.reason
