@@ -1,0 +1,25 @@
+# Quick start: `make demo` runs the lake end to end; `make test` runs the tests.
+# Both set up the machine first (scripts/bootstrap: virtualenv, pinned dependencies, cached jars).
+
+.PHONY: setup demo test test-fast airflow bench clean
+
+setup:
+	./scripts/bootstrap
+
+demo: setup
+	.venv/bin/affluent demo
+
+test: setup
+	.venv/bin/python -m pytest
+
+test-fast: setup
+	.venv/bin/python -m pytest -m "not integration"
+
+airflow: setup
+	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/affluent airflow
+
+bench: setup
+	.venv/bin/python benchmarks/run.py --size small
+
+clean:
+	rm -rf demo lake .pytest_cache
