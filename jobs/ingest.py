@@ -19,11 +19,10 @@ from pyspark.sql import functions as F
 from jobs.config import Consortium, CsvProfile
 from jobs.lake import Lake
 from jobs.landing import BatchRejected, check_batch, ready_batches
-from jobs.ops import (STATUS_INGESTED, STATUS_REJECTED, append_batch_log, append_quarantine,
-                      batches_with_status)
+from jobs.ops import STATUS_INGESTED, STATUS_REJECTED, append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, read_csv_file
 from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
-from jobs.tables import OVERWRITE, ensure_table, table_exists
+from jobs.tables import OVERWRITE, ensure_table
 
 STAGE = "ingest"
 
@@ -74,6 +73,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     est = consortium.establishment(establishment_id)
     ingested_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     bronze_parts: dict[str, list[DataFrame]] = {}
+    results = []
     quarantine_parts: list[DataFrame] = []
     for entry in batch.files:
         lineage = FileLineage(establishment_id, batch_id, f"{est.landing_folder}/{batch_id}/{entry.path}",
@@ -88,6 +88,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         for dataset, frame in result.bronze.items():
             bronze_parts.setdefault(dataset, []).append(frame)
         quarantine_parts.append(result.quarantine)
+        results.append(result)
 
     batch_filter = (F.col("_establishment") == establishment_id) & (F.col("_batch_id") == batch_id)
     bronze_counts: dict[str, int] = {}
@@ -122,6 +123,10 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         quarantined[r["dataset"]] = quarantined.get(r["dataset"], 0) + r["count"]
         per_file[r["source_file"]] = per_file.get(r["source_file"], 0) + r["count"]
 
+    for result in results:
+        release = getattr(result, "unpersist", None)
+        if release:
+            release()
     for entry in batch.files:
         source = f"{est.landing_folder}/{batch_id}/{entry.path}"
         if per_file.get(source, 0) != entry.rows:

@@ -72,10 +72,19 @@ def pseudonymise(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     return asdict(pseudonymise_batch(ctx.spark, ctx.lake, ctx.consortium, key, establishment_id, batch_id))
 
 
+def _landed(ctx: Context, establishment_id: str, batch_id: str) -> bool:
+    from jobs.ops import STATUS_LANDED, batches_with_status
+
+    return batch_id in batches_with_status(ctx.spark, ctx.lake, establishment_id, "land", STATUS_LANDED)
+
+
 def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    """Validate a batch; a batch already landed is not validated again (re-runs change nothing)."""
     from jobs.ingest import batch_kind
     from jobs.validate import validate_batch
 
+    if _landed(ctx, establishment_id, batch_id):
+        return {"skipped": True, "reason": "batch already landed"}
     kind = batch_kind(ctx.spark, ctx.lake, establishment_id, batch_id)
     return _summary(validate_batch(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id, kind))
 
@@ -84,6 +93,8 @@ def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.land import land_batch
 
     key = ctx.key
+    if _landed(ctx, establishment_id, batch_id):
+        return {"skipped": True, "reason": "batch already landed"}
     return _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint))
 
 

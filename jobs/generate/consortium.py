@@ -258,9 +258,13 @@ def generate_consortium(out_dir: Path, consortium: Consortium, patients: int, ba
                 files.append((dataset, name, written))
                 for line, kind, resource_id in written.defects:
                     spec = D.KINDS[kind]
+                    rule = spec.rule
+                    if kind == D.MISSING_REQUIRED and not isinstance(profile, CsvProfile):
+                        # A FHIR resource without its id, subject or code cannot be mapped at all.
+                        rule = "ingest.unmapped_resource"
                     truth.append({"establishment": est.id, "batch_id": batch_id, "dataset": dataset, "file": name,
                                   "line": line, "resource_id": resource_id, "kind": kind,
-                                  "expected": spec.expected, "rule": spec.rule})
+                                  "expected": spec.expected, "rule": rule})
                 if dataset == "patient":
                     first = rows[rows["_change"].to_numpy() == "new"]
                     nam_sent.update(zip(first["_link"].tolist(), first["nam"].tolist()))

@@ -1,0 +1,336 @@
+"""FHIR R4 reader: HL7 examples, NDJSON lines, Bundles; nothing dropped, nothing identifying quarantined."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections import Counter
+
+import pytest
+
+from tests.conftest import FHIR_FIXTURES
+
+from jobs.config import FhirProfile
+from jobs.readers.fhir import (
+    FhirInputError,
+    FileLineage,
+    RULE_ENCODING,
+    RULE_MALFORMED,
+    RULE_UNMAPPED,
+    read_fhir_file,
+    read_fhir_resources,
+)
+from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
+
+DUTCH_BSN = "urn:oid:2.16.840.1.113883.2.4.6.3"
+RAMQ_NAM = "https://www.ramq.gouv.qc.ca/nam"
+PURPOSE_SYSTEM = "https://affluent.example.org/purpose"
+PROFILE = FhirProfile(
+    format="fhir",
+    nam_systems=[RAMQ_NAM, DUTCH_BSN],
+    purpose_codes={
+        f"{PURPOSE_SYSTEM}|research_general": "research_general",
+        "http://terminology.hl7.org/CodeSystem/v3-ActReason|ETREAT": "research_general",
+        "https://affluent.example.org/policy/oncology-v2": "research_oncology",
+    },
+)
+EXPECTED_TYPES = {"Patient": 22, "Encounter": 10, "Observation": 64, "Condition": 12,
+                  "MedicationRequest": 40, "Consent": 12}
+DATASET_OF = {"Patient": "patient", "Encounter": "encounter", "Condition": "diagnosis",
+              "Observation": "lab_result", "MedicationRequest": "medication", "Consent": "consent"}
+
+
+def _lineage(source_file: str) -> FileLineage:
+    return FileLineage("cisss_estuaire", "20260115-001", source_file,
+                       dt.datetime(2026, 1, 15, 2, 0), dt.datetime(2026, 1, 15, 3, 0))
+
+
+def _types_match(frame, schema) -> bool:
+    return [(f.name, f.dataType) for f in frame.schema.fields] == [(f.name, f.dataType) for f in schema.fields]
+
+
+def _identifying_values(resource: dict) -> set[str]:
+    """Every direct identifier of a resource: identifier values, names, telecom, addresses."""
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("value", "family", "city", "postalCode") and isinstance(value, str):
+                    found.add(value)
+                if key in ("given", "line") and isinstance(value, list):
+                    found.update(v for v in value if isinstance(v, str))
+                if key not in ("text",):
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    for key in ("identifier", "name", "telecom", "address", "contact"):
+        walk(resource.get(key))
+    return {v for v in found if len(v) >= 4}
+
+
+def _quarantine_text(rows) -> str:
+    """Quarantine rows as text, the SHA-256 column aside (checked on its own)."""
+    return "\n".join(json.dumps({k: str(v) for k, v in r.asDict().items() if k != "resource_id_hash"})
+                     for r in rows)
+
+
+# ------------------------------------------------------- HL7 R4 examples ----
+
+
+@pytest.fixture(scope="module")
+def hl7(spark):
+    paths = sorted(str(p) for p in FHIR_FIXTURES.glob("*.json") if p.name != "package.json")
+    result = read_fhir_resources(spark, paths, PROFILE, _lineage("cisss_estuaire/20260115-001"))
+    resources = {p.rsplit("/", 1)[-1]: json.loads(open(p, encoding="utf-8").read()) for p in paths}
+    collected = {
+        "result": result,
+        "resources": resources,
+        "bronze": {d: frame.collect() for d, frame in result.bronze.items()},
+        "quarantine": result.quarantine.collect(),
+        "reads": result.rows_read(),
+    }
+    result.unpersist()
+    return collected
+
+
+def _landed(hl7, dataset: str, file_name: str):
+    rows = [r for r in hl7["bronze"][dataset] if r["_source_file"].endswith("/" + file_name)]
+    assert len(rows) == 1, f"{file_name}: {len(rows)} bronze rows"
+    return rows[0]
+
+
+def test_every_hl7_example_is_landed_or_quarantined_exactly_once(hl7):
+    resources = hl7["resources"]
+    assert Counter(r["resourceType"] for r in resources.values()) == EXPECTED_TYPES
+    placed = Counter()
+    per_type = Counter()
+    for dataset, rows in hl7["bronze"].items():
+        for row in rows:
+            name = row["_source_file"].rsplit("/", 1)[-1]
+            placed[name] += 1
+            assert DATASET_OF[resources[name]["resourceType"]] == dataset
+            assert row["_source_line"] == 1 and row["_resource_id"] == resources[name]["id"]
+            per_type[resources[name]["resourceType"]] += 1
+    for row in hl7["quarantine"]:
+        name = row["source_file"].rsplit("/", 1)[-1]
+        placed[name] += 1
+        per_type[resources[name]["resourceType"]] += 1
+        assert row["stage"] == "ingest" and row["rule"] and row["reason"].startswith(row["source_file"] + ": ")
+        assert json.loads(row["record_safe"])["resourceType"] == resources[name]["resourceType"]
+    assert placed == Counter({name: 1 for name in resources})
+    assert per_type == EXPECTED_TYPES
+    assert sum(hl7["reads"].values()) == len(resources) == 160
+    assert all(n == 1 for n in hl7["reads"].values())
+
+
+def test_bronze_and_quarantine_have_the_declared_schemas(hl7):
+    result = hl7["result"]
+    for dataset, frame in result.bronze.items():
+        assert _types_match(frame, bronze_schema(dataset)), dataset
+    assert _types_match(result.quarantine, QUARANTINE_SCHEMA)
+
+
+def test_patient_names_identifiers_address_and_telecom(hl7):
+    row = _landed(hl7, "patient", "Patient-example.json")
+    assert row["patient_ref"] == "example"
+    assert row["mrn"] == "12345" and row["nam"] is None
+    assert (row["family_name"], row["given_name"]) == ("Chalmers", "Peter James")  # the official name
+    assert (row["birth_date"], row["sex"], row["deceased_date"]) == ("1974-12-25", "male", None)
+    assert (row["street_address"], row["city"], row["postal_code"]) == ("534 Erewhon St", "PleasantVille", "3999")
+    assert row["phone"] == "(03) 5555 6473" and row["email"] is None
+    assert row["record_action"] == "upsert"
+
+    row = _landed(hl7, "patient", "Patient-f001.json")
+    assert row["nam"] == "738472983"  # identifier system listed in nam_systems
+    assert row["email"] == "p.heuvel@gmail.com" and row["phone"] == "0648352638"
+    assert _landed(hl7, "patient", "Patient-pat3.json")["deceased_date"] is not None
+
+
+def test_observation_quantity_value_and_unit(hl7):
+    row = _landed(hl7, "lab_result", "Observation-f001.json")
+    assert (row["loinc_code"], row["value"], row["unit"]) == ("15074-8", "6.3", "mmol/L")
+    assert row["patient_ref"] == "f001" and row["measured_at"] == "2013-04-02T09:30:10+01:00"
+    # The number as written in the JSON, and the UCUM code rather than the display unit.
+    row = _landed(hl7, "lab_result", "Observation-body-height.json")
+    assert (row["value"], row["unit"]) == ("66.89999999999999", "[in_i]")
+    # A SNOMED-coded quantity: its code is not a unit.
+    assert _landed(hl7, "lab_result", "Observation-f203.json")["unit"] == "mmol/L"
+    row = _landed(hl7, "lab_result", "Observation-bloodgroup.json")
+    assert row["value"] is not None and row["unit"] is None  # valueCodeableConcept: its code
+    row = _landed(hl7, "lab_result", "Observation-f202.json")  # status entered-in-error
+    assert row["record_action"] == "delete" and row["value"] is None and row["lab_result_ref"] == "f202"
+
+
+def test_observations_that_cannot_be_lab_results_say_why(hl7):
+    reasons = {r["source_file"].rsplit("/", 1)[-1]: (r["rule"], r["reason"]) for r in hl7["quarantine"]}
+    assert "no LOINC coding" in reasons["Observation-656.json"][1]
+    assert "component only" in reasons["Observation-blood-pressure.json"][1]
+    assert "(a Group)" in reasons["Observation-herd1.json"][1]
+    assert "contained resource" in reasons["Observation-1minute-apgar-score.json"][1]
+    assert all(rule == RULE_UNMAPPED for rule, _ in reasons.values())
+
+
+def test_medication_from_contained_medication_and_codeable_concept(hl7):
+    row = _landed(hl7, "medication", "MedicationRequest-medrx0302.json")
+    assert (row["drug_code"], row["drug_system"]) == ("324252006", "SNOMED")
+    assert (row["patient_ref"], row["encounter_ref"]) == ("pat1", "f001")
+    assert (row["start_date"], row["dose"], row["dose_unit"], row["route"]) == ("2015-01-15", "2", "TAB", "26643006")
+    row = _landed(hl7, "medication", "MedicationRequest-medrx0303.json")  # timing bounds
+    assert (row["start_date"], row["end_date"]) == ("2015-01-16", "2015-01-20")
+    assert _landed(hl7, "medication", "MedicationRequest-medrx0308.json")["drug_system"] == "RxNorm"
+    reasons = {r["source_file"].rsplit("/", 1)[-1]: r["reason"] for r in hl7["quarantine"]}
+    assert "outside this resource" in reasons["MedicationRequest-medrx002.json"]
+    assert "ingredients only" in reasons["MedicationRequest-medrx0322.json"]
+
+
+def test_condition_encounter_and_consent(hl7):
+    row = _landed(hl7, "diagnosis", "Condition-f001.json")
+    assert (row["condition_code"], row["condition_system"], row["condition_date"]) == ("368009", "SNOMED", "2011-08-05")
+    assert (row["patient_ref"], row["encounter_ref"], row["diagnosis_type"]) == ("f001", "f001", "439401001")
+    row = _landed(hl7, "encounter", "Encounter-f203.json")
+    assert (row["patient_ref"], row["visit_start"], row["visit_end"], row["visit_type"]) == (
+        "f201", "2013-03-11", "2013-03-20", "IMP")
+    assert row["admission_note"].startswith("The patient seems")
+    assert _landed(hl7, "encounter", "Encounter-f001.json")["care_site"] == "Burgers University Medical Center"
+    row = _landed(hl7, "consent", "Consent-consent-example-Emergency.json")
+    assert (row["patient_ref"], row["purpose"], row["decision"], row["decision_date"]) == (
+        "f001", "research_general", "permit", "2015-11-18")
+    unmapped = [r for r in hl7["quarantine"] if r["dataset"] == "consent"]
+    assert len(unmapped) == 11 and all("purpose_codes" in r["reason"] for r in unmapped)
+
+
+def test_no_identifier_reaches_the_quarantine(hl7):
+    rows = hl7["quarantine"]
+    text = _quarantine_text(rows)
+    for name, resource in hl7["resources"].items():
+        for value in _identifying_values(resource):
+            assert value not in text, f"an identifier of {name} is in the quarantine"
+    for row in rows:
+        rid = hl7["resources"][row["source_file"].rsplit("/", 1)[-1]]["id"]
+        assert row["resource_id_hash"] == hashlib.sha256(rid.encode()).hexdigest()
+        assert rid not in row["reason"].removeprefix(row["source_file"] + ": ")  # the file name aside
+
+
+# ---------------------------------------------------------------- NDJSON ----
+
+
+def _ndjson(tmp_path, name: str, lines: list[bytes]):
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_ndjson_bad_lines_are_quarantined_with_their_line_numbers(spark, tmp_path):
+    good = {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1950-02-03",
+            "identifier": [{"system": RAMQ_NAM, "value": "TREM50520312"}],
+            "name": [{"family": "Tremblay", "given": ["Lise"]}]}
+    lines = [
+        json.dumps(good).encode(),                                              # 1 landed
+        b"",                                                                    # 2 blank: not a record
+        b'{"resourceType":"Patient","id":"p3","name":[{"family":"Gagnon"',      # 3 truncated
+        b'{"resourceType":"Patient","id":"p4","name":[{"family":"B\xe9langer"}]}',  # 4 latin-1 byte
+        b'{"resourceType":"Encounter","id":"e5","subject":{"reference":"Patient/p1"}}',  # 5 wrong type
+        b'{"resourceType":"Patient","name":[{"family":"Cote"}]}',               # 6 no id
+        b'{"resourceType":"Patient","id":"p7","name":"Ouellet"}',               # 7 name not a HumanName list
+        json.dumps({**good, "id": "p8", "deceasedDateTime": "2024-05-01"}).encode(),  # 8 landed
+    ]
+    path = _ndjson(tmp_path, "Patient.ndjson", lines)
+    result = read_fhir_file(spark, path, "patient", PROFILE, _lineage("cisss_estuaire/b/Patient.ndjson"))
+
+    bronze = {r["_source_line"]: r for r in result.bronze["patient"].collect()}
+    assert sorted(bronze) == [1, 8]
+    assert (bronze[1]["nam"], bronze[1]["family_name"], bronze[1]["_resource_id"]) == ("TREM50520312", "Tremblay", "p1")
+    assert bronze[8]["deceased_date"] == "2024-05-01"
+    quarantine = {r["source_line"]: r for r in result.quarantine.collect()}
+    assert {n: r["rule"] for n, r in quarantine.items()} == {
+        3: RULE_MALFORMED, 4: RULE_ENCODING, 5: RULE_UNMAPPED, 6: RULE_UNMAPPED, 7: RULE_MALFORMED}
+    assert quarantine[3]["reason"] == ("cisss_estuaire/b/Patient.ndjson line 3: "
+                                       "not a JSON object: truncated or malformed JSON")
+    assert "an Encounter" not in quarantine[5]["reason"] and "a Encounter in a patient file" in quarantine[5]["reason"]
+    assert "has no id" in quarantine[6]["reason"]
+    assert all(r["dataset"] == "patient" and r["stage"] == "ingest" for r in quarantine.values())
+    assert result.rows_read() == {"cisss_estuaire/b/Patient.ndjson": 7}
+    text = _quarantine_text(quarantine.values())
+    for value in ("Gagnon", "langer", "Cote", "Ouellet", "Tremblay", "TREM50520312"):
+        assert value not in text
+
+
+# --------------------------------------------------------------- Bundles ----
+
+
+def _bundle(tmp_path, bundle: dict, name: str = "bundle.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(bundle, indent=2), encoding="utf-8")
+    return str(path)
+
+
+def test_transaction_bundle_routes_entries_resolves_urns_and_deletes(spark, tmp_path):
+    patient_url = "urn:uuid:7f3c2a4e-0000-4000-8000-000000000001"
+    entries = [
+        {"fullUrl": patient_url, "request": {"method": "PUT", "url": "Patient/p1"},
+         "resource": {"resourceType": "Patient", "id": "p1", "name": [{"family": "Lavoie", "given": ["Marc"]}],
+                      "identifier": [{"system": RAMQ_NAM, "value": "LAVM60010112"}]}},
+        {"fullUrl": "urn:uuid:7f3c2a4e-0000-4000-8000-000000000002", "request": {"method": "POST", "url": "Encounter"},
+         "resource": {"resourceType": "Encounter", "id": "e1", "status": "finished",
+                      "class": {"code": "AMB"}, "subject": {"reference": patient_url},
+                      "period": {"start": "2025-12-01T08:00:00-05:00"}}},
+        {"request": {"method": "POST", "url": "Observation"},
+         "resource": {"resourceType": "Observation", "id": "o1", "status": "final",
+                      "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+                      "subject": {"reference": "Patient/p1"}, "encounter": {"reference": "Encounter/e1"},
+                      "effectiveDateTime": "2025-12-01T09:00:00-05:00",
+                      "valueQuantity": {"value": 5.4, "unit": "mmol/L", "system": "http://unitsofmeasure.org",
+                                        "code": "mmol/L"}}},
+        {"request": {"method": "DELETE", "url": "Encounter/e-old"}},
+        {"request": {"method": "POST", "url": "Organization"},
+         "resource": {"resourceType": "Organization", "id": "org1", "name": "CISSS de l'Estuaire"}},
+        {"request": {"method": "DELETE", "url": "Patient?identifier=LAVM60010112"}},
+        {"request": {"method": "POST", "url": "Consent"},
+         "resource": {"resourceType": "Consent", "id": "c1", "status": "inactive",
+                      "patient": {"reference": "Patient/p1"}, "dateTime": "2025-12-02",
+                      "policy": [{"uri": "https://affluent.example.org/policy/oncology-v2"}]}},
+        {"request": {"method": "POST", "url": "Consent"},
+         "resource": {"resourceType": "Consent", "id": "c2", "status": "active",
+                      "patient": {"reference": "Patient/p1"}, "dateTime": "2025-12-02",
+                      "provision": {"type": "deny", "purpose": [{"system": PURPOSE_SYSTEM, "code": "commercial"}]}}},
+    ]
+    path = _bundle(tmp_path, {"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    result = read_fhir_file(spark, path, "bundle", PROFILE, _lineage("cisss_estuaire/b/bundle.json"))
+
+    rows = {d: f.collect() for d, f in result.bronze.items()}
+    assert [(r["patient_ref"], r["nam"], r["_source_line"]) for r in rows["patient"]] == [("p1", "LAVM60010112", 1)]
+    encounters = {r["encounter_ref"]: r for r in rows["encounter"]}
+    assert encounters["e1"]["patient_ref"] == "p1"  # urn:uuid resolved through the Bundle
+    assert encounters["e-old"]["record_action"] == "delete" and encounters["e-old"]["_source_line"] == 4
+    assert encounters["e-old"]["patient_ref"] is None and encounters["e-old"]["_resource_id"] == "e-old"
+    (lab,) = rows["lab_result"]
+    assert (lab["loinc_code"], lab["value"], lab["unit"], lab["encounter_ref"]) == ("2345-7", "5.4", "mmol/L", "e1")
+    (consent,) = rows["consent"]
+    assert (consent["consent_ref"], consent["purpose"], consent["decision"]) == ("c1", "research_oncology", "withdraw")
+    quarantine = {r["source_line"]: r for r in result.quarantine.collect()}
+    assert sorted(quarantine) == [5, 6, 8]
+    assert "Organization maps to no dataset" in quarantine[5]["reason"] and quarantine[5]["dataset"] == "bundle"
+    assert "conditional deletes" in quarantine[6]["reason"]
+    assert "provision.purpose: https://affluent.example.org/purpose|commercial" in quarantine[8]["reason"]
+    assert result.rows_read() == {"cisss_estuaire/b/bundle.json": len(entries)}
+    text = _quarantine_text(quarantine.values())
+    assert "LAVM60010112" not in text and "Estuaire" not in text
+
+
+def test_unreadable_bundle_is_one_quarantined_row(spark, tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_bytes(b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceTy')
+    result = read_fhir_file(spark, str(path), "bundle", PROFILE, _lineage("cisss_estuaire/b/broken.json"))
+    (row,) = result.quarantine.collect()
+    assert row["rule"] == RULE_MALFORMED and row["source_line"] is None
+    assert all(frame.count() == 0 for frame in result.bronze.values())
+    assert result.rows_read() == {"cisss_estuaire/b/broken.json": 1}
+
+
+def test_unknown_dataset_is_refused(spark, tmp_path):
+    with pytest.raises(FhirInputError, match="unknown FHIR dataset"):
+        read_fhir_file(spark, str(tmp_path / "x.json"), "Patient", PROFILE, _lineage("x.json"))

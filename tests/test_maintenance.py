@@ -1,0 +1,35 @@
+import datetime as dt
+
+import pytest
+from pyspark.sql import Row
+
+from jobs.lake import Lake
+from jobs.maintenance import purge_bronze
+from jobs.schemas import bronze_schema
+
+
+def _bronze_row(batch: str, ingested: dt.datetime, ref: str) -> Row:
+    values = {name: None for name in bronze_schema("patient").fieldNames()}
+    values.update(patient_ref=ref, nam="TREM85521201", record_action="upsert", _establishment="chu_laurentides",
+                  _batch_id=batch, _source_file="f.csv", _source_line=2, _extracted_at=ingested,
+                  _ingested_at=ingested)
+    return Row(**values)
+
+
+def test_bronze_batches_past_retention_are_removed_physically(spark, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    now = dt.datetime(2026, 6, 1)
+    rows = [_bronze_row("old", now - dt.timedelta(days=120), "OLD-PATIENT-REF"),
+            _bronze_row("new", now - dt.timedelta(days=10), "NEW-PATIENT-REF")]
+    spark.createDataFrame(rows, bronze_schema("patient")).write.format("delta").save(lake.bronze("patient"))
+
+    outcome = purge_bronze(spark, lake, retention_days=90, now=now)
+
+    assert outcome["rows_removed"] == {"patient": 1}
+    current = [r.patient_ref for r in spark.read.format("delta").load(lake.bronze("patient")).collect()]
+    assert current == ["NEW-PATIENT-REF"]
+    # Time travel to before the purge cannot bring the old batch back: its files are gone.
+    with pytest.raises(Exception):
+        spark.read.format("delta").option("versionAsOf", 0).load(lake.bronze("patient")).collect()
+    data = b"".join(p.read_bytes() for p in (tmp_path / "lake" / "bronze" / "patient").rglob("*.parquet"))
+    assert b"OLD-PATIENT-REF" not in data and b"NEW-PATIENT-REF" in data
