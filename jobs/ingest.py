@@ -20,7 +20,7 @@ from jobs.config import Consortium, CsvProfile
 from jobs.lake import Lake
 from jobs.landing import BatchRejected, check_batch, ready_batches
 from jobs.ops import STATUS_INGESTED, STATUS_REJECTED, append_batch_log, batches_with_status
-from jobs.readers.csv import FileLineage, HeaderError, read_csv_file
+from jobs.readers.csv import FileLineage, HeaderError, read_csv_file, read_header
 from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
 from jobs.tables import OVERWRITE, ensure_table
 
@@ -74,6 +74,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     ingested_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     bronze_parts: dict[str, list[DataFrame]] = {}
     results = []
+    column_changes: dict[str, str] = {}
     quarantine_parts: list[DataFrame] = []
     for entry in batch.files:
         lineage = FileLineage(establishment_id, batch_id, f"{est.landing_folder}/{batch_id}/{entry.path}",
@@ -85,6 +86,10 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                                             "dataset": entry.dataset, "stage": STAGE,
                                             "status": STATUS_REJECTED, "message": str(exc)}])
             raise BatchRejected(establishment_id, batch_id, str(exc)) from None
+        if isinstance(est.input, CsvProfile):
+            change = _column_change(read_header(batch.file_path(entry), est.input), est.input.columns[entry.dataset])
+            if change:
+                column_changes[entry.dataset] = change
         for dataset, frame in result.bronze.items():
             bronze_parts.setdefault(dataset, []).append(frame)
         quarantine_parts.append(result.quarantine)
@@ -139,7 +144,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
          "status": STATUS_INGESTED, "rows_read": bronze_counts.get(d, 0) + quarantined.get(d, 0),
          "rows_quarantined": quarantined.get(d, 0), "extracted_at": batch.extracted_at,
-         "message": f"kind={batch.kind}"}
+         "message": f"kind={batch.kind}" + (f"; columns: {column_changes[d]}" if d in column_changes else "")}
         for d in datasets
     ])
     return IngestOutcome(establishment_id, batch_id, batch.kind, bronze_counts, quarantined)
@@ -155,4 +160,12 @@ def batch_kind(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
            .select("message").first())
     if row is None:
         raise LookupError(f"batch {establishment_id}/{batch_id} has not been ingested")
-    return row.message.removeprefix("kind=")
+    return row.message.split(";")[0].removeprefix("kind=")
+
+
+def _column_change(header: list[str], mapping: dict[str, str]) -> str:
+    """How a file's header differs from the profile's mapping ('' when it does not)."""
+    missing = [h for h in mapping if h not in header]
+    unexpected = [h for h in header if h not in mapping]
+    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else [])
+    return ", ".join(parts)
