@@ -1,0 +1,302 @@
+"""Publish: consent-filtered, unlinkable project extracts, gold with suppression, fail-closed policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import shutil
+from collections import defaultdict
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.config import ConfigError, Project, load_consortium
+from jobs.gold import PATIENTS_BY_CONDITION, suppress_small_cells
+from jobs.lake import Lake
+from jobs.policy import PolicyError
+from jobs.publish import MANIFEST, publish
+from jobs.schemas import SILVER_SCHEMAS
+
+from tests.conftest import CONFIG_DIR, TEST_KEY
+
+D = dt.date
+A, B, C = "chu_laurentides", "hopital_riviere", "cisss_estuaire"
+GEN, ONC = "research_general", "research_oncology"
+EXTRACTED = dt.datetime(2026, 1, 1)
+FIRST = D(2026, 6, 1)
+PERSONS = 40
+GROUPS = {"E11.9": "diabetes", "C50.9": "oncology", "J45.9": "respiratory"}
+IDENTIFIERS = {"person_id", "visit_occurrence_id", "condition_occurrence_id", "measurement_id", "drug_exposure_id"}
+
+
+def hmac_hex(key: bytes, message: str) -> str:
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+def person(i: int) -> str:
+    return f"person-{i:02d}-" + "0" * 20
+
+
+def build_history():
+    """Forty persons across three establishments; some seen at two."""
+    home = {i: (A, B, C)[i % 3] for i in range(PERSONS)}
+    rows = defaultdict(list)
+    for i in range(PERSONS):
+        sites = [home[i]] + ([B] if i % 5 == 0 and home[i] != B else [])
+        prefix = "H2X" if i < 20 else "G1R"
+        for est in sites:
+            rows["patient"].append((person(i), est, f"pk-{i}-{est}", "nam", "female" if i % 2 else "male",
+                                    1950 + i, 1 + i % 12, prefix, False, "b1", EXTRACTED))
+            enc = f"enc-{i}-{est}"
+            start = dt.datetime(2025, 3 + i % 9, 1 + i % 27, 10, 30)
+            rows["encounter"].append((enc, person(i), est, start.date(), start, start.date(), start, "inpatient",
+                                      "site", "b1", EXTRACTED))
+            code = "E11.9" if i < 34 else ("C50.9" if i < 37 else "J45.9")
+            rows["diagnosis"].append((f"dx-{i}-{est}", person(i), est, enc, D(2025, 1 + i % 12, 15), code,
+                                      "ICD10CA", "confirmed", "b1", EXTRACTED))
+            rows["lab_result"].append((f"lab-{i}-{est}", person(i), est, enc, D(2025, 5, 2), start, "4548-4",
+                                       "LOINC", 7.1, "7.1", "%", "b1", EXTRACTED))
+            rows["medication"].append((f"med-{i}-{est}", person(i), est, enc, D(2025, 4, 10), D(2025, 7, 10),
+                                       "A10BA02", "ATC", 500.0, "mg", "oral", "b1", EXTRACTED))
+    consent = []
+    for i in range(3):  # refuse general research
+        consent.append((person(i), A, GEN, "deny", D(2025, 1, 1), None, None))
+    for i in range(0, 15):  # explicit oncology consent
+        consent.append((person(i), home[i], ONC, "permit", D(2025, 1, 1), None, None))
+    consent.append((person(14), B, ONC, "withdraw", D(2026, 5, 1), None, None))
+    rows["consent"] = [(f"c-{n}", p, est, purp, dec, when, vf, vu, "b1", EXTRACTED)
+                       for n, (p, est, purp, dec, when, vf, vu) in enumerate(consent)]
+    return rows, home
+
+
+def write_silver(spark, lake: Lake, rows) -> None:
+    for dataset, data in rows.items():
+        spark.createDataFrame(data, SILVER_SCHEMAS[dataset]).write.format("delta").mode("overwrite").save(
+            lake.silver(dataset))
+
+
+def config_copy(tmp: Path, tweak=None) -> Path:
+    root = tmp / "config"
+    shutil.copytree(CONFIG_DIR, root)
+    onc = root / "projects" / "oncology_cohort.yaml"
+    data = yaml.safe_load(onc.read_text())
+    data["establishments"] = [A, B, C]  # C shares nothing for oncology: must not appear
+    onc.write_text(yaml.safe_dump(data))
+    if tweak:
+        tweak(root)
+    return root
+
+
+def read(spark, path):
+    return spark.read.format("delta").load(path)
+
+
+@pytest.fixture(scope="module")
+def world(spark, tmp_path_factory, pseudonym_key_module):
+    tmp = tmp_path_factory.mktemp("publish")
+    consortium = load_consortium(config_copy(tmp))
+    lake = Lake(str(tmp / "lake"))
+    rows, home = build_history()
+    write_silver(spark, lake, rows)
+    outcome = publish(spark, lake, consortium, pseudonym_key_module, FIRST)
+    return {"consortium": consortium, "lake": lake, "rows": rows, "home": home, "outcome": outcome,
+            "key": pseudonym_key_module, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def pseudonym_key_module():
+    from jobs.keys import load_key
+
+
+    return load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
+
+
+def consenting(rows, purpose, regime, on):
+    """Allowed persons, recomputed in plain Python from the consent rows."""
+    from tests.test_consent import expected_allowed
+
+    history = [(p, est, purp, dec, when, vf, vu) for _, p, est, purp, dec, when, vf, vu, _, _ in rows["consent"]]
+    patients = sorted({r[0] for r in rows["patient"]})
+    return expected_allowed(history, patients, purpose, regime, on)
+
+
+def expected_ids(world, project: Project, dataset: str, id_column: str, on: dt.date) -> set[str]:
+    consortium, rows = world["consortium"], world["rows"]
+    regime = consortium.purposes[project.purpose].regime
+    allowed = consenting(rows, project.purpose, regime, on)
+    shared = {e for e in project.establishments
+              if dataset in consortium.agreement_for(e).datasets and project.purpose in consortium.agreement_for(e).purposes}
+    names = SILVER_SCHEMAS[dataset].fieldNames()
+    pid, est, rid = names.index("person_id"), names.index("establishment_id"), names.index(id_column)
+    key = world["key"].project_key(project.id)
+    return {hmac_hex(key, r[rid]) for r in rows[dataset] if r[pid] in allowed and r[est] in shared}
+
+
+def test_extracts_hold_only_consenting_persons_of_sharing_establishments(spark, world):
+    lake, consortium = world["lake"], world["consortium"]
+    checks = {"diabetes_outcomes": {"encounter": "visit_occurrence_id", "diagnosis": "condition_occurrence_id",
+                                    "lab_result": "measurement_id", "patient": "person_id"},
+              "oncology_cohort": {"diagnosis": "condition_occurrence_id", "medication": "drug_exposure_id",
+                                  "patient": "person_id"}}
+    for project_id, datasets in checks.items():
+        project = consortium.projects[project_id]
+        for dataset, id_column in datasets.items():
+            got = {r[0] for r in read(spark, lake.project(project_id, dataset)).select(id_column).collect()}
+            assert got == expected_ids(world, project, dataset, id_column, FIRST), (project_id, dataset)
+    onc_patients = read(spark, lake.project("oncology_cohort", "patient")).collect()
+    onc_persons = {r.person_id for r in onc_patients}
+    # Persons 0-13 consented (14 withdrew); 2, 8 and 11 are seen only at C, which shares nothing for oncology.
+    assert len(onc_persons) == 11
+    assert world["outcome"].extracts["oncology_cohort"]["patient"] == len(onc_patients) == 12  # person 0: A and B
+
+
+def test_extracts_have_only_allowed_columns(spark, world):
+    lake = world["lake"]
+    for project in world["consortium"].projects.values():
+        for dataset, columns in project.datasets.items():
+            assert read(spark, lake.project(project.id, dataset)).columns == columns
+
+
+def test_two_projects_share_no_identifier_and_no_silver_pseudonym(spark, world):
+    lake = world["lake"]
+    silver_ids = {v for rows in world["rows"].values() for r in rows for v in r if isinstance(v, str)}
+    seen = {}
+    for project in world["consortium"].projects.values():
+        values = set()
+        for dataset, columns in project.datasets.items():
+            for row in read(spark, lake.project(project.id, dataset)).select(
+                    *[c for c in columns if c in IDENTIFIERS]).collect():
+                values |= set(row)
+        assert values and not values & silver_ids
+        seen[project.id] = values
+    assert not seen["diabetes_outcomes"] & seen["oncology_cohort"]
+
+
+def test_dates_are_coarsened_or_shifted_per_person(spark, world):
+    lake, rows, key = world["lake"], world["rows"], world["key"]
+    visits = read(spark, lake.project("diabetes_outcomes", "encounter")).collect()
+    assert visits and all(v.visit_start_date.day == 1 and v.visit_end_date.day == 1 for v in visits)
+    # Shifted: same offset for every event of a person, never 0, at most a year.
+    onc = world["consortium"].projects["oncology_cohort"]
+    okey = key.project_key(onc.id)
+    real = {hmac_hex(okey, r[0]): r[4] for r in rows["diagnosis"]}
+    real_med = {hmac_hex(okey, r[0]): (r[4], r[5]) for r in rows["medication"]}
+    offsets = defaultdict(set)
+    for r in read(spark, lake.project(onc.id, "diagnosis")).collect():
+        offsets[r.person_id].add((r.condition_start_date - real[r.condition_occurrence_id]).days)
+    for r in read(spark, lake.project(onc.id, "medication")).collect():
+        start, end = real_med[r.drug_exposure_id]
+        offsets[r.person_id] |= {(r.drug_exposure_start_date - start).days, (r.drug_exposure_end_date - end).days}
+    assert offsets and all(len(v) == 1 for v in offsets.values())
+    assert all(0 < abs(next(iter(v))) <= 365 for v in offsets.values())
+    assert len({next(iter(v)) for v in offsets.values()}) > 1
+    births = {r.year_of_birth for r in read(spark, lake.project(onc.id, "patient")).collect()}
+    assert births <= {r[5] for r in rows["patient"]}  # year of birth is never shifted
+
+
+def test_manifest_records_policy_versions_and_counts(spark, world):
+    lake, outcome = world["lake"], world["outcome"]
+    m = read(spark, lake.project("diabetes_outcomes", MANIFEST)).collect()
+    assert len(m) == 1
+    assert m[0].policy_version == world["consortium"].policy_version
+    assert m[0].silver_versions == {d: 0 for d in SILVER_SCHEMAS}
+    assert m[0].row_counts == outcome.extracts["diabetes_outcomes"]
+    assert m[0].establishments["lab_result"] == sorted([A, B, C])
+    assert m[0].key_fingerprint == world["key"].fingerprint
+
+
+def assert_suppression_holds(cells, dims, threshold):
+    for cell in cells:
+        assert cell["suppressed"] or cell["n"] >= threshold
+        assert (cell["n"] is None) == cell["suppressed"]
+    for line in combinations(dims, len(dims) - 1):
+        groups = defaultdict(list)
+        for cell in cells:
+            groups[tuple(cell[d] for d in line)].append(cell)
+        for members in groups.values():
+            hidden = sum(c["suppressed"] for c in members)
+            assert hidden != 1 or len(members) == 1, (line, members)
+
+
+def test_gold_counts_consenting_persons_with_suppression(spark, world):
+    lake, rows = world["lake"], world["rows"]
+    cells = [r.asDict() | {"n": r.patients} for r in read(spark, lake.gold(PATIENTS_BY_CONDITION)).collect()]
+    assert_suppression_holds(cells, ("condition_group", "postal_prefix", "year"), 11)
+    allowed = consenting(rows, GEN, "opt_out", FIRST)
+    prefix = {r[0]: r[7] for r in rows["patient"]}
+    persons = defaultdict(set)
+    for r in rows["diagnosis"]:
+        if r[1] in allowed:
+            persons[(GROUPS[r[5]], prefix[r[1]], r[4].year)].add(r[1])
+    expected = {cell: len(who) for cell, who in persons.items()}
+    got = {(c["condition_group"], c["postal_prefix"], c["year"]): c for c in cells}
+    assert set(got) == set(expected)
+    assert expected[("diabetes", "H2X", 2025)] == 17  # 20 persons, 3 of whom refused general research
+    for cell, n in expected.items():
+        assert got[cell]["suppressed"] or got[cell]["n"] == n
+        assert n >= 11 or got[cell]["suppressed"]
+    assert not got[("diabetes", "H2X", 2025)]["suppressed"]
+
+
+def test_secondary_suppression_on_a_small_cube(spark):
+    dims = ("g", "p", "y")
+    data = [("a", "x", 2025, 30), ("a", "y", 2025, 4), ("a", "z", 2025, 25), ("b", "x", 2025, 12),
+            ("b", "y", 2025, 40), ("b", "z", 2025, 13), ("a", "x", 2024, 50), ("c", "q", 2024, 3)]
+    cells = spark.createDataFrame(data, "g string, p string, y int, n long")
+    out = [r.asDict() for r in suppress_small_cells(cells, 11, dims, "n").collect()]
+    assert_suppression_holds(out, dims, 11)
+    hidden = {(c["g"], c["p"], c["y"]) for c in out if c["suppressed"]}
+    assert ("a", "y", 2025) in hidden and len(hidden) >= 3
+
+
+def test_withdrawal_removes_the_person_from_every_extract_at_next_publish(spark, world):
+    lake, rows, key = world["lake"], world["rows"], world["key"]
+    victim = person(4)  # consented to both purposes
+    assert hmac_hex(key.project_key("oncology_cohort"), victim) in {
+        r.person_id for r in read(spark, lake.project("oncology_cohort", "patient")).collect()}
+    rows["consent"].append(("c-late", victim, C, None, "withdraw", D(2026, 6, 10), None, None, "b2", EXTRACTED))
+    spark.createDataFrame([rows["consent"][-1]], SILVER_SCHEMAS["consent"]).write.format("delta").mode(
+        "append").save(lake.silver("consent"))
+    publish(spark, lake, world["consortium"], key, D(2026, 6, 15))
+    for project in world["consortium"].projects.values():
+        pseudonym = hmac_hex(key.project_key(project.id), victim)
+        for dataset in project.datasets:
+            assert pseudonym not in {r.person_id for r in read(spark, lake.project(project.id, dataset))
+                                     .select("person_id").collect()}, (project.id, dataset)
+    manifest = read(spark, lake.project("diabetes_outcomes", MANIFEST)).orderBy("published_at").collect()
+    assert manifest[-1].silver_versions["consent"] == 1
+
+
+def test_expired_project_loses_its_extract(spark, world):
+    lake = world["lake"]
+    outcome = publish(spark, lake, world["consortium"], world["key"], D(2028, 1, 1))
+    assert outcome.removed == ("oncology_cohort",)
+    assert not Path(lake.project("oncology_cohort")).exists()
+    assert Path(lake.project("diabetes_outcomes", "encounter")).exists()
+
+
+def test_invalid_or_changed_policy_stops_publishing(spark, world, tmp_path):
+    lake, key = world["lake"], world["key"]
+    root = config_copy(tmp_path)
+    consortium = load_consortium(root)
+    bad = dataclasses.replace(consortium, projects=consortium.projects | {
+        "diabetes_outcomes": consortium.projects["diabetes_outcomes"].model_copy(update={"purpose": "marketing"})})
+    with pytest.raises(ConfigError, match="unknown purpose"):
+        publish(spark, lake, bad, key, FIRST)
+
+    onc = root / "projects" / "oncology_cohort.yaml"
+    data = yaml.safe_load(onc.read_text())
+    data["datasets"]["patient"].append("nam")
+    onc.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="unknown column 'nam'"):
+        publish(spark, lake, consortium, key, FIRST)
+
+    data["datasets"]["patient"].remove("nam")
+    data["members"].append("mallory")
+    onc.write_text(yaml.safe_dump(data))
+    with pytest.raises(PolicyError, match="changed since it was loaded"):
+        publish(spark, lake, consortium, key, FIRST)
