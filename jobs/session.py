@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from jobs.settings import Settings
 
 # Extra Maven packages for object storage; only added when the lake is on s3a://.
-S3A_PACKAGES = ["org.apache.hadoop:hadoop-aws:3.4.2"]
+S3A_PACKAGES = ["org.apache.hadoop:hadoop-aws:3.5.0"]
 
 
 def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession.Builder:

@@ -35,6 +35,9 @@ class Settings:
         """Where establishments drop batches: a folder the pipeline reads (``<lake>/landing`` by default)."""
         if self.landing_root is not None:
             return self.landing_root
+        if "://" in self.lake_root:
+            raise ValueError(f"the lake is at {self.lake_root}: set {ENV_LANDING_ROOT} to the folder establishments "
+                             "deliver to (landing is read from a file system, see docs/deployment.md)")
         return Path(self.lake_root) / "landing"
 
     @classmethod
