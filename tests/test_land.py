@@ -1,0 +1,151 @@
+"""Land: MERGE into silver keeps the latest state, is idempotent, reconciles and refuses a foreign key."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from pyspark.sql import functions as F
+
+from jobs.lake import Lake
+from jobs.schemas import silver_columns
+from jobs.tables import table_version
+from tests.test_validate import DAY, EST, EXTRACTED, FP, enc, stage_batch
+
+D = dt.datetime
+
+
+@pytest.fixture()
+def lake(lake_root) -> Lake:
+    return Lake(lake_root)
+
+
+def run_batch(spark, lake, consortium, batch_id, rows, extracted_at, kind="incremental", **figures):
+    from jobs.land import land_batch
+    from jobs.validate import validate_batch
+
+    stage_batch(spark, lake, batch_id, rows, extracted_at=extracted_at, kind=kind, **figures)
+    validate_batch(spark, lake, consortium, EST, batch_id, kind)
+    return land_batch(spark, lake, EST, batch_id, FP)
+
+
+def latest_state(deliveries: list[tuple[dt.datetime, list[dict]]]) -> dict[str, tuple]:
+    """The expected silver: per key, its most recently extracted version, absent if that one is a delete."""
+    last: dict[str, tuple[dt.datetime, dict]] = {}
+    for extracted_at, rows in deliveries:
+        for row in rows:
+            key = row["visit_occurrence_id"]
+            if key not in last or extracted_at > last[key][0]:
+                last[key] = (extracted_at, row)
+    return {k: (row["person_id"], row["visit_source_value"], at) for k, (at, row) in last.items()
+            if row.get("record_action", "upsert") == "upsert"}
+
+
+def test_silver_holds_the_latest_state_after_full_incremental_and_late_batches(spark, lake, consortium):
+    from jobs.land import reconcile
+
+    b1 = [enc(f"v{i}") for i in range(1, 7)]
+    b2 = [enc("v1", visit_source_value="outpatient"),                       # update
+          {"visit_occurrence_id": "v2", "record_action": "delete"},          # delete
+          enc("v7")]                                                         # new
+    b3 = [enc("v1", visit_source_value="emergency"),                        # newer update
+          {"visit_occurrence_id": "v3", "record_action": "delete"},
+          enc("v8")]
+    late = [enc("v1", visit_source_value="day_surgery"),                    # older than b3's: ignored
+            enc("v3", visit_source_value="day_surgery"),                    # deleted later: stays deleted
+            enc("v4", visit_source_value="day_surgery"),                    # newer than b1's: applied
+            {"visit_occurrence_id": "v7", "record_action": "delete"},        # older than v7 in b2? no: later
+            enc("v9")]                                                       # new
+    t1, t2, t3, t_late = EXTRACTED, EXTRACTED + 7 * DAY, EXTRACTED + 21 * DAY, EXTRACTED + 14 * DAY
+
+    run_batch(spark, lake, consortium, "b1", {"encounter": b1}, t1, kind="full", duplicates={"encounter": 2})
+    run_batch(spark, lake, consortium, "b2", {"encounter": b2}, t2)
+    run_batch(spark, lake, consortium, "b3", {"encounter": b3}, t3, ingest_quarantined={"encounter": 1})
+    outcome = run_batch(spark, lake, consortium, "b2b", {"encounter": late}, t_late)
+    assert outcome.landed == {"encounter": 5}
+
+    silver = spark.read.format("delta").load(lake.silver("encounter"))
+    assert tuple(silver.columns) == silver_columns("encounter")
+    got = {r.visit_occurrence_id: (r.person_id, r.visit_source_value, r._extracted_at) for r in silver.collect()}
+    expected = latest_state([(t1, b1), (t2, b2), (t3, b3), (t_late, late)])
+    assert got == expected
+    assert got["v1"][1] == "emergency" and "v3" not in got and got["v4"][1] == "day_surgery" and "v7" not in got
+
+    rows = reconcile(spark, lake, EST).collect()
+    assert [(r.batch_id, r.rows_read, r.rows_landed, r.rows_quarantined, r.rows_duplicates, r.holds) for r in rows] == [
+        ("b1", 8, 6, 0, 2, True), ("b2", 3, 3, 0, 0, True), ("b2b", 5, 5, 0, 0, True), ("b3", 4, 3, 1, 0, True)]
+
+    changes = spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0) \
+        .load(lake.silver("encounter"))
+    assert changes.where(F.col("_change_type") == "delete").count() == 3
+
+
+def test_landing_twice_changes_nothing(spark, lake, consortium):
+    from jobs.land import land_batch, merge_into_silver
+    from jobs.validate import validated_path
+
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1"), enc("v2")]}, EXTRACTED, kind="full")
+    version = table_version(spark, lake.silver("encounter"))
+    assert land_batch(spark, lake, EST, "b1", FP).skipped
+    assert table_version(spark, lake.silver("encounter")) == version
+
+    # Even below the batch log's guard, the same MERGE is not committed twice, and the
+    # idempotent-write ids do not stay in the session to swallow later writes.
+    rows = spark.read.format("delta").load(validated_path(lake, "encounter")).where(F.col("_batch_id") == "b1")
+    merge_into_silver(spark, lake, "encounter", rows, EST, "b1")
+    assert table_version(spark, lake.silver("encounter")) == version
+    assert spark.conf.get("spark.databricks.delta.write.txnAppId", None) is None
+    run_batch(spark, lake, consortium, "b2", {"encounter": [enc("v3")]}, EXTRACTED + DAY)
+    assert table_version(spark, lake.silver("encounter")) == version + 1
+
+
+def test_a_batch_that_does_not_add_up_lands_nothing(spark, lake, consortium):
+    from jobs.land import ReconciliationError, land_batch
+    from jobs.ops import append_batch_log
+    from jobs.validate import validate_batch
+
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1")]}, EXTRACTED, kind="full")
+    version = table_version(spark, lake.silver("encounter"))
+    stage_batch(spark, lake, "b2", {"encounter": [enc("v2"), enc("v3")]}, extracted_at=EXTRACTED + DAY,
+                kind="incremental")
+    validate_batch(spark, lake, consortium, EST, "b2", "incremental")
+    # A later ingest entry announcing one row more than what went on (a row lost between stages).
+    append_batch_log(spark, lake, [{"establishment_id": EST, "batch_id": "b2", "dataset": "encounter",
+                                    "stage": "ingest", "status": "ingested", "rows_read": 3, "rows_quarantined": 0,
+                                    "message": "kind=incremental"}])
+    with pytest.raises(ReconciliationError, match=r"encounter: read 3 != landed 2 \+ quarantined 0"):
+        land_batch(spark, lake, EST, "b2", FP)
+    assert table_version(spark, lake.silver("encounter")) == version
+
+
+def test_a_silver_table_written_with_another_key_is_refused(spark, lake, consortium):
+    from jobs.keys import KeyMismatchError
+    from jobs.land import land_batch
+    from jobs.tables import FINGERPRINT_PROPERTY
+    from jobs.validate import validate_batch
+
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1")]}, EXTRACTED, kind="full")
+    props = spark.sql(f"SHOW TBLPROPERTIES delta.`{lake.silver('encounter')}`").collect()
+    assert {r.key: r.value for r in props}[FINGERPRINT_PROPERTY] == FP
+    version = table_version(spark, lake.silver("encounter"))
+
+    stage_batch(spark, lake, "b2", {"encounter": [enc("v2")]}, extracted_at=EXTRACTED + DAY, kind="incremental")
+    validate_batch(spark, lake, consortium, EST, "b2", "incremental")
+    with pytest.raises(KeyMismatchError):
+        land_batch(spark, lake, EST, "b2", "another-fingerprint")
+    assert table_version(spark, lake.silver("encounter")) == version
+
+
+def test_silver_tables_are_registered_documented_and_feed_their_changes(spark, lake, consortium):
+    from jobs.land import register_silver_tables
+
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1"), enc("v2")]}, EXTRACTED, kind="full")
+    assert register_silver_tables(spark, lake) == ["silver.encounter"]
+    assert register_silver_tables(spark, lake) == ["silver.encounter"]  # idempotent
+    assert spark.sql("SELECT * FROM silver.encounter").count() == 2
+
+    described = {r.col_name: r.comment for r in spark.sql("DESCRIBE TABLE silver.encounter").collect()}
+    assert "pseudonym" in described["person_id"] and described["visit_start_date"]
+    detail = spark.sql("DESCRIBE DETAIL silver.encounter").first()
+    assert "encounter" in detail.description.lower()
+    assert detail.properties["delta.enableChangeDataFeed"] == "true"

@@ -1,0 +1,351 @@
+"""Validation: each rule catches its defect, clean rows pass, batch-level rules stop the batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+
+from jobs.lake import Lake
+from jobs.ops import append_batch_log
+from jobs.schemas import DATASETS, staged_schema
+from jobs.tables import OVERWRITE, ensure_table
+
+EST = "chu_test"
+FP = "fp-test-0001"
+EXTRACTED = dt.datetime(2026, 1, 5, 2, 0)
+DAY = dt.timedelta(days=1)
+
+
+# ------------------------------------------------------------- helpers ----
+
+def staged_frame(spark, dataset: str, batch_id: str, extracted_at: dt.datetime, rows: list[dict]):
+    """Staged rows of one batch; unspecified columns take clean defaults or null."""
+    schema = staged_schema(dataset)
+    base = {"establishment_id": EST, "_batch_id": batch_id, "_extracted_at": extracted_at, "record_action": "upsert",
+            "_parse_errors": [], "_source_file": f"{EST}/{batch_id}/{dataset}.csv"}
+    data = [tuple(({**base, "_source_line": i + 2} | row).get(f.name) for f in schema.fields)
+            for i, row in enumerate(rows)]
+    return spark.createDataFrame(data, schema)
+
+
+def stage_batch(spark, lake: Lake, batch_id: str, rows: dict[str, list[dict]], extracted_at: dt.datetime = EXTRACTED,
+                kind: str = "full", ingest_quarantined: dict[str, int] | None = None,
+                duplicates: dict[str, int] | None = None) -> None:
+    """What ingest and pseudonymise leave for one batch: staged tables and their batch log entries."""
+    ingest_quarantined, duplicates = ingest_quarantined or {}, duplicates or {}
+    for dataset, dataset_rows in rows.items():
+        path = lake.staged(dataset)
+        ensure_table(spark, path, staged_schema(dataset), FP, partition_by=("establishment_id",))
+        (staged_frame(spark, dataset, batch_id, extracted_at, dataset_rows).write.format("delta").mode(OVERWRITE)
+         .option("replaceWhere", f"establishment_id = '{EST}' AND _batch_id = '{batch_id}'").save(path))
+    append_batch_log(spark, lake, [
+        {"establishment_id": EST, "batch_id": batch_id, "dataset": d, "stage": "ingest", "status": "ingested",
+         "rows_read": len(r) + ingest_quarantined.get(d, 0) + duplicates.get(d, 0),
+         "rows_quarantined": ingest_quarantined.get(d, 0), "extracted_at": extracted_at, "message": f"kind={kind}"}
+        for d, r in rows.items()
+    ] + [
+        {"establishment_id": EST, "batch_id": batch_id, "dataset": d, "stage": "pseudonymise",
+         "status": "pseudonymised", "rows_read": len(r) + duplicates.get(d, 0), "rows_duplicates": duplicates.get(d, 0)}
+        for d, r in rows.items()
+    ])
+
+
+def enc(key, person="p1", start=dt.datetime(2025, 12, 1, 8, 0), end=dt.datetime(2025, 12, 3, 10, 0), **extra):
+    row = {"visit_occurrence_id": key, "person_id": person, "visit_start_datetime": start, "visit_end_datetime": end,
+           "visit_start_date": start.date() if start else None, "visit_end_date": end.date() if end else None,
+           "visit_source_value": "inpatient", "care_site_source_value": "ICU"}
+    return row | extra
+
+
+def patient(key, person="p1", year=1960, month=5, **extra):
+    return {"patient_key": key, "person_id": person, "person_id_source": "nam", "gender_source_value": "female",
+            "year_of_birth": year, "month_of_birth": month, "is_deceased": False} | extra
+
+
+def diag(key, code="E11.9", system="ICD10CA", on=dt.date(2025, 12, 2), **extra):
+    return {"condition_occurrence_id": key, "person_id": "p1", "visit_occurrence_id": "v1", "condition_start_date": on,
+            "condition_source_value": code, "condition_source_vocabulary": system,
+            "condition_status_source_value": "principal"} | extra
+
+
+def lab(key, code="14749-6", value=5.2, at=dt.datetime(2025, 12, 2, 7, 30), **extra):
+    return {"measurement_id": key, "person_id": "p1", "visit_occurrence_id": "v1", "measurement_datetime": at,
+            "measurement_date": at.date() if at else None, "measurement_source_value": code,
+            "measurement_source_vocabulary": "LOINC", "value_as_number": value,
+            "value_source_value": None if value is None else str(value), "unit_source_value": "mmol/L"} | extra
+
+
+def med(key, code="A10BA02", system="ATC", start=dt.date(2025, 12, 1), end=dt.date(2025, 12, 20), **extra):
+    return {"drug_exposure_id": key, "person_id": "p1", "visit_occurrence_id": "v1", "drug_exposure_start_date": start,
+            "drug_exposure_end_date": end, "drug_source_value": code, "drug_source_vocabulary": system,
+            "dose_value": 500.0, "dose_unit_source_value": "mg", "route_source_value": "po"} | extra
+
+
+def consent(key, purpose="research_general", decision="permit", on=dt.date(2025, 11, 1), **extra):
+    return {"consent_id": key, "person_id": "p1", "purpose": purpose, "decision": decision, "decision_date": on,
+            "valid_from": on, "valid_until": None} | extra
+
+
+def delete(dataset_key: str, key: str) -> dict:
+    return {dataset_key: key, "record_action": "delete"}
+
+
+def quarantined(spark, lake: Lake, batch_id: str) -> Counter:
+    rows = (spark.read.format("delta").load(lake.quarantine())
+            .where((F.col("batch_id") == batch_id) & (F.col("stage") == "validate")).collect())
+    return Counter((r.dataset, json.loads(r.record_safe)[_key_of(r.dataset)], r.rule) for r in rows)
+
+
+def _key_of(dataset: str) -> str:
+    from jobs.schemas import SILVER_KEY
+
+    return SILVER_KEY[dataset]
+
+
+@pytest.fixture()
+def lake(lake_root) -> Lake:
+    return Lake(lake_root)
+
+
+# --------------------------------------------------------------- suites ----
+
+def test_every_dataset_has_a_gx_suite_whose_expectations_carry_rule_and_kind(spark):
+    from great_expectations.core.expectation_suite import ExpectationSuite
+
+    from jobs.validate import KIND_ROW, ROW_RULES, check_failure, load_suite, suite_checks, suite_parameters
+
+    seen_rules = set()
+    for dataset in DATASETS:
+        data = load_suite(dataset)
+        suite = ExpectationSuite(**data)
+        assert len(suite.expectations) == len(data["expectations"]), dataset
+        assert suite.to_json_dict()["expectations"] == data["expectations"]
+        checks = suite_checks(data)
+        assert {c.rule for c in checks if c.kind == "batch"} == {"batch.row_count_drop", "batch.column_change"}
+        for check in checks:
+            if check.kind == KIND_ROW:
+                check_failure(check, suite_parameters(None))  # every row-level expectation has a translation
+        seen_rules |= {c.rule for c in checks}
+    assert set(ROW_RULES) <= seen_rules
+
+
+# ------------------------------------------------------------ row rules ----
+
+def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortium):
+    from jobs.validate import validate_batch
+
+    later = EXTRACTED + 40 * DAY
+    rows = {
+        "patient": [
+            patient("pa1"), patient("pa2", person="p2", gender_source_value=None), delete("patient_key", "pa3"),
+            patient(None),                                                        # completeness.required
+            patient("pa5", year=None, _parse_errors=["date:year_of_birth"]),      # conformance.date
+            patient("pa6", gender_source_value="x"),                              # conformance.code
+            patient("pa7", year=2026, month=3),                                   # plausibility.future_date
+            patient("pa8", year=1850),                                            # plausibility.range
+            patient("pa9"), patient("pa9", person="p9"),                          # integrity.unique_key (both)
+        ],
+        "encounter": [
+            enc("v1"), enc("v2", end=None), delete("visit_occurrence_id", "v3"),
+            enc("v4", person=None),                                               # completeness.required
+            enc("v5", start=None, _parse_errors=["date:visit_start_date"]),       # conformance.date
+            enc("v6", start=later, end=later + DAY),                              # plausibility.future_date
+            enc("v7", end=dt.datetime(2025, 11, 30)),                             # plausibility.date_order
+            enc("v8", person=None, person_id_flag="unknown_patient"),             # integrity.patient_ref
+        ],
+        "diagnosis": [
+            diag("d1"), diag("d2", code="73211009", system="SNOMED"), diag("d3", code="I10", system="ICD10"),
+            diag("d4", code=None),                                                # completeness.required
+            diag("d5", code="K80.2"),                                             # conformance.code (not in list)
+            diag("d6", code="12A", system="SNOMED"),                              # conformance.code (format)
+            diag("d7", system="OTHER"),                                           # conformance.code (system)
+            diag("d8", on=(later).date()),                                        # plausibility.future_date
+        ],
+        "lab_result": [
+            lab("l1"), lab("l2", value=None, value_source_value="positive"),
+            lab("l3", value=None, _parse_errors=["number:value_as_number"]),      # conformance.number
+            lab("l4", code="2160-0"),                                             # conformance.code
+            lab("l5", value=600.0),                                               # plausibility.range (high)
+            lab("l6", value=0.1),                                                 # plausibility.range (low)
+            lab("l7", at=None),                                                   # completeness.required
+        ],
+        "medication": [
+            med("m1"), med("m2", code="02380080", system="DIN", end=None),
+            med("m3", code="C09CA01"),                                            # conformance.code
+            med("m4", end=dt.date(2025, 11, 1)),                                  # plausibility.date_order
+            med("m5", dose_value=-1.0),                                           # plausibility.range
+            med("m6", dose_value=None, _parse_errors=["number:dose_value"]),      # conformance.number
+        ],
+        "consent": [
+            consent("c1"), consent("c2", decision="withdraw"),
+            consent("c3", purpose="marketing"),                                   # conformance.code
+            consent("c4", decision=None),                                         # completeness.required
+            consent("c5", valid_from=dt.date(2025, 11, 2), valid_until=dt.date(2025, 11, 1)),  # date_order
+        ],
+    }
+    stage_batch(spark, lake, "b1", rows)
+    outcome = validate_batch(spark, lake, consortium, EST, "b1", "full")
+
+    assert quarantined(spark, lake, "b1") == Counter({
+        ("patient", None, "completeness.required"): 1, ("patient", "pa5", "conformance.date"): 1,
+        ("patient", "pa6", "conformance.code"): 1, ("patient", "pa7", "plausibility.future_date"): 1,
+        ("patient", "pa8", "plausibility.range"): 1, ("patient", "pa9", "integrity.unique_key"): 2,
+        ("encounter", "v4", "completeness.required"): 1, ("encounter", "v5", "conformance.date"): 1,
+        ("encounter", "v6", "plausibility.future_date"): 1, ("encounter", "v7", "plausibility.date_order"): 1,
+        ("encounter", "v8", "integrity.patient_ref"): 1,
+        ("diagnosis", "d4", "completeness.required"): 1, ("diagnosis", "d5", "conformance.code"): 1,
+        ("diagnosis", "d6", "conformance.code"): 1, ("diagnosis", "d7", "conformance.code"): 1,
+        ("diagnosis", "d8", "plausibility.future_date"): 1,
+        ("lab_result", "l3", "conformance.number"): 1, ("lab_result", "l4", "conformance.code"): 1,
+        ("lab_result", "l5", "plausibility.range"): 1, ("lab_result", "l6", "plausibility.range"): 1,
+        ("lab_result", "l7", "completeness.required"): 1,
+        ("medication", "m3", "conformance.code"): 1, ("medication", "m4", "plausibility.date_order"): 1,
+        ("medication", "m5", "plausibility.range"): 1, ("medication", "m6", "conformance.number"): 1,
+        ("consent", "c3", "conformance.code"): 1, ("consent", "c4", "completeness.required"): 1,
+        ("consent", "c5", "plausibility.date_order"): 1,
+    })
+    valid = {d: o.valid for d, o in outcome.datasets.items()}
+    assert valid == {"patient": 3, "encounter": 3, "diagnosis": 3, "lab_result": 2, "medication": 2, "consent": 2}
+
+    q = spark.read.format("delta").load(lake.quarantine()).where(F.col("stage") == "validate")
+    reasons = {r.reason for r in q.collect()}
+    assert "visit_start_date: date did not parse with the establishment's format" in reasons
+    assert not [r for r in reasons if re.search(r"\b(pa|p|v|d|l|m|c)[0-9]\b", r)]  # reasons never carry a value
+    assert q.where(F.col("source_line").isNull() | F.col("source_file").isNull()).count() == 0
+
+    results = spark.read.format("delta").load(lake.ops("validation_results")).where(F.col("batch_id") == "b1")
+    unique = results.where((F.col("dataset") == "patient") & (F.col("rule") == "integrity.unique_key")).first()
+    assert (unique.success, unique.unexpected_count) == (False, 2)
+    assert Path(outcome.report).is_file() and "integrity.unique_key" in Path(outcome.report).read_text()
+    assert (Path(lake.reports()) / "index.html").is_file()
+
+
+def test_a_row_gets_the_first_failing_rule_in_order(spark, lake, consortium):
+    from jobs.validate import validate_batch
+
+    future = EXTRACTED + 60 * DAY
+    rows = {
+        "diagnosis": [
+            diag("d1"),
+            # missing person, unparseable date, unknown code: completeness wins
+            diag("d2", person_id=None, condition_start_date=None, condition_source_value="ZZZ",
+                 _parse_errors=["date:condition_start_date"]),
+            # unparseable date and unknown code: conformance.date before conformance.code
+            diag("d3", condition_start_date=None, condition_source_value="ZZZ",
+                 _parse_errors=["date:condition_start_date"]),
+            # unknown code and future date: conformance before plausibility
+            diag("d4", code="ZZZ", on=future.date()),
+            # future date on one of two rows sharing a key: plausibility before integrity
+            diag("d5", on=future.date()), diag("d5"),
+        ],
+        "encounter": [
+            # a delete needs only its key
+            {"visit_occurrence_id": "v9", "record_action": "delete", "_parse_errors": ["date:visit_start_date"]},
+            # a delete without key is incomplete
+            {"visit_occurrence_id": None, "record_action": "delete"},
+            enc("v1"),
+        ],
+    }
+    stage_batch(spark, lake, "b1", rows)
+    validate_batch(spark, lake, consortium, EST, "b1", "incremental")
+    assert quarantined(spark, lake, "b1") == Counter({
+        ("diagnosis", "d2", "completeness.required"): 1, ("diagnosis", "d3", "conformance.date"): 1,
+        ("diagnosis", "d4", "conformance.code"): 1, ("diagnosis", "d5", "plausibility.future_date"): 1,
+        ("diagnosis", "d5", "integrity.unique_key"): 1, ("encounter", None, "completeness.required"): 1,
+    })
+
+    # Re-running replaces the batch's validate quarantine and results, it does not add to them.
+    before = spark.read.format("delta").load(lake.ops("validation_results")).count()
+    validate_batch(spark, lake, consortium, EST, "b1", "incremental")
+    assert sum(quarantined(spark, lake, "b1").values()) == 6
+    assert spark.read.format("delta").load(lake.ops("validation_results")).count() == before
+
+
+# ---------------------------------------------------------- batch rules ----
+
+def _land(spark, lake, batch_id):
+    from jobs.land import land_batch
+
+    return land_batch(spark, lake, EST, batch_id, FP)
+
+
+def test_too_many_quarantined_rows_stop_the_batch_and_silver_stays_at_its_version(spark, lake, consortium):
+    from jobs.land import BatchNotValidated
+    from jobs.tables import table_version
+    from jobs.validate import BatchRejected, validate_batch
+
+    stage_batch(spark, lake, "b1", {"encounter": [enc(f"v{i}") for i in range(25)]})
+    validate_batch(spark, lake, consortium, EST, "b1", "full")
+    _land(spark, lake, "b1")
+    version = table_version(spark, lake.silver("encounter"))
+
+    # 20 clean rows, 3 bad ones, and 4 rows already quarantined at ingest: 7 of 27 = 25.9% > 20%
+    bad = [enc(f"x{i}", person=None) for i in range(3)]
+    stage_batch(spark, lake, "b2", {"encounter": [enc(f"w{i}") for i in range(20)] + bad},
+                extracted_at=EXTRACTED + 7 * DAY, kind="incremental", ingest_quarantined={"encounter": 4})
+    with pytest.raises(BatchRejected) as caught:
+        validate_batch(spark, lake, consortium, EST, "b2", "incremental")
+    message = str(caught.value)
+    for part in (EST, "b2", "encounter", "batch.quarantined_rate", "7 of 27", "25.9%"):
+        assert part in message
+    assert caught.value.failures[0].rule == "batch.quarantined_rate"
+
+    with pytest.raises(BatchNotValidated):
+        _land(spark, lake, "b2")
+    assert table_version(spark, lake.silver("encounter")) == version
+    from jobs.validate import validated_path
+
+    assert spark.read.format("delta").load(validated_path(lake, "encounter")).where(F.col("_batch_id") == "b2").count() == 0
+
+
+def test_a_full_batch_much_smaller_than_the_previous_one_is_stopped_but_not_an_incremental(spark, lake, consortium):
+    from jobs.tables import table_version
+    from jobs.validate import BatchRejected, validate_batch
+
+    stage_batch(spark, lake, "b1", {"consent": [consent(f"c{i}") for i in range(10)]})
+    validate_batch(spark, lake, consortium, EST, "b1", "full")
+    _land(spark, lake, "b1")
+    version = table_version(spark, lake.silver("consent"))
+
+    stage_batch(spark, lake, "b2", {"consent": [consent(f"c{i}") for i in range(4)]},
+                extracted_at=EXTRACTED + 7 * DAY, kind="full")
+    with pytest.raises(BatchRejected, match=r"consent: rule batch.row_count_drop failed \(4 rows vs 10 in the "
+                                            r"previous full batch b1, a drop of 60.0% > 50%\)"):
+        validate_batch(spark, lake, consortium, EST, "b2", "full")
+    assert table_version(spark, lake.silver("consent")) == version
+
+    stage_batch(spark, lake, "b3", {"consent": [consent(f"c{i}") for i in range(4)]},
+                extracted_at=EXTRACTED + 14 * DAY, kind="incremental")
+    assert validate_batch(spark, lake, consortium, EST, "b3", "incremental").datasets["consent"].valid == 4
+
+
+def test_a_column_missing_from_the_batch_compared_with_silver_stops_it(spark, lake, consortium):
+    from jobs.tables import table_version
+    from jobs.validate import BatchRejected, validate_batch
+
+    stage_batch(spark, lake, "b1", {"encounter": [enc("v1")]})
+    validate_batch(spark, lake, consortium, EST, "b1", "full")
+    _land(spark, lake, "b1")
+    spark.sql(f"ALTER TABLE delta.`{lake.silver('encounter')}` ADD COLUMNS (admission_reason STRING)")
+    version = table_version(spark, lake.silver("encounter"))
+
+    stage_batch(spark, lake, "b2", {"encounter": [enc("v2")]}, extracted_at=EXTRACTED + 7 * DAY, kind="incremental")
+    with pytest.raises(BatchRejected, match="encounter: rule batch.column_change"):
+        validate_batch(spark, lake, consortium, EST, "b2", "incremental")
+    assert table_version(spark, lake.silver("encounter")) == version
+
+
+# ------------------------------------------------------------ benchmark ----
+
+def test_measure_engines_times_gx_and_the_spark_translation_on_the_same_rows(spark):
+    from jobs.validate import measure_engines
+
+    staged = staged_frame(spark, "lab_result", "b1", EXTRACTED, [lab(f"l{i}") for i in range(5)] + [lab("l9", value=999.0)])
+    seconds = measure_engines(spark, staged, "lab_result")
+    assert set(seconds) == {"gx", "spark"} and all(s > 0 for s in seconds.values())
