@@ -19,7 +19,7 @@ airflow: setup
 	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/affluent airflow
 
 bench: setup
-	.venv/bin/python benchmarks/run.py --size small
+	.venv/bin/python -m benchmarks.run --size small
 
 clean:
 	rm -rf demo lake .pytest_cache
