@@ -33,3 +33,19 @@ def test_delta_write_read_merge_on_a_standalone_cluster(spark_cluster, run_in_cl
     apps = {app["id"]: app for app in spark_cluster.state()["completedapps"]}
     assert result["application_id"] in apps
     assert apps[result["application_id"]]["state"] == "FINISHED"
+
+
+def test_a_batch_runs_end_to_end_on_the_cluster(spark_cluster, run_in_cluster, tmp_path):
+    from tests.deployment.workloads import one_batch_end_to_end
+
+    result = run_in_cluster(one_batch_end_to_end, lake_root=str(tmp_path / "lake"))
+
+    print(f"master used: {result['master']} (application {result['application_id']})")
+    assert result["master"] == spark_cluster.master_url
+    assert result["executors"] == 1
+    assert result["stages"] == ["ingest", "land", "pseudonymise", "validate"]
+    assert result["silver_rows"]["patient"] > 0 and result["silver_rows"]["encounter"] > 0
+    checks = result["reconciliation"]
+    assert {c["dataset"] for c in checks} >= {"patient", "encounter", "diagnosis", "lab_result", "medication"}
+    assert all(c["holds"] for c in checks), checks
+    assert all(c["batch_id"] == result["batch_id"] for c in checks)

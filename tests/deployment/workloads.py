@@ -31,3 +31,26 @@ def delta_write_read_merge(ctx: Context) -> dict:
     executors = spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() - 1  # minus the driver
     return {"table": path, "rows_written": written, "rows_after_merge": after, "history": history,
             "executors": executors}
+
+
+def one_batch_end_to_end(ctx: Context) -> dict:
+    """Generate a tiny consortium into the lake's landing zone and run one CSV batch through all four stages."""
+    from pathlib import Path
+
+    from jobs import pipeline
+    from jobs.generate import generate_consortium
+    from jobs.land import reconcile
+
+    establishment = "chu_laurentides"
+    summary = generate_consortium(Path(ctx.lake.root), ctx.consortium, patients=25, batches=1, seed=3,
+                                  defect_rate=0.05)
+    batch_id = summary.batch_ids[0]
+    ran = pipeline.run_batch(ctx, establishment, batch_id)
+    spark = ctx.spark
+    silver = {dataset: spark.read.format("delta").load(ctx.lake.silver(dataset)).count()
+              for dataset in ("patient", "encounter")}
+    checks = [r.asDict() for r in reconcile(spark, ctx.lake, establishment).collect()]
+    executors = spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() - 1
+    return {"batch_id": batch_id, "stages": sorted(ran) if isinstance(ran, dict) else str(ran),
+            "silver_rows": silver, "reconciliation": checks, "executors": executors,
+            "rows_delivered": summary.rows[establishment][batch_id]}
