@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="Generate a consortium and run every DAG with Airflow, end to end")
     demo.add_argument("--patients", type=int, default=2000)
-    demo.add_argument("--batches", type=int, default=3)
+    demo.add_argument("--batches", type=int, default=2,
+                      help="batches per establishment: one full extract, then incremental ones (default 2)")
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--defect-rate", type=float, default=0.01)
     demo.add_argument("--workdir", default="demo", help="where the demo's lake and Airflow home go")

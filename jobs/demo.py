@@ -9,6 +9,7 @@ open the Airflow UI and the validation reports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -25,8 +26,41 @@ DEMO_QUERY = ("SELECT p.year_of_birth DIV 10 * 10 AS decade, COUNT(DISTINCT d.pe
               "GROUP BY 1 ORDER BY 1")
 
 
+_TERMINAL = None
+
+
 def _say(message: str) -> None:
-    print(f"[affluent demo] {message}", flush=True)
+    line = f"[affluent demo] {message}\n"
+    if _TERMINAL is not None:
+        _TERMINAL.write(line)
+        _TERMINAL.flush()
+    else:
+        print(line, end="", flush=True)
+
+
+@contextlib.contextmanager
+def logs_to(path: Path):
+    """Send everything written to stdout and stderr (Airflow, GX, the JVM) to ``path``; progress stays on screen."""
+    global _TERMINAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    _TERMINAL = os.fdopen(os.dup(1), "w", buffering=1)
+    with path.open("a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            _TERMINAL.close()
+            _TERMINAL = None
 
 
 def airflow_env(workdir: Path) -> dict[str, str]:
@@ -48,6 +82,8 @@ def airflow_env(workdir: Path) -> dict[str, str]:
         "AFFLUENT_CONFIG_DIR": os.environ.get("AFFLUENT_CONFIG_DIR", str(PROJECT_ROOT / "config")),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
+    # Demo batches are small: two partitions per shuffle suit them and the two cores of a laptop.
+    env.setdefault("AFFLUENT_SHUFFLE_PARTITIONS", "2")
     if not env.get("AFFLUENT_PSEUDONYM_KEY") and not env.get("AFFLUENT_PSEUDONYM_KEY_FILE"):
         env["AFFLUENT_PSEUDONYM_KEY_FILE"] = str(_demo_key(workdir))
     return env
@@ -84,7 +120,8 @@ def run_dags(env: dict[str, str], establishments: list[str], publish: bool = Tru
             _say(f"{dag.dag_id}: batch {batch} …")
             run = dag.test(run_conf={"batch_id": batch})
             state = str(run.state)
-            _say(f"{dag.dag_id}: batch {batch} {state} in {time.monotonic() - started:.0f} s")
+            _say(f"{dag.dag_id}: batch {batch} {state} in {time.monotonic() - started:.0f} s"
+                 f"{_landed_figures(ctx, est, batch)}")
             states.setdefault(est, []).append((batch, state))
     if publish:
         started = time.monotonic()
@@ -92,6 +129,23 @@ def run_dags(env: dict[str, str], establishments: list[str], publish: bool = Tru
         _say(f"affluent_publish {run.state} in {time.monotonic() - started:.0f} s")
         states["publish"] = [("-", str(run.state))]
     return states
+
+
+def _landed_figures(ctx, establishment_id: str, batch_id: str) -> str:
+    from pyspark.sql import functions as F
+
+    from jobs.ops import read_batch_log
+
+    totals = (read_batch_log(ctx.spark, ctx.lake)
+              .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                     & (F.col("stage") == "land") & (F.col("status") == "landed"))
+              .agg(F.sum("rows_read").alias("read"), F.sum("rows_landed").alias("landed"),
+                   F.sum("rows_quarantined").alias("quarantined"), F.sum("rows_duplicates").alias("duplicates"))
+              .first())
+    if totals is None or totals.read is None:
+        return ""
+    return (f": {totals.read} rows read, {totals.landed} landed, {totals.quarantined} quarantined, "
+            f"{totals.duplicates} duplicates")
 
 
 def _migrate(env: dict[str, str]) -> None:
@@ -129,8 +183,11 @@ def run_demo(patients: int, batches: int, seed: int, defect_rate: float, workdir
         _say(f"generating {patients} patients, {batches} batches per establishment in {out} …")
         generate_consortium(out, consortium, patients=patients, batches=batches, seed=seed, defect_rate=defect_rate)
     _migrate(env)
-    states = run_dags(env, sorted(consortium.establishments))
-    ctx = pipeline.Context.from_env()
+    log = workdir / "airflow" / "logs" / "demo.log"
+    _say(f"running the DAGs with Airflow (dag.test); their logs go to {log}")
+    with logs_to(log):
+        states = run_dags(env, sorted(consortium.establishments))
+        ctx = pipeline.Context.from_env()
     print_summary(ctx)
     failed = [(est, b, s) for est, runs in states.items() for b, s in runs if not s.endswith("success")]
 
