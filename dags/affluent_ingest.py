@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from jobs.registry import CANONICAL_DATASETS, establishments, silver_asset_name
 
@@ -49,6 +49,16 @@ def _context():
     return Context.from_env(spark_master=spark_master_from_connection("spark_default"))
 
 
+def _run_stage(stage: str, establishment_id: str, batch_id: str) -> dict:
+    """One stage of one batch; failures no retry can fix fail the task at once, naming what to fix."""
+    from jobs import pipeline
+
+    try:
+        return getattr(pipeline, stage)(_context(), establishment_id, batch_id)
+    except pipeline.permanent_failures() as exc:
+        raise AirflowFailException(f"{stage} of {establishment_id}/{batch_id} stopped: {exc}") from exc
+
+
 def build_ingest_dag(establishment_id: str, name: str):
     @dag(
         dag_id=f"affluent_ingest_{establishment_id}",
@@ -76,27 +86,19 @@ def build_ingest_dag(establishment_id: str, name: str):
 
         @task
         def ingest(batch_id: str) -> dict:
-            from jobs import pipeline
-
-            return pipeline.ingest(_context(), establishment_id, batch_id)
+            return _run_stage("ingest", establishment_id, batch_id)
 
         @task
         def pseudonymise(batch_id: str) -> dict:
-            from jobs import pipeline
-
-            return pipeline.pseudonymise(_context(), establishment_id, batch_id)
+            return _run_stage("pseudonymise", establishment_id, batch_id)
 
         @task
         def validate(batch_id: str) -> dict:
-            from jobs import pipeline
-
-            return pipeline.validate(_context(), establishment_id, batch_id)
+            return _run_stage("validate", establishment_id, batch_id)
 
         @task(outlets=SILVER_ASSETS)
         def land(batch_id: str) -> dict:
-            from jobs import pipeline
-
-            return pipeline.land(_context(), establishment_id, batch_id)
+            return _run_stage("land", establishment_id, batch_id)
 
         batch = select_batch()
         stages = [ingest(batch), pseudonymise(batch), validate(batch), land(batch)]

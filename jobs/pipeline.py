@@ -110,6 +110,23 @@ def _summary(outcome) -> dict:
         return {"result": str(outcome)}
 
 
+def permanent_failures() -> tuple[type[Exception], ...]:
+    """Errors that a retry cannot fix: the batch, the configuration or the key must change first.
+
+    The DAGs fail these at once instead of retrying (a rejected batch retried
+    twice is only a later failure with the same message).
+    """
+    from jobs.config import ConfigError
+    from jobs.ingest import IngestReconciliationError
+    from jobs.keys import KeyMismatchError, MissingKeyError, WeakKeyError
+    from jobs.land import BatchNotValidated, ReconciliationError
+    from jobs.landing import BatchRejected
+    from jobs.validate import EngineDisagreement, SuiteError
+
+    return (BatchRejected, ConfigError, IngestReconciliationError, KeyMismatchError, MissingKeyError,
+            WeakKeyError, BatchNotValidated, ReconciliationError, EngineDisagreement, SuiteError)
+
+
 def spark_master_from_connection(conn_id: str = "spark_default") -> str | None:
     """The Spark master URL of an Airflow connection (``local[*]`` or ``spark://host:7077``).
 

@@ -91,3 +91,29 @@ def test_adding_an_establishment_file_adds_its_dag(tmp_path, monkeypatch):
 
     bag = DagBag(dag_folder=str(DAGS / "affluent_ingest.py"))
     assert "affluent_ingest_clinique_nord" in bag.dag_ids
+
+
+def test_a_failure_no_retry_can_fix_fails_the_task_at_once_and_others_are_retried(dagbag, monkeypatch):
+    import runpy
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from jobs import pipeline
+    from jobs.landing import BatchRejected
+
+    module = runpy.run_path(str(DAGS / "affluent_ingest.py"))
+    monkeypatch.setitem(module["_run_stage"].__globals__, "_context", lambda: None)
+
+    def rejected(ctx, establishment_id, batch_id):
+        raise BatchRejected(establishment_id, batch_id, "batch.quarantined_rate: 30 of 100 rows quarantined")
+
+    monkeypatch.setattr(pipeline, "validate", rejected)
+    with pytest.raises(AirflowFailException, match=r"validate of chu_laurentides/b1 stopped: .*batch\.quarantined_rate"):
+        module["_run_stage"]("validate", "chu_laurentides", "b1")
+
+    def flaky(ctx, establishment_id, batch_id):
+        raise OSError("connection reset by the storage")
+
+    monkeypatch.setattr(pipeline, "land", flaky)
+    with pytest.raises(OSError):
+        module["_run_stage"]("land", "chu_laurentides", "b1")
