@@ -130,3 +130,77 @@ def test_rerunning_a_batch_changes_no_table(run):
     before = {p: table_version(ctx.spark, p) for p in paths}
     pipeline.run_batch(ctx, "chu_laurentides", "20260105-001")
     assert {p: table_version(ctx.spark, p) for p in paths} == before
+
+
+
+def _decisions_in_force(consents: list[dict], purpose: str, day: str) -> list[dict]:
+    """Consent decisions of the ground truth that count for ``purpose`` on ``day`` (independent of jobs.consent).
+
+    Silver holds each consent record's last delivered version that was not quarantined;
+    a delivered deletion removes the record. A permit counts from its decision date within
+    its validity; a refusal or withdrawal counts once decided.
+    """
+    final: dict[tuple, dict | None] = {}
+    for row in sorted(consents, key=lambda r: r["batch_id"]):
+        record = (row["establishment"], row["consent_ref"])
+        if row["deleted"]:
+            final[record] = None
+        elif row["expected"] != "quarantine":
+            final[record] = row
+    in_force = []
+    for row in filter(None, final.values()):
+        if row["purpose"] not in (purpose, None):
+            continue
+        if row["decision"] == "permit":
+            if not (row["decision_date"] and row["decision_date"] <= day and (row["valid_from"] or "") <= day
+                    and (row["valid_until"] or "9999") >= day):
+                continue
+        elif row["decision_date"] and row["decision_date"] > day:
+            continue
+        in_force.append(row)
+    return in_force
+
+
+def test_extracts_hold_exactly_the_persons_the_consent_ground_truth_allows(run):
+    """Recomputed from the generator's consent history: per person, the latest decision across establishments."""
+    import datetime as dt
+    import hashlib
+    import hmac
+
+    from jobs.keys import load_key
+    from jobs.policy import shared_establishments
+
+    ctx, root = run
+    pipeline.publish_all(ctx)
+    today = dt.date.today()
+    key = load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
+    consents = _ground_truth(root, "consents.jsonl")
+    patients = ctx.spark.read.format("delta").load(ctx.lake.silver("patient")).select(
+        "establishment_id", "patient_key", "person_id").collect()
+    person_of = {(r.establishment_id, r.patient_key): r.person_id for r in patients}
+
+    def person(establishment: str, patient_ref: str) -> str:
+        patient_key = hmac.new(key.establishment_key(establishment), f"patient:{patient_ref}".encode(),
+                               hashlib.sha256).hexdigest()
+        return person_of[(establishment, patient_key)]
+
+    checked = 0
+    for project in ctx.consortium.projects.values():
+        regime = ctx.consortium.purposes[project.purpose].regime
+        latest: dict[str, tuple] = {}
+        for row in _decisions_in_force(consents, project.purpose, today.isoformat()):
+            rank = (row["decision_date"] or "9999", row["decision"] != "permit")  # same day: the refusal wins
+            pid = person(row["establishment"], row["patient_ref"])
+            if pid not in latest or rank > latest[pid][0]:
+                latest[pid] = (rank, row["decision"] == "permit")
+        sharing = set(shared_establishments(ctx.consortium, project, "patient"))
+        seen_there = {r.person_id for r in patients if r.establishment_id in sharing and r.person_id}
+        allowed = {pid for pid in seen_there if (latest[pid][1] if pid in latest else regime == "opt_out")}
+        project_key = key.project_key(project.id)
+        expected = {hmac.new(project_key, pid.encode(), hashlib.sha256).hexdigest() for pid in allowed}
+        extract = ctx.spark.read.format("delta").load(ctx.lake.project(project.id, "patient"))
+        got = {r.person_id for r in extract.select("person_id").collect()}
+        assert got == expected, (project.id, len(got - expected), len(expected - got))
+        assert len(allowed) < len(seen_there)  # consent filtered someone out
+        checked += len(expected)
+    assert checked > 0
