@@ -116,7 +116,7 @@ MIN_ROWS_FOR_RATE = 20
 
 # Columns added to the staged rows before validation: the plausible bounds of each
 # lab result's LOINC code, from the reference list.
-HELPER_COLUMNS = {"lab_result": ("_ref_plausible_low", "_ref_plausible_high")}
+HELPER_COLUMNS = {"lab_result": ("_ref_plausible_low", "_ref_plausible_high"), "encounter": ("_birth_year",)}
 
 # Suite parameters filled at run time (reference lists and configuration).
 PARAM_MIN_ROW_COUNT = "min_row_count"
@@ -265,8 +265,16 @@ def _resolve(value, params: dict):
     return value
 
 
-def with_reference_columns(staged: DataFrame, dataset: str) -> DataFrame:
-    """Staged rows plus the helper columns some expectations compare with (see :data:`HELPER_COLUMNS`)."""
+def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFrame | None = None) -> DataFrame:
+    """Staged rows plus the helper columns some expectations compare with (see :data:`HELPER_COLUMNS`).
+
+    ``birth_years`` (``person_id, _birth_year``) gives encounters their patient's year of birth.
+    """
+    if dataset == "encounter":
+        spark = staged.sparkSession
+        if birth_years is None:
+            birth_years = spark.createDataFrame([], "person_id string, _birth_year int")
+        return staged.join(birth_years, on="person_id", how="left").select(*staged.columns, "_birth_year")
     if dataset != "lab_result":
         return staged
     spark = staged.sparkSession
@@ -275,6 +283,23 @@ def with_reference_columns(staged: DataFrame, dataset: str) -> DataFrame:
         "measurement_source_value string, _ref_plausible_low double, _ref_plausible_high double")
     return staged.join(F.broadcast(bounds), on="measurement_source_value", how="left").select(
         *staged.columns, "_ref_plausible_low", "_ref_plausible_high")
+
+
+def birth_years(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> DataFrame:
+    """Year of birth per person, from silver and from this batch's patients (``person_id, _birth_year``)."""
+    parts = []
+    if table_exists(spark, lake.silver("patient")):
+        parts.append(spark.read.format("delta").load(lake.silver("patient")).select("person_id", "year_of_birth"))
+    if table_exists(spark, lake.staged("patient")):
+        parts.append(spark.read.format("delta").load(lake.staged("patient"))
+                     .where(_batch_filter(establishment_id, batch_id)).select("person_id", "year_of_birth"))
+    if not parts:
+        return spark.createDataFrame([], "person_id string, _birth_year int")
+    rows = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+    # Establishments (or a defective row of this batch) may disagree: the earliest year is the
+    # conservative one, an encounter is only implausible before every year given for the person.
+    return (rows.where(F.col("person_id").isNotNull() & F.col("year_of_birth").isNotNull())
+            .groupBy("person_id").agg(F.min("year_of_birth").cast("int").alias("_birth_year")))
 
 
 # ------------------------------------------------- Spark translation ----
@@ -545,7 +570,8 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
             staged_columns = staged.columns
             suite = load_suite(dataset)
             checks = suite_checks(suite)
-            enriched = with_reference_columns(staged, dataset).persist(StorageLevel.MEMORY_AND_DISK)
+            enriched = with_reference_columns(staged, dataset, birth_years(spark, lake, establishment_id, batch_id)
+                                              if dataset == "encounter" else None).persist(StorageLevel.MEMORY_AND_DISK)
             flagged = flag_rows(enriched, checks, suite_parameters(consortium)).persist(StorageLevel.MEMORY_AND_DISK)
             persisted += [enriched, flagged]
             rows, spark_counts, extracted[dataset] = count_failures(flagged, checks)

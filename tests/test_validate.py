@@ -150,6 +150,7 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
             patient("pa7", year=2026, month=3),                                   # plausibility.future_date
             patient("pa8", year=1850),                                            # plausibility.range
             patient("pa9"), patient("pa9", person="p9"),                          # integrity.unique_key (both)
+            patient("pa10", person="p10", year=2000),
         ],
         "encounter": [
             enc("v1"), enc("v2", end=None), delete("visit_occurrence_id", "v3"),
@@ -158,6 +159,7 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
             enc("v6", start=later, end=later + DAY),                              # plausibility.future_date
             enc("v7", end=dt.datetime(2025, 11, 30)),                             # plausibility.date_order
             enc("v8", person=None, person_id_flag="unknown_patient"),             # integrity.patient_ref
+            enc("v9", person="p10", start=dt.datetime(1999, 5, 1), end=dt.datetime(1999, 5, 2)),  # before birth
         ],
         "diagnosis": [
             diag("d1"), diag("d2", code="73211009", system="SNOMED"), diag("d3", code="I10", system="ICD10"),
@@ -198,7 +200,7 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
         ("patient", "pa8", "plausibility.range"): 1, ("patient", "pa9", "integrity.unique_key"): 2,
         ("encounter", "v4", "completeness.required"): 1, ("encounter", "v5", "conformance.date"): 1,
         ("encounter", "v6", "plausibility.future_date"): 1, ("encounter", "v7", "plausibility.date_order"): 1,
-        ("encounter", "v8", "integrity.patient_ref"): 1,
+        ("encounter", "v8", "integrity.patient_ref"): 1, ("encounter", "v9", "plausibility.date_order"): 1,
         ("diagnosis", "d4", "completeness.required"): 1, ("diagnosis", "d5", "conformance.code"): 1,
         ("diagnosis", "d6", "conformance.code"): 1, ("diagnosis", "d7", "conformance.code"): 1,
         ("diagnosis", "d8", "plausibility.future_date"): 1,
@@ -211,7 +213,7 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
         ("consent", "c5", "plausibility.date_order"): 1,
     })
     valid = {d: o.valid for d, o in outcome.datasets.items()}
-    assert valid == {"patient": 3, "encounter": 3, "diagnosis": 3, "lab_result": 2, "medication": 2, "consent": 2}
+    assert valid == {"patient": 4, "encounter": 3, "diagnosis": 3, "lab_result": 2, "medication": 2, "consent": 2}
 
     q = spark.read.format("delta").load(lake.quarantine()).where(F.col("stage") == "validate")
     reasons = {r.reason for r in q.collect()}
