@@ -44,7 +44,7 @@ from jobs.keys import PseudonymKey
 from jobs.lake import Lake, PROJECTS
 from jobs.publish import MANIFEST, list_folders, vacuum_now
 from jobs.schemas import DATASETS
-from jobs.tables import APPEND, table_exists
+from jobs.tables import APPEND, purge_deletion_vectors, table_exists
 
 ERASURE_REQUESTS = "erasure_requests"
 ERASURE_RECEIPTS = "erasure_receipts"
@@ -139,13 +139,6 @@ def _delete(spark: SparkSession, path: str, condition) -> int:
     return int((last.operationMetrics or {}).get("numDeletedRows", 0))
 
 
-def _purge_deletion_vectors(spark: SparkSession, path: str) -> None:
-    """With deletion vectors, DELETE leaves rows in their files: rewrite them before VACUUM."""
-    props = DeltaTable.forPath(spark, path).detail().select("properties").first().properties or {}
-    if str(props.get("delta.enableDeletionVectors", "false")).lower() == "true":
-        spark.sql(f"REORG TABLE delta.`{path}` APPLY (PURGE)")
-
-
 def _person_tables(spark: SparkSession, lake: Lake) -> dict[str, str]:
     """Every table keyed by the consortium ``person_id``: staged, silver, quarantine."""
     tables = {f"staged.{d}": lake.staged(d) for d in DATASETS}
@@ -223,7 +216,7 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
     vacuumed = []
     for name in sorted(touched):
         path = all_paths[name]
-        _purge_deletion_vectors(spark, path)
+        purge_deletion_vectors(spark, path)
         vacuum_now(spark, path)
         vacuumed.append(name)
     versions_after = {name: int(DeltaTable.forPath(spark, all_paths[name]).history(1)

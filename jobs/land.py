@@ -51,6 +51,7 @@ STAGE = "land"
 SILVER_SCHEMA_NAME = "silver"
 DELETIONS = "silver_deletions"
 CHANGE_DATA_FEED = "delta.enableChangeDataFeed"
+DELETION_VECTORS = "delta.enableDeletionVectors"
 # Idempotent transaction ids recorded in a table's log are forgotten after this.
 TXN_RETENTION = "interval 30 days"
 
@@ -174,14 +175,24 @@ def column_comment(dataset: str, column: str) -> str:
 
 # -------------------------------------------------------------- tables ----
 
-def ensure_silver_table(spark: SparkSession, lake: Lake, dataset: str, key_fingerprint: str) -> None:
-    """Create the silver table (exact schema, comments, CDF, fingerprint) if missing."""
+def ensure_silver_table(spark: SparkSession, lake: Lake, dataset: str, key_fingerprint: str,
+                        deletion_vectors: bool = True) -> None:
+    """Create the silver table (exact schema, comments, CDF, fingerprint) if missing.
+
+    With deletion vectors (the default) a MERGE that updates or deletes a few
+    records marks them in a small side file instead of rewriting every data
+    file they sit in, so an incremental batch costs what it changes, not what
+    silver holds. The rows so marked stay in their Parquet files until they are
+    rewritten: erasure and maintenance purge them (``REORG ... APPLY (PURGE)``)
+    before VACUUM.
+    """
     path = lake.silver(dataset)
     if table_exists(spark, path):
         return
     builder = (DeltaTable.createIfNotExists(spark).location(path).comment(TABLE_COMMENTS[dataset])
                .partitionedBy("establishment_id")
                .property(CHANGE_DATA_FEED, "true")
+               .property(DELETION_VECTORS, str(deletion_vectors).lower())
                .property("delta.setTransactionRetentionDuration", TXN_RETENTION)
                .property(FINGERPRINT_PROPERTY, key_fingerprint))
     for f in SILVER_SCHEMAS[dataset].fields:

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from jobs.lake import Lake
 from jobs.schemas import DATASETS
-from jobs.tables import table_exists
+from jobs.tables import purge_deletion_vectors, table_exists
 
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
 
@@ -56,7 +56,11 @@ def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.d
 
 
 def compact_and_vacuum(spark: SparkSession, lake: Lake, retain_hours: int = 168) -> dict:
-    """OPTIMIZE silver and ops tables, then VACUUM with the default retention (7 days)."""
+    """OPTIMIZE silver and ops tables, purge rows hidden by deletion vectors, then VACUUM (default 7 days).
+
+    Records an establishment deleted, and the old versions of updated ones,
+    leave silver's files here and its history once ``retain_hours`` have passed.
+    """
     done = []
     paths = [lake.silver(d) for d in DATASETS] + [lake.ops(t) for t in ("batch_log", "validation_results")]
     for path in paths:
@@ -64,6 +68,7 @@ def compact_and_vacuum(spark: SparkSession, lake: Lake, retain_hours: int = 168)
             continue
         table = DeltaTable.forPath(spark, path)
         table.optimize().executeCompaction()
+        purge_deletion_vectors(spark, path)
         table.vacuum(retain_hours)
         done.append(path.rsplit("/", 2)[-2] + "." + path.rsplit("/", 1)[-1])
     return {"compacted": done}

@@ -32,6 +32,19 @@ def check_fingerprint(spark: SparkSession, path: str, fingerprint: str) -> None:
         )
 
 
+def purge_deletion_vectors(spark: SparkSession, path: str) -> bool:
+    """Rewrite the files whose rows a deletion vector hides, so that VACUUM can remove the rows for good.
+
+    A DELETE, UPDATE or MERGE on a table with deletion vectors only marks rows
+    as gone; their bytes stay in the Parquet file. True when a purge ran.
+    """
+    props = DeltaTable.forPath(spark, path).detail().select("properties").first().properties or {}
+    if str(props.get("delta.enableDeletionVectors", "false")).lower() != "true":
+        return False
+    spark.sql(f"REORG TABLE delta.`{path}` APPLY (PURGE)")
+    return True
+
+
 def set_fingerprint(spark: SparkSession, path: str, fingerprint: str) -> None:
     spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{FINGERPRINT_PROPERTY}' = '{fingerprint}')")
 

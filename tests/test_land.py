@@ -149,3 +149,33 @@ def test_silver_tables_are_registered_documented_and_feed_their_changes(spark, l
     detail = spark.sql("DESCRIBE DETAIL silver.encounter").first()
     assert "encounter" in detail.description.lower()
     assert detail.properties["delta.enableChangeDataFeed"] == "true"
+
+
+def test_changes_are_marked_with_deletion_vectors_and_purged_by_maintenance(spark, lake, consortium):
+    from pathlib import Path
+
+    from jobs.maintenance import compact_and_vacuum, retention_check_disabled
+
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc(f"v{i}") for i in range(1, 7)]
+                                              + [enc("v7", care_site_source_value="UNIT-SENT-THEN-DELETED")]},
+              EXTRACTED, kind="full")
+    run_batch(spark, lake, consortium, "b2", {"encounter": [enc("v1", visit_source_value="outpatient"),
+                                                            {"visit_occurrence_id": "v7", "record_action": "delete"}]},
+              EXTRACTED + DAY)
+
+    silver = lake.silver("encounter")
+    assert spark.sql(f"DESCRIBE DETAIL delta.`{silver}`").first().properties["delta.enableDeletionVectors"] == "true"
+    merge = (spark.sql(f"DESCRIBE HISTORY delta.`{silver}`").where("operation = 'MERGE'")
+             .orderBy(F.col("version").desc()).first().operationMetrics)
+    # The update and the delete hide the old rows; no file of silver is copied out again.
+    assert int(merge["numTargetDeletionVectorsAdded"]) >= 1
+    assert int(merge["numTargetFilesRemoved"]) == 0
+    assert int(merge["numTargetRowsCopied"]) == 0
+
+    files = lambda: b"".join(p.read_bytes() for p in Path(silver).rglob("*.parquet"))  # noqa: E731
+    assert b"UNIT-SENT-THEN-DELETED" in files()  # hidden, not yet gone
+    with retention_check_disabled(spark):
+        compact_and_vacuum(spark, lake, retain_hours=0)
+    assert b"UNIT-SENT-THEN-DELETED" not in files()
+    assert {r.visit_occurrence_id: r.visit_source_value for r in spark.read.format("delta").load(silver).collect()} \
+        == {"v1": "outpatient"} | {f"v{i}": "inpatient" for i in range(2, 7)}
