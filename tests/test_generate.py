@@ -412,3 +412,28 @@ def test_reference_lists_load_and_bound_values():
     assert potassium.unit == "mmol/L" and potassium.is_plausible(4.1) and not potassium.is_plausible(45)
     assert reference.codes("ATC") and reference.codes("DIN")
     assert not reference.codes("ATC") & reference.codes("DIN")
+
+
+def test_birth_dates_do_not_pile_up_at_the_age_bounds():
+    import numpy as np
+
+    from jobs.generate.people import make_population
+
+    population = make_population(np.random.default_rng(3), 50_000, np.datetime64("2026-01-05"))
+    # ~37,000 possible days for 50,000 persons: no day may hold hundreds (as clipped ages once did).
+    assert population["birth_date"].value_counts().max() < 30
+    assert population["nam"].is_unique
+
+
+def test_homonyms_beyond_the_administrative_digits_stop_generation():
+    import numpy as np
+
+    from jobs.generate.people import TAILS, _nams
+
+    count = TAILS + 1
+    same = lambda value: np.array([value] * count, dtype=object)  # noqa: E731
+    with pytest.raises(GenerationError, match="administrative digits"):
+        _nams(np.random.default_rng(0), same("Tremblay"), same("Marie"),
+              np.array(["1980-03-02"] * count, dtype="datetime64[D]"), same("female"))
+    assert len(set(_nams(np.random.default_rng(0), same("Tremblay")[:TAILS], same("Marie")[:TAILS],
+                         np.array(["1980-03-02"] * TAILS, dtype="datetime64[D]"), same("female")[:TAILS]))) == TAILS

@@ -32,7 +32,7 @@ from jobs.generate.csv_writer import WrittenFile, write_csv
 from jobs.generate.defects import apply_field_defects
 from jobs.generate.fhir_writer import DELETIONS_FILE, RESOURCE_TYPES, write_deletions, write_ndjson
 from jobs.generate.formats import is_valid_nam
-from jobs.generate.people import make_links, make_population, names_as_typed, phones_as_typed
+from jobs.generate.people import GenerationError, make_links, make_population, names_as_typed, phones_as_typed
 from jobs.generate.timeline import CHANGE_DELETE, plan_versions
 from jobs.schemas import DATASETS, RECORD_REF
 
@@ -44,10 +44,6 @@ KIND_INCREMENTAL = "incremental"
 _STREAMS = {name: i for i, name in enumerate((
     "population", "links", "names", "encounters", "notes", "conditions", "diagnoses", "labs", "medications",
     "consents", "identifiers", "timeline", "defects", "writers"))}
-
-
-class GenerationError(ValueError):
-    """The generator was asked for something it cannot produce."""
 
 
 @dataclass(frozen=True)

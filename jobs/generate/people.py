@@ -26,6 +26,11 @@ NEW_PERSON_SHARE_PER_BATCH = 0.01
 LATE_LINK_SHARE = 0.05
 REGISTRATION_ONLY_SHARE = 0.08
 NAME_VARIANT_SHARE = 0.6
+TAILS = 90  # administrative digits 10..99 of a NAM
+
+
+class GenerationError(ValueError):
+    """The generator was asked for something it cannot produce."""
 
 
 def _zipf_weights(n: int, exponent: float = 0.8) -> np.ndarray:
@@ -36,7 +41,12 @@ def _zipf_weights(n: int, exponent: float = 0.8) -> np.ndarray:
 def make_population(rng: np.random.Generator, count: int, as_of: np.datetime64) -> pd.DataFrame:
     """``count`` persons with their true identity, one row each (index = person number)."""
     sex = np.array(SEXES, dtype=object)[rng.choice(len(SEXES), size=count, p=SEX_WEIGHTS)]
-    age_days = np.clip(rng.gamma(2.2, 22.0, size=count) * 365.25, 40, 100 * 365.25).astype("int64")
+    # Ages outside 40 days .. 100 years are drawn again uniformly inside it: clipping them would pile
+    # thousands of persons onto the same two birth dates (and exhaust their NAMs' administrative digits).
+    low, high = 40, int(100 * 365.25)
+    age_days = (rng.gamma(2.2, 22.0, size=count) * 365.25).astype("int64")
+    outside = (age_days < low) | (age_days > high)
+    age_days[outside] = rng.integers(low, high, size=int(outside.sum()))
     birth = as_of.astype("datetime64[D]") - age_days.astype("timedelta64[D]")
 
     family_pool = np.array(names.FAMILY_NAMES, dtype=object)
@@ -109,8 +119,11 @@ def _nams(rng: np.random.Generator, family: np.ndarray, given: np.ndarray, birth
     for i in order.tolist():
         used = seen.setdefault(stems[i], set())
         tail = int(tails[i])
+        if len(used) == TAILS:
+            raise GenerationError(f"more than {TAILS} persons share the NAM stem {stems[i]}: their administrative "
+                                  "digits run out. Widen the name pools or the birth dates.")
         while tail in used:
-            tail = 10 + (tail - 9) % 90
+            tail = 10 + (tail - 9) % TAILS
         used.add(tail)
         tails[i] = tail
     return np.array([f"{s}{t:02d}" for s, t in zip(stems.tolist(), tails.tolist())], dtype=object)
