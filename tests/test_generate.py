@@ -63,6 +63,15 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path, con
     assert all(first[path] != other[path] for path in first if path.endswith((".csv", ".ndjson")))
 
 
+def test_fhir_resources_built_in_chunks_give_the_same_bytes(tmp_path, consortium, monkeypatch):
+    import jobs.generate.fhir_writer as fhir_writer
+
+    generate_consortium(tmp_path / "whole", consortium, patients=120, batches=2, seed=7, defect_rate=0.05)
+    monkeypatch.setattr(fhir_writer, "CHUNK_ROWS", 7)
+    generate_consortium(tmp_path / "chunked", consortium, patients=120, batches=2, seed=7, defect_rate=0.05)
+    assert _digests(tmp_path / "whole") == _digests(tmp_path / "chunked")
+
+
 def test_bad_arguments_are_refused(tmp_path, consortium):
     with pytest.raises(GenerationError):
         generate_consortium(tmp_path, consortium, patients=10, batches=1, seed=1, defect_rate=1.5)

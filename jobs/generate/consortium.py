@@ -184,13 +184,16 @@ def _build_tables(consortium: Consortium, establishments: list[Establishment], p
 
 # -------------------------------------------------------------- writing ----
 
-def _write_batch(folder: Path, files: list[tuple[str, str, WrittenFile]], manifest: dict) -> None:
+def _write_file(folder: Path, dataset: str, name: str, written: WrittenFile) -> dict:
+    """Write one landing file at once (a million-patient batch does not fit in memory); its manifest entry."""
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for dataset, name, written in files:
-        (folder / name).write_bytes(written.data)
-        entries.append({"dataset": dataset, "path": name, "sha256": hashlib.sha256(written.data).hexdigest(),
-                        "rows": written.rows})
+    (folder / name).write_bytes(written.data)
+    return {"dataset": dataset, "path": name, "sha256": hashlib.sha256(written.data).hexdigest(),
+            "rows": written.rows}
+
+
+def _write_manifest(folder: Path, entries: list[dict], manifest: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     manifest = {**manifest, "files": entries}
     # Written last: its presence tells the pipeline the batch is complete.
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -235,7 +238,8 @@ def generate_consortium(out_dir: Path, consortium: Consortium, patients: int, ba
         for batch in range(batches):
             batch_id = calendar.batch_id(batch)
             extracted_at = calendar.extracted_at(batch, index)
-            files: list[tuple[str, str, WrittenFile]] = []
+            folder = out_dir / "landing" / est.landing_folder / batch_id
+            entries: list[dict] = []
             deleted: list[tuple[str, str]] = []
             for dataset in DATASETS:
                 rows = versions[dataset][batch]
@@ -251,7 +255,7 @@ def generate_consortium(out_dir: Path, consortium: Consortium, patients: int, ba
                     deleted += [(RESOURCE_TYPES[dataset], ref) for ref in gone[RECORD_REF[dataset]].tolist()]
                     if written.rows == 0:
                         continue
-                files.append((dataset, name, written))
+                entries.append(_write_file(folder, dataset, name, written))
                 for line, kind, resource_id in written.defects:
                     spec = D.KINDS[kind]
                     rule = spec.rule
@@ -261,19 +265,21 @@ def generate_consortium(out_dir: Path, consortium: Consortium, patients: int, ba
                     truth.append({"establishment": est.id, "batch_id": batch_id, "dataset": dataset, "file": name,
                                   "line": line, "resource_id": resource_id, "kind": kind,
                                   "expected": spec.expected, "rule": rule})
+                written = None  # the file is on disk: let its bytes go before the next one is built
                 if dataset == "patient":
                     first = rows[rows["_change"].to_numpy() == "new"]
                     nam_sent.update(zip(first["_link"].tolist(), first["nam"].tolist()))
                 if dataset == "consent":
                     consent_rows += _consent_truth(rows, links, est.id, batch_id, extracted_at, nam_sent)
             if deleted:
-                files.append(("bundle", DELETIONS_FILE, write_deletions(deleted, f"deletions-{batch_id}")))
+                entries.append(_write_file(folder, "bundle", DELETIONS_FILE,
+                                           write_deletions(deleted, f"deletions-{batch_id}")))
             kind = KIND_FULL if batch == 0 else KIND_INCREMENTAL
-            _write_batch(out_dir / "landing" / est.landing_folder / batch_id, files, {
+            _write_manifest(folder, entries, {
                 "establishment": est.id, "batch_id": batch_id,
                 "extracted_at": extracted_at.strftime("%Y-%m-%dT%H:%M:%SZ"), "kind": kind,
             })
-            rows_summary.setdefault(est.id, {})[batch_id] = {d: w.rows for d, _, w in files}
+            rows_summary.setdefault(est.id, {})[batch_id] = {e["dataset"]: e["rows"] for e in entries}
 
     truth_dir = out_dir / "ground_truth"
     _jsonl(truth_dir / "defects.jsonl", truth)

@@ -197,17 +197,32 @@ def _consent(row: dict, ref: str, text: dict, i: int, profile: FhirProfile) -> d
     }
 
 
+# Resources are built and serialised this many rows at a time: a resource as a dict weighs
+# about ten times its JSON line, and a million-patient extract has millions of them.
+CHUNK_ROWS = 50_000
+
+
+def _resources_in_chunks(rows: pd.DataFrame, dataset: str, profile: FhirProfile, landing_folder: str,
+                         nam_picks: np.ndarray):
+    """(row position, resource) for every row, building at most ``CHUNK_ROWS`` resources at once."""
+    for start in range(0, len(rows), CHUNK_ROWS):
+        chunk = build_resources(rows.iloc[start:start + CHUNK_ROWS], dataset, profile, landing_folder,
+                                nam_picks[start:start + CHUNK_ROWS])
+        for offset, resource in enumerate(chunk):
+            yield start + offset, resource
+
+
 def write_ndjson(rng: np.random.Generator, rows: pd.DataFrame, dataset: str, profile: FhirProfile,
                  landing_folder: str) -> WrittenFile:
     """NDJSON bytes of the upserted rows, their line count and their defects."""
     rows = rows[rows["_change"].to_numpy() != CHANGE_DELETE]
     picks = rng.random(len(rows))
-    resources = build_resources(rows, dataset, profile, landing_folder, rng.random(len(rows)))
+    nam_picks = rng.random(len(rows))
     kinds = rows["_defect"].to_numpy()
     refs = rows[RECORD_REF[dataset]].tolist()
     lines: list[bytes] = []
     found: list[tuple[int, str, str | None]] = []
-    for i, resource in enumerate(resources):
+    for i, resource in _resources_in_chunks(rows, dataset, profile, landing_folder, nam_picks):
         kind = kinds[i]
         text = json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
         if kind == D.MALFORMED_LINE:
