@@ -111,7 +111,7 @@ def plot_throughput(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 5.6), dpi=120)
     width = 0.8 / max(1, len(results))
     for i, result in enumerate(results):
         values = [(result["stages"].get(step) or {}).get("rows_per_second") or 0 for step in PLOTTED]
@@ -121,8 +121,9 @@ def plot_throughput(results: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(PLOTTED)), [s.removeprefix("full.") for s in PLOTTED])
     ax.set_yscale("log")
     ax.set_ylabel("rows per second (log)")
+    ax.set_ylim(top=ax.get_ylim()[1] * 2.5)  # room for the value labels above the tallest bar
     ax.set_title("Throughput per stage, full batch of every establishment (2 shared cores)")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
