@@ -43,7 +43,7 @@ from pyspark.sql.window import Window
 from jobs.lake import Lake
 from jobs.ops import STATUS_LANDED, STATUS_STOPPED, STATUS_VALIDATED, append_batch_log, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
-from jobs.tables import FINGERPRINT_PROPERTY, check_fingerprint, table_exists
+from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
 from jobs.validate import STAGE as VALIDATE_STAGE
 from jobs.validate import validated_path
 
@@ -51,7 +51,6 @@ STAGE = "land"
 SILVER_SCHEMA_NAME = "silver"
 DELETIONS = "silver_deletions"
 CHANGE_DATA_FEED = "delta.enableChangeDataFeed"
-DELETION_VECTORS = "delta.enableDeletionVectors"
 # Idempotent transaction ids recorded in a table's log are forgotten after this.
 TXN_RETENTION = "interval 30 days"
 

@@ -8,6 +8,7 @@ from pyspark.sql import SparkSession
 from jobs.keys import KeyMismatchError
 
 FINGERPRINT_PROPERTY = "affluent.key_fingerprint"
+DELETION_VECTORS = "delta.enableDeletionVectors"
 
 # Write modes, named once.
 APPEND = "append"
@@ -39,7 +40,7 @@ def purge_deletion_vectors(spark: SparkSession, path: str) -> bool:
     as gone; their bytes stay in the Parquet file. True when a purge ran.
     """
     props = DeltaTable.forPath(spark, path).detail().select("properties").first().properties or {}
-    if str(props.get("delta.enableDeletionVectors", "false")).lower() != "true":
+    if str(props.get(DELETION_VECTORS, "false")).lower() != "true":
         return False
     spark.sql(f"REORG TABLE delta.`{path}` APPLY (PURGE)")
     return True

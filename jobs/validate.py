@@ -271,9 +271,8 @@ def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFra
     ``birth_years`` (``person_id, _birth_year``) gives encounters their patient's year of birth.
     """
     if dataset == "encounter":
-        spark = staged.sparkSession
         if birth_years is None:
-            birth_years = spark.createDataFrame([], "person_id string, _birth_year int")
+            birth_years = _no_birth_years(staged.sparkSession)
         return staged.join(birth_years, on="person_id", how="left").select(*staged.columns, "_birth_year")
     if dataset != "lab_result":
         return staged
@@ -285,6 +284,10 @@ def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFra
         *staged.columns, "_ref_plausible_low", "_ref_plausible_high")
 
 
+def _no_birth_years(spark: SparkSession) -> DataFrame:
+    return spark.createDataFrame([], "person_id string, _birth_year int")
+
+
 def birth_years(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> DataFrame:
     """Year of birth per person, from silver and from this batch's patients (``person_id, _birth_year``)."""
     parts = []
@@ -294,7 +297,7 @@ def birth_years(spark: SparkSession, lake: Lake, establishment_id: str, batch_id
         parts.append(spark.read.format("delta").load(lake.staged("patient"))
                      .where(_batch_filter(establishment_id, batch_id)).select("person_id", "year_of_birth"))
     if not parts:
-        return spark.createDataFrame([], "person_id string, _birth_year int")
+        return _no_birth_years(spark)
     rows = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
     # Establishments (or a defective row of this batch) may disagree: the earliest year is the
     # conservative one, an encounter is only implausible before every year given for the person.
