@@ -146,6 +146,16 @@ class Project(_Strict):
     min_cell_size: int = Field(default=11, ge=11)
     datasets: dict[str, list[str]] = Field(min_length=1)
     revoked: bool = False
+    # Output checking at the researcher gateway: row-level results (a row per
+    # record) only where the data-use agreement allows them; otherwise every
+    # result must be an aggregate whose cells pass the checks.
+    row_level: bool = False
+    # Counts leaving the gateway are rounded to this base (1 = exact), a
+    # defence against differencing on top of small-cell suppression.
+    count_rounding: int = Field(default=5, ge=1, le=100)
+    # Extracts are k-anonymous on these demographic quasi-identifiers.
+    k_anonymity: int = Field(default=5, ge=2)
+    quasi_identifiers: list[str] = ["year_of_birth", "gender_source_value", "postal_prefix"]
 
     @model_validator(mode="after")
     def _dates_in_order(self) -> "Project":
