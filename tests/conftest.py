@@ -9,8 +9,8 @@ import pytest
 
 TEST_KEY = "0123456789abcdef" * 4  # throwaway 32-byte test key (hex), never used outside tests
 OTHER_TEST_KEY = "fedcba9876543210" * 4
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
-FHIR_FIXTURES = SHARED_DIR / "fixtures" / "hl7-fhir-r4-examples"
+# Official HL7 FHIR R4 examples (CC0), copied into the repository: see tests/fixtures/README.md.
+FHIR_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hl7-fhir-r4-examples"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 
