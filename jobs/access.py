@@ -52,6 +52,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
+from jobs import clock
 from jobs.config import Consortium, Project
 from jobs.lake import Lake
 from jobs.policy import AccessDenied, check_access
@@ -325,7 +326,7 @@ def _execute(spark_or_none, lake: Lake, consortium: Consortium, project_id: str,
             raise QueryRefused(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
         if engine == ENGINE_SPARK and spark_or_none is None:
             raise QueryRefused("the spark engine needs a SparkSession; use engine='duckdb' without one")
-        project = check_access(consortium, project_id, user, today or dt.date.today())
+        project = check_access(consortium, project_id, user, today or clock.today())
         if engine == ENGINE_SPARK:
             checked, result = _run_spark(spark_or_none, lake, project, sql, engine)
         else:

@@ -38,6 +38,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, IntegerType, LongType, MapType, StringType, StructField, StructType, TimestampType
 
+from jobs import clock
 from jobs.config import Consortium
 from jobs.gold import PATIENTS_BY_CONDITION, build_patients_by_condition
 from jobs.keys import PseudonymKey
@@ -210,7 +211,7 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
     all_paths = dict(person_tables) | {f"projects.{p}.{d}": path for (p, d), path in project_tables.items()}
     if table_exists(spark, gold_path):
         as_of = spark.read.format("delta").load(gold_path).select(F.max("as_of").alias("as_of")).first().as_of
-        build_patients_by_condition(spark, lake, consortium, as_of or dt.date.today())
+        build_patients_by_condition(spark, lake, consortium, as_of or clock.today())
         all_paths[f"gold.{PATIENTS_BY_CONDITION}"] = gold_path
         touched.add(f"gold.{PATIENTS_BY_CONDITION}")
     vacuumed = []

@@ -11,6 +11,7 @@ from functools import cached_property
 
 from pyspark.sql import SparkSession
 
+from jobs import clock
 from jobs.config import Consortium, load_consortium
 from jobs.keys import PseudonymKey, load_key
 from jobs.lake import Lake
@@ -157,7 +158,7 @@ def publish_all(ctx: Context) -> dict:
     from jobs.publish import publish
 
     key = ctx.key
-    return _summary(publish(ctx.spark, ctx.lake, ctx.consortium, key, dt.date.today()))
+    return _summary(publish(ctx.spark, ctx.lake, ctx.consortium, key, clock.today()))
 
 
 def process_erasure_requests(ctx: Context) -> dict:

@@ -57,6 +57,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from jobs import clock
 from jobs.config import Consortium, Project
 from jobs.consent import consented_persons
 from jobs.crypto import hmac_sha256_hex
@@ -264,7 +265,7 @@ def publish(spark: SparkSession, lake: Lake, consortium: Consortium, key: Pseudo
 
     Example::
 
-        outcome = publish(spark, Lake("lake"), load_consortium("config"), load_key(), dt.date.today())
+        outcome = publish(spark, Lake("lake"), load_consortium("config"), load_key(), clock.today())
     """
     check_policy(consortium)
     for dataset in DATASETS:

@@ -12,6 +12,11 @@ OTHER_TEST_KEY = "fedcba9876543210" * 4
 # Official HL7 FHIR R4 examples (CC0), copied into the repository: see tests/fixtures/README.md.
 FHIR_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hl7-fhir-r4-examples"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+# A fixed "today" inside every shipped project's validity window, so that the
+# suite gives the same answer whatever the calendar says (jobs.clock); it is
+# inherited by the demo and benchmark subprocesses the tests start.
+FIXED_TODAY = "2026-06-15"
+os.environ["AFFLUENT_TODAY"] = FIXED_TODAY
 
 
 @pytest.fixture(scope="session")

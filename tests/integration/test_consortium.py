@@ -167,12 +167,13 @@ def test_extracts_hold_exactly_the_persons_the_consent_ground_truth_allows(run):
     import hashlib
     import hmac
 
+    from jobs import clock
     from jobs.keys import load_key
     from jobs.policy import shared_establishments
 
     ctx, root = run
     pipeline.publish_all(ctx)
-    today = dt.date.today()
+    today = clock.today()
     key = load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
     consents = _ground_truth(root, "consents.jsonl")
     patients = ctx.spark.read.format("delta").load(ctx.lake.silver("patient")).select(
