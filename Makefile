@@ -10,7 +10,8 @@ demo: setup
 	.venv/bin/affluent demo
 
 test: setup
-	.venv/bin/python -m pytest
+	@start=$$(date +%s); status=0; .venv/bin/python -m pytest --durations=15 || status=$$?; \
+	end=$$(date +%s); echo "make test: wall time $$(( (end - start) / 60 )) min $$(( (end - start) % 60 )) s"; exit $$status
 
 test-fast: setup
 	.venv/bin/python -m pytest -m "not integration"

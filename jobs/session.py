@@ -59,3 +59,31 @@ def get_spark(settings: Settings | None = None, app_name: str = "affluent", extr
     spark = session_builder(settings, app_name, extra_conf).getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("AFFLUENT_SPARK_LOG_LEVEL", "ERROR"))
     return spark
+
+
+def resolve_jars(settings: Settings | None = None) -> list[str]:
+    """Fetch Delta's jars (and the S3A ones) into the project's Ivy cache once, at set-up time.
+
+    ``scripts/bootstrap`` calls this so that no pipeline task and no test
+    downloads anything: the first Spark start of a fresh machine then finds
+    every jar in ``.cache/ivy``. A marker records what was resolved.
+    """
+    settings = settings or Settings.from_env()
+    s3a = Settings(lake_root="s3a://resolve-only/lake", spark_master="local[1]", config_dir=settings.config_dir,
+                   jars_cache=settings.jars_cache, landing_root=settings.landing_root)
+    builder = session_builder(s3a, app_name="affluent-resolve-jars")
+    packages = builder._options.get("spark.jars.packages", "").split(",")  # noqa: SLF001 - what Spark will resolve
+    marker = settings.jars_cache / ".resolved"
+    if marker.is_file() and marker.read_text(encoding="utf-8").split() == packages:
+        return packages
+    builder.getOrCreate().stop()
+    marker.write_text("\n".join(packages) + "\n", encoding="utf-8")
+    return packages
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--resolve-jars"]:
+        sys.exit("usage: python -m jobs.session --resolve-jars")
+    print("==> Spark jars cached in .cache/ivy: " + ", ".join(resolve_jars()))

@@ -82,7 +82,7 @@ def run_spark_app(target: str | Callable, *, connection_uri: str, lake_root: str
 
 @pytest.fixture(scope="session")
 def spark_cluster(tmp_path_factory):
-    from jobs.cluster import start_standalone_cluster
+    from tests.deployment.cluster import start_standalone_cluster
 
     with start_standalone_cluster(tmp_path_factory.mktemp("spark-cluster"), workers=1,
                                   worker_cores=1, worker_memory="1g") as cluster:
@@ -110,7 +110,7 @@ def run_in_cluster(spark_cluster, tmp_path) -> Callable[..., dict]:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    from jobs.cluster import start_s3proxy
+    from tests.deployment.cluster import start_s3proxy
 
     with start_s3proxy(tmp_path_factory.mktemp("s3proxy"), access_key="affluent-test-access",
                        secret_key="affluent-test-secret-0123456789") as server:

@@ -20,7 +20,7 @@ BUCKET = "affluent-lake-test"
 
 
 def test_hadoop_aws_matches_the_hadoop_bundled_with_pyspark():
-    from jobs.cluster import bundled_hadoop_version
+    from tests.deployment.cluster import bundled_hadoop_version
     from jobs.session import S3A_PACKAGES
 
     # S3A and hadoop-common must be the very same Hadoop release.

@@ -1,6 +1,6 @@
 """Loopback stand-ins for the distributed deployment: a Spark standalone cluster and an S3 server.
 
-The pipeline never imports this module. It exists so that the pieces the
+Test tooling, not part of the shipped package: the pipeline never imports it. It exists so that the pieces the
 ``docker-compose.yml`` deployment relies on (a ``spark://`` master reached
 through the ``spark_default`` Airflow connection, a lake on ``s3a://``) can be
 exercised on one machine without a container engine:
@@ -9,6 +9,10 @@ exercised on one machine without a container engine:
   pyspark distribution (``spark-class``), bound to 127.0.0.1;
 * :func:`start_s3proxy` runs s3proxy (an S3-compatible server, from Maven
   Central) on 127.0.0.1 with a filesystem backend and a test access key.
+
+Tests never download: ``scripts/bootstrap`` runs ``python -m
+tests.deployment.cluster fetch`` once, which caches the s3proxy jar in
+``.cache/maven``; a test finds it there or fails with what to run.
 
 Example::
 
@@ -182,11 +186,26 @@ def start_standalone_cluster(work_dir: Path, workers: int = 1, worker_cores: int
         raise
 
 
+def _maven_path(group: str, artifact: str, version: str, classifier: str | None, cache_dir: Path) -> Path:
+    name = f"{artifact}-{version}{'-' + classifier if classifier else ''}.jar"
+    return cache_dir / group.replace(".", "/") / artifact / version / name
+
+
+def cached_maven_artifact(group: str, artifact: str, version: str, classifier: str | None = None,
+                          cache_dir: Path = MAVEN_CACHE) -> Path:
+    """The jar cached by ``scripts/bootstrap``; a clear error if set-up has not fetched it."""
+    target = _maven_path(group, artifact, version, classifier, cache_dir)
+    if not target.is_file():
+        raise ServiceStartError(f"{target.name} is not in {cache_dir}: run ./scripts/bootstrap "
+                                "(it fetches test artifacts once; tests never download)")
+    return target
+
+
 def fetch_maven_artifact(group: str, artifact: str, version: str, classifier: str | None = None,
                          cache_dir: Path = MAVEN_CACHE) -> Path:
     """Download one jar from Maven Central into the project cache (once), checked against its SHA-1."""
-    name = f"{artifact}-{version}{'-' + classifier if classifier else ''}.jar"
-    target = cache_dir / group.replace(".", "/") / artifact / version / name
+    target = _maven_path(group, artifact, version, classifier, cache_dir)
+    name = target.name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +254,7 @@ def start_s3proxy(work_dir: Path, access_key: str, secret_key: str, timeout: flo
     """Start s3proxy on 127.0.0.1 with a filesystem backend under ``work_dir/data`` and signed requests only."""
     if shutil.which("java") is None:
         raise ServiceStartError("java is not on PATH: s3proxy needs a Java 17 runtime")
-    jar = fetch_maven_artifact(*S3PROXY)
+    jar = cached_maven_artifact(*S3PROXY)
     data_dir = work_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -258,3 +277,11 @@ def start_s3proxy(work_dir: Path, access_key: str, secret_key: str, timeout: flo
         _stop([process])
         raise
     return S3Server(endpoint, access_key, secret_key, data_dir, process)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["fetch"]:
+        sys.exit("usage: python -m tests.deployment.cluster fetch")
+    print(f"==> s3proxy for the deployment tests: {fetch_maven_artifact(*S3PROXY)}")
