@@ -1,51 +1,43 @@
-"""Researcher access: checked, audited queries and exports on a project's extract.
+"""Researcher access: checked, limited, output-checked and audited SQL on a project's extract.
 
-Every call is checked before anything is read:
+This is the engine of the researcher gateway (:mod:`jobs.gateway`): researchers
+never call it in their own process; ``affluent query/export`` are HTTP clients
+of the gateway. Researcher SQL never runs in Spark (``${env:…}`` substitution
+and ``TRANSFORM … USING`` script transforms escape any parser-level check
+there); it runs in DuckDB over delta-rs Arrow datasets, in a gateway process
+that holds no key and can read only ``projects/`` and ``gold/``.
 
-- the project exists, is active today (not revoked, inside its validity
-  window) and the user is one of its members;
-- the SQL, parsed with sqlglot, is one read-only query (SELECT, possibly with
-  CTEs or set operations) and nothing else: no DDL, DML, SET, SHOW, SELECT INTO
-  or command; every table it reads is one of the project's datasets, by bare
-  name (``encounter``) or as ``project.encounter``; no other table, no path
-  (``delta.`/x```, ``'/x.parquet'``), no table function, no time travel
-  (``VERSION AS OF``: old versions may still hold withdrawn persons), and no
-  function the parser does not know (``reflect``, ``getenv``…: fail closed)
-  nor one that reads files.
+Layers, in order, for every query:
 
-The table names are then rewritten to the project's own tables, so what runs
-is exactly what was checked. Two engines:
+1. size: SQL longer than ``Limits.max_sql_bytes`` is refused before parsing;
+2. :func:`check_sql` (sqlglot, DuckDB dialect): one read-only query (SELECT,
+   possibly with CTEs or set operations) and nothing else: no DDL, DML, SET,
+   PRAGMA, COPY, ATTACH, INSTALL/LOAD, SELECT INTO or command; every table it
+   reads is one of the project's datasets, by bare name (``encounter``) or as
+   ``project.encounter`` / ``<project id>.encounter``; no other table, no path
+   (``'/x.parquet'``), no table function, no time travel, no catalog, and no
+   function the parser does not know (``reflect``, ``getenv``,
+   ``current_setting``…: fail closed) nor one that reads files. Table names
+   are then rewritten to the registered views, so what runs is what was checked;
+3. DuckDB locked down: only the project's published datasets are registered,
+   ``enable_external_access=false``, extension auto-install/-load off, then a
+   per-query ``memory_limit`` and ``threads``, then ``lock_configuration``; a
+   timer interrupts a query past ``Limits.timeout_seconds``; a result over
+   ``Limits.max_rows`` rows is refused;
+4. output checking (:func:`jobs.disclosure.check_output`) on every result;
+   CSV exports also get :func:`jobs.disclosure.neutralise_csv`.
 
-- ``spark``: temporary views over the project's Delta tables (current
-  version), Spark SQL dialect; returns a Spark DataFrame;
-- ``duckdb``: delta-rs datasets registered in an in-memory DuckDB with
-  external access disabled, DuckDB dialect; returns a ``pyarrow.Table``. It
-  needs no Spark session.
-
-The audit: every query, export and refusal appends one row to
-``ops/access_audit`` (an append-only Delta table, ``delta.appendOnly``)
-before the result is returned: who, project, when, the SHA-256 of the SQL
-(not the SQL itself, which may quote a pseudonym), engine, outcome
-(``allowed``, ``refused`` or ``failed`` when an allowed query fails to run),
-reason and rows returned. The audit is always written with delta-rs, so the
-DuckDB path writes it without Spark and both engines share one writer.
-Delta's table history is not an audit log.
-
-Exports (CSV or Parquet) apply output checking to aggregate results: a count
-column (``COUNT``, ``COUNT_IF``, approximate distinct counts, ``SUM`` of a
-constant or a condition) under the project's ``min_cell_size`` becomes null,
-and so do the other aggregate values of that row (a mean over three persons
-is as disclosive as their count). An aggregate export without any count
-column is refused, since its cells cannot be checked.
+The audit (:mod:`jobs.gateway.audit`) is written by the caller before the
+result leaves; :func:`query` and :func:`export` here do it for in-process
+callers (the gateway, the demo, benchmarks).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
+import io
+import threading
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import sqlglot
@@ -54,13 +46,12 @@ from sqlglot.errors import SqlglotError
 
 from jobs import clock
 from jobs.config import Consortium, Project
+from jobs.gateway.audit import ACCESS_AUDIT, AUDIT_SCHEMA, delta_uri, read_audit, write_audit  # noqa: F401
 from jobs.lake import Lake
 from jobs.policy import AccessDenied, check_access
 
-ACCESS_AUDIT = "access_audit"
-ENGINE_SPARK = "spark"
 ENGINE_DUCKDB = "duckdb"
-ENGINES = {ENGINE_SPARK: "spark", ENGINE_DUCKDB: "duckdb"}  # engine -> sqlglot dialect
+ENGINES = {ENGINE_DUCKDB: "duckdb"}  # engine -> sqlglot dialect
 OUTCOME_ALLOWED = "allowed"
 OUTCOME_REFUSED = "refused"
 OUTCOME_FAILED = "failed"
@@ -69,21 +60,22 @@ ACTION_EXPORT = "export"
 EXPORT_FORMATS = ("csv", "parquet")
 # Qualifiers a researcher may put before a dataset name.
 PROJECT_QUALIFIER = "project"
+# Audit rows keep at most this much SQL text (refused oversized SQL is cut, its SHA-256 kept whole).
+AUDIT_SQL_CHARS = 20_000
 
-AUDIT_SCHEMA = pa.schema([
-    pa.field("event_id", pa.string(), nullable=False),
-    pa.field("occurred_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    pa.field("user", pa.string(), nullable=False),
-    pa.field("project_id", pa.string(), nullable=False),
-    pa.field("action", pa.string(), nullable=False),
-    pa.field("engine", pa.string(), nullable=False),
-    pa.field("sql_sha256", pa.string(), nullable=False),
-    pa.field("outcome", pa.string(), nullable=False),
-    pa.field("reason", pa.string(), nullable=True),
-    pa.field("rows_returned", pa.int64(), nullable=True),
-    pa.field("export_format", pa.string(), nullable=True),
-    pa.field("policy_version", pa.string(), nullable=False),
-])
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-query limits of the gateway."""
+
+    max_sql_bytes: int = 20_000
+    max_rows: int = 100_000
+    memory_limit: str = "512MB"
+    threads: int = 2
+    timeout_seconds: float = 30.0
+
+
+DEFAULT_LIMITS = Limits()
 
 # Statement and clause types that are never part of a read-only query.
 _FORBIDDEN_NODES = tuple(
@@ -91,13 +83,17 @@ _FORBIDDEN_NODES = tuple(
         "DDL", "DML", "Command", "Into", "Set", "Pragma", "Use", "Describe", "Show", "Cache", "Uncache",
         "Refresh", "LoadData", "Copy", "Transaction", "Commit", "Rollback", "Attach", "Detach", "Install",
         "Grant", "Revoke", "Analyze", "Kill", "Export", "Summarize", "Create", "Drop", "Alter", "Insert",
-        "Update", "Delete", "Merge", "TruncateTable",
+        "Update", "Delete", "Merge", "TruncateTable", "Parameter", "Placeholder", "SessionParameter",
+        "QueryTransform",
     ) if isinstance(getattr(exp, name, None), type)
 )
 _QUERY_ROOTS = (exp.Select, exp.Union, exp.Intersect, exp.Except, exp.Subquery)
-# Functions that read files or call out of SQL even though the parser knows them.
+# Functions that read files, settings or the catalog, or call out of SQL, even though the parser knows them.
 _FORBIDDEN_FUNCTION_PREFIXES = ("READ", "SCAN", "GLOB", "REFLECT", "JAVA", "GETENV", "FILE", "LOAD",
-                                "INPUT_FILE", "PARQUET", "DELTA", "ICEBERG", "CSV", "JSON_SCAN", "SQLITE")
+                                "INPUT_FILE", "PARQUET", "DELTA", "ICEBERG", "CSV", "JSON_SCAN", "SQLITE",
+                                "CURRENT_SETTING", "GETVARIABLE", "DUCKDB_", "PG_", "PRAGMA", "QUERY",
+                                "SETTING", "ENV", "WHICH_SECRET", "SYSTEM", "SHELL", "EXEC", "HTTP",
+                                "CURRENT_SCHEMA", "CURRENT_DATABASE", "CURRENT_CATALOG", "VERSION", "SESSION")
 
 
 class QueryRefused(AccessDenied):
@@ -115,40 +111,26 @@ class CheckedQuery:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """A result that passed output checking, ready to leave once audited."""
+
+    table: pa.Table
+    checked: CheckedQuery
+    suppressed_cells: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ExportOutcome:
     destination: str
     rows: int
     suppressed_cells: int
 
 
-# ------------------------------------------------------------ audit ----
-
-def _delta_uri(path: str) -> str:
-    return "s3://" + path.removeprefix("s3a://") if path.startswith("s3a://") else path
-
-
-def write_audit(lake: Lake, event: dict) -> None:
-    """Append one event to ``ops/access_audit`` (created append-only on first use)."""
-    from deltalake import DeltaTable, write_deltalake
-
-    row = {f.name: event.get(f.name) for f in AUDIT_SCHEMA}
-    row["event_id"] = row["event_id"] or str(uuid.uuid4())
-    row["occurred_at"] = row["occurred_at"] or dt.datetime.now(dt.timezone.utc)
-    table = pa.Table.from_pylist([row], schema=AUDIT_SCHEMA)
-    uri = _delta_uri(lake.ops(ACCESS_AUDIT))
-    exists = DeltaTable.is_deltatable(uri)
-    write_deltalake(uri, table, mode="append",
-                    configuration=None if exists else {"delta.appendOnly": "true"})
-
-
-def read_audit(lake: Lake) -> pa.Table:
-    """The whole audit log (for stewards), as an Arrow table."""
-    from deltalake import DeltaTable
-
-    uri = _delta_uri(lake.ops(ACCESS_AUDIT))
-    if not DeltaTable.is_deltatable(uri):
-        return AUDIT_SCHEMA.empty_table()
-    return DeltaTable(uri).to_pyarrow_table()
+def check_size(sql: str, limits: Limits = DEFAULT_LIMITS) -> None:
+    size = len(sql.encode("utf-8"))
+    if size > limits.max_sql_bytes:
+        raise QueryRefused(f"the SQL is {size} bytes; at most {limits.max_sql_bytes} are accepted")
 
 
 # --------------------------------------------------------- checking ----
@@ -216,12 +198,16 @@ def _is_cte_reference(table: exp.Table) -> bool:
     return False
 
 
-def check_sql(sql: str, project: Project, engine: str, view_names: dict[str, str]) -> CheckedQuery:
+def check_sql(sql: str, project: Project, engine: str = ENGINE_DUCKDB,
+              view_names: dict[str, str] | None = None) -> CheckedQuery:
     """Parse and check ``sql`` for ``project``; rewrite its tables to ``view_names[dataset]``.
 
     Raises :class:`QueryRefused` with the reason.
     """
+    if engine not in ENGINES:
+        raise QueryRefused(f"unknown engine {engine!r}: researcher SQL runs in DuckDB only, never in Spark")
     dialect = ENGINES[engine]
+    view_names = view_names or {d: d for d in project.datasets}
     try:
         statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except SqlglotError as exc:
@@ -275,181 +261,181 @@ def _top_level_nodes(query: exp.Expression):
         yield node
 
 
-# ---------------------------------------------------------- engines ----
+# ---------------------------------------------------------- running ----
 
-def _run_spark(spark, lake: Lake, project: Project, sql: str, engine: str):
-    token = uuid.uuid4().hex[:12]
-    views = {d: f"_q{token}_{d}" for d in project.datasets}
-    checked = check_sql(sql, project, engine, views)
-    for dataset in checked.datasets:
-        _require_extract(lake, project, dataset)
-        spark.read.format("delta").load(lake.project(project.id, dataset)).createOrReplaceTempView(views[dataset])
-    try:
-        result = spark.sql(checked.sql)
-    finally:
-        for dataset in checked.datasets:
-            spark.catalog.dropTempView(views[dataset])
-    return checked, result
+def _published(lake: Lake, project: Project) -> dict[str, str]:
+    """Dataset -> Delta URI of the project's published extracts."""
+    from deltalake import DeltaTable
+
+    uris = {d: delta_uri(lake.project(project.id, d)) for d in project.datasets}
+    return {d: uri for d, uri in uris.items() if DeltaTable.is_deltatable(uri)}
 
 
-def _run_duckdb(lake: Lake, project: Project, sql: str, engine: str) -> tuple[CheckedQuery, pa.Table]:
+def locked_connection(limits: Limits = DEFAULT_LIMITS):
+    """An in-memory DuckDB that reads nothing outside what is registered on it; settings locked."""
     import duckdb
+
+    con = duckdb.connect(config={"enable_external_access": False, "autoinstall_known_extensions": False,
+                                 "autoload_known_extensions": False, "allow_community_extensions": False})
+    con.execute(f"SET memory_limit = '{limits.memory_limit}'")
+    con.execute(f"SET threads = {int(limits.threads)}")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def register_project(con, lake: Lake, project: Project) -> dict[str, str]:
+    """Register each published dataset of ``project`` as an Arrow dataset view; return dataset -> view."""
     from deltalake import DeltaTable
 
     views = {d: f"q_{d}" for d in project.datasets}
-    checked = check_sql(sql, project, engine, views)
-    con = duckdb.connect(config={"enable_external_access": False, "lock_configuration": True})
+    for dataset, uri in _published(lake, project).items():
+        table = DeltaTable(uri)
+        refuse_deletion_vectors(table, f"the {dataset} extract of project {project.id}")
+        con.register(views[dataset], table.to_pyarrow_dataset())
+    return views
+
+
+def refuse_deletion_vectors(table, what: str) -> None:
+    """Refuse a Delta table whose files carry deletion vectors: reading its files alone would return deleted rows."""
+    actions = table.get_add_actions(flatten=True)
+    names = actions.schema.names
+    column = next((n for n in ("deletionVector.storageType", "deletion_vector.storage_type") if n in names), None)
+    if column is not None and any(v is not None for v in actions.column(column).to_pylist()):
+        raise QueryRefused(f"{what} has deletion vectors, which this gateway does not apply; ask the data "
+                           "stewards to republish it without them (delta.enableDeletionVectors=false)")
+
+
+def _fetch(con, sql: str, limits: Limits) -> pa.Table:
+    timer = threading.Timer(limits.timeout_seconds, con.interrupt)
+    timer.start()
     try:
-        for dataset in checked.datasets:
-            _require_extract(lake, project, dataset)
-            con.register(views[dataset], DeltaTable(_delta_uri(lake.project(project.id, dataset))).to_pyarrow_dataset())
-        return checked, con.sql(checked.sql).to_arrow_table()
+        con.execute(sql)
+        reader = con.to_arrow_reader(batch_size=min(limits.max_rows + 1, 10_000))
+        batches, rows = [], 0
+        for batch in reader:
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows > limits.max_rows:
+                raise QueryRefused(f"the result has more than {limits.max_rows} rows; aggregate or filter it")
+        return pa.Table.from_batches(batches, schema=reader.schema)
+    except QueryRefused:
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "InterruptException" or "INTERRUPT" in str(exc).upper():
+            raise QueryRefused(f"the query ran longer than {limits.timeout_seconds:g} s and was stopped") from None
+        raise
+    finally:
+        timer.cancel()
+
+
+def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMITS) -> Answer:
+    """Check, run and output-check ``sql`` on ``project``'s extract (no audit: the caller writes it).
+
+    Raises :class:`QueryRefused` or :class:`jobs.disclosure.OutputRefused` with the reason.
+    """
+    from jobs import disclosure
+
+    check_size(sql, limits)
+    views = {d: f"q_{d}" for d in project.datasets}
+    checked = check_sql(sql, project, ENGINE_DUCKDB, views)
+    con = locked_connection(limits)
+    try:
+        registered = register_project(con, lake, project)
+        published = _published(lake, project)
+        missing = [d for d in checked.datasets if d not in published]
+        if missing:
+            raise QueryRefused(f"the {', '.join(missing)} extract of project {project.id} is not published yet")
+        result = _fetch(con, checked.sql, limits)
+        output = disclosure.check_output(con, checked.sql, result, project,
+                                         {d: v for d, v in registered.items() if d in published})
     finally:
         con.close()
+    return Answer(table=output.table, checked=checked, suppressed_cells=output.suppressed_cells,
+                  notes=list(output.notes))
 
 
-def _require_extract(lake: Lake, project: Project, dataset: str) -> None:
-    from deltalake import DeltaTable
+def encode(table: pa.Table, fmt: str) -> bytes:
+    """``table`` as CSV (formula-neutralised) or Parquet bytes."""
+    from jobs import disclosure
 
-    if not DeltaTable.is_deltatable(_delta_uri(lake.project(project.id, dataset))):
-        raise QueryRefused(f"the {dataset} extract of project {project.id} is not published yet")
+    sink = io.BytesIO()
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(disclosure.neutralise_csv(table), sink)
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, sink)
+    else:
+        raise QueryRefused(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    return sink.getvalue()
 
 
-def _execute(spark_or_none, lake: Lake, consortium: Consortium, project_id: str, user: str, sql: str,
-             engine: str, action: str, today: dt.date | None, export_format: str | None = None):
-    """Check, run and audit; return (project, checked query, result, audit event)."""
-    event = {"user": user, "project_id": project_id, "action": action, "engine": engine,
-             "sql_sha256": hashlib.sha256(sql.encode("utf-8")).hexdigest(),
-             "policy_version": consortium.policy_version, "export_format": export_format}
+# ------------------------------------------------- in-process calls ----
+
+def audit_event(consortium: Consortium, project_id: str, user: str, sql: str, action: str,
+                token_id: str | None = None, export_format: str | None = None) -> dict:
+    """The fields every audit row of one request shares."""
+    import hashlib
+
+    project = consortium.projects.get(project_id)
+    return {"user": user, "token_id": token_id, "project_id": project_id,
+            "purpose": project.purpose if project else None, "action": action, "engine": ENGINE_DUCKDB,
+            "sql": sql[:AUDIT_SQL_CHARS], "sql_sha256": hashlib.sha256(sql.encode("utf-8")).hexdigest(),
+            "policy_version": consortium.policy_version or "-", "export_format": export_format}
+
+
+def audited_answer(lake: Lake, consortium: Consortium, project_id: str, user: str, sql: str, action: str,
+                   today: dt.date | None = None, limits: Limits = DEFAULT_LIMITS, token_id: str | None = None,
+                   export_format: str | None = None) -> tuple[Answer, dict]:
+    """Check access, answer and write the audit row (refused, failed or allowed) before returning."""
+    event = audit_event(consortium, project_id, user, sql, action, token_id, export_format)
     try:
-        if engine not in ENGINES:
-            raise QueryRefused(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-        if engine == ENGINE_SPARK and spark_or_none is None:
-            raise QueryRefused("the spark engine needs a SparkSession; use engine='duckdb' without one")
+        if export_format is not None and export_format not in EXPORT_FORMATS:
+            raise QueryRefused(f"unknown export format {export_format!r}; use one of {', '.join(EXPORT_FORMATS)}")
         project = check_access(consortium, project_id, user, today or clock.today())
-        if engine == ENGINE_SPARK:
-            checked, result = _run_spark(spark_or_none, lake, project, sql, engine)
-        else:
-            checked, result = _run_duckdb(lake, project, sql, engine)
+        result = answer(lake, project, sql, limits)
     except AccessDenied as exc:
-        write_audit(lake, event | {"outcome": OUTCOME_REFUSED, "reason": str(exc)})
+        write_audit(lake, event | {"outcome": OUTCOME_REFUSED, "reason": str(exc)[:1000]})
         raise
     except Exception as exc:
         write_audit(lake, event | {"outcome": OUTCOME_FAILED, "reason": f"{type(exc).__name__}: {exc}"[:1000]})
         raise
-    return project, checked, result, event
+    notes = [f"{result.suppressed_cells} cell(s) suppressed"] if result.suppressed_cells else []
+    row = write_audit(lake, event | {"outcome": OUTCOME_ALLOWED, "rows_returned": result.table.num_rows,
+                                     "reason": "; ".join(notes + result.notes)[:1000] or None})
+    return result, row
 
 
 def query(spark_or_none, lake: Lake, consortium: Consortium, project_id: str, user: str, sql: str,
-          engine: str = ENGINE_SPARK, today: dt.date | None = None):
-    """Run a researcher's query on one project's extract; audited, allowed or refused.
+          engine: str = ENGINE_DUCKDB, today: dt.date | None = None) -> pa.Table:
+    """Run a query in this process (gateway, demo, benchmarks): checked, output-checked, audited.
 
-    Returns a Spark DataFrame (``engine='spark'``) or a ``pyarrow.Table``
-    (``engine='duckdb'``); raises :class:`jobs.policy.AccessDenied` (or its
-    subclass :class:`QueryRefused`) when refused.
+    ``spark_or_none`` is ignored (kept for older callers): researcher SQL runs
+    in DuckDB only; ``engine='spark'`` is refused and audited.
 
     Example::
 
         table = query(None, lake, consortium, "diabetes_outcomes", "alice.tremblay",
-                      "SELECT visit_source_value, count(*) AS n FROM encounter GROUP BY 1",
-                      engine="duckdb")
+                      "SELECT visit_source_value, count(*) AS n FROM encounter GROUP BY 1")
     """
-    _, _, result, event = _execute(spark_or_none, lake, consortium, project_id, user, sql, engine,
-                                   ACTION_QUERY, today)
-    try:
-        rows = result.num_rows if isinstance(result, pa.Table) else result.count()
-    except Exception as exc:
-        write_audit(lake, event | {"outcome": OUTCOME_FAILED, "reason": f"{type(exc).__name__}: {exc}"[:1000]})
-        raise
-    write_audit(lake, event | {"outcome": OUTCOME_ALLOWED, "rows_returned": rows})
-    return result
+    if engine != ENGINE_DUCKDB:
+        event = audit_event(consortium, project_id, user, sql, ACTION_QUERY)
+        reason = f"engine {engine!r} refused: researcher SQL runs in DuckDB only, never in Spark"
+        write_audit(lake, event | {"engine": str(engine)[:40] or "-", "outcome": OUTCOME_REFUSED, "reason": reason})
+        raise QueryRefused(reason)
+    result, _ = audited_answer(lake, consortium, project_id, user, sql, ACTION_QUERY, today)
+    return result.table
 
 
-# ----------------------------------------------------------- export ----
+def export(lake: Lake, consortium: Consortium, project_id: str, user: str, sql: str, destination: str,
+           fmt: str = "csv", today: dt.date | None = None) -> ExportOutcome:
+    """Write a checked, audited query result to ``destination`` as CSV or Parquet (in-process callers)."""
+    from pathlib import Path
 
-def _suppress_arrow(table: pa.Table, roles: tuple[str, ...], min_cell: int) -> tuple[pa.Table, int]:
-    import pyarrow.compute as pc
-
-    names = table.column_names
-    counts = [names[i] for i, r in enumerate(roles) if r == "count"]
-    aggregates = [names[i] for i, r in enumerate(roles) if r in ("count", "aggregate")]
-    small = pa.array([False] * table.num_rows, pa.bool_())
-    for name in counts:
-        small = pc.or_(small, pc.fill_null(pc.less(table[name], min_cell), False))
-    for name in aggregates:
-        column = table[name]
-        table = table.set_column(names.index(name), name,
-                                 pc.if_else(small, pa.scalar(None, column.type), column))
-    return table, int(pc.sum(small.cast(pa.int64())).as_py() or 0)
-
-
-def _suppress_spark(df, roles: tuple[str, ...], min_cell: int):
-    from pyspark.sql import functions as F
-
-    names = df.columns
-    counts = [names[i] for i, r in enumerate(roles) if r == "count"]
-    aggregates = {names[i] for i, r in enumerate(roles) if r in ("count", "aggregate")}
-    small = F.lit(False)
-    for name in counts:
-        small = small | F.coalesce(F.col(name) < F.lit(min_cell), F.lit(False))
-    out = df.withColumn("_small", small).select(
-        *[F.when(~F.col("_small"), F.col(f"`{n}`")).alias(n) if n in aggregates else F.col(f"`{n}`")
-          for n in names], "_small").localCheckpoint()
-    suppressed = out.where("_small").count()
-    return out.drop("_small"), suppressed
-
-
-def export(spark_or_none, lake: Lake, consortium: Consortium, project_id: str, user: str, sql: str,
-           destination: str, fmt: str = "csv", engine: str = ENGINE_DUCKDB,
-           today: dt.date | None = None) -> ExportOutcome:
-    """Write a query's result as CSV or Parquet, small cells suppressed; audited.
-
-    With DuckDB ``destination`` is a file; with Spark, a folder of part files.
-    """
-    if fmt not in EXPORT_FORMATS:
-        write_audit(lake, {"user": user, "project_id": project_id, "action": ACTION_EXPORT, "engine": engine,
-                           "sql_sha256": hashlib.sha256(sql.encode("utf-8")).hexdigest(),
-                           "policy_version": consortium.policy_version, "export_format": fmt,
-                           "outcome": OUTCOME_REFUSED, "reason": f"unknown export format {fmt!r}"})
-        raise QueryRefused(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    project, checked, result, event = _execute(spark_or_none, lake, consortium, project_id, user, sql, engine,
-                                               ACTION_EXPORT, today, export_format=fmt)
-    roles = checked.output_roles
-    aggregate = checked.aggregate
-    try:
-        if aggregate and roles is None:
-            raise QueryRefused("an aggregate export may not use *; name its columns so cells can be checked")
-        if aggregate and "count" not in roles:
-            raise QueryRefused("an aggregate export needs a COUNT column so that small cells can be suppressed")
-        ncols = result.num_columns if isinstance(result, pa.Table) else len(result.columns)
-        if aggregate and len(roles) != ncols:
-            raise QueryRefused("the export's columns could not be matched to the query; name every column")
-    except QueryRefused as exc:
-        write_audit(lake, event | {"outcome": OUTCOME_REFUSED, "reason": str(exc)})
-        raise
-    try:
-        suppressed = 0
-        if isinstance(result, pa.Table):
-            if aggregate:
-                result, suppressed = _suppress_arrow(result, roles, project.min_cell_size)
-            Path(destination).parent.mkdir(parents=True, exist_ok=True)
-            if fmt == "csv":
-                import pyarrow.csv as pacsv
-                pacsv.write_csv(result, destination)
-            else:
-                import pyarrow.parquet as pq
-                pq.write_table(result, destination)
-            rows = result.num_rows
-        else:
-            if aggregate:
-                result, suppressed = _suppress_spark(result, roles, project.min_cell_size)
-            writer = result.coalesce(1).write.mode("errorifexists")
-            (writer.option("header", "true").csv(destination) if fmt == "csv" else writer.parquet(destination))
-            rows = result.count()
-    except Exception as exc:
-        write_audit(lake, event | {"outcome": OUTCOME_FAILED, "reason": f"{type(exc).__name__}: {exc}"[:1000]})
-        raise
-    write_audit(lake, event | {"outcome": OUTCOME_ALLOWED, "rows_returned": rows,
-                               "reason": f"{suppressed} row(s) with small cells suppressed" if suppressed else None})
-    return ExportOutcome(destination=destination, rows=rows, suppressed_cells=suppressed)
-
+    result, _ = audited_answer(lake, consortium, project_id, user, sql, ACTION_EXPORT, today, export_format=fmt)
+    Path(destination).parent.mkdir(parents=True, exist_ok=True)
+    Path(destination).write_bytes(encode(result.table, fmt))
+    return ExportOutcome(destination=destination, rows=result.table.num_rows,
+                         suppressed_cells=result.suppressed_cells)

@@ -14,36 +14,116 @@ def _ctx():
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from jobs.access import query
-    from jobs.policy import AccessDenied
+    from jobs.gateway.client import GatewayClient, GatewayRefused
 
-    ctx = _ctx()
-    spark = ctx.spark if args.engine == "spark" else None
     try:
-        result = query(spark, ctx.lake, ctx.consortium, args.project, args.user, args.sql, engine=args.engine)
-    except AccessDenied as exc:
+        result = GatewayClient.from_env().query(args.project, args.sql)
+    except GatewayRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
-    if args.engine == "spark":
-        result.show(args.limit, truncate=False)
-    else:
-        print(result.slice(0, args.limit).to_pandas().to_string(index=False))
+    print(result.to_text(args.limit))
+    for note in ([f"{result.suppressed_cells} cell(s) suppressed"] if result.suppressed_cells else []) + result.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from jobs.access import export
-    from jobs.policy import AccessDenied
+    from pathlib import Path
 
-    ctx = _ctx()
-    spark = ctx.spark if args.engine == "spark" else None
+    from jobs.gateway.client import GatewayClient, GatewayRefused
+
     try:
-        outcome = export(spark, ctx.lake, ctx.consortium, args.project, args.user, args.sql, args.out,
-                         fmt=args.format, engine=args.engine)
-    except AccessDenied as exc:
+        export = GatewayClient.from_env().export(args.project, args.sql, args.format)
+    except GatewayRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
-    print(outcome)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(export.content)
+    print(f"{out}: {export.rows} row(s), {export.suppressed_cells} cell(s) suppressed "
+          f"(audit event {export.audit_event})")
+    return 0
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    # Only light modules here: the process is confined before pyarrow or DuckDB start threads.
+    from jobs.gateway.confine import ConfinementUnavailable, KeyVisibleError
+    from jobs.gateway.server import GatewaySettings, serve
+
+    settings = GatewaySettings.from_env(lake_root=args.lake, config_dir=args.config, host=args.host, port=args.port,
+                                        token_store=args.token_store)
+    try:
+        serve(settings, unconfined=args.unconfined)
+    except (KeyVisibleError, ConfinementUnavailable) as exc:
+        print(f"affluent gateway: refusing to start: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _token_store():
+    from jobs.gateway.tokens import TokenStore, default_store_path
+    from jobs.settings import Settings
+
+    return TokenStore(default_store_path(Settings.from_env().lake_root))
+
+
+def _cmd_token_issue(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from jobs.config import load_consortium
+    from jobs.settings import Settings
+
+    consortium = load_consortium(Settings.from_env().config_dir)
+    project = consortium.projects.get(args.project)
+    if project is None or args.user not in project.members:
+        print(f"refused: {args.user!r} is not a member of project {args.project!r} in the configuration",
+              file=sys.stderr)
+        return 2
+    expires = dt.date.fromisoformat(args.expires) if args.expires else project.valid_until
+    token, record = _token_store().issue(args.project, args.user, expires)
+    print(f"token {record.token_id} for {record.user} on {record.project_id}, expires {record.expires}.",
+          file=sys.stderr)
+    print("Give it to the researcher over a private channel; it is shown only now:", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def _cmd_token_revoke(args: argparse.Namespace) -> int:
+    from jobs.gateway.tokens import TokenError
+
+    try:
+        record = _token_store().revoke(args.token_id)
+    except TokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"token {record.token_id} ({record.user} on {record.project_id}) revoked at {record.revoked_at}")
+    return 0
+
+
+def _cmd_token_list(args: argparse.Namespace) -> int:
+    from jobs import clock
+
+    today = clock.today()
+    print(f"{'token_id':<18}{'project':<22}{'user':<22}{'expires':<12}{'state':<9}issued_at")
+    for record in sorted(_token_store().records().values(), key=lambda r: r.issued_at):
+        print(f"{record.token_id:<18}{record.project_id:<22}{record.user:<22}{str(record.expires):<12}"
+              f"{record.state(today):<9}{record.issued_at}")
+    return 0
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from jobs.gateway.audit import verify
+    from jobs.lake import Lake
+    from jobs.settings import Settings
+
+    result = verify(Lake(args.lake or Settings.from_env().lake_root))
+    for problem in result.problems:
+        print(f"TAMPERED: {problem}", file=sys.stderr)
+    if not result.ok:
+        print(f"audit chain broken: {len(result.problems)} problem(s) in {result.rows} row(s)", file=sys.stderr)
+        return 1
+    print(f"audit chain intact: {result.rows} row(s); last hash {result.last_hash} (record it elsewhere to detect "
+          "a truncation later)")
     return 0
 
 
@@ -82,23 +162,47 @@ def _cmd_maintenance(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add the access commands to the ``affluent`` parser."""
-    q = sub.add_parser("query", help="Run a SQL query on one project's extract (checked and audited)")
+    q = sub.add_parser("query", help="Run a SQL query on one project's extract through the gateway "
+                       "(AFFLUENT_GATEWAY_URL, AFFLUENT_TOKEN)")
     q.add_argument("--project", required=True)
-    q.add_argument("--user", required=True)
-    q.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb",
-                   help="duckdb over delta-rs for instant answers, spark for scale")
     q.add_argument("--limit", type=int, default=50, help="rows to print")
     q.add_argument("sql")
     q.set_defaults(func=_cmd_query)
 
-    e = sub.add_parser("export", help="Export a query's result as CSV or Parquet, small cells suppressed")
+    e = sub.add_parser("export", help="Export a checked query result as CSV or Parquet through the gateway")
     e.add_argument("--project", required=True)
-    e.add_argument("--user", required=True)
-    e.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb")
     e.add_argument("--format", choices=("csv", "parquet"), default="csv")
-    e.add_argument("--out", required=True, help="destination file (duckdb) or folder (spark)")
+    e.add_argument("--out", required=True, help="destination file")
     e.add_argument("sql")
     e.set_defaults(func=_cmd_export)
+
+    g = sub.add_parser("gateway", help="Start the researcher gateway (HTTP; no key, confined with Landlock)")
+    g.add_argument("--lake", help="lake root (default: AFFLUENT_LAKE_ROOT)")
+    g.add_argument("--config", help="configuration folder (default: AFFLUENT_CONFIG_DIR)")
+    g.add_argument("--host", help="listen address (default 127.0.0.1)")
+    g.add_argument("--port", type=int, help="port (default 8765)")
+    g.add_argument("--token-store", help="token store file (default: AFFLUENT_TOKEN_STORE or <lake>/access/tokens.jsonl)")
+    g.add_argument("--unconfined", action="store_true",
+                   help="run without Landlock where it is unavailable (loud warning; confine it otherwise)")
+    g.set_defaults(func=_cmd_gateway)
+
+    token = sub.add_parser("token", help="Researchers' gateway tokens (stewards)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    issue = token.add_parser("issue", help="Issue a token for one member of one project (printed once)")
+    issue.add_argument("--project", required=True)
+    issue.add_argument("--user", required=True)
+    issue.add_argument("--expires", help="last valid day, YYYY-MM-DD (default: the project's valid_until)")
+    issue.set_defaults(func=_cmd_token_issue)
+    revoke = token.add_parser("revoke", help="Revoke a token by its id")
+    revoke.add_argument("token_id")
+    revoke.set_defaults(func=_cmd_token_revoke)
+    token.add_parser("list", help="List tokens (ids, never secrets)").set_defaults(func=_cmd_token_list)
+
+    audit = sub.add_parser("audit", help="The access audit (stewards)").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    verify = audit.add_parser("verify", help="Recompute the audit's hash chain; exit 1 if a row was altered or deleted")
+    verify.add_argument("--lake", help="lake root (default: AFFLUENT_LAKE_ROOT)")
+    verify.set_defaults(func=_cmd_audit_verify)
 
     p = sub.add_parser("publish", help="Rebuild every active project's extract and the gold indicators")
     p.set_defaults(func=_cmd_publish)

@@ -1,4 +1,4 @@
-"""Researcher access: membership, validity and SQL checks, two engines, audit of every call, exports."""
+"""Researcher access engine: membership, validity and SQL checks, DuckDB only, audit of every call, exports."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import pyarrow.csv as pacsv
 import pytest
 
 from jobs.access import (OUTCOME_ALLOWED, OUTCOME_REFUSED, QueryRefused, check_sql, export, query, read_audit)
+from jobs.config import load_consortium
 from jobs.lake import Lake
 from jobs.policy import AccessDenied
+from tests.conftest import CONFIG_DIR
+from tests.gateway_helpers import make_config
 
 TODAY = dt.date(2026, 6, 1)
 PROJECT = "diabetes_outcomes"
@@ -18,36 +21,41 @@ MEMBER = "alice.tremblay"
 
 
 @pytest.fixture(scope="module")
-def lake(spark, tmp_path_factory):
+def row_level(tmp_path_factory):
+    """The shipped configuration with ``diabetes_outcomes`` allowed row-level results."""
+    return load_consortium(make_config(CONFIG_DIR, tmp_path_factory.mktemp("access-config") / "config"))
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory):
+    from deltalake import write_deltalake
+
     lake = Lake(str(tmp_path_factory.mktemp("access") / "lake"))
-    encounters = [(f"v{i}", f"p{i % 15}", "chu_laurentides", dt.date(2026, 1, 1), dt.date(2026, 1, 1),
-                   "inpatient" if i < 12 else "emergency") for i in range(15)]
-    spark.createDataFrame(encounters, "visit_occurrence_id string, person_id string, establishment_id string, "
-                          "visit_start_date date, visit_end_date date, visit_source_value string") \
-        .write.format("delta").save(lake.project(PROJECT, "encounter"))
-    spark.createDataFrame([("p1", "female", 1970, "H2X")],
-                          "person_id string, gender_source_value string, year_of_birth int, postal_prefix string") \
-        .write.format("delta").save(lake.project(PROJECT, "patient"))
-    spark.createDataFrame([("x1", "p1", "E11.9")], "person_id string, establishment_id string, c string") \
-        .write.format("delta").save(lake.silver("diagnosis"))
-    spark.createDataFrame([("q1", "female", 1970)], "person_id string, gender_source_value string, year_of_birth int") \
-        .write.format("delta").save(lake.project("oncology_cohort", "patient"))
+    write_deltalake(lake.project(PROJECT, "encounter"), pa.table({
+        "visit_occurrence_id": [f"v{i}" for i in range(15)], "person_id": [f"p{i % 15}" for i in range(15)],
+        "establishment_id": ["chu_laurentides"] * 15, "visit_start_date": [dt.date(2026, 1, 1)] * 15,
+        "visit_end_date": [dt.date(2026, 1, 1)] * 15,
+        "visit_source_value": ["=HYPERLINK(\"http://x\")" if i == 0 else "inpatient" if i < 12 else "emergency"
+                               for i in range(15)]}))
+    write_deltalake(lake.project(PROJECT, "patient"), pa.table({
+        "person_id": ["p1"], "gender_source_value": ["female"], "year_of_birth": [1970], "postal_prefix": ["H2X"]}))
+    write_deltalake(lake.silver("diagnosis"), pa.table({"person_id": ["x1"], "c": ["E11.9"]}))
+    write_deltalake(lake.project("oncology_cohort", "patient"), pa.table({"person_id": ["q1"]}))
     return lake
 
 
 def audit_rows(lake):
-    return sorted(read_audit(lake).to_pylist(), key=lambda r: r["occurred_at"])
+    return read_audit(lake).to_pylist()
 
 
-def test_member_queries_with_spark_and_duckdb_are_audited(spark, lake, consortium):
-    sql = "SELECT e.visit_source_value, count(*) AS n FROM encounter e JOIN project.patient p USING (person_id) GROUP BY 1"
-    df = query(spark, lake, consortium, PROJECT, MEMBER, sql, engine="spark", today=TODAY)
-    assert [tuple(r) for r in df.collect()] == [("inpatient", 1)]
-    table = query(None, lake, consortium, PROJECT, MEMBER, "SELECT * FROM encounter", engine="duckdb", today=TODAY)
-    assert isinstance(table, pa.Table) and table.num_rows == 15
-    allowed = [r for r in audit_rows(lake) if r["outcome"] == OUTCOME_ALLOWED and r["action"] == "query"]
-    assert [(r["engine"], r["rows_returned"]) for r in allowed][-2:] == [("spark", 1), ("duckdb", 15)]
-    assert all(len(r["sql_sha256"]) == 64 and r["user"] == MEMBER for r in allowed)
+def test_member_query_runs_in_duckdb_and_is_audited_with_its_sql(lake, row_level):
+    sql = "SELECT e.visit_source_value, p.year_of_birth FROM encounter e JOIN project.patient p USING (person_id)"
+    table = query(None, lake, row_level, PROJECT, MEMBER, sql, today=TODAY)
+    assert isinstance(table, pa.Table) and table.to_pylist() == [{"visit_source_value": "inpatient",
+                                                                  "year_of_birth": 1970}]
+    last = audit_rows(lake)[-1]
+    assert (last["outcome"], last["engine"], last["rows_returned"], last["sql"]) == (OUTCOME_ALLOWED, "duckdb", 1, sql)
+    assert len(last["sql_sha256"]) == 64 and last["user"] == MEMBER and last["purpose"] == "research_general"
 
 
 REFUSALS = [
@@ -68,39 +76,32 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("engine", ["spark", "duckdb"])
-def test_refusals_raise_and_are_audited(spark, lake, consortium, engine):
+def test_refusals_raise_and_are_audited(lake, row_level):
     before = len(audit_rows(lake))
     for user, project, sql, reason in REFUSALS:
         with pytest.raises(AccessDenied, match=reason):
-            query(spark, lake, consortium, project, user, sql, engine=engine, today=TODAY)
-    with pytest.raises(QueryRefused, match="not one of project"):
-        query(spark, lake, consortium, PROJECT, MEMBER, "SELECT * FROM delta.`/x`", engine="spark", today=TODAY)
+            query(None, lake, row_level, project, user, sql, today=TODAY)
     with pytest.raises(AccessDenied, match="not valid on"):
-        query(spark, lake, consortium, PROJECT, MEMBER, "SELECT * FROM encounter", engine=engine,
-              today=dt.date(2030, 1, 1))
+        query(None, lake, row_level, PROJECT, MEMBER, "SELECT * FROM encounter", today=dt.date(2030, 1, 1))
+    with pytest.raises(QueryRefused, match="never in Spark"):
+        query(None, lake, row_level, PROJECT, MEMBER, "SELECT * FROM encounter", engine="spark", today=TODAY)
     new = audit_rows(lake)[before:]
     assert len(new) == len(REFUSALS) + 2
     assert all(r["outcome"] == OUTCOME_REFUSED and r["reason"] and r["rows_returned"] is None for r in new)
 
 
-def test_export_suppresses_small_cells(spark, lake, consortium, tmp_path):
-    sql = "SELECT visit_source_value, count(*) AS n, count(DISTINCT person_id) AS persons FROM encounter GROUP BY 1"
-    out = export(None, lake, consortium, PROJECT, MEMBER, sql, str(tmp_path / "counts.csv"), fmt="csv",
-                 engine="duckdb", today=TODAY)
-    rows = {r["visit_source_value"]: r for r in pacsv.read_csv(out.destination).to_pylist()}
-    assert rows["inpatient"]["n"] == 12 and rows["emergency"]["n"] is None and rows["emergency"]["persons"] is None
-    assert out.suppressed_cells == 1
-    spark_out = export(spark, lake, consortium, PROJECT, MEMBER, sql, str(tmp_path / "counts_parquet"),
-                       fmt="parquet", engine="spark", today=TODAY)
-    got = {r.visit_source_value: r.n for r in spark.read.parquet(spark_out.destination).collect()}
-    assert got == {"inpatient": 12, "emergency": None}
-    with pytest.raises(QueryRefused, match="needs a COUNT"):
-        export(None, lake, consortium, PROJECT, MEMBER,
-               "SELECT visit_source_value, max(visit_start_date) AS last FROM encounter GROUP BY 1",
-               str(tmp_path / "x.csv"), engine="duckdb", today=TODAY)
-    exports = [r for r in audit_rows(lake) if r["action"] == "export"]
-    assert [r["outcome"] for r in exports][-3:] == [OUTCOME_ALLOWED, OUTCOME_ALLOWED, OUTCOME_REFUSED]
+def test_aggregate_only_project_refuses_row_level_results(lake, consortium):
+    with pytest.raises(AccessDenied):
+        query(None, lake, consortium, PROJECT, MEMBER, "SELECT person_id FROM encounter", today=TODAY)
+    assert audit_rows(lake)[-1]["outcome"] == OUTCOME_REFUSED
+
+
+def test_csv_export_neutralises_formulas(lake, row_level, tmp_path):
+    out = export(lake, row_level, PROJECT, MEMBER, "SELECT visit_occurrence_id, visit_source_value FROM encounter",
+                 str(tmp_path / "rows.csv"), fmt="csv", today=TODAY)
+    values = [r["visit_source_value"] for r in pacsv.read_csv(out.destination).to_pylist()]
+    assert out.rows == 15 and "'=HYPERLINK(\"http://x\")" in values and not any(v.startswith("=") for v in values)
+    assert audit_rows(lake)[-1]["action"] == "export"
 
 
 def test_audit_table_is_append_only(lake):
@@ -116,7 +117,7 @@ def test_cte_names_cannot_reach_the_catalog(consortium):
     project = consortium.projects[PROJECT]
     views = {d: f"v_{d}" for d in project.datasets}
     with pytest.raises(QueryRefused):
-        check_sql("SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) y JOIN x ON true", project, "spark", views)
+        check_sql("SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) y JOIN x ON true", project, "duckdb", views)
     checked = check_sql("WITH encounter AS (SELECT * FROM encounter WHERE 1 = 1) SELECT * FROM encounter",
-                        project, "spark", views)
+                        project, "duckdb", views)
     assert "v_encounter" in checked.sql

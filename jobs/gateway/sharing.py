@@ -1,0 +1,206 @@
+"""The Delta Sharing protocol, served by the gateway (open REST protocol, delta-io/delta-sharing PROTOCOL.md).
+
+Each project is a share named after it, visible to its members' tokens; it
+holds one schema, ``extracts``, with one table per published dataset.
+Shares give out row-level data, so a project's tables are shared only when
+the project declares ``row_level: true``; otherwise its share lists no table
+and a table request is refused (403): aggregate results go through the SQL
+endpoint, which checks every output.
+
+Table queries answer in the ``parquet`` response format: a ``protocol`` line,
+a ``metaData`` line, then one ``file`` line per data file, whose URL the
+gateway signs (HMAC-SHA256 over share, table, path and expiry with a random
+secret made at start, so URLs die with the process) and serves itself with
+HTTP range support for a local lake. Time travel (``version``,
+``timestamp``, change data feed) is refused: old versions may still hold
+withdrawn persons. A table whose files carry deletion vectors is refused
+(this server does not apply them; its files alone would return deleted rows).
+Every call is audited with the token's user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, Response
+
+from jobs import access
+from jobs.gateway.audit import delta_uri
+
+PREFIX = "/delta-sharing"
+SCHEMA = "extracts"
+URL_TTL_SECONDS = 900
+ENGINE = "delta-sharing"
+ACTION_SHARING = "sharing"
+NDJSON = "application/x-ndjson; charset=utf-8"
+
+
+def _sign(key: bytes, share: str, table: str, path: str, expires: int) -> str:
+    message = f"{share}\n{table}\n{path}\n{expires}".encode("utf-8")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def add_routes(app: FastAPI, gateway) -> None:
+    from jobs.gateway.app import GatewayError
+
+    def _project(request: Request, share: str, what: str):
+        record, project, event = gateway.authorise(request, share, ACTION_SHARING, sql=None, engine=ENGINE)
+        return record, project, event | {"reason": what}
+
+    def _allowed(event: dict, what: str, rows: int | None = None) -> None:
+        gateway.write(event | {"outcome": access.OUTCOME_ALLOWED, "reason": what, "rows_returned": rows})
+
+    def _refuse(event: dict, status: int, code: str, message: str):
+        gateway.write(event | {"outcome": access.OUTCOME_REFUSED, "reason": message})
+        raise GatewayError(status, code, message)
+
+    def _tables(project) -> list[str]:
+        from deltalake import DeltaTable
+
+        if not project.row_level:
+            return []
+        return [d for d in sorted(project.datasets)
+                if DeltaTable.is_deltatable(delta_uri(gateway.lake.project(project.id, d)))]
+
+    def _check_schema(event, share, schema):
+        if schema != SCHEMA:
+            _refuse(event, 404, "SCHEMA_NOT_FOUND", f"share {share} has no schema {schema!r} (only {SCHEMA!r})")
+
+    def _table(event, project, share, schema, table):
+        from deltalake import DeltaTable
+
+        _check_schema(event, share, schema)
+        if not project.row_level:
+            _refuse(event, 403, "PERMISSION_DENIED", f"project {project.id} does not allow row-level access; "
+                    "query it through the SQL endpoint, whose results are output-checked")
+        if table not in _tables(project):
+            _refuse(event, 404, "TABLE_NOT_FOUND", f"share {share} has no table {schema}.{table}")
+        delta = DeltaTable(delta_uri(gateway.lake.project(project.id, table)))
+        try:
+            access.refuse_deletion_vectors(delta, f"table {share}.{schema}.{table}")
+        except access.QueryRefused as exc:
+            _refuse(event, 400, "UNSUPPORTED_TABLE", str(exc))
+        return delta
+
+    def _share_item(share: str) -> dict:
+        return {"name": share, "id": share}
+
+    def _table_item(share: str, table: str) -> dict:
+        return {"name": table, "schema": SCHEMA, "share": share, "shareId": share, "id": f"{share}.{SCHEMA}.{table}"}
+
+    def _protocol_and_metadata(delta) -> list[dict]:
+        meta = delta.metadata()
+        add = delta.get_add_actions(flatten=True)
+        return [{"protocol": {"minReaderVersion": 1}},
+                {"metaData": {"id": meta.id, "format": {"provider": "parquet"},
+                              "schemaString": delta.schema().to_json(),
+                              "partitionColumns": list(meta.partition_columns),
+                              "configuration": {}, "version": delta.version(), "numFiles": add.num_rows,
+                              "size": int(sum(add.column("size_bytes").to_pylist() or [0]))}}]
+
+    def _ndjson(lines: list[dict], version: int) -> Response:
+        body = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
+        return Response(body, media_type=NDJSON, headers={"delta-table-version": str(version)})
+
+    @app.get(f"{PREFIX}/shares")
+    def list_shares(request: Request):
+        record, consortium = gateway.token_record(request, ACTION_SHARING, "-")
+        shares = [record.project_id] if record.project_id in consortium.projects else []
+        items = []
+        for share in shares:
+            _, _, event = gateway.authorise(request, share, ACTION_SHARING, engine=ENGINE)
+            _allowed(event, "list shares")
+            items.append(_share_item(share))
+        return {"items": items}
+
+    @app.get(f"{PREFIX}/shares/{{share}}")
+    def get_share(share: str, request: Request):
+        _, _, event = _project(request, share, "get share")
+        _allowed(event, "get share")
+        return {"share": _share_item(share)}
+
+    @app.get(f"{PREFIX}/shares/{{share}}/schemas")
+    def list_schemas(share: str, request: Request):
+        _, _, event = _project(request, share, "list schemas")
+        _allowed(event, "list schemas")
+        return {"items": [{"name": SCHEMA, "share": share}]}
+
+    @app.get(f"{PREFIX}/shares/{{share}}/schemas/{{schema}}/tables")
+    def list_tables(share: str, schema: str, request: Request):
+        _, project, event = _project(request, share, "list tables")
+        _check_schema(event, share, schema)
+        tables = _tables(project)
+        _allowed(event, "list tables", len(tables))
+        return {"items": [_table_item(share, t) for t in tables]}
+
+    @app.get(f"{PREFIX}/shares/{{share}}/all-tables")
+    def list_all_tables(share: str, request: Request):
+        _, project, event = _project(request, share, "list all tables")
+        tables = _tables(project)
+        _allowed(event, "list all tables", len(tables))
+        return {"items": [_table_item(share, t) for t in tables]}
+
+    @app.api_route(f"{PREFIX}/shares/{{share}}/schemas/{{schema}}/tables/{{table}}/version", methods=["GET", "HEAD"])
+    def table_version(share: str, schema: str, table: str, request: Request):
+        _, project, event = _project(request, share, f"version of {table}")
+        if request.query_params.get("startingTimestamp"):
+            _refuse(event, 400, "INVALID_PARAMETER_VALUE", "time travel is not available; the current version only")
+        delta = _table(event, project, share, schema, table)
+        _allowed(event, f"version of {schema}.{table}")
+        return Response(status_code=200, headers={"delta-table-version": str(delta.version())})
+
+    @app.get(f"{PREFIX}/shares/{{share}}/schemas/{{schema}}/tables/{{table}}/metadata")
+    def table_metadata(share: str, schema: str, table: str, request: Request):
+        _, project, event = _project(request, share, f"metadata of {table}")
+        delta = _table(event, project, share, schema, table)
+        _allowed(event, f"metadata of {schema}.{table}")
+        return _ndjson(_protocol_and_metadata(delta), delta.version())
+
+    @app.post(f"{PREFIX}/shares/{{share}}/schemas/{{schema}}/tables/{{table}}/query")
+    async def table_query(share: str, schema: str, table: str, request: Request):
+        body = await request.body()
+        _, project, event = _project(request, share, f"query of {table}")
+        try:
+            options = json.loads(body or b"{}")
+        except ValueError:
+            _refuse(event, 400, "INVALID_PARAMETER_VALUE", "the request body is not JSON")
+        delta = _table(event, project, share, schema, table)
+        if any(options.get(k) is not None for k in ("timestamp", "startingVersion", "endingVersion")) or \
+                options.get("version") not in (None, delta.version()):
+            _refuse(event, 400, "INVALID_PARAMETER_VALUE", "time travel is not available; the current version only")
+        expires = int(time.time()) + URL_TTL_SECONDS
+        base = str(request.base_url).rstrip("/")
+        lines = _protocol_and_metadata(delta)
+        add = delta.get_add_actions(flatten=True).to_pylist()
+        rows = 0
+        for action in add:
+            path = action["path"]
+            signature = _sign(gateway.signing_key, share, table, path, expires)
+            url = f"{base}{PREFIX}/files/{quote(share)}/{quote(table)}/{quote(path)}?expires={expires}&sig={signature}"
+            partitions = {k.removeprefix("partition.").removeprefix("partition_values."): (None if v is None else str(v))
+                          for k, v in action.items() if k.startswith(("partition.", "partition_values."))}
+            rows += int(action.get("num_records") or 0)
+            lines.append({"file": {"url": url, "id": hashlib.sha256(path.encode()).hexdigest()[:32],
+                                   "partitionValues": partitions, "size": int(action["size_bytes"]),
+                                   "expirationTimestamp": expires * 1000}})
+        _allowed(event, f"query of {schema}.{table}: {len(add)} file(s)", rows)
+        return _ndjson(lines, delta.version())
+
+    @app.get(f"{PREFIX}/files/{{share}}/{{table}}/{{path:path}}")
+    def file(share: str, table: str, path: str, expires: int, sig: str):
+        expected = _sign(gateway.signing_key, share, table, path, expires)
+        if not hmac.compare_digest(expected, sig) or expires < time.time():
+            raise GatewayError(403, "PERMISSION_DENIED", "invalid or expired file URL")
+        if not gateway.settings.local_lake:
+            raise GatewayError(501, "NOT_IMPLEMENTED", "files of an object-store lake are not served yet")
+        root = Path(gateway.lake.project(share, table)).resolve()
+        target = (root / path).resolve()
+        if not target.is_relative_to(root) or "_delta_log" in target.parts or not target.is_file():
+            raise GatewayError(404, "NOT_FOUND", "no such file")
+        return FileResponse(target, media_type="application/octet-stream")
