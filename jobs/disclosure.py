@@ -408,6 +408,49 @@ def _join_conditions(select: exp.Select) -> list[exp.Expression]:
     return moved
 
 
+def _row_predicates(select: exp.Select) -> list[exp.Expression]:
+    """Conditions evaluated per row in ``select``'s own select list (FILTER, CASE WHEN, count_if…)."""
+    found = []
+    for projection in select.expressions:
+        for node in projection.find_all(exp.Predicate, exp.Connector, exp.Not):
+            if not _own(node, select) or node.find(exp.AggFunc, exp.Window):
+                continue
+            parent = node.parent
+            while isinstance(parent, exp.Paren):
+                parent = parent.parent
+            if not isinstance(parent, (exp.Predicate, exp.Connector, exp.Not)):
+                found.append(node)
+    return found
+
+
+def _refuse_person_functions(tree: exp.Expression) -> None:
+    """person_id may be selected, counted, grouped, joined or filtered on, and nothing else.
+
+    A function of it in a select list (``sum(instr(person_id, 'x'))``) would
+    single out a person without any condition to measure.
+    """
+    names = {"person_id"}
+    changed = True
+    while changed:  # an alias of a bare person column is a person column too
+        changed = False
+        for alias in tree.find_all(exp.Alias):
+            if isinstance(alias.this, exp.Column) and alias.this.name in names and alias.alias not in names:
+                names.add(alias.alias)
+                changed = True
+    for column in tree.find_all(exp.Column):
+        if column.name not in names:
+            continue
+        parent = column.parent.parent if isinstance(column.parent, exp.Distinct) else column.parent
+        if isinstance(parent, exp.Alias):
+            parent = parent.parent
+        if isinstance(parent, (exp.Select, exp.Count, exp.ApproxDistinct, exp.Window, exp.Ordered)):
+            continue
+        if column.find_ancestor(exp.Where, exp.Join, exp.Group, exp.Having) is not None:
+            continue
+        raise OutputRefused(f"{column.sql('duckdb')} is used in {parent.sql('duckdb')[:60]!r}: person_id may only "
+                            "be selected, counted, grouped, joined or filtered on.")
+
+
 def _refuse_differencing(con, tree: exp.Expression, project: Project, views: dict[str, str],
                          ctes: dict[str, exp.Expression]) -> list[str]:
     import duckdb
@@ -415,55 +458,71 @@ def _refuse_differencing(con, tree: exp.Expression, project: Project, views: dic
     notes = []
     with_clause = tree.args.get("with_")
     for select in list(tree.find_all(exp.Select)):
-        if not select.args.get("where") and not any(j.args.get("on") for j in select.args.get("joins") or []):
-            continue
         measure = select.copy()
         for clause in ("where", "group", "having", "qualify", "order", "limit", "offset", "distinct", "with_"):
             measure.set(clause, None)
         where = select.args.get("where")
-        conditions = _conjuncts(where.this if where else None) + _join_conditions(measure)
-        if not conditions:
+        conjuncts = _conjuncts(where.this if where else None) + _join_conditions(measure)
+        predicates = _row_predicates(select)
+        if not conjuncts and not predicates:
             continue
-        lineage = _Lineage(views, ctes)
         try:
-            persons = lineage.of_select(measure)
+            persons = _Lineage(views, ctes).of_select(measure)
         except _Untraceable:
             continue  # a filter on aggregated rows: the groups it keeps are checked as cells
         if not persons:
             continue
+
+        booleans: list[exp.Expression] = []
+
+        def flag(condition: exp.Expression) -> exp.Expression:
+            booleans.append(condition)
+            return exp.column(f"__c{len(booleans) - 1}").is_(exp.true())
+
+        # (condition, wider rows, narrower rows): persons in the first and not
+        # in the second are the ones the condition singles out.
+        comparisons: list[tuple[exp.Expression, list, list]] = []
+        flags = [flag(c) for c in conjuncts]
+        for j, condition in enumerate(conjuncts):
+            others = flags[:j] + flags[j + 1:]
+            comparisons.append((condition, [], [flags[j]]))
+            comparisons.append((condition, others, flags))
+            if isinstance(condition, exp.Or):
+                disjuncts = [d.unnest() for d in condition.flatten()]
+                disjunct_flags = [flag(d) for d in disjuncts]
+                for k, disjunct in enumerate(disjuncts):
+                    rest = disjunct_flags[:k] + disjunct_flags[k + 1:]
+                    comparisons.append((disjunct, [disjunct_flags[k]], [exp.false()]))
+                    comparisons.append((disjunct, [*others, flags[j]], [*others, exp.or_(*rest)]))
+        for predicate in predicates:
+            flagged = flag(predicate)
+            comparisons.append((predicate, [], [flagged]))
+            comparisons.append((predicate, [flagged], [exp.false()]))
+
         measure.set("expressions", [exp.alias_(p.copy(), f"__p{i}") for i, p in enumerate(persons)]
-                    + [exp.alias_(c.copy(), f"__c{j}") for j, c in enumerate(conditions)])
+                    + [exp.alias_(c.copy(), f"__c{j}") for j, c in enumerate(booleans)])
         if with_clause is not None:
             measure.set("with_", with_clause.copy())
-        flags = [exp.column(f"__c{j}").is_(exp.true()) for j in range(len(conditions))]
-        cells = []
-        for i in range(len(persons)):
-            def counted(*filters, i=i):
-                count = exp.Count(this=exp.Distinct(expressions=[exp.column(f"__p{i}")]))
-                return exp.Filter(this=count, expression=exp.Where(this=exp.and_(*filters))) if filters else count
-            cells.append(counted())
-            cells.append(counted(*flags))
-            for j in range(len(conditions)):
-                cells.append(counted(flags[j]))
-                others = flags[:j] + flags[j + 1:]
-                cells.append(counted(*others) if others else counted())
+
+        def counted(i: int, filters: list) -> exp.Expression:
+            count = exp.Count(this=exp.Distinct(expressions=[exp.column(f"__p{i}")]))
+            return exp.Filter(this=count, expression=exp.Where(this=exp.and_(*filters))) if filters else count
+
+        cells = [counted(i, rows) for i in range(len(persons)) for _, wider, narrower in comparisons
+                 for rows in (wider, narrower)]
         query = exp.select(*cells).from_(exp.Subquery(this=measure, alias=exp.TableAlias(this=exp.to_identifier("m"))))
         try:
             row = con.execute(query.sql("duckdb")).fetchall()[0]
         except duckdb.BinderException:
             notes.append("a correlated subquery's condition was measured within the query that holds it")
             continue
-        width = 2 + 2 * len(conditions)
-        for i in range(len(persons)):
-            scope, kept = row[i * width], row[i * width + 1]
-            for j, condition in enumerate(conditions):
-                alone, without = row[i * width + 2 + 2 * j], row[i * width + 3 + 2 * j]
-                for removed in (scope - alone, without - kept):
-                    if 0 < removed < project.min_cell_size:
-                        raise OutputRefused(
-                            f"the condition {condition.sql('duckdb')[:80]!r} singles out {removed} person(s) "
-                            f"(fewer than {project.min_cell_size}): compared with the same query without it, it "
-                            "would tell their values. Drop the condition or make it cover more persons.")
+        for n, (condition, _, _) in enumerate(comparisons * len(persons)):
+            singled_out = row[2 * n] - row[2 * n + 1]
+            if 0 < singled_out < project.min_cell_size:
+                raise OutputRefused(
+                    f"the condition {condition.sql('duckdb')[:80]!r} singles out {singled_out} person(s) "
+                    f"(fewer than {project.min_cell_size}): compared with the same query without it, it "
+                    "would tell their values. Drop the condition or make it cover more persons.")
     return notes
 
 
@@ -525,6 +584,7 @@ def check_output(con, sql: str, result: pa.Table, project: Project, views: dict[
     if with_clause is not None and with_clause.args.get("recursive"):
         raise OutputRefused("recursive CTEs cannot be traced to persons; write the query without RECURSIVE.")
     ctes = {cte.alias: cte.this for cte in (with_clause.expressions if with_clause is not None else [])}
+    _refuse_person_functions(tree)
     notes = _refuse_differencing(con, tree, project, views, ctes)
 
     rewritten = tree.copy()

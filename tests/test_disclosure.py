@@ -74,12 +74,13 @@ def test_counts_are_rounded_and_small_cell_suppressed_with_the_next_smallest(con
 
 
 def test_a_breakdown_with_two_small_cells_needs_no_secondary_suppression(con):
-    checked = _check(con, "SELECT condition_source_value, count(*) AS n, avg(length(person_id)) AS m "
-                          "FROM q_diagnosis WHERE condition_source_value IN ('C50', 'J45', 'E11', 'I10') "
-                          "AND person_id NOT IN ('x') GROUP BY 1")
+    checked = _check(con, "SELECT condition_source_value, count(*) AS n, avg(year_of_birth) > 0 AS m "
+                          "FROM q_diagnosis d JOIN q_patient p ON p.person_id = d.person_id "
+                          "WHERE condition_source_value IN ('C50', 'J45', 'E11', 'I10') "
+                          "AND d.person_id NOT IN ('x') GROUP BY 1")
     rows = {r[0]: list(r[1:]) for r in zip(*[c.to_pylist() for c in checked.table.columns])}
     assert rows["C50"] == [None, None]  # every aggregate cell of the row
-    assert rows["E11"] == [25, 3.0]
+    assert rows["E11"] == [25, True]
 
 
 def test_aggregate_without_count_still_suppressed_on_its_persons(con):
@@ -167,9 +168,11 @@ def test_per_person_subquery_and_cohort_cte_are_traced(con):
     assert _rows(cohort) == {("F",): 25}
 
 
-def test_string_agg_of_persons_is_refused(con):
-    with pytest.raises(OutputRefused, match="record's own value"):
+def test_aggregates_listing_records_are_refused(con):
+    with pytest.raises(OutputRefused, match="person_id may only"):
         _check(con, "SELECT condition_source_value, string_agg(person_id, ',') FROM q_diagnosis GROUP BY 1")
+    with pytest.raises(OutputRefused, match="record's own value"):
+        _check(con, "SELECT gender_source_value, list(year_of_birth) FROM q_patient GROUP BY 1")
 
 
 # ------------------------------------------------------------ row-level ----
@@ -237,6 +240,27 @@ def test_differencing_hidden_in_a_cte_or_a_join_is_refused(con):
 def test_excluding_several_but_fewer_than_the_minimum_is_refused(con):
     with pytest.raises(OutputRefused, match="singles out 3 person"):
         _count(con, "condition_source_value = 'E11' AND person_id NOT IN ('p01', 'p02', 'p03')")
+
+
+def test_adding_one_person_with_or_is_refused(con):
+    with pytest.raises(OutputRefused, match="singles out 1 person"):
+        _count(con, "condition_source_value = 'E11' OR person_id = 'p40'")
+
+
+@pytest.mark.parametrize("aggregate", [
+    "count(*) FILTER (WHERE d.person_id <> 'p05')",
+    "count_if(d.person_id <> 'p05')",
+    "sum(CASE WHEN year_of_birth = 1930 THEN 1 ELSE 0 END)",
+])
+def test_conditional_aggregates_are_measured_like_where(con, aggregate):
+    with pytest.raises(OutputRefused, match="singles out 1 person"):
+        _check(con, f"SELECT d.condition_source_value, {aggregate} FROM q_diagnosis d "
+                    "JOIN q_patient p ON p.person_id = d.person_id GROUP BY 1")
+
+
+def test_functions_of_person_id_are_refused(con):
+    with pytest.raises(OutputRefused, match="person_id may only"):
+        _check(con, "SELECT condition_source_value, sum(instr(person_id, 'p05')) FROM q_diagnosis GROUP BY 1")
 
 
 def test_a_broad_condition_is_allowed(con):
