@@ -295,14 +295,19 @@ def register_project(con, lake: Lake, project: Project) -> dict[str, str]:
     return views
 
 
+def add_actions(table) -> pa.Table:
+    """The current files of a delta-rs table (path, size, records, partitions…) as a pyarrow table."""
+    return pa.table(table.get_add_actions(flatten=True))
+
+
 def refuse_deletion_vectors(table, what: str) -> None:
-    """Refuse a Delta table whose files carry deletion vectors: reading its files alone would return deleted rows."""
-    actions = table.get_add_actions(flatten=True)
-    names = actions.schema.names
-    column = next((n for n in ("deletionVector.storageType", "deletion_vector.storage_type") if n in names), None)
-    if column is not None and any(v is not None for v in actions.column(column).to_pylist()):
-        raise QueryRefused(f"{what} has deletion vectors, which this gateway does not apply; ask the data "
-                           "stewards to republish it without them (delta.enableDeletionVectors=false)")
+    """Refuse a Delta table whose files carry deletion vectors: its Parquet files alone still hold deleted rows."""
+    if "deletionVectors" not in (table.protocol().reader_features or []):
+        return
+    if pa.RecordBatchReader.from_stream(table.deletion_vectors()).read_all().num_rows:
+        raise QueryRefused(f"{what} has deletion vectors (rows deleted but still in its files), which this "
+                           "gateway does not serve; ask the data stewards to purge them (REORG … APPLY (PURGE)) "
+                           "or to republish the extract")
 
 
 def _fetch(con, sql: str, limits: Limits) -> pa.Table:

@@ -96,7 +96,7 @@ def add_routes(app: FastAPI, gateway) -> None:
 
     def _protocol_and_metadata(delta) -> list[dict]:
         meta = delta.metadata()
-        add = delta.get_add_actions(flatten=True)
+        add = access.add_actions(delta)
         return [{"protocol": {"minReaderVersion": 1}},
                 {"metaData": {"id": meta.id, "format": {"provider": "parquet"},
                               "schemaString": delta.schema().to_json(),
@@ -177,7 +177,7 @@ def add_routes(app: FastAPI, gateway) -> None:
         expires = int(time.time()) + URL_TTL_SECONDS
         base = str(request.base_url).rstrip("/")
         lines = _protocol_and_metadata(delta)
-        add = delta.get_add_actions(flatten=True).to_pylist()
+        add = access.add_actions(delta).to_pylist()
         rows = 0
         for action in add:
             path = action["path"]
