@@ -153,9 +153,18 @@ class Project(_Strict):
     # Counts leaving the gateway are rounded to this base (1 = exact), a
     # defence against differencing on top of small-cell suppression.
     count_rounding: int = Field(default=5, ge=1, le=100)
-    # Extracts are k-anonymous on these demographic quasi-identifiers.
+    # The patient extract is k-anonymous on these demographic quasi-identifiers
+    # (columns of ``patient``; those the project does not take are ignored).
     k_anonymity: int = Field(default=5, ge=2)
     quasi_identifiers: list[str] = ["year_of_birth", "gender_source_value", "postal_prefix"]
+
+    @field_validator("quasi_identifiers")
+    @classmethod
+    def _patient_columns(cls, value: list[str]) -> list[str]:
+        problems = quasi_identifier_problems(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @model_validator(mode="after")
     def _dates_in_order(self) -> "Project":
@@ -165,6 +174,17 @@ class Project(_Strict):
 
     def is_active(self, on: dt.date) -> bool:
         return not self.revoked and self.valid_from <= on <= self.valid_until
+
+
+def quasi_identifier_problems(columns: list[str]) -> list[str]:
+    """Why ``columns`` cannot be a project's quasi-identifiers (none: they can)."""
+    allowed = [c for c in SILVER_SCHEMAS["patient"].fieldNames()
+               if c not in ("person_id", "patient_key", "person_id_source", "establishment_id")
+               and not c.startswith("_")]
+    problems = [f"quasi-identifier {c!r} is not a demographic column of patient; use some of {allowed}"
+                for c in columns if c not in allowed]
+    problems += [f"quasi-identifier {c!r} is declared twice" for c in sorted(set(columns)) if columns.count(c) > 1]
+    return problems
 
 
 class BatchRules(_Strict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from jobs.config import Consortium, ConfigError, Problem, Project, load_consortium
+from jobs.config import Consortium, ConfigError, Problem, Project, load_consortium, quasi_identifier_problems
 from jobs.schemas import DATASETS, SILVER_SCHEMAS
 
 
@@ -41,6 +41,12 @@ def policy_problems(consortium: Consortium) -> list[Problem]:
             problems.append(Problem(rel, "valid_until", "before valid_from"))
         if project.min_cell_size < 11:
             problems.append(Problem(rel, "min_cell_size", "must be at least 11"))
+        if project.k_anonymity < 2:
+            problems.append(Problem(rel, "k_anonymity", "must be at least 2"))
+        if project.count_rounding < 1:
+            problems.append(Problem(rel, "count_rounding", "must be at least 1"))
+        problems += [Problem(rel, "quasi_identifiers", reason)
+                     for reason in quasi_identifier_problems(project.quasi_identifiers)]
         problems += [Problem(rel, "establishments", f"unknown establishment {e!r}")
                      for e in project.establishments if e not in consortium.establishments]
         for dataset, columns in project.datasets.items():

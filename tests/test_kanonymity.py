@@ -84,3 +84,23 @@ def test_risk_counts_persons_unique_with_their_diagnoses(spark):
     assert risk["unique_on_quasi_identifiers"] == 0.0
     assert risk["unique_with_diagnoses"] == 2 / 6
     assert "unique_with_diagnoses" not in reidentification_risk(patients, QIS, None)
+
+
+def test_quasi_identifiers_must_be_demographic_columns_of_patient(consortium):
+    import dataclasses
+
+    import pytest
+    from pydantic import ValidationError
+
+    from jobs.config import Project
+    from jobs.policy import policy_problems
+
+    project = next(iter(consortium.projects.values()))
+    with pytest.raises(ValidationError, match="not a demographic column"):
+        Project.model_validate(project.model_dump() | {"quasi_identifiers": ["person_id", "year_of_birth"]})
+    # A project assembled in code skips validation; the publish-time check still catches it.
+    bad = project.model_copy(update={"quasi_identifiers": ["visit_source_value"], "k_anonymity": 1})
+    reasons = {(p.key, p.reason.split(";")[0][:40]) for p in
+               policy_problems(dataclasses.replace(consortium, projects={project.id: bad}))}
+    assert ("k_anonymity", "must be at least 2") in reasons
+    assert any(key == "quasi_identifiers" for key, _ in reasons)
