@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,8 @@ for path in sys.argv[4:]:
         outcome[path] = "read"
     except PermissionError:
         outcome[path] = "denied"
+    except OSError as exc:
+        outcome[path] = f"error {exc.errno}"
 print(json.dumps(outcome))
 """
 
@@ -73,7 +76,8 @@ def test_confinement_denies_other_zones_and_the_key_file(running):
 
     allowed = [first_parquet(lake / "projects" / PROJECT / "patient"), str(running["config"] / "pipeline.yaml")]
     denied = [first_parquet(lake / "silver" / "patient"), first_parquet(lake / "bronze" / "patient"),
-              first_parquet(lake / "ops" / "batch_log"), str(running["key_file"]), str(REPO / "pyproject.toml")]
+              first_parquet(lake / "ops" / "batch_log"), str(running["key_file"]), str(REPO / "pyproject.toml"),
+              f"/proc/{os.getpid()}/environ"]  # another process's environment (where a pipeline keeps its key)
     probe = subprocess.run([sys.executable, "-c", PROBE, str(lake), str(running["config"]),
                             str(lake / "access" / "tokens.jsonl"), *allowed, *denied],
                            env=clean_env(), cwd=root, capture_output=True, text=True, timeout=60)

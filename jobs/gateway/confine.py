@@ -6,7 +6,8 @@ could be read from its environment (:mod:`jobs.keys` sources).
 :func:`confine` restricts the calling process with Landlock (Linux ≥ 5.13)
 through raw syscalls: read-only on the Python installation, system libraries,
 ``/etc``, ``/proc``, ``/sys``, ``/dev``, the code (``jobs/``), the config folder, the
-lake's ``projects/`` and ``gold/`` and the token store; read-write on the
+lake's ``projects/`` and ``gold/`` and the token store
+(of ``/proc``, only the process's own entry and machine figures); read-write on the
 audit table folder and a private temp folder; nothing else. Silver, bronze,
 ops and key files then cannot be opened even through an unknown SQL escape.
 Landlock restricts the calling thread and the threads and processes it starts
@@ -113,7 +114,14 @@ def python_paths() -> list[Path]:
 
 
 def system_paths() -> list[Path]:
-    return [Path(p) for p in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev")
+    """System libraries and devices, and of ``/proc`` only this process and the machine's figures.
+
+    Not the whole of ``/proc``: ``/proc/<pid>/environ`` of a pipeline process
+    running as the same user would hold the key.
+    """
+    proc = [f"/proc/{os.getpid()}", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/loadavg",
+            "/proc/sys/kernel", "/proc/sys/vm"]
+    return [Path(p) for p in ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", *proc, "/sys", "/dev")
             if Path(p).exists()]
 
 
