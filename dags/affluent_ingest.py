@@ -8,12 +8,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from jobs.registry import CANONICAL_DATASETS, establishments, silver_asset_name
-
-SILVER_ASSETS = [Asset(name=silver_asset_name(d), uri=f"affluent://silver/{d}") for d in CANONICAL_DATASETS]
+from jobs.batchlog import Stage
+from jobs.registry import establishments, silver_assets, task_context
 
 DEFAULT_ARGS = {
     "owner": "data-engineering",
@@ -43,18 +42,12 @@ no table. A failure names the establishment, the batch and the rule; see
 """
 
 
-def _context():
-    from jobs.pipeline import Context, spark_master_from_connection
-
-    return Context.from_env(spark_master=spark_master_from_connection("spark_default"))
-
-
-def _run_stage(stage: str, establishment_id: str, batch_id: str) -> dict:
+def _run_stage(stage: Stage, establishment_id: str, batch_id: str) -> dict:
     """One stage of one batch; failures no retry can fix fail the task at once, naming what to fix."""
     from jobs import pipeline
 
     try:
-        return getattr(pipeline, stage)(_context(), establishment_id, batch_id)
+        return getattr(pipeline, stage.value)(task_context(), establishment_id, batch_id)
     except pipeline.permanent_failures() as exc:
         raise AirflowFailException(f"{stage} of {establishment_id}/{batch_id} stopped: {exc}") from exc
 
@@ -79,26 +72,26 @@ def build_ingest_dag(establishment_id: str, name: str):
             requested = get_current_context()["params"].get("batch_id")
             if requested:
                 return requested
-            pending = pipeline.pending(_context(), establishment_id)
+            pending = pipeline.pending(task_context(), establishment_id)
             if not pending:
                 raise AirflowSkipException(f"no complete batch waiting in landing for {establishment_id}")
             return pending[0]
 
         @task
         def ingest(batch_id: str) -> dict:
-            return _run_stage("ingest", establishment_id, batch_id)
+            return _run_stage(Stage.INGEST, establishment_id, batch_id)
 
         @task
         def pseudonymise(batch_id: str) -> dict:
-            return _run_stage("pseudonymise", establishment_id, batch_id)
+            return _run_stage(Stage.PSEUDONYMISE, establishment_id, batch_id)
 
         @task
         def validate(batch_id: str) -> dict:
-            return _run_stage("validate", establishment_id, batch_id)
+            return _run_stage(Stage.VALIDATE, establishment_id, batch_id)
 
-        @task(outlets=SILVER_ASSETS)
+        @task(outlets=silver_assets())
         def land(batch_id: str) -> dict:
-            return _run_stage("land", establishment_id, batch_id)
+            return _run_stage(Stage.LAND, establishment_id, batch_id)
 
         batch = select_batch()
         stages = [ingest(batch), pseudonymise(batch), validate(batch), land(batch)]

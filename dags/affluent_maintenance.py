@@ -7,11 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-
-def _context():
-    from jobs.pipeline import Context, spark_master_from_connection
-
-    return Context.from_env(spark_master=spark_master_from_connection("spark_default"))
+from jobs.registry import task_context
 
 
 @dag(
@@ -39,20 +35,20 @@ def affluent_maintenance():
     def erasures() -> dict:
         from jobs.pipeline import process_erasure_requests
 
-        return process_erasure_requests(_context())
+        return process_erasure_requests(task_context())
 
     @task
     def bronze_retention() -> dict:
         from jobs.maintenance import purge_bronze
 
-        ctx = _context()
+        ctx = task_context()
         return purge_bronze(ctx.spark, ctx.lake, ctx.consortium.pipeline.bronze_retention_days)
 
     @task
     def compaction() -> dict:
         from jobs.maintenance import compact_and_vacuum
 
-        ctx = _context()
+        ctx = task_context()
         return compact_and_vacuum(ctx.spark, ctx.lake)
 
     erasures() >> bronze_retention() >> compaction()

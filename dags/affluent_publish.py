@@ -5,16 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, AssetAny, dag, task
+from airflow.sdk import AssetAny, dag, task
 
-from jobs.registry import CANONICAL_DATASETS, silver_asset_name
-
-SILVER_ASSETS = [Asset(name=silver_asset_name(d), uri=f"affluent://silver/{d}") for d in CANONICAL_DATASETS]
+from jobs.registry import silver_assets, task_context
 
 
 @dag(
     dag_id="affluent_publish",
-    schedule=AssetAny(*SILVER_ASSETS),
+    schedule=AssetAny(*silver_assets()),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -36,9 +34,9 @@ projects lose their extract.
 def affluent_publish():
     @task
     def publish() -> dict:
-        from jobs.pipeline import Context, publish_all, spark_master_from_connection
+        from jobs.pipeline import publish_all
 
-        return publish_all(Context.from_env(spark_master=spark_master_from_connection("spark_default")))
+        return publish_all(task_context())
 
     publish()
 

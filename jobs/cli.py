@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--config", help="configuration folder")
     gen.set_defaults(func=_cmd_generate)
 
-    for stage, text in [("ingest", "Landing → bronze"), ("pseudonymise", "Bronze → staged"),
-                        ("validate", "Validate staged rows (Great Expectations)"),
-                        ("land", "MERGE validated rows into silver"), ("run", "All four stages")]:
+    from jobs.batchlog import Stage
+
+    for stage, text in [(Stage.INGEST.value, "Landing → bronze"), (Stage.PSEUDONYMISE.value, "Bronze → staged"),
+                        (Stage.VALIDATE.value, "Validate staged rows (Great Expectations)"),
+                        (Stage.LAND.value, "MERGE validated rows into silver"), ("run", "All four stages")]:
         p = sub.add_parser(stage, help=f"{text}, for one batch or every pending batch of an establishment")
         p.add_argument("--establishment", required=True)
         p.add_argument("--batch", help="batch id (default: every pending batch, in delivery order)")

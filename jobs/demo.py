@@ -134,17 +134,18 @@ def run_dags(env: dict[str, str], establishments: list[str], publish: bool = Tru
 def _landed_figures(ctx, establishment_id: str, batch_id: str) -> str:
     from pyspark.sql import functions as F
 
+    from jobs.batchlog import Stage, Status
     from jobs.ops import read_batch_log
 
     totals = (read_batch_log(ctx.spark, ctx.lake)
               .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                     & (F.col("stage") == "land") & (F.col("status") == "landed"))
-              .agg(F.sum("rows_read").alias("read"), F.sum("rows_landed").alias("landed"),
+                     & (F.col("stage") == Stage.LAND.value) & (F.col("status") == Status.LANDED.value))
+              .agg(F.sum("rows_read").alias("read"), F.sum("rows_landed").alias("rows_landed"),
                    F.sum("rows_quarantined").alias("quarantined"), F.sum("rows_duplicates").alias("duplicates"))
               .first())
     if totals is None or totals.read is None:
         return ""
-    return (f": {totals.read} rows read, {totals.landed} landed, {totals.quarantined} quarantined, "
+    return (f": {totals.read} rows read, {totals.rows_landed} landed, {totals.quarantined} quarantined, "
             f"{totals.duplicates} duplicates")
 
 
@@ -156,9 +157,10 @@ def _migrate(env: dict[str, str]) -> None:
 def print_summary(ctx) -> None:
     from pyspark.sql import functions as F
 
+    from jobs.batchlog import Stage
     from jobs.ops import read_batch_log
 
-    log = read_batch_log(ctx.spark, ctx.lake).where(F.col("stage") == "land")
+    log = read_batch_log(ctx.spark, ctx.lake).where(F.col("stage") == Stage.LAND.value)
     print("\nBatches landed (rows read = landed + quarantined + duplicates):")
     log.orderBy("establishment_id", "batch_id", "dataset").select(
         "establishment_id", "batch_id", "dataset", "rows_read", "rows_landed", "rows_quarantined",

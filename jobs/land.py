@@ -16,7 +16,7 @@ Before writing, the batch must add up, per dataset: ``rows read = rows landed +
 rows quarantined (ingest + validate) + exact duplicates dropped``
 (:class:`ReconciliationError` otherwise), and every silver table must carry the
 current key's fingerprint (:class:`jobs.keys.KeyMismatchError`): a failure
-writes nothing. A row "landed" is a valid row handed to the MERGE, whether it
+writes nothing. A row counts as landed when it is a valid row handed to the MERGE, whether it
 inserted, updated, deleted or was older than silver and left it unchanged.
 
 Silver tables have Change Data Feed on, researcher-readable table and column
@@ -41,13 +41,13 @@ from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 from pyspark.sql.window import Window
 
 from jobs.lake import Lake
-from jobs.ops import STATUS_LANDED, STATUS_STOPPED, STATUS_VALIDATED, append_batch_log, read_batch_log
+from jobs.batchlog import Stage, Status
+from jobs.ops import append_batch_log, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
 from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
-from jobs.validate import STAGE as VALIDATE_STAGE
 from jobs.validate import validated_path
 
-STAGE = "land"
+STAGE = Stage.LAND
 SILVER_SCHEMA_NAME = "silver"
 DELETIONS = "silver_deletions"
 CHANGE_DATA_FEED = "delta.enableChangeDataFeed"
@@ -314,13 +314,13 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
     if table_exists(spark, lake.quarantine()):
         validate_q = {r.dataset: r["count"] for r in spark.read.format("delta").load(lake.quarantine())
                       .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                             & (F.col("stage") == VALIDATE_STAGE))
+                             & (F.col("stage") == Stage.VALIDATE.value))
                       .groupBy("dataset").count().collect()}
-    datasets = sorted({d for d, stage in log if stage in ("ingest", VALIDATE_STAGE)} | set(validate_q))
+    datasets = sorted({d for d, stage in log if stage in (Stage.INGEST, Stage.VALIDATE)} | set(validate_q))
     figures = {}
     for dataset in datasets:
-        ingest = log.get((dataset, "ingest"))
-        dedup = log.get((dataset, "pseudonymise"))
+        ingest = log.get((dataset, Stage.INGEST.value))
+        dedup = log.get((dataset, Stage.PSEUDONYMISE.value))
         vpath = validated_path(lake, dataset)
         landed = (spark.read.format("delta").load(vpath)
                   .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)).count()
@@ -337,15 +337,15 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
 def _landed_before(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> bool:
     return (read_batch_log(spark, lake)
             .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                   & (F.col("stage") == STAGE) & (F.col("status") == STATUS_LANDED))
+                   & (F.col("stage") == STAGE.value) & (F.col("status") == Status.LANDED.value))
             .limit(1).count() > 0)
 
 
 def _require_validated(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> None:
     statuses = {r.status for r in _latest_entries(read_batch_log(spark, lake).where(
         (F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-        & (F.col("stage") == VALIDATE_STAGE))).select("status").distinct().collect()}
-    if statuses != {STATUS_VALIDATED}:
+        & (F.col("stage") == Stage.VALIDATE.value))).select("status").distinct().collect()}
+    if statuses != {Status.VALIDATED}:
         found = ", ".join(sorted(statuses)) or "no validation"
         raise BatchNotValidated(f"batch {establishment_id}/{batch_id} cannot land: validation status is {found}. "
                                 "Run validate (and fix what it reports) first.")
@@ -374,7 +374,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
                             f"{f.duplicates}" for d, f in broken.items())
         append_batch_log(spark, lake, [
             {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
-             "status": STATUS_STOPPED, "rows_read": f.read, "rows_landed": 0, "rows_quarantined": f.quarantined,
+             "status": Status.STOPPED, "rows_read": f.read, "rows_landed": 0, "rows_quarantined": f.quarantined,
              "rows_duplicates": f.duplicates, "message": "does not reconcile; nothing landed"}
             for d, f in broken.items()])
         raise ReconciliationError(f"batch {establishment_id}/{batch_id} does not reconcile, nothing landed: "
@@ -391,7 +391,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
 
     append_batch_log(spark, lake, [
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
-         "status": STATUS_LANDED, "rows_read": f.read, "rows_landed": f.landed, "rows_quarantined": f.quarantined,
+         "status": Status.LANDED, "rows_read": f.read, "rows_landed": f.landed, "rows_quarantined": f.quarantined,
          "rows_duplicates": f.duplicates,
          "message": f"read {f.read} = landed {f.landed} + quarantined {f.quarantined_ingest} at ingest and "
                     f"{f.quarantined_validate} at validate + {f.duplicates} duplicates"}
@@ -414,8 +414,8 @@ def reconcile(spark: SparkSession, lake: Lake, establishment_id: str | None = No
         log = log.where(F.col("establishment_id") == establishment_id)
     latest = _latest_entries(log.where(F.col("dataset").isNotNull()))
     keys = ["establishment_id", "batch_id", "dataset"]
-    ingest = latest.where(F.col("stage") == "ingest").select(*keys, F.col("rows_read"))
-    landed = latest.where((F.col("stage") == STAGE) & (F.col("status") == STATUS_LANDED)).select(
+    ingest = latest.where(F.col("stage") == Stage.INGEST.value).select(*keys, F.col("rows_read"))
+    landed = latest.where((F.col("stage") == STAGE.value) & (F.col("status") == Status.LANDED.value)).select(
         *keys, "rows_landed", "rows_quarantined", "rows_duplicates", F.col("recorded_at").alias("landed_at"))
     return (landed.join(ingest, on=keys, how="left")
             .select(*keys, "rows_read", "rows_landed", "rows_quarantined", "rows_duplicates",

@@ -14,21 +14,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.batchlog import BatchKind, BatchRejected
 from jobs.config import Consortium
 from jobs.schemas import DATASETS
 
 MANIFEST = "manifest.json"
 BUNDLE = "bundle"
 BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-KINDS = ("full", "incremental")
 
-
-class BatchRejected(Exception):
-    """The batch breaks the landing contract; nothing of it is written."""
-
-    def __init__(self, establishment_id: str, batch_id: str, reason: str):
-        self.establishment_id, self.batch_id, self.reason = establishment_id, batch_id, reason
-        super().__init__(f"batch {establishment_id}/{batch_id} rejected: {reason}")
+__all__ = ["BatchRejected", "Batch", "ManifestFile", "check_batch", "ready_batches"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,7 @@ class Batch:
     batch_id: str
     folder: Path
     extracted_at: dt.datetime
-    kind: str
+    kind: BatchKind
     files: tuple[ManifestFile, ...]
 
     def file_path(self, entry: ManifestFile) -> Path:
@@ -70,18 +64,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _count_rows(path: Path, dataset: str, has_header: bool) -> int:
+def _count_rows(path: Path, dataset: str, has_header: bool, quote: str | None = None) -> int:
+    """Records of a file: a JSON Bundle's entries, a CSV's non-blank records, an NDJSON's lines.
+
+    With ``quote``, a line ending inside a quoted field continues its record (a
+    note with line breaks is one row), as the CSV reader counts it.
+    """
     if dataset == BUNDLE:
         try:
             return len(json.loads(path.read_bytes()).get("entry") or [])
         except (ValueError, AttributeError):
             return -1
-    lines = 0
+    mark = quote.encode("ascii") if quote else None
+    records, in_quote, has_text = 0, False, False
     with path.open("rb") as handle:
         for line in handle:
-            if line.strip():
-                lines += 1
-    return lines - 1 if has_header else lines
+            has_text = has_text or bool(line.strip())
+            if mark and line.count(mark) % 2:
+                in_quote = not in_quote
+            if not in_quote:
+                records += has_text
+                has_text = False
+    records += has_text
+    return records - 1 if has_header else records
 
 
 def check_batch(landing_root: Path, consortium: Consortium, establishment_id: str, batch_id: str) -> Batch:
@@ -111,9 +116,9 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
         raise reject(f"manifest names establishment {manifest.get('establishment')!r}, folder is {establishment_id!r}")
     if manifest.get("batch_id") != batch_id:
         raise reject(f"manifest names batch {manifest.get('batch_id')!r}, folder is {batch_id!r}")
-    kind = manifest.get("kind", "full")
-    if kind not in KINDS:
-        raise reject(f"kind {kind!r} must be one of {KINDS}")
+    kind = manifest.get("kind", BatchKind.FULL.value)
+    if kind not in tuple(BatchKind):
+        raise reject(f"kind {kind!r} must be one of {[k.value for k in BatchKind]}")
     try:
         extracted_at = dt.datetime.fromisoformat(str(manifest.get("extracted_at")).replace("Z", "+00:00"))
     except ValueError:
@@ -153,8 +158,8 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
         rows = item.get("rows")
         if not isinstance(rows, int) or rows < 0:
             raise reject(f"{where}: rows must be a non-negative integer")
-        counted = _count_rows(path, dataset, has_header=is_csv)
+        counted = _count_rows(path, dataset, has_header=is_csv, quote=est.input.quote if is_csv else None)
         if counted != rows:
             raise reject(f"{where}: {rel} has {counted} rows, the manifest says {rows}")
         files.append(ManifestFile(dataset=dataset, path=rel, sha256=item["sha256"], rows=rows))
-    return Batch(establishment_id, batch_id, folder, extracted_at, kind, tuple(files))
+    return Batch(establishment_id, batch_id, folder, extracted_at, BatchKind(kind), tuple(files))

@@ -2,27 +2,35 @@
 
 The batch log is append-only: each stage of each batch appends what it read,
 landed, quarantined and dropped, so that ``read = landed + quarantined +
-duplicates`` can be checked per batch and dataset at any time.
+duplicates`` can be checked per batch and dataset at any time. Stages and
+statuses are the enums of :mod:`jobs.batchlog`.
+
+Typed batch state: ``kind`` (the manifest's ``full``/``incremental``),
+``manifest_sha256`` (the digest of the manifest the entry was written for: a
+rejected batch whose manifest changes is pending again, a landed batch
+delivered again with another manifest is a conflict) and ``source_file`` (the
+file a rejection is about).
+
+Older logs, written before these columns existed, are read as they are:
+Delta adds the columns on the next append (``mergeSchema``), their old rows
+read as null, and :func:`read_batch_log` takes the kind of an old entry from
+its message (``kind=full; …``), the one place that still parses it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from enum import Enum
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType, TimestampType
 
+from jobs.batchlog import BATCH_LOG, BATCH_LOG_COLUMNS, LEGACY_KIND_PATTERN, Stage, Status
 from jobs.lake import Lake
 from jobs.schemas import QUARANTINE_SCHEMA
-
-STATUS_INGESTED = "ingested"
-STATUS_REJECTED = "rejected"
-STATUS_PSEUDONYMISED = "pseudonymised"
-STATUS_VALIDATED = "validated"
-STATUS_STOPPED = "stopped"
-STATUS_LANDED = "landed"
+from jobs.tables import APPEND
 
 BATCH_LOG_SCHEMA = StructType([
     StructField("establishment_id", StringType(), False),
@@ -37,9 +45,12 @@ BATCH_LOG_SCHEMA = StructType([
     StructField("message", StringType(), True),
     StructField("extracted_at", TimestampType(), True),
     StructField("recorded_at", TimestampType(), False),
+    StructField("kind", StringType(), True),
+    StructField("manifest_sha256", StringType(), True),
+    StructField("source_file", StringType(), True),
 ])
 
-BATCH_LOG = "batch_log"
+assert tuple(BATCH_LOG_SCHEMA.fieldNames()) == BATCH_LOG_COLUMNS
 
 
 def append_batch_log(spark: SparkSession, lake: Lake, entries: list[dict]) -> None:
@@ -47,27 +58,42 @@ def append_batch_log(spark: SparkSession, lake: Lake, entries: list[dict]) -> No
     if not entries:
         return
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    unknown = {k for e in entries for k in e} - set(BATCH_LOG_SCHEMA.fieldNames())
+    if unknown:
+        raise ValueError(f"batch log entries carry unknown keys {sorted(unknown)}")
     rows = [
-        tuple(({"recorded_at": now} | e).get(f.name) for f in BATCH_LOG_SCHEMA.fields)
+        tuple(_plain(({"recorded_at": now} | e).get(f.name)) for f in BATCH_LOG_SCHEMA.fields)
         for e in entries
     ]
     df = spark.createDataFrame(rows, BATCH_LOG_SCHEMA)
-    df.write.format("delta").mode("append").save(lake.ops(BATCH_LOG))
+    # mergeSchema: a log written before the typed columns gains them on its next append.
+    df.write.format("delta").mode(APPEND).option("mergeSchema", "true").save(lake.ops(BATCH_LOG))
+
+
+def _plain(value):
+    """Enum members (stage, status, kind) are written as their plain value."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def read_batch_log(spark: SparkSession, lake: Lake) -> DataFrame:
-    """The batch log, or an empty frame with its schema before the first batch."""
+    """The batch log in :data:`BATCH_LOG_SCHEMA`, or an empty frame before the first batch."""
     if not DeltaTable.isDeltaTable(spark, lake.ops(BATCH_LOG)):
         return spark.createDataFrame([], BATCH_LOG_SCHEMA)
-    return spark.read.format("delta").load(lake.ops(BATCH_LOG))
+    log = spark.read.format("delta").load(lake.ops(BATCH_LOG))
+    for field in BATCH_LOG_SCHEMA.fields:
+        if field.name not in log.columns:
+            log = log.withColumn(field.name, F.lit(None).cast(field.dataType))
+    legacy_kind = F.nullif(F.regexp_extract(F.col("message"), LEGACY_KIND_PATTERN, 1), F.lit(""))
+    return log.withColumn("kind", F.coalesce(F.col("kind"), legacy_kind)).select(BATCH_LOG_SCHEMA.fieldNames())
 
 
-def batches_with_status(spark: SparkSession, lake: Lake, establishment_id: str, stage: str, status: str) -> set[str]:
+def batches_with_status(spark: SparkSession, lake: Lake, establishment_id: str, stage: Stage,
+                        status: Status) -> set[str]:
     """Batch ids of one establishment that reached ``status`` at ``stage``."""
     rows = (
         read_batch_log(spark, lake)
-        .where((F.col("establishment_id") == establishment_id) & (F.col("stage") == stage)
-               & (F.col("status") == status))
+        .where((F.col("establishment_id") == establishment_id) & (F.col("stage") == stage.value)
+               & (F.col("status") == status.value))
         .select("batch_id").distinct().collect()
     )
     return {r.batch_id for r in rows}
@@ -76,4 +102,4 @@ def batches_with_status(spark: SparkSession, lake: Lake, establishment_id: str, 
 def append_quarantine(df: DataFrame, lake: Lake) -> None:
     """Append rejected rows (already in :data:`QUARANTINE_SCHEMA` form, no identifier)."""
     df.select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields]).write.format(
-        "delta").mode("append").save(lake.quarantine())
+        "delta").mode(APPEND).save(lake.quarantine())

@@ -12,12 +12,13 @@ from functools import cached_property
 from pyspark.sql import SparkSession
 
 from jobs import clock
+from jobs.batchlog import PIPELINE_STAGES, Stage, Status
 from jobs.config import Consortium, load_consortium
 from jobs.keys import PseudonymKey, load_key
 from jobs.lake import Lake
 from jobs.settings import Settings
 
-STAGES = ("ingest", "pseudonymise", "validate", "land")
+STAGES = tuple(stage.value for stage in PIPELINE_STAGES)
 
 
 @dataclass
@@ -74,9 +75,9 @@ def pseudonymise(ctx: Context, establishment_id: str, batch_id: str) -> dict:
 
 
 def _landed(ctx: Context, establishment_id: str, batch_id: str) -> bool:
-    from jobs.ops import STATUS_LANDED, batches_with_status
+    from jobs.ops import batches_with_status
 
-    return batch_id in batches_with_status(ctx.spark, ctx.lake, establishment_id, "land", STATUS_LANDED)
+    return batch_id in batches_with_status(ctx.spark, ctx.lake, establishment_id, Stage.LAND, Status.LANDED)
 
 
 def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
@@ -121,7 +122,7 @@ def permanent_failures() -> tuple[type[Exception], ...]:
     from jobs.ingest import IngestReconciliationError
     from jobs.keys import KeyMismatchError, MissingKeyError, WeakKeyError
     from jobs.land import BatchNotValidated, ReconciliationError
-    from jobs.landing import BatchRejected
+    from jobs.batchlog import BatchRejected
     from jobs.validate import EngineDisagreement, SuiteError
 
     return (BatchRejected, ConfigError, IngestReconciliationError, KeyMismatchError, MissingKeyError,

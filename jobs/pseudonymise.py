@@ -16,14 +16,15 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from jobs.config import Consortium, CsvProfile, Establishment
-from jobs.crypto import hmac_sha256_hex
+from jobs.crypto import SparkKey, hmac_sha256_hex
 from jobs.keys import PseudonymKey
 from jobs.lake import Lake
-from jobs.ops import STATUS_PSEUDONYMISED, append_batch_log, batches_with_status
+from jobs.batchlog import Stage, Status
+from jobs.ops import append_batch_log, batches_with_status
 from jobs.schemas import BRONZE_COLUMNS, DATASETS, staged_schema
 from jobs.tables import OVERWRITE, ensure_table, table_exists
 
-STAGE = "pseudonymise"
+STAGE = Stage.PSEUDONYMISE
 PERSON_FROM_NAM = "nam"
 PERSON_FROM_MRN = "establishment_fallback"
 FLAG_FALLBACK = "establishment_fallback"
@@ -43,15 +44,16 @@ VOCABULARIES = {
 
 @dataclass(frozen=True)
 class Keyring:
-    """The keys one establishment's batch is pseudonymised with."""
+    """The keys one establishment's batch is pseudonymised with, held as data, never as plan literals."""
 
-    person: bytes
-    establishment: bytes
+    person: SparkKey
+    establishment: SparkKey
     fingerprint: str
 
     @classmethod
-    def for_establishment(cls, key: PseudonymKey, establishment_id: str) -> "Keyring":
-        return cls(key.person_key(), key.establishment_key(establishment_id), key.fingerprint)
+    def for_establishment(cls, spark: SparkSession, key: PseudonymKey, establishment_id: str) -> "Keyring":
+        return cls(SparkKey(spark, key.person_key()), SparkKey(spark, key.establishment_key(establishment_id)),
+                   key.fingerprint)
 
     def record_id(self, namespace: str, ref: Column) -> Column:
         """Record ids are keyed per establishment; the namespace keeps datasets apart."""
@@ -334,10 +336,10 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
     run that failed half-way left no log entry and is redone whole (each
     staged write replaces the batch's rows).
     """
-    if batch_id in batches_with_status(spark, lake, establishment_id, STAGE, STATUS_PSEUDONYMISED):
+    if batch_id in batches_with_status(spark, lake, establishment_id, STAGE, Status.PSEUDONYMISED):
         return PseudonymiseOutcome(establishment_id, batch_id, {}, {}, skipped=True)
     est = consortium.establishment(establishment_id)
-    keys = Keyring.for_establishment(key, establishment_id)
+    keys = Keyring.for_establishment(spark, key, establishment_id)
     parser = Parser(est)
     staged: dict[str, int] = {}
     duplicates: dict[str, int] = {}
@@ -393,7 +395,7 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
         duplicates[dataset] = bronze_rows[dataset] - rows
     append_batch_log(spark, lake, [
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": dataset, "stage": STAGE,
-         "status": STATUS_PSEUDONYMISED, "rows_read": bronze_rows[dataset], "rows_duplicates": duplicates[dataset],
+         "status": Status.PSEUDONYMISED, "rows_read": bronze_rows[dataset], "rows_duplicates": duplicates[dataset],
          "message": f"{rows} rows staged, {duplicates[dataset]} exact duplicates dropped"}
         for dataset, rows in staged.items()
     ])

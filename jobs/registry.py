@@ -42,3 +42,24 @@ def establishments() -> list[EstablishmentEntry]:
 
 def silver_asset_name(dataset: str) -> str:
     return f"affluent.silver.{dataset}"
+
+
+def silver_asset_uri(dataset: str) -> str:
+    return f"affluent://silver/{dataset}"
+
+
+def silver_assets() -> list:
+    """The Airflow Assets of the silver tables: land's outlets, publish's schedule. Defined here only."""
+    from airflow.sdk import Asset
+
+    return [Asset(name=silver_asset_name(d), uri=silver_asset_uri(d)) for d in CANONICAL_DATASETS]
+
+
+def task_context():
+    """The pipeline context of an Airflow task: settings from the environment, Spark from ``spark_default``.
+
+    Called inside tasks only, never at parse time (the connection look-up needs a running task).
+    """
+    from jobs.pipeline import Context, spark_master_from_connection
+
+    return Context.from_env(spark_master=spark_master_from_connection("spark_default"))

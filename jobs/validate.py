@@ -67,11 +67,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, LongType, StringType, StructField, StructType, TimestampType
 from pyspark.sql.window import Window
 
-from jobs import landing
 from jobs import reference
 from jobs.config import Consortium
 from jobs.lake import Lake
-from jobs.ops import STATUS_STOPPED, STATUS_VALIDATED, append_batch_log, read_batch_log
+from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
+from jobs.ops import append_batch_log, read_batch_log
 from jobs.schemas import (
     DATASETS,
     QUARANTINE_SCHEMA,
@@ -81,7 +81,7 @@ from jobs.schemas import (
 )
 from jobs.tables import OVERWRITE, ensure_table, table_exists
 
-STAGE = "validate"
+STAGE = Stage.VALIDATE
 SUITES_DIR = Path(__file__).resolve().parents[1] / "expectations"
 VALIDATED_ZONE = "validated"
 VALIDATION_RESULTS = "validation_results"
@@ -91,8 +91,6 @@ VALIDATION_RESULTS = "validation_results"
 GX_RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 0}
 KIND_ROW = "row"
 KIND_BATCH = "batch"
-BATCH_FULL = "full"
-BATCH_INCREMENTAL = "incremental"
 
 # Row-level rules, in the order that decides which one a row is quarantined for.
 ROW_RULES = (
@@ -139,19 +137,14 @@ VALIDATION_RESULTS_SCHEMA = StructType([
 _UNEXPECTED_ROWS_PREFIX = "SELECT * FROM {batch} WHERE "
 
 
-class BatchRejected(landing.BatchRejected):
-    """A batch-level rule failed: nothing of the batch lands.
-
-    ``failures`` lists every broken rule with its dataset and figures.
-    """
-
-    def __init__(self, establishment_id: str, batch_id: str, failures: list["BatchRuleFailure"]):
-        self.failures = failures
-        reason = "; ".join(str(f) for f in failures)
-        super().__init__(establishment_id, batch_id,
+def rules_failed(establishment_id: str, batch_id: str, failures: list["BatchRuleFailure"]) -> BatchRejected:
+    """The rejection of a batch whose batch-level rules failed; ``failures`` lists each rule and its figures."""
+    reason = "; ".join(str(f) for f in failures)
+    return BatchRejected(establishment_id, batch_id,
                          f"{reason}. Nothing of the batch was landed; see ops/validation_results and the "
                          "report, fix the extract with the establishment (or the thresholds in "
-                         "config/pipeline.yaml batch_rules) and run validate again.")
+                         "config/pipeline.yaml batch_rules), then `affluent batch retry` or `affluent batch skip`.",
+                         failures=tuple(failures))
 
 
 class SuiteError(Exception):
@@ -483,11 +476,11 @@ def _latest_log(spark: SparkSession, lake: Lake, establishment_id: str, stage: s
 def previous_full_rows(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
                        dataset: str) -> tuple[str, int] | None:
     """Batch id and staged rows of the establishment's latest landed ``full`` batch of ``dataset``."""
-    landed = (_latest_log(spark, lake, establishment_id, "land")
-              .where((F.col("status") == "landed") & (F.col("dataset") == dataset)).select("batch_id"))
+    landed = (_latest_log(spark, lake, establishment_id, Stage.LAND)
+              .where((F.col("status") == Status.LANDED.value) & (F.col("dataset") == dataset)).select("batch_id"))
     validated = (_latest_log(spark, lake, establishment_id, STAGE)
                  .where((F.col("dataset") == dataset) & (F.col("batch_id") != batch_id)
-                        & F.col("message").startswith(f"kind={BATCH_FULL};"))
+                        & (F.col("kind") == BatchKind.FULL.value))
                  .select("batch_id", "rows_read", "extracted_at"))
     row = (validated.join(landed, on="batch_id", how="inner")
            .orderBy(F.col("extracted_at").desc(), F.col("batch_id").desc()).first())
@@ -496,7 +489,7 @@ def previous_full_rows(spark: SparkSession, lake: Lake, establishment_id: str, b
 
 def _ingest_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, tuple[int, int]]:
     """(rows read, rows quarantined at ingest) per dataset of the batch."""
-    rows = (_latest_log(spark, lake, establishment_id, "ingest").where(F.col("batch_id") == batch_id)
+    rows = (_latest_log(spark, lake, establishment_id, Stage.INGEST).where(F.col("batch_id") == batch_id)
             .select("dataset", "rows_read", "rows_quarantined").collect())
     return {r.dataset: (int(r.rows_read or 0), int(r.rows_quarantined or 0)) for r in rows if r.dataset}
 
@@ -549,8 +542,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     :class:`BatchRejected` when a batch-level rule fails; the batch's validated
     rows are then removed so that land has nothing to take.
     """
-    if batch_kind not in (BATCH_FULL, BATCH_INCREMENTAL):
-        raise ValueError(f"batch_kind must be {BATCH_FULL!r} or {BATCH_INCREMENTAL!r}, not {batch_kind!r}")
+    batch_kind = BatchKind(batch_kind)
     rules = consortium.pipeline.batch_rules
     run_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
     ingest = _ingest_figures(spark, lake, establishment_id, batch_id)
@@ -582,7 +574,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
                 continue
 
             previous = previous_full_rows(spark, lake, establishment_id, batch_id, dataset) \
-                if batch_kind == BATCH_FULL else None
+                if batch_kind == BatchKind.FULL else None
             min_rows = previous[1] * (1 - rules.max_row_count_drop_pct / 100) if previous else 0
             params = suite_parameters(consortium, **{
                 PARAM_MIN_ROW_COUNT: min_rows,
@@ -660,19 +652,19 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
         for frame in persisted:
             frame.unpersist()
 
-    status = STATUS_STOPPED if failures else STATUS_VALIDATED
+    status = Status.STOPPED if failures else Status.VALIDATED
     failure_text = {f.dataset: str(f) for f in failures}
     append_batch_log(spark, lake, [
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": dataset, "stage": STAGE,
          "status": status, "rows_read": o.rows, "rows_quarantined": o.quarantined,
-         "extracted_at": extracted.get(dataset),
-         "message": f"kind={batch_kind}; {o.valid} valid, {o.quarantined} quarantined"
+         "extracted_at": extracted.get(dataset), "kind": batch_kind,
+         "message": f"{o.valid} valid, {o.quarantined} quarantined"
                     + (f"; {failure_text[dataset]}" if dataset in failure_text else "") + f"; report {report}"}
         for dataset, o in outcomes.items()
     ])
     if failures:
-        raise BatchRejected(establishment_id, batch_id, failures)
-    return ValidationOutcome(establishment_id, batch_id, batch_kind, outcomes, report, run_at.isoformat())
+        raise rules_failed(establishment_id, batch_id, failures)
+    return ValidationOutcome(establishment_id, batch_id, batch_kind.value, outcomes, report, run_at.isoformat())
 
 
 # ------------------------------------------------------------ benchmark ----

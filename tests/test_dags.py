@@ -99,21 +99,21 @@ def test_a_failure_no_retry_can_fix_fails_the_task_at_once_and_others_are_retrie
     from airflow.sdk.exceptions import AirflowFailException
 
     from jobs import pipeline
-    from jobs.landing import BatchRejected
+    from jobs.batchlog import BatchRejected, Stage
 
     module = runpy.run_path(str(DAGS / "affluent_ingest.py"))
-    monkeypatch.setitem(module["_run_stage"].__globals__, "_context", lambda: None)
+    monkeypatch.setitem(module["_run_stage"].__globals__, "task_context", lambda: None)
 
     def rejected(ctx, establishment_id, batch_id):
         raise BatchRejected(establishment_id, batch_id, "batch.quarantined_rate: 30 of 100 rows quarantined")
 
     monkeypatch.setattr(pipeline, "validate", rejected)
     with pytest.raises(AirflowFailException, match=r"validate of chu_laurentides/b1 stopped: .*batch\.quarantined_rate"):
-        module["_run_stage"]("validate", "chu_laurentides", "b1")
+        module["_run_stage"](Stage.VALIDATE, "chu_laurentides", "b1")
 
     def flaky(ctx, establishment_id, batch_id):
         raise OSError("connection reset by the storage")
 
     monkeypatch.setattr(pipeline, "land", flaky)
     with pytest.raises(OSError):
-        module["_run_stage"]("land", "chu_laurentides", "b1")
+        module["_run_stage"](Stage.LAND, "chu_laurentides", "b1")
