@@ -6,7 +6,11 @@ calls ``SparkSession.builder``.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
+import threading
 from pathlib import Path
 
 from delta import configure_spark_with_delta_pip
@@ -16,6 +20,21 @@ from jobs.settings import Settings
 
 # Extra Maven packages for object storage; only added when the lake is on s3a://.
 S3A_PACKAGES = ["org.apache.hadoop:hadoop-aws:3.5.0"]
+# Spark's verbosity: WARN by default (quiet), INFO or DEBUG to investigate.
+ENV_SPARK_LOG_LEVEL = "AFFLUENT_SPARK_LOG_LEVEL"
+DEFAULT_SPARK_LOG_LEVEL = "WARN"
+LOG4J_CONFIG = Path(__file__).resolve().parent / "log4j2.properties"
+JVM_LOGGER = logging.getLogger("affluent.spark")
+_LOG4J_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (TRACE|DEBUG|INFO|WARN|ERROR|FATAL) ")
+_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR, "FATAL": logging.CRITICAL}
+
+
+def spark_log_level() -> str:
+    level = os.environ.get(ENV_SPARK_LOG_LEVEL, DEFAULT_SPARK_LOG_LEVEL).upper()
+    if level not in _LEVELS:
+        raise ValueError(f"{ENV_SPARK_LOG_LEVEL}={level!r}: use one of {', '.join(_LEVELS)}")
+    return level
 
 
 def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession.Builder:
@@ -43,7 +62,9 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.driver.memory", os.environ.get("AFFLUENT_DRIVER_MEMORY", "4g"))
         .config("spark.sql.warehouse.dir", str(Path(settings.jars_cache).parent / "warehouse"))
-        .config("spark.driver.extraJavaOptions", "-Dderby.system.home=/tmp")
+        .config("spark.driver.extraJavaOptions",
+                f"-Dderby.system.home=/tmp -Dlog4j2.configurationFile={LOG4J_CONFIG.as_uri()} "
+                f"-Daffluent.spark.log.level={spark_log_level()}")
     )
     extra_packages: list[str] = []
     if settings.lake_root.startswith("s3a://"):
@@ -56,9 +77,55 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
 def get_spark(settings: Settings | None = None, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession:
     """Build (or reuse) the SparkSession with Delta and quiet logs."""
     settings = settings or Settings.from_env()
-    spark = session_builder(settings, app_name, extra_conf).getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("AFFLUENT_SPARK_LOG_LEVEL", "ERROR"))
+    builder = session_builder(settings, app_name, extra_conf)
+    _launch_jvm_logging_to_python(builder)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(spark_log_level())
     return spark
+
+
+def _pump(read_fd: int) -> None:
+    """Log each line the JVM writes at the level log4j gave it (Ivy and banners: INFO)."""
+    level = logging.INFO
+    with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            match = _LOG4J_LINE.match(line)
+            if match:
+                level = _LEVELS[match.group(1)]
+            elif not line.startswith(("\t", "Caused by", "  ")):
+                level = logging.INFO  # not a continuation of a logged exception
+            JVM_LOGGER.log(level, "%s", line)
+
+
+def _launch_jvm_logging_to_python(builder: SparkSession.Builder) -> None:
+    """Start the driver JVM with a pipe for its stdout and stderr, read by a thread that logs each line.
+
+    Without this the JVM inherits the process's stderr, and a scheduler that
+    reads stderr as errors (Airflow does) shows Spark's start-up banner, Ivy's
+    report and every warning as ERROR. The gateway is launched exactly as
+    ``SparkContext`` would launch it (same configuration), only with its
+    output piped; ``getOrCreate`` then reuses it.
+    """
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    with SparkContext._lock:  # noqa: SLF001 - the same guard SparkContext uses
+        if SparkContext._gateway is not None:  # noqa: SLF001 - a JVM is already running: reuse it
+            return
+        conf = SparkConf()
+        for key, value in builder._options.items():  # noqa: SLF001 - the options getOrCreate would pass
+            conf.set(key, value)
+        read_fd, write_fd = os.pipe()
+        threading.Thread(target=_pump, args=(read_fd,), name="spark-jvm-log", daemon=True).start()
+        try:
+            gateway = launch_gateway(conf, popen_kwargs={"stdout": write_fd, "stderr": write_fd})
+        finally:
+            os.close(write_fd)  # the JVM holds its own copy; the pump ends when the JVM does
+        SparkContext._gateway = gateway  # noqa: SLF001
+        SparkContext._jvm = gateway.jvm  # noqa: SLF001
 
 
 def resolve_jars(settings: Settings | None = None) -> list[str]:
