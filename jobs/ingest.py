@@ -21,7 +21,7 @@ from jobs.lake import Lake
 from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.landing import check_batch, ready_batches
 from jobs.ops import append_batch_log, batches_with_status
-from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
+from jobs.readers.csv import FileLineage, HeaderError, read_csv_file, read_header
 from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
 from jobs.tables import OVERWRITE, ensure_table
 
@@ -51,9 +51,9 @@ def pending_batches(spark: SparkSession, lake: Lake, landing_root: Path, consort
     return [b for b in ready_batches(landing_root, est.landing_folder) if b not in done]
 
 
-def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage, max_field_bytes: int):
+def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage):
     if isinstance(est.input, CsvProfile):
-        return read_csv_file(spark, path, dataset, est.input, lineage, max_field_bytes)
+        return read_csv_file(spark, path, dataset, est.input, lineage)
     from jobs.readers.fhir import read_fhir_file
 
     return read_fhir_file(spark, str(path), dataset, est.input, lineage)
@@ -77,41 +77,20 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     results = []
     column_changes: dict[str, str] = {}
     quarantine_parts: list[DataFrame] = []
-    notes: dict[str, list[str]] = {}
-
-    def reject(dataset: str, message: str) -> BatchRejected:
-        append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
-                                        "dataset": dataset, "stage": STAGE,
-                                        "status": Status.REJECTED, "message": message}])
-        return BatchRejected(establishment_id, batch_id, message)
-
-    if isinstance(est.input, CsvProfile):
-        # Every header is checked before any file is read, so a drifted file stops the batch whole.
-        for entry in batch.files:
-            try:
-                header = read_header(batch.file_path(entry), est.input)
-            except HeaderError as exc:
-                raise reject(entry.dataset, str(exc)) from None
-            mapping = est.input.columns[entry.dataset]
-            change = header_drift(header, mapping)
-            if change and not consortium.pipeline.batch_rules.allow_column_changes:
-                raise reject(entry.dataset, (
-                    f"{entry.path}: the source header differs from the profile's {entry.dataset} mapping "
-                    f"({change}); header {header}, profile expects {list(mapping)}. Nothing was ingested: "
-                    f"update config/establishments/{establishment_id}.yaml or ask the establishment to restore "
-                    "its export (batch_rules.allow_column_changes lets drifted files land, with the missing "
-                    "columns NULL)."))
-            if change:
-                column_changes[entry.dataset] = change
     for entry in batch.files:
         lineage = FileLineage(establishment_id, batch_id, f"{est.landing_folder}/{batch_id}/{entry.path}",
                               batch.extracted_at, ingested_at)
         try:
-            result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
-                                consortium.pipeline.max_field_bytes)
+            result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage)
         except HeaderError as exc:
-            raise reject(entry.dataset, str(exc)) from None
-        notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
+            append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                            "dataset": entry.dataset, "stage": STAGE,
+                                            "status": Status.REJECTED, "message": str(exc)}])
+            raise BatchRejected(establishment_id, batch_id, str(exc)) from None
+        if isinstance(est.input, CsvProfile):
+            change = _column_change(read_header(batch.file_path(entry), est.input), est.input.columns[entry.dataset])
+            if change:
+                column_changes[entry.dataset] = change
         for dataset, frame in result.bronze.items():
             bronze_parts.setdefault(dataset, []).append(frame)
         quarantine_parts.append(result.quarantine)
@@ -166,8 +145,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
          "status": Status.INGESTED, "rows_read": bronze_counts.get(d, 0) + quarantined.get(d, 0),
          "rows_quarantined": quarantined.get(d, 0), "extracted_at": batch.extracted_at, "kind": batch.kind,
-         "message": "; ".join(([f"columns: {column_changes[d]}"] if d in column_changes else [])
-                             + notes.get(d, [])) or None}
+         "message": f"columns: {column_changes[d]}" if d in column_changes else None}
         for d in datasets
     ])
     return IngestOutcome(establishment_id, batch_id, batch.kind.value, bronze_counts, quarantined)
@@ -184,3 +162,11 @@ def batch_kind(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     if row is None:
         raise LookupError(f"batch {establishment_id}/{batch_id} has not been ingested")
     return BatchKind(row.kind)
+
+
+def _column_change(header: list[str], mapping: dict[str, str]) -> str:
+    """How a file's header differs from the profile's mapping ('' when it does not)."""
+    missing = [h for h in mapping if h not in header]
+    unexpected = [h for h in header if h not in mapping]
+    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else [])
+    return ", ".join(parts)
