@@ -310,7 +310,8 @@ def refuse_deletion_vectors(table, what: str) -> None:
                            "or to republish the extract")
 
 
-def _fetch(con, sql: str, limits: Limits) -> pa.Table:
+def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS) -> pa.Table:
+    """Run ``sql`` on ``con`` under the time and row limits; the result as a pyarrow table."""
     timer = threading.Timer(limits.timeout_seconds, con.interrupt)
     timer.start()
     try:
@@ -350,7 +351,7 @@ def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMI
         missing = [d for d in checked.datasets if d not in published]
         if missing:
             raise QueryRefused(f"the {', '.join(missing)} extract of project {project.id} is not published yet")
-        result = _fetch(con, checked.sql, limits)
+        result = fetch(con, checked.sql, limits)
         output = disclosure.check_output(con, checked.sql, result, project,
                                          {d: v for d, v in registered.items() if d in published})
     finally:
