@@ -315,8 +315,7 @@ def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS) -> pa.Table:
     timer = threading.Timer(limits.timeout_seconds, con.interrupt)
     timer.start()
     try:
-        con.execute(sql)
-        reader = con.to_arrow_reader(batch_size=min(limits.max_rows + 1, 10_000))
+        reader = con.sql(sql).to_arrow_reader(batch_size=min(limits.max_rows + 1, 10_000))
         batches, rows = [], 0
         for batch in reader:
             batches.append(batch)
