@@ -1,7 +1,7 @@
 # Quick start: `make demo` runs the lake end to end; `make test` runs the tests.
 # Both set up the machine first (scripts/bootstrap: virtualenv, pinned dependencies, cached jars).
 
-.PHONY: setup demo test test-fast airflow bench clean
+.PHONY: setup demo test test-fast airflow airflow-stop bench clean
 
 setup:
 	./scripts/bootstrap
@@ -18,6 +18,9 @@ test-fast: setup
 
 airflow: setup
 	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/affluent airflow
+
+airflow-stop:
+	.venv/bin/affluent airflow --stop
 
 bench: setup
 	.venv/bin/python -m benchmarks.run --size small

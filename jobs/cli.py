@@ -68,12 +68,36 @@ def _cmd_batches(args: argparse.Namespace) -> int:
     from jobs.ops import read_batch_log
 
     ctx = pipeline.Context.from_env()
+    # Each queue first: whether it moves, and if not which batch holds it back and why.
+    for est in [args.establishment] if args.establishment else sorted(ctx.consortium.establishments):
+        print(pipeline.queue(ctx, est).explain())
     log = read_batch_log(ctx.spark, ctx.lake)
     if args.establishment:
         log = log.where(F.col("establishment_id") == args.establishment)
     log.orderBy("establishment_id", "batch_id", "recorded_at").select(
         "establishment_id", "batch_id", "dataset", "stage", "status", "rows_read", "rows_landed",
-        "rows_quarantined", "rows_duplicates", "message").show(args.limit, truncate=False)
+        "rows_quarantined", "rows_duplicates", "kind", "source_file", "message").show(args.limit, truncate=False)
+    return 0
+
+
+def _cmd_batch_decision(args: argparse.Namespace) -> int:
+    """A steward's skip or retry of one batch, recorded in the batch log (stage ``steward``)."""
+    from jobs import pipeline
+    from jobs.batchlog import Stage, Status
+    from jobs.ops import append_batch_log
+
+    ctx = pipeline.Context.from_env()
+    queue = pipeline.queue(ctx, args.establishment)
+    batch = queue.state_of(args.batch)
+    if batch is None:
+        print(f"no batch {args.batch} in landing for {args.establishment}", file=sys.stderr)
+        return 1
+    status = Status.SKIPPED if args.action == "skip" else Status.RETRY
+    reason = args.reason or f"retried after {batch.state}"
+    append_batch_log(ctx.spark, ctx.lake, [{"establishment_id": args.establishment, "batch_id": args.batch,
+                                            "stage": Stage.STEWARD, "status": status,
+                                            "message": f"{reason} (by {os.environ.get('USER', 'unknown')})"}])
+    print(f"{args.establishment}/{args.batch}: {status} recorded. {pipeline.queue(ctx, args.establishment).explain()}")
     return 0
 
 
@@ -85,15 +109,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_airflow(args: argparse.Namespace) -> int:
-    from jobs.demo import airflow_env
+    from jobs.airflow_local import run_standalone, stop_standalone
+    from jobs.demo import airflow_env, describe_lake
 
-    env = airflow_env(Path(args.workdir))
+    if args.stop:
+        return stop_standalone(Path(args.workdir).resolve() / "airflow")
+    env = airflow_env(Path(args.workdir), keep_exported=True)
     print(f"Starting Airflow standalone with the project's DAGs (AIRFLOW_HOME={env['AIRFLOW_HOME']}).")
+    for line in describe_lake(env):
+        print(f"  {line}")
     print(f"UI: http://localhost:{args.port}  — login and password are printed by Airflow below and kept in "
           f"{env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
+    print("Stop with Ctrl-C here, or `make airflow-stop` from another terminal.")
     env["AIRFLOW__API__PORT"] = str(args.port)
-    os.execvpe("airflow", ["airflow", "standalone"], env)
-    return 0
+    return run_standalone(env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     batches.add_argument("--limit", type=int, default=200)
     batches.set_defaults(func=_cmd_batches)
 
+    batch = sub.add_parser("batch", help="A steward's decision on a batch that blocks its establishment's queue")
+    decisions = batch.add_subparsers(dest="action", required=True, metavar="ACTION")
+    skip = decisions.add_parser("skip", help="Set the batch aside for good; later batches go on (recorded)")
+    skip.add_argument("--reason", required=True, help="why (kept in the batch log)")
+    retry = decisions.add_parser("retry", help="Take the batch again once fixed: forgets its earlier stops (recorded)")
+    retry.add_argument("--reason", help="what was fixed (kept in the batch log)")
+    for decision in (skip, retry):
+        decision.add_argument("establishment")
+        decision.add_argument("batch")
+        decision.set_defaults(func=_cmd_batch_decision)
+
     demo = sub.add_parser("demo", help="Generate a consortium and run every DAG with Airflow, end to end")
     demo.add_argument("--patients", type=int, default=2000)
     demo.add_argument("--batches", type=int, default=2,
@@ -143,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     airflow = sub.add_parser("airflow", help="Start `airflow standalone` with the project's DAGs (UI + scheduler)")
     airflow.add_argument("--workdir", default="demo")
     airflow.add_argument("--port", type=int, default=8080)
+    airflow.add_argument("--stop", action="store_true", help="stop the Airflow started from this work folder")
     airflow.set_defaults(func=_cmd_airflow)
 
     from jobs import cli_access  # researcher, steward and maintenance commands

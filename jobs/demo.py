@@ -63,8 +63,18 @@ def logs_to(path: Path):
             _TERMINAL = None
 
 
-def airflow_env(workdir: Path) -> dict[str, str]:
-    """Environment for Airflow and the jobs: SQLite metadata, local Spark, the demo's lake."""
+# What the embedded Airflow needs to find the lake; each has a default under the work folder.
+LAKE_VARIABLES = ("AFFLUENT_LAKE_ROOT", "AFFLUENT_LANDING_ROOT", "AFFLUENT_CONFIG_DIR")
+
+
+def airflow_env(workdir: Path, keep_exported: bool = False) -> dict[str, str]:
+    """Environment for Airflow and the jobs: SQLite metadata, local Spark, a lake.
+
+    The demo (``keep_exported=False``) always uses its own synthetic lake under
+    ``workdir``, so it can never write into a real one. ``affluent airflow``
+    (``keep_exported=True``) keeps an exported lake, landing root, config
+    folder and key, and fills in defaults only for what is unset.
+    """
     workdir = workdir.resolve()
     home = workdir / "airflow"
     home.mkdir(parents=True, exist_ok=True)
@@ -77,16 +87,41 @@ def airflow_env(workdir: Path) -> dict[str, str]:
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "2",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "60",
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
-        "AFFLUENT_LAKE_ROOT": str(workdir / "lake"),
-        "AFFLUENT_LANDING_ROOT": str(workdir / "consortium" / "landing"),
-        "AFFLUENT_CONFIG_DIR": os.environ.get("AFFLUENT_CONFIG_DIR", str(PROJECT_ROOT / "config")),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
+    defaults = {
+        "AFFLUENT_LAKE_ROOT": str(workdir / "lake"),
+        "AFFLUENT_LANDING_ROOT": str(workdir / "consortium" / "landing"),
+        "AFFLUENT_CONFIG_DIR": str(PROJECT_ROOT / "config"),
+    }
+    for name, value in defaults.items():
+        exported = os.environ.get(name)
+        if exported and (keep_exported or name == "AFFLUENT_CONFIG_DIR"):
+            continue  # the demo keeps an exported configuration folder too: it is read, never written
+        env[name] = value
     # Demo batches are small: two partitions per shuffle suit them and the two cores of a laptop.
     env.setdefault("AFFLUENT_SHUFFLE_PARTITIONS", "2")
-    if not env.get("AFFLUENT_PSEUDONYM_KEY") and not env.get("AFFLUENT_PSEUDONYM_KEY_FILE"):
+    has_key = env.get("AFFLUENT_PSEUDONYM_KEY") or env.get("AFFLUENT_PSEUDONYM_KEY_FILE")
+    # A throwaway key only for the demo's own synthetic lake: a real lake without its key fails closed.
+    if not has_key and env["AFFLUENT_LAKE_ROOT"] == defaults["AFFLUENT_LAKE_ROOT"]:
         env["AFFLUENT_PSEUDONYM_KEY_FILE"] = str(_demo_key(workdir))
     return env
+
+
+def describe_lake(env: dict[str, str]) -> list[str]:
+    """One line per setting the DAGs will use, saying whether it came from the environment (never the key)."""
+    lines = [f"{name}={env[name]}  ({'exported' if os.environ.get(name) == env[name] else 'default'})"
+             for name in LAKE_VARIABLES]
+    if os.environ.get("AFFLUENT_PSEUDONYM_KEY"):
+        lines.append("pseudonymisation key: AFFLUENT_PSEUDONYM_KEY (exported)")
+    elif os.environ.get("AFFLUENT_PSEUDONYM_KEY_FILE"):
+        lines.append(f"pseudonymisation key: file {env['AFFLUENT_PSEUDONYM_KEY_FILE']} (exported)")
+    elif env.get("AFFLUENT_PSEUDONYM_KEY_FILE"):
+        lines.append(f"pseudonymisation key: demo key file {env['AFFLUENT_PSEUDONYM_KEY_FILE']} (synthetic data only)")
+    else:
+        lines.append("pseudonymisation key: NONE — export AFFLUENT_PSEUDONYM_KEY or AFFLUENT_PSEUDONYM_KEY_FILE, "
+                     "or set the Airflow connection affluent_pseudonym_key; tasks refuse to run without it")
+    return lines
 
 
 def _demo_key(workdir: Path) -> Path:
