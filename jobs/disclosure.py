@@ -63,8 +63,14 @@ reason and how to rewrite the query):
    ``min_cell_size - 1`` persons either way singles them out and the query is
    refused. The first measure does not depend on the persons' other values,
    so the refusal of ``… AND person_id <> 'x'`` tells nothing about ``x``.
-   Conditions on aggregated rows (above a ``GROUP BY``) filter groups, whose
-   cells are checked as above. A correlated subquery's own condition is
+   Conditions inside aggregates (``FILTER``, ``CASE WHEN`` in a ``sum``,
+   ``count_if``) and in the select lists of row-level subqueries are measured
+   the same way, on their own (persons they select and persons they leave
+   out); a disjunct of an ``OR`` is measured for the persons it adds.
+   Conditions on aggregated rows (above a ``GROUP BY``) and in grouping keys
+   make groups, whose cells are checked as above. ``person_id`` itself may
+   only be selected, counted, grouped, joined or filtered on: a function of
+   it elsewhere would single out a person with no condition to measure. A correlated subquery's own condition is
    measured as part of the outer conjunct that holds it. Outer joins with
    conditions beyond column equalities are refused (they filter one side
    without removing its rows).
@@ -409,11 +415,18 @@ def _join_conditions(select: exp.Select) -> list[exp.Expression]:
 
 
 def _row_predicates(select: exp.Select) -> list[exp.Expression]:
-    """Conditions evaluated per row in ``select``'s own select list (FILTER, CASE WHEN, count_if…)."""
+    """Conditions evaluated per row in ``select``'s own select list (FILTER, CASE WHEN, count_if…).
+
+    In an aggregate, only conditions inside aggregate functions count: a
+    condition in a grouping key makes groups, whose small cells are suppressed.
+    """
+    grouped = _is_aggregate(select)
     found = []
     for projection in select.expressions:
         for node in projection.find_all(exp.Predicate, exp.Connector, exp.Not):
             if not _own(node, select) or node.find(exp.AggFunc, exp.Window):
+                continue
+            if grouped and node.find_ancestor(exp.AggFunc, exp.Filter) is None:
                 continue
             parent = node.parent
             while isinstance(parent, exp.Paren):

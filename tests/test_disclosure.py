@@ -259,6 +259,12 @@ def test_conditional_aggregates_are_measured_like_where(con, aggregate):
                     "JOIN q_patient p ON p.person_id = d.person_id GROUP BY 1")
 
 
+def test_a_condition_in_a_grouping_key_makes_groups_that_are_suppressed(con):
+    checked = _check(con, "SELECT p.year_of_birth = 1930 AS born_1930, count(*) AS n FROM q_diagnosis d "
+                          "JOIN q_patient p ON p.person_id = d.person_id GROUP BY 1")
+    assert set(checked.table.column("n").to_pylist()) == {None}  # the one person, and the rest by subtraction
+
+
 def test_functions_of_person_id_are_refused(con):
     with pytest.raises(OutputRefused, match="person_id may only"):
         _check(con, "SELECT condition_source_value, sum(instr(person_id, 'p05')) FROM q_diagnosis GROUP BY 1")
