@@ -205,3 +205,30 @@ def test_extracts_hold_exactly_the_persons_the_consent_ground_truth_allows(run):
         assert len(allowed) < len(seen_there)  # consent filtered someone out
         checked += len(expected)
     assert checked > 0
+
+
+def test_every_delta_table_opens_without_spark_as_the_readme_says(run):
+    """Each table of every zone reads with delta-rs (scan) and DuckDB with Spark's row count;
+    ``to_pyarrow_table`` works exactly on the tables without deletion vectors."""
+    import duckdb
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaProtocolError
+
+    from jobs.arrow_tables import has_deletion_vectors, read_table
+
+    ctx, _ = run
+    tables = sorted(str(log.parent) for log in Path(ctx.lake.root).rglob("_delta_log"))
+    assert any("/silver/" in t for t in tables) and any("/projects/" in t for t in tables)
+    with_vectors = set()
+    for path in tables:
+        expected = ctx.spark.read.format("delta").load(path).count()
+        arrow = read_table(path)
+        assert arrow.num_rows == expected, path
+        assert duckdb.connect().sql("SELECT count(*) FROM arrow").fetchone()[0] == expected, path
+        if has_deletion_vectors(path):
+            with_vectors.add(path.removeprefix(ctx.lake.root))
+            with pytest.raises(DeltaProtocolError):
+                DeltaTable(path).to_pyarrow_table()
+        else:
+            assert DeltaTable(path).to_pyarrow_table().num_rows == expected, path
+    assert with_vectors and all(p.startswith("/silver/") for p in with_vectors), with_vectors
