@@ -283,14 +283,24 @@ def locked_connection(limits: Limits = DEFAULT_LIMITS):
     return con
 
 
-def register_project(con, lake: Lake, project: Project) -> dict[str, str]:
-    """Register each published dataset of ``project`` as an Arrow dataset view; return dataset -> view."""
+def register_project(con, lake: Lake, project: Project, needed: tuple[str, ...] = ()) -> dict[str, str]:
+    """Register the published datasets of ``project`` as Arrow dataset views; return dataset -> view.
+
+    A dataset whose table has deletion vectors is left out, and refused when
+    it is one of ``needed`` (the datasets the query reads).
+    """
     from deltalake import DeltaTable
 
-    views = {d: f"q_{d}" for d in project.datasets}
+    views = {}
     for dataset, uri in _published(lake, project).items():
         table = DeltaTable(uri)
-        refuse_deletion_vectors(table, f"the {dataset} extract of project {project.id}")
+        try:
+            refuse_deletion_vectors(table, f"the {dataset} extract of project {project.id}")
+        except QueryRefused:
+            if dataset in needed:
+                raise
+            continue
+        views[dataset] = f"q_{dataset}"
         con.register(views[dataset], table.to_pyarrow_dataset())
     return views
 
@@ -345,14 +355,12 @@ def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMI
     checked = check_sql(sql, project, ENGINE_DUCKDB, views)
     con = locked_connection(limits)
     try:
-        registered = register_project(con, lake, project)
-        published = _published(lake, project)
-        missing = [d for d in checked.datasets if d not in published]
+        missing = [d for d in checked.datasets if d not in _published(lake, project)]
         if missing:
             raise QueryRefused(f"the {', '.join(missing)} extract of project {project.id} is not published yet")
+        registered = register_project(con, lake, project, needed=checked.datasets)
         result = fetch(con, checked.sql, limits)
-        output = disclosure.check_output(con, checked.sql, result, project,
-                                         {d: v for d, v in registered.items() if d in published})
+        output = disclosure.check_output(con, checked.sql, result, project, registered)
     finally:
         con.close()
     return Answer(table=output.table, checked=checked, suppressed_cells=output.suppressed_cells,
