@@ -162,3 +162,13 @@ def test_delta_sharing_other_project_and_revoked_tokens_get_nothing(running, tmp
     with pytest.raises(HTTPError) as unauthenticated:
         delta_sharing.load_as_pandas(f"{sharing_profile(running, tmp_path, revoked)}#{PROJECT}.extracts.patient")
     assert unauthenticated.value.response.status_code == 401
+
+
+def test_demo_step_queries_through_its_own_gateway(running, capsys):
+    from jobs.gateway.demo import show
+
+    assert show(running["lake"].root, running["config"]) == 0
+    out = capsys.readouterr().out
+    assert "confined by Landlock" in out and "inpatient" in out and "audit event" in out
+    demo_tokens = [r for r in running["store"].records().values() if r.token_id in out]
+    assert len(demo_tokens) == 1 and demo_tokens[0].revoked_at  # the demo's token dies with its gateway
