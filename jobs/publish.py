@@ -29,9 +29,18 @@ versions of an extract stay in its Delta history until the maintenance VACUUM;
 the access layer only ever reads the current version. An erasure removes
 them physically at once (:mod:`jobs.erasure`).
 
+The patient extract is k-anonymous on the project's ``quasi_identifiers``
+(:mod:`jobs.kanonymity`): year of birth and postal prefix generalised along
+one ladder, then the quasi-identifiers of persons still in a class smaller
+than ``k_anonymity`` suppressed (null); those persons keep their rows.
+
 A ``_manifest`` Delta table in each project folder gets one row per publish:
 policy version, key fingerprint, the silver table versions read, the row
-count of each extract and the publish time.
+count of each extract, the publish time, what k-anonymisation did (``k``,
+level reached, year band, postal characters kept, persons generalised and
+suppressed, smallest class) and the re-identification risk: the share of
+persons unique on the published quasi-identifiers, and on them plus their
+set of diagnosis codes when the project takes diagnoses.
 
 An expired or revoked project (or one no longer declared) loses its extract:
 every table is emptied (DELETE), then its folder is removed with every data
@@ -49,6 +58,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
     DateType,
+    DoubleType,
     LongType,
     MapType,
     StringType,
@@ -62,6 +72,7 @@ from jobs.config import Consortium, Project
 from jobs.consent import consented_persons
 from jobs.crypto import hmac_sha256_hex
 from jobs.gold import build_patients_by_condition
+from jobs.kanonymity import k_anonymise, reidentification_risk
 from jobs.keys import PseudonymKey
 from jobs.lake import PROJECTS, Lake
 from jobs.maintenance import vacuum_now
@@ -94,6 +105,8 @@ MANIFEST_SCHEMA = StructType([
     StructField("silver_versions", MapType(StringType(), LongType()), False),
     StructField("row_counts", MapType(StringType(), LongType()), False),
     StructField("establishments", MapType(StringType(), ArrayType(StringType())), False),
+    StructField("k_anonymity", MapType(StringType(), LongType()), True),
+    StructField("reidentification_risk", MapType(StringType(), DoubleType()), True),
 ])
 
 
@@ -227,6 +240,11 @@ def read_silver(spark: SparkSession, lake: Lake) -> tuple[dict[str, DataFrame], 
 
 # ----------------------------------------------------------- publish ----
 
+def read_extract(spark: SparkSession, lake: Lake, project_id: str, dataset: str) -> DataFrame:
+    """One published table of a project's extract, as researchers see it."""
+    return spark.read.format("delta").load(lake.project(project_id, dataset))
+
+
 def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, project: Project,
                      key: PseudonymKey, on_date: dt.date, silver: dict[str, DataFrame],
                      versions: dict[str, int | None], published_at: dt.datetime) -> dict[str, int]:
@@ -244,14 +262,25 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
         shared[dataset] = shared_establishments(consortium, project, dataset)
         extract = project_extract(silver[dataset], dataset, project, shared[dataset], persons,
                                   project_key, shift_key)
+        if dataset == "patient":
+            extract, anonymity = k_anonymise(extract, project.quasi_identifiers, project.k_anonymity)
         path = lake.project(project.id, dataset)
         extract.write.format("delta").mode(OVERWRITE).option("overwriteSchema", "true").save(path)
         counts[dataset] = last_write_rows(spark, path)
+    anonymity_figures = risk = None
+    if "patient" in project.datasets:
+        anonymity_figures = anonymity.figures()
+        diagnosis = read_extract(spark, lake, project.id, "diagnosis") if "diagnosis" in project.datasets else None
+        risk = reidentification_risk(read_extract(spark, lake, project.id, "patient"), project.quasi_identifiers,
+                                     diagnosis)
     manifest = spark.createDataFrame([(
         published_at, on_date, project.id, project.purpose, consortium.policy_version, key.fingerprint,
         project.date_precision, {d: v for d, v in versions.items() if v is not None}, counts, shared,
+        anonymity_figures, risk,
     )], MANIFEST_SCHEMA)
-    manifest.write.format("delta").mode(APPEND).save(lake.project(project.id, MANIFEST))
+    # mergeSchema: manifests written before the k-anonymity figures existed gain the new columns.
+    manifest.write.format("delta").mode(APPEND).option("mergeSchema", "true").save(
+        lake.project(project.id, MANIFEST))
     return counts
 
 

@@ -7,7 +7,7 @@ import datetime as dt
 import hashlib
 import hmac
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
@@ -194,8 +194,9 @@ def test_dates_are_coarsened_or_shifted_per_person(spark, world):
     assert offsets and all(len(v) == 1 for v in offsets.values())
     assert all(0 < abs(next(iter(v))) <= 365 for v in offsets.values())
     assert len({next(iter(v)) for v in offsets.values()}) > 1
-    births = {r.year_of_birth for r in read(spark, lake.project(onc.id, "patient")).collect()}
-    assert births <= {r[5] for r in rows["patient"]}  # year of birth is never shifted
+    births = {r.year_of_birth for r in read(spark, lake.project(onc.id, "patient")).collect()} - {None}
+    # Year of birth is never shifted: published as exact or as the first year of its band.
+    assert births and births <= {r[5] for r in rows["patient"]}
 
 
 def test_manifest_records_policy_versions_and_counts(spark, world):
@@ -207,6 +208,60 @@ def test_manifest_records_policy_versions_and_counts(spark, world):
     assert m[0].row_counts == outcome.extracts["diabetes_outcomes"]
     assert m[0].establishments["lab_result"] == sorted([A, B, C])
     assert m[0].key_fingerprint == world["key"].fingerprint
+
+
+def test_patient_extracts_are_k_anonymous_with_figures_in_the_manifest(spark, world):
+    lake, rows = world["lake"], world["rows"]
+    for project in world["consortium"].projects.values():
+        qis = [q for q in project.quasi_identifiers if q in project.datasets["patient"]]
+        patients = read(spark, lake.project(project.id, "patient")).collect()
+        per_person = {r.person_id: tuple(r[q] for q in qis) for r in patients}
+        sizes = Counter(per_person.values())
+        assert min(sizes.values()) >= project.k_anonymity, (project.id, sizes)
+        m = read(spark, lake.project(project.id, MANIFEST)).orderBy("published_at").collect()[0]
+        figures = m.k_anonymity
+        assert figures["k"] == project.k_anonymity and figures["persons"] == len(per_person)
+        suppressed = sum(1 for values in per_person.values() if all(v is None for v in values))
+        assert figures["suppressed"] == suppressed
+        assert figures["generalised"] == (len(per_person) - suppressed if figures["level"] > 0 else 0)
+        assert figures["smallest_class"] == min(sizes.values())
+        years = {values[qis.index("year_of_birth")] for values in per_person.values()} - {None}
+        assert all(y % figures["year_band"] == 0 for y in years)
+        risk = m.reidentification_risk
+        assert risk["unique_on_quasi_identifiers"] == 0.0
+        assert 0.0 <= risk["unique_with_diagnoses"] <= 1.0
+    # Real years of birth are all distinct in this silver: some generalisation was needed.
+    assert len({r[5] for r in rows["patient"]}) == PERSONS
+
+
+def _signatures(spark, lake, project_id: str, columns: tuple[str, ...]) -> dict[str, tuple]:
+    """Per project pseudonym: the published values of ``columns`` and the set of diagnosis codes."""
+    codes = defaultdict(set)
+    for r in read(spark, lake.project(project_id, "diagnosis")).collect():
+        codes[r.person_id].add(r.condition_source_value)
+    return {r.person_id: tuple(r[c] for c in columns) + (frozenset(codes[r.person_id]),)
+            for r in read(spark, lake.project(project_id, "patient")).collect()}
+
+
+def _linked(left: dict, right: dict, width: int) -> int:
+    """Persons unique in both extracts on the first ``width`` fields of their signature: linked one to one."""
+    def uniques(signatures):
+        counts = Counter(s[:width] for s in signatures.values())
+        return {s for s, n in counts.items() if n == 1}
+    return len(uniques(left) & uniques(right))
+
+
+def test_cross_project_linkage_on_demographics_and_diagnoses(spark, world):
+    lake = world["lake"]
+    a = _signatures(spark, lake, "diabetes_outcomes", ("gender_source_value", "year_of_birth"))
+    b = _signatures(spark, lake, "oncology_cohort", ("gender_source_value", "year_of_birth"))
+    on_demographics = _linked(a, b, 2)
+    with_diagnoses = _linked(a, b, 3)
+    print(f"\ncross-project linkage: {on_demographics} person(s) linked on (sex, year of birth), "
+          f"{with_diagnoses} of {len(b)} on (sex, year of birth, diagnosis codes)")
+    assert on_demographics == 0
+    # Without k-anonymity every person of the smaller extract was unique on (sex, year of birth).
+    assert len({(r[4], r[5]) for r in world["rows"]["patient"]}) == PERSONS
 
 
 def assert_suppression_holds(cells, dims, threshold):
