@@ -259,3 +259,44 @@ def test_time_row_and_size_limits(env, member_token, tmp_path):
     big = ask("SELECT person_id FROM patient WHERE " + " OR ".join(["person_id = 'x'"] * 20))
     assert big.status_code == 400 and "at most 200" in big.json()["message"]
     assert ask("SELECT person_id FROM patient LIMIT 5").status_code == 200
+
+
+def test_every_result_is_output_checked_for_an_aggregate_only_project(env, tmp_path):
+    from jobs.gateway.app import create_app
+
+    settings = GatewaySettings.from_env(lake_root=env["lake"].root, config_dir=CONFIG_DIR,  # shipped: aggregates only
+                                        token_store=tmp_path / "tokens.jsonl")
+    client = TestClient(create_app(settings))
+    headers = bearer(TokenStore(settings.token_store).issue(PROJECT, MEMBER)[0])
+    sql = "SELECT visit_source_value, count(DISTINCT person_id) AS persons FROM encounter GROUP BY 1"
+    answer = client.post(f"/v1/projects/{PROJECT}/query", json={"sql": sql}, headers=headers)
+    assert answer.status_code == 200, answer.text
+    rows = dict((r[0], r[1]) for r in answer.json()["rows"])
+    # 6 persons in emergency (< 11): suppressed, and inpatient with it (secondary suppression of a margin).
+    assert rows == {"emergency": None, "inpatient": None} and answer.json()["suppressed_cells"] >= 2
+    exported = client.post(f"/v1/projects/{PROJECT}/export", json={"sql": sql, "format": "csv"}, headers=headers)
+    assert exported.status_code == 200 and int(exported.headers["x-affluent-suppressed-cells"]) >= 1
+    for person_level in ("SELECT person_id FROM patient", "SELECT * FROM encounter"):
+        refused = client.post(f"/v1/projects/{PROJECT}/query", json={"sql": person_level}, headers=headers)
+        assert refused.status_code == 400 and "rows" not in refused.json()
+        refused = client.post(f"/v1/projects/{PROJECT}/export", json={"sql": person_level, "format": "parquet"},
+                              headers=headers)
+        assert refused.status_code == 400 and not refused.content.startswith(b"PAR1")
+
+
+def test_steward_cli_issues_lists_and_revokes_tokens(env, tmp_path, monkeypatch, capsys):
+    from jobs.cli import main
+
+    monkeypatch.setenv("AFFLUENT_TOKEN_STORE", str(tmp_path / "tokens.jsonl"))
+    monkeypatch.setenv("AFFLUENT_CONFIG_DIR", str(env["config"]))
+    assert main(["token", "issue", "--project", PROJECT, "--user", MEMBER, "--expires", "2027-01-31"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("aff_") and token not in (tmp_path / "tokens.jsonl").read_text()
+    token_id = token.split("_")[1]
+    assert main(["token", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert token_id in listing and "active" in listing and "2027-01-31" in listing and token not in listing
+    assert main(["token", "revoke", token_id]) == 0
+    assert main(["token", "list"]) == 0
+    assert f"{token_id}" in (out := capsys.readouterr().out) and "revoked" in out
+    assert main(["token", "issue", "--project", PROJECT, "--user", "mallory"]) == 2
