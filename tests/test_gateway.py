@@ -300,3 +300,22 @@ def test_steward_cli_issues_lists_and_revokes_tokens(env, tmp_path, monkeypatch,
     assert main(["token", "list"]) == 0
     assert f"{token_id}" in (out := capsys.readouterr().out) and "revoked" in out
     assert main(["token", "issue", "--project", PROJECT, "--user", "mallory"]) == 2
+
+
+def test_sql_errors_say_what_is_wrong_without_quoting_data(env, member_token):
+    typo = post_query(env, member_token, "SELECT no_such_column FROM patient")
+    assert typo.status_code == 400 and "no_such_column" in typo.json()["message"]
+    cast = post_query(env, member_token, "SELECT CAST(person_id AS INTEGER) AS x FROM patient")
+    assert cast.status_code == 400 and "ConversionException" in cast.json()["message"]
+    assert "p0" not in cast.text  # the value that failed to convert stays in the audit, not in the answer
+    assert audit_rows(env)[-1]["outcome"] == "failed" and "p0" in audit_rows(env)[-1]["reason"]
+
+
+def test_config_or_token_store_holding_the_lake_is_refused(tmp_path):
+    from jobs.gateway.confine import ConfinementUnavailable
+    from jobs.gateway.server import confinement_for
+
+    settings = GatewaySettings.from_env(lake_root=str(tmp_path / "lake"), config_dir=CONFIG_DIR,
+                                        token_store=tmp_path / "tokens.jsonl")
+    with pytest.raises(ConfinementUnavailable, match="contains the lake"):
+        confinement_for(settings, tmp_path / "tmp")

@@ -166,11 +166,30 @@ def _run(gateway: Gateway, event: dict, project, sql: str) -> tuple[access.Answe
     except Exception as exc:
         row = gateway.write(event | {"outcome": access.OUTCOME_FAILED,
                                      "reason": f"{type(exc).__name__}: {exc}"[:1000]})
+        if _compile_error(exc):
+            # Parser, binder and catalog errors are about the SQL text, not the data: safe to show.
+            raise GatewayError(400, "QUERY_FAILED", str(exc).splitlines()[0][:500]) from None
+        if _run_error(exc):
+            # Errors raised while reading rows may quote a value (a failed cast): name the kind only.
+            raise GatewayError(400, "QUERY_FAILED", f"the query failed while running ({type(exc).__name__}); "
+                               f"audit event {row['event_id']}") from None
         raise GatewayError(500, "INTERNAL_ERROR", f"the query failed (audit event {row['event_id']})") from None
     notes = ([f"{result.suppressed_cells} cell(s) suppressed"] if result.suppressed_cells else []) + result.notes
     row = gateway.write(event | {"outcome": access.OUTCOME_ALLOWED, "rows_returned": result.table.num_rows,
                                  "reason": "; ".join(notes)[:1000] or None})
     return result, row
+
+
+def _compile_error(exc: Exception) -> bool:
+    import duckdb
+
+    return isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException))
+
+
+def _run_error(exc: Exception) -> bool:
+    import duckdb
+
+    return isinstance(exc, duckdb.Error)
 
 
 def _json_rows(table) -> list[list]:

@@ -72,6 +72,11 @@ def confinement_for(settings: GatewaySettings, private_tmp: Path) -> Confinement
         lake = settings.lake
         read_only += [Path(lake.zone(PROJECTS)), Path(lake.zone(GOLD))]
         read_write.append(Path(lake.ops(ACCESS_AUDIT)))
+        # A folder that holds the lake would open every zone: refuse rather than widen the rules.
+        for path in (settings.config_dir, settings.token_store.parent):
+            if Path(settings.lake_root).resolve().is_relative_to(path.resolve()):
+                raise ConfinementUnavailable(f"{path} contains the lake {settings.lake_root}; put the configuration "
+                                             "and the token store outside the lake")
     return Confinement(read_only=tuple(read_only), read_write=tuple(read_write))
 
 
