@@ -41,9 +41,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from jobs.gateway import ACCESS_AUDIT
 from jobs.lake import Lake
 
-from jobs.gateway import ACCESS_AUDIT  # noqa: E402
 GENESIS_HASH = "0" * 64
 LOCK_FILE = "_writer.lock"
 
