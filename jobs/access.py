@@ -275,8 +275,13 @@ def locked_connection(limits: Limits = DEFAULT_LIMITS):
     """An in-memory DuckDB that reads nothing outside what is registered on it; settings locked."""
     import duckdb
 
-    con = duckdb.connect(config={"enable_external_access": False, "autoinstall_known_extensions": False,
-                                 "autoload_known_extensions": False, "allow_community_extensions": False})
+    import tempfile
+
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                 "allow_community_extensions": False})
+    # Spill to the process's private temp folder (the gateway's, under Landlock); then no file access at all.
+    con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/duckdb-spill'")
+    con.execute("SET enable_external_access = false")
     con.execute(f"SET memory_limit = '{limits.memory_limit}'")
     con.execute(f"SET threads = {int(limits.threads)}")
     con.execute("SET lock_configuration = true")

@@ -121,3 +121,17 @@ def test_cte_names_cannot_reach_the_catalog(consortium):
     checked = check_sql("WITH encounter AS (SELECT * FROM encounter WHERE 1 = 1) SELECT * FROM encounter",
                         project, "duckdb", views)
     assert "v_encounter" in checked.sql
+
+
+def test_locked_connection_holds_even_without_the_sql_check():
+    import duckdb
+
+    from jobs.access import Limits, locked_connection
+
+    con = locked_connection(Limits(memory_limit="256MB", threads=1))
+    for sql in ("SELECT * FROM read_csv('/etc/passwd')", "SET enable_external_access = true",
+                "SET memory_limit = '64GB'", "INSTALL httpfs", "ATTACH '/tmp/x.duckdb' AS x",
+                "COPY (SELECT 1) TO '/tmp/out.csv'"):
+        with pytest.raises(duckdb.Error):
+            con.execute(sql)
+    assert con.sql("SELECT current_setting('threads') AS t").fetchall() == [(1,)]
