@@ -172,3 +172,23 @@ def test_demo_step_queries_through_its_own_gateway(running, capsys):
     assert "confined by Landlock" in out and "inpatient" in out and "audit event" in out
     demo_tokens = [r for r in running["store"].records().values() if r.token_id in out]
     assert len(demo_tokens) == 1 and demo_tokens[0].revoked_at  # the demo's token dies with its gateway
+
+
+def test_file_urls_are_audited_and_die_with_their_token(running):
+    import httpx
+
+    token, record = running["store"].issue(PROJECT, MEMBER)
+    headers = {"Authorization": f"Bearer {token}"}
+    lines = httpx.post(f"{running['url']}/delta-sharing/shares/{PROJECT}/schemas/extracts/tables/patient/query",
+                       json={}, headers=headers).text.splitlines()
+    url = json.loads(lines[-1])["file"]["url"]
+    assert httpx.get(url).content.startswith(b"PAR1")
+    assert httpx.get(url.replace("sig=", "sig=0")).status_code == 403
+    running["store"].revoke(record.token_id)
+    assert httpx.get(url).status_code == 403
+
+    from jobs.gateway.audit import read_audit
+
+    files = [r for r in read_audit(running["lake"]).to_pylist()
+             if r["token_id"] == record.token_id and (r["reason"] or "").startswith(("file", "token"))]
+    assert [r["outcome"] for r in files] == ["allowed", "refused"] and files[0]["user"] == MEMBER

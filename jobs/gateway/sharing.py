@@ -15,7 +15,9 @@ HTTP range support for a local lake. Time travel (``version``,
 ``timestamp``, change data feed) is refused: old versions may still hold
 withdrawn persons. A table whose files carry deletion vectors is refused
 (this server does not apply them; its files alone would return deleted rows).
-Every call is audited with the token's user.
+Every call is audited with the token's user, each file download included: a
+file URL names the token it was handed to, and stops working when that token
+is revoked or its user leaves the project.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
 
-from jobs import access
+from jobs import access, clock
 from jobs.gateway.audit import delta_uri
+from jobs.policy import AccessDenied, check_access
 
 PREFIX = "/delta-sharing"
 SCHEMA = "extracts"
@@ -41,13 +44,13 @@ ACTION_SHARING = "sharing"
 NDJSON = "application/x-ndjson; charset=utf-8"
 
 
-def _sign(key: bytes, share: str, table: str, path: str, expires: int) -> str:
-    message = f"{share}\n{table}\n{path}\n{expires}".encode("utf-8")
+def _sign(key: bytes, share: str, table: str, path: str, expires: int, token_id: str) -> str:
+    message = f"{share}\n{table}\n{path}\n{expires}\n{token_id}".encode("utf-8")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def add_routes(app: FastAPI, gateway) -> None:
-    from jobs.gateway.app import GatewayError
+    from jobs.gateway.app import UNKNOWN_USER, GatewayError
 
     def _project(request: Request, share: str, what: str):
         record, project, event = gateway.authorise(request, share, ACTION_SHARING, sql=None, engine=ENGINE)
@@ -165,7 +168,7 @@ def add_routes(app: FastAPI, gateway) -> None:
     @app.post(f"{PREFIX}/shares/{{share}}/schemas/{{schema}}/tables/{{table}}/query")
     async def table_query(share: str, schema: str, table: str, request: Request):
         body = await request.body()
-        _, project, event = _project(request, share, f"query of {table}")
+        record, project, event = _project(request, share, f"query of {table}")
         try:
             options = json.loads(body or b"{}")
         except ValueError:
@@ -181,8 +184,9 @@ def add_routes(app: FastAPI, gateway) -> None:
         rows = 0
         for action in add:
             path = action["path"]
-            signature = _sign(gateway.signing_key, share, table, path, expires)
-            url = f"{base}{PREFIX}/files/{quote(share)}/{quote(table)}/{quote(path)}?expires={expires}&sig={signature}"
+            signature = _sign(gateway.signing_key, share, table, path, expires, record.token_id)
+            url = (f"{base}{PREFIX}/files/{quote(share)}/{quote(table)}/{quote(path)}?expires={expires}"
+                   f"&token={record.token_id}&sig={signature}")
             partitions = {k.removeprefix("partition.").removeprefix("partition_values."): (None if v is None else str(v))
                           for k, v in action.items() if k.startswith(("partition.", "partition_values."))}
             rows += int(action.get("num_records") or 0)
@@ -193,14 +197,27 @@ def add_routes(app: FastAPI, gateway) -> None:
         return _ndjson(lines, delta.version())
 
     @app.get(f"{PREFIX}/files/{{share}}/{{table}}/{{path:path}}")
-    def file(share: str, table: str, path: str, expires: int, sig: str):
-        expected = _sign(gateway.signing_key, share, table, path, expires)
+    def file(share: str, table: str, path: str, expires: int, token: str, sig: str, request: Request):
+        expected = _sign(gateway.signing_key, share, table, path, expires, token)
         if not hmac.compare_digest(expected, sig) or expires < time.time():
             raise GatewayError(403, "PERMISSION_DENIED", "invalid or expired file URL")
+        # The URL was handed to this token: it dies with the token and with the user's membership.
+        record = gateway.tokens.records().get(token)
+        consortium = gateway.consortium.get()
+        event = {"user": record.user if record else UNKNOWN_USER, "token_id": token, "project_id": share,
+                 "purpose": consortium.projects[share].purpose if share in consortium.projects else None,
+                 "action": ACTION_SHARING, "engine": ENGINE, "policy_version": consortium.policy_version or "-"}
+        try:
+            if record is None or record.state(clock.today()) != "active" or record.project_id != share:
+                raise AccessDenied(f"token {token} is no longer valid for {share}")
+            check_access(consortium, share, record.user, clock.today())
+        except AccessDenied as exc:
+            _refuse(event, 403, "PERMISSION_DENIED", str(exc))
         if not gateway.settings.local_lake:
-            raise GatewayError(501, "NOT_IMPLEMENTED", "files of an object-store lake are not served yet")
+            _refuse(event, 501, "NOT_IMPLEMENTED", "files of an object-store lake are not served yet")
         root = Path(gateway.lake.project(share, table)).resolve()
         target = (root / path).resolve()
         if not target.is_relative_to(root) or "_delta_log" in target.parts or not target.is_file():
-            raise GatewayError(404, "NOT_FOUND", "no such file")
+            _refuse(event, 404, "NOT_FOUND", "no such file")
+        _allowed(event, f"file {table}/{path} {request.headers.get('range', 'whole')}")
         return FileResponse(target, media_type="application/octet-stream")
