@@ -319,3 +319,22 @@ def test_config_or_token_store_holding_the_lake_is_refused(tmp_path):
                                         token_store=tmp_path / "tokens.jsonl")
     with pytest.raises(ConfinementUnavailable, match="contains the lake"):
         confinement_for(settings, tmp_path / "tmp")
+
+
+def test_without_landlock_the_gateway_refuses_unless_told_unconfined(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from jobs.gateway import confine
+    from jobs.gateway.server import lock_down
+
+    monkeypatch.setattr(confine, "landlock_abi", lambda: 0)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.gettempdir())  # lock_down moves it: restored after the test
+    monkeypatch.setenv("TMPDIR", tempfile.gettempdir())
+    for name in ("AFFLUENT_PSEUDONYM_KEY", "AFFLUENT_PSEUDONYM_KEY_FILE", "AIRFLOW_CONN_AFFLUENT_PSEUDONYM_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    settings = GatewaySettings.from_env(lake_root=str(tmp_path / "lake"), config_dir=CONFIG_DIR,
+                                        token_store=tmp_path / "access" / "tokens.jsonl", temp_dir=tmp_path)
+    with pytest.raises(confine.ConfinementUnavailable, match="--unconfined"):
+        lock_down(settings)
+    private = lock_down(settings, unconfined=True)
+    assert "UNCONFINED" in capsys.readouterr().err and private.is_dir()
