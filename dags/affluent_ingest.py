@@ -11,7 +11,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from jobs.batchlog import Stage
+from jobs.batchlog import QueueState, Stage
 from jobs.registry import establishments, silver_assets, task_context
 
 DEFAULT_ARGS = {
@@ -24,8 +24,12 @@ DEFAULT_ARGS = {
 DOC = """
 ### Ingest {name} (`{id}`)
 
-Takes the oldest complete batch in `landing/{id}/` (or the batch named in the
-run's `batch_id` parameter) through the four stages of the flow:
+Takes the next batch of `landing/{id}/` in delivery order (or the batch named
+in the run's `batch_id` parameter) through the four stages of the flow. A batch
+rejected or stopped at any stage blocks the later ones: `select_batch` fails
+with the reason until a steward fixes it (`affluent batch retry {id} BATCH`) or
+sets it aside (`affluent batch skip {id} BATCH --reason …`); `affluent batches`
+shows why a queue is blocked.
 
 1. **ingest** — checks the manifest (files, sha256, row counts), parses every
    file with the establishment's profile into bronze; malformed lines and
@@ -71,11 +75,14 @@ def build_ingest_dag(establishment_id: str, name: str):
 
             requested = get_current_context()["params"].get("batch_id")
             if requested:
-                return requested
-            pending = pipeline.pending(task_context(), establishment_id)
-            if not pending:
-                raise AirflowSkipException(f"no complete batch waiting in landing for {establishment_id}")
-            return pending[0]
+                return requested  # land still refuses it until every earlier batch is landed or skipped
+            queue = pipeline.queue(task_context(), establishment_id)  # the batch log via delta-rs: no Spark
+            if queue.pending:
+                return queue.pending[0]
+            blocker = queue.blocked_by
+            if blocker is not None and blocker.state == QueueState.BLOCKED:
+                raise AirflowFailException(queue.explain())  # a steward must act: no retry can help
+            raise AirflowSkipException(queue.explain())
 
         @task
         def ingest(batch_id: str) -> dict:

@@ -19,7 +19,8 @@ from pyspark.sql import functions as F
 from jobs.config import Consortium, CsvProfile
 from jobs.lake import Lake
 from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
-from jobs.landing import check_batch, ready_batches
+from jobs.batch_queue import delivered_manifest, redelivery_conflict
+from jobs.landing import MANIFEST, check_batch
 from jobs.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, read_csv_file, read_header
 from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
@@ -42,15 +43,6 @@ class IngestOutcome:
     skipped: bool = False
 
 
-def pending_batches(spark: SparkSession, lake: Lake, landing_root: Path, consortium: Consortium,
-                    establishment_id: str) -> list[str]:
-    """Complete batches of an establishment not yet ingested nor rejected, in delivery order."""
-    est = consortium.establishment(establishment_id)
-    done = (batches_with_status(spark, lake, establishment_id, STAGE, Status.INGESTED)
-            | batches_with_status(spark, lake, establishment_id, STAGE, Status.REJECTED))
-    return [b for b in ready_batches(landing_root, est.landing_folder) if b not in done]
-
-
 def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage):
     if isinstance(est.input, CsvProfile):
         return read_csv_file(spark, path, dataset, est.input, lineage)
@@ -61,14 +53,31 @@ def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage):
 
 def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium: Consortium,
                  establishment_id: str, batch_id: str) -> IngestOutcome:
-    """Ingest one batch into bronze; a batch already ingested is skipped."""
+    """Ingest one batch into bronze; a batch already ingested is skipped.
+
+    Every refusal is in the batch log with its file, its reason and the
+    manifest's sha256 (a batch whose manifest changes is checked again, see
+    :mod:`jobs.batch_queue`). A batch delivered again with another manifest
+    after it was ingested is refused as a ``conflict``: the first delivery stays.
+    """
+    manifest = delivered_manifest(landing_root, consortium, establishment_id, batch_id)
+    conflict = redelivery_conflict(lake, landing_root, consortium, establishment_id, batch_id)
+    if conflict:
+        reason = (f"delivered again after ingest with another {MANIFEST} (sha256 {conflict}); the first "
+                  "delivery stays. Deliver changes as a new batch; `affluent batch skip` or `affluent batch "
+                  "retry` (goes on with the first delivery) once the establishment has explained.")
+        append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                        "stage": STAGE, "status": Status.CONFLICT, "message": reason,
+                                        "manifest_sha256": conflict, "source_file": MANIFEST}])
+        raise BatchRejected(establishment_id, batch_id, reason, file=MANIFEST)
     if batch_id in batches_with_status(spark, lake, establishment_id, STAGE, Status.INGESTED):
         return IngestOutcome(establishment_id, batch_id, skipped=True)
     try:
         batch = check_batch(landing_root, consortium, establishment_id, batch_id)
     except BatchRejected as exc:
         append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
-                                        "stage": STAGE, "status": Status.REJECTED, "message": exc.reason}])
+                                        "stage": STAGE, "status": Status.REJECTED, "message": exc.reason,
+                                        "source_file": exc.file, "manifest_sha256": manifest}])
         raise
 
     est = consortium.establishment(establishment_id)
@@ -85,7 +94,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         except HeaderError as exc:
             append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
                                             "dataset": entry.dataset, "stage": STAGE,
-                                            "status": Status.REJECTED, "message": str(exc)}])
+                                            "status": Status.REJECTED, "message": str(exc),
+                                            "source_file": entry.path, "manifest_sha256": manifest}])
             raise BatchRejected(establishment_id, batch_id, str(exc)) from None
         if isinstance(est.input, CsvProfile):
             change = _column_change(read_header(batch.file_path(entry), est.input), est.input.columns[entry.dataset])
@@ -136,15 +146,21 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     for entry in batch.files:
         source = f"{est.landing_folder}/{batch_id}/{entry.path}"
         if per_file.get(source, 0) != entry.rows:
-            raise IngestReconciliationError(
-                f"{source}: the manifest announces {entry.rows} rows, {per_file.get(source, 0)} were read "
-                "(landed in bronze + quarantined). Nothing was logged as ingested; inspect the file.")
+            reason = (f"{source}: the manifest announces {entry.rows} rows, {per_file.get(source, 0)} were read "
+                      "(landed in bronze + quarantined). Nothing was logged as ingested; inspect the file, then "
+                      "`affluent batch retry` or `affluent batch skip`.")
+            append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                            "dataset": entry.dataset, "stage": STAGE, "status": Status.STOPPED,
+                                            "message": reason, "source_file": entry.path,
+                                            "manifest_sha256": manifest}])
+            raise IngestReconciliationError(reason)
 
     datasets = sorted(set(bronze_counts) | set(quarantined))
     append_batch_log(spark, lake, [
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
          "status": Status.INGESTED, "rows_read": bronze_counts.get(d, 0) + quarantined.get(d, 0),
          "rows_quarantined": quarantined.get(d, 0), "extracted_at": batch.extracted_at, "kind": batch.kind,
+         "manifest_sha256": manifest,
          "message": f"columns: {column_changes[d]}" if d in column_changes else None}
         for d in datasets
     ])

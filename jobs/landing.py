@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from jobs.batchlog import BatchKind, BatchRejected
 from jobs.config import Consortium
 from jobs.schemas import DATASETS
@@ -89,10 +91,72 @@ def _count_rows(path: Path, dataset: str, has_header: bool, quote: str | None = 
     return records - 1 if has_header else records
 
 
+class ManifestEntryModel(BaseModel):
+    """One ``files[]`` entry, strictly typed: ``rows`` is a JSON integer (not ``true``, not ``"12"``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    dataset: str
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    rows: int = Field(ge=0)
+
+
+class ManifestModel(BaseModel):
+    """``manifest.json``, strictly typed (see docs/landing-contract.md)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    establishment: str
+    batch_id: str
+    extracted_at: str
+    kind: str = BatchKind.FULL.value
+    files: list[ManifestEntryModel] = Field(min_length=1)
+
+
+def _manifest_problems(error: ValidationError, manifest: dict) -> tuple[str, str | None]:
+    """Every problem of a manifest, ``files[0].rows: …``, and the file the first one is about."""
+    problems, file = [], None
+    for problem in error.errors():
+        loc = problem["loc"]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        problems.append(f"{where or 'manifest'}: {problem['msg']}")
+        if file is None and len(loc) > 1 and loc[0] == "files" and isinstance(loc[1], int):
+            entry = (manifest.get("files") or [None] * (loc[1] + 1))[loc[1]]
+            file = entry.get("path") if isinstance(entry, dict) and isinstance(entry.get("path"), str) else None
+    return "; ".join(problems), file
+
+
+def _path_problem(rel: str) -> str | None:
+    """Why a manifest path cannot name a file of the batch folder (``None`` when it can)."""
+    if not rel:
+        return "is empty"
+    bad = next((c for c in rel if ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F), None)
+    if bad is not None:
+        return f"holds the control character U+{ord(bad):04X}"
+    if rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
+        return "leaves the batch folder"
+    return None
+
+
+def _lone_carriage_return(path: Path) -> int | None:
+    """The first line (1-based) holding a CR that does not end it, or ``None``.
+
+    The line readers break lines at CR as well as LF, so a CR inside a field
+    would split its record and the counts would no longer match the manifest's.
+    """
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            body = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+            if b"\r" in body:
+                return number
+    return None
+
+
 def check_batch(landing_root: Path, consortium: Consortium, establishment_id: str, batch_id: str) -> Batch:
-    """Check one batch against the landing contract; raise :class:`BatchRejected`."""
-    def reject(reason: str) -> BatchRejected:
-        return BatchRejected(establishment_id, batch_id, reason)
+    """Check one batch against the landing contract; raise :class:`BatchRejected` naming the file at fault."""
+    def reject(reason: str, file: str | None = None) -> BatchRejected:
+        return BatchRejected(establishment_id, batch_id, reason, file=file)
 
     if establishment_id not in consortium.establishments:
         raise reject(f"unknown establishment {establishment_id!r}: declare it under config/establishments/")
@@ -105,61 +169,69 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
         raise reject("batch folder leaves the establishment's landing folder")
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise reject(f"no {MANIFEST}: the batch is not complete yet")
+        raise reject(f"no {MANIFEST}: the batch is not complete yet", MANIFEST)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise reject(f"{MANIFEST} is not valid JSON: {exc}") from None
+        raise reject(f"{MANIFEST} is not valid JSON: {exc}", MANIFEST) from None
     if not isinstance(manifest, dict):
-        raise reject(f"{MANIFEST} must be a JSON object")
-    if manifest.get("establishment") != establishment_id:
-        raise reject(f"manifest names establishment {manifest.get('establishment')!r}, folder is {establishment_id!r}")
-    if manifest.get("batch_id") != batch_id:
-        raise reject(f"manifest names batch {manifest.get('batch_id')!r}, folder is {batch_id!r}")
-    kind = manifest.get("kind", BatchKind.FULL.value)
-    if kind not in tuple(BatchKind):
-        raise reject(f"kind {kind!r} must be one of {[k.value for k in BatchKind]}")
+        raise reject(f"{MANIFEST} must be a JSON object", MANIFEST)
     try:
-        extracted_at = dt.datetime.fromisoformat(str(manifest.get("extracted_at")).replace("Z", "+00:00"))
+        checked = ManifestModel.model_validate(manifest)
+    except ValidationError as exc:
+        problems, file = _manifest_problems(exc, manifest)
+        raise reject(f"{MANIFEST} does not follow the landing contract: {problems}", file or MANIFEST) from None
+    if checked.establishment != establishment_id:
+        raise reject(f"manifest names establishment {checked.establishment!r}, folder is {establishment_id!r}",
+                     MANIFEST)
+    if checked.batch_id != batch_id:
+        raise reject(f"manifest names batch {checked.batch_id!r}, folder is {batch_id!r}", MANIFEST)
+    if checked.kind not in tuple(BatchKind):
+        raise reject(f"kind {checked.kind!r} must be one of {[k.value for k in BatchKind]}", MANIFEST)
+    try:
+        extracted_at = dt.datetime.fromisoformat(checked.extracted_at.replace("Z", "+00:00"))
     except ValueError:
-        raise reject(f"extracted_at {manifest.get('extracted_at')!r} is not an ISO-8601 timestamp") from None
+        raise reject(f"extracted_at {checked.extracted_at!r} is not an ISO-8601 timestamp", MANIFEST) from None
     if extracted_at.tzinfo is None:
-        raise reject("extracted_at must carry a time zone (e.g. 2026-01-15T02:00:00Z)")
+        raise reject("extracted_at must carry a time zone (e.g. 2026-01-15T02:00:00Z)", MANIFEST)
     extracted_at = extracted_at.astimezone(dt.timezone.utc).replace(tzinfo=None)
 
     is_csv = est.input.format == "csv"
     allowed = set(DATASETS) | ({BUNDLE} if not is_csv else set())
-    entries = manifest.get("files")
-    if not isinstance(entries, list) or not entries:
-        raise reject("manifest lists no files")
     files: list[ManifestFile] = []
-    seen: set[str] = set()
-    for i, item in enumerate(entries):
-        where = f"files[{i}]"
-        if not isinstance(item, dict):
-            raise reject(f"{where} must be an object")
-        dataset, rel = item.get("dataset"), item.get("path")
+    seen: dict[str, str] = {}
+    for i, item in enumerate(checked.files):
+        where, dataset, rel = f"files[{i}]", item.dataset, item.path
         if dataset not in allowed:
-            raise reject(f"{where}: unknown dataset {dataset!r} (expected one of {sorted(allowed)})")
+            raise reject(f"{where}: unknown dataset {dataset!r} (expected one of {sorted(allowed)})", rel)
         if is_csv and dataset not in est.input.columns:
-            raise reject(f"{where}: no column mapping for dataset {dataset!r} in the establishment's profile")
-        if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
-            raise reject(f"{where}: path {rel!r} leaves the batch folder")
+            raise reject(f"{where}: no column mapping for dataset {dataset!r} in the establishment's profile", rel)
+        problem = _path_problem(rel)
+        if problem:
+            raise reject(f"{where}: path {rel!r} {problem}", repr(rel))
         path = (folder / rel).resolve()
         if not path.is_relative_to(folder) or path.name == MANIFEST:
-            raise reject(f"{where}: path {rel!r} leaves the batch folder")
-        if rel in seen:
-            raise reject(f"{where}: {rel} is listed twice")
-        seen.add(rel)
-        if not path.is_file():
-            raise reject(f"{where}: file {rel} is missing")
-        if _sha256(path) != str(item.get("sha256", "")).lower():
-            raise reject(f"{where}: sha256 of {rel} does not match the manifest (file changed or truncated)")
-        rows = item.get("rows")
-        if not isinstance(rows, int) or rows < 0:
-            raise reject(f"{where}: rows must be a non-negative integer")
-        counted = _count_rows(path, dataset, has_header=is_csv, quote=est.input.quote if is_csv else None)
-        if counted != rows:
-            raise reject(f"{where}: {rel} has {counted} rows, the manifest says {rows}")
-        files.append(ManifestFile(dataset=dataset, path=rel, sha256=item["sha256"], rows=rows))
-    return Batch(establishment_id, batch_id, folder, extracted_at, BatchKind(kind), tuple(files))
+            raise reject(f"{where}: path {rel!r} leaves the batch folder", repr(rel))
+        # One file under two spellings (./a.csv, a.csv, a link) would be read twice.
+        normalised = path.relative_to(folder).as_posix()
+        if normalised in seen:
+            raise reject(f"{where}: {rel} is listed twice (as {seen[normalised]!r} and {rel!r})", rel)
+        seen[normalised] = rel
+        try:
+            if not path.is_file():
+                raise reject(f"{where}: file {rel} is missing", rel)
+            if _sha256(path) != item.sha256.lower():
+                raise reject(f"{where}: sha256 of {rel} does not match the manifest (file changed or truncated)", rel)
+            if dataset != BUNDLE:
+                line = _lone_carriage_return(path)
+                if line is not None:
+                    raise reject(f"{where}: {rel} line {line} holds a carriage return (CR) that does not end the "
+                                 "line; records end in LF or CRLF, and a CR inside a field must be removed or "
+                                 "replaced before delivery", rel)
+            counted = _count_rows(path, dataset, has_header=is_csv, quote=est.input.quote if is_csv else None)
+        except OSError as exc:
+            raise reject(f"{where}: {rel} cannot be read: {exc.strerror or exc}", rel) from None
+        if counted != item.rows:
+            raise reject(f"{where}: {rel} has {counted} rows, the manifest says {item.rows}", rel)
+        files.append(ManifestFile(dataset=dataset, path=normalised, sha256=item.sha256, rows=item.rows))
+    return Batch(establishment_id, batch_id, folder, extracted_at, BatchKind(checked.kind), tuple(files))

@@ -11,6 +11,13 @@ rejected batch whose manifest changes is pending again, a landed batch
 delivered again with another manifest is a conflict) and ``source_file`` (the
 file a rejection is about).
 
+Who reads and writes it: every stage appends through Spark (one writer style for
+every Delta table of the lake, and Delta's optimistic commits between
+concurrent writers). Choosing the next batch reads it with delta-rs
+(:func:`jobs.batch_queue.batch_log_entries`), without a Spark session: the log
+is small. delta-rs cannot read a table with deletion vectors, so ops tables
+never enable them (the batch log is append-only and needs none).
+
 Older logs, written before these columns existed, are read as they are:
 Delta adds the columns on the next append (``mergeSchema``), their old rows
 read as null, and :func:`read_batch_log` takes the kind of an old entry from

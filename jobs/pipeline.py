@@ -55,10 +55,16 @@ class Context:
         return cls(Settings.from_env(), spark_master)
 
 
-def pending(ctx: Context, establishment_id: str) -> list[str]:
-    from jobs.ingest import pending_batches
+def queue(ctx: Context, establishment_id: str):
+    """The establishment's batches in delivery order and where each stands; read without Spark."""
+    from jobs.batch_queue import establishment_queue
 
-    return pending_batches(ctx.spark, ctx.lake, ctx.settings.landing, ctx.consortium, establishment_id)
+    return establishment_queue(ctx.lake, ctx.settings.landing, ctx.consortium, establishment_id)
+
+
+def pending(ctx: Context, establishment_id: str) -> list[str]:
+    """Batches the pipeline may take now, in delivery order; none past a batch that is stopped."""
+    return queue(ctx, establishment_id).pending
 
 
 def ingest(ctx: Context, establishment_id: str, batch_id: str) -> dict:
@@ -97,6 +103,7 @@ def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     key = ctx.key
     if _landed(ctx, establishment_id, batch_id):
         return {"skipped": True, "reason": "batch already landed"}
+    queue(ctx, establishment_id).require_turn(batch_id)  # batches of an establishment land in delivery order
     return _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint))
 
 
@@ -122,10 +129,11 @@ def permanent_failures() -> tuple[type[Exception], ...]:
     from jobs.ingest import IngestReconciliationError
     from jobs.keys import KeyMismatchError, MissingKeyError, WeakKeyError
     from jobs.land import BatchNotValidated, ReconciliationError
+    from jobs.batch_queue import QueueBlocked
     from jobs.batchlog import BatchRejected
     from jobs.validate import EngineDisagreement, SuiteError
 
-    return (BatchRejected, ConfigError, IngestReconciliationError, KeyMismatchError, MissingKeyError,
+    return (BatchRejected, QueueBlocked, ConfigError, IngestReconciliationError, KeyMismatchError, MissingKeyError,
             WeakKeyError, BatchNotValidated, ReconciliationError, EngineDisagreement, SuiteError)
 
 

@@ -117,3 +117,29 @@ def test_a_failure_no_retry_can_fix_fails_the_task_at_once_and_others_are_retrie
     monkeypatch.setattr(pipeline, "land", flaky)
     with pytest.raises(OSError):
         module["_run_stage"](Stage.LAND, "chu_laurentides", "b1")
+
+
+def test_select_batch_fails_with_the_reason_when_a_stopped_batch_blocks_the_queue(dagbag, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    from jobs import pipeline
+    from jobs.batch_queue import EstablishmentQueue, QueuedBatch
+    from jobs.batchlog import QueueState
+
+    select = dagbag.dags["affluent_ingest_chu_laurentides"].get_task("select_batch").python_callable
+    monkeypatch.setitem(select.__globals__, "task_context", lambda: None)
+    monkeypatch.setitem(select.__globals__, "get_current_context", lambda: {"params": {"batch_id": None}})
+
+    def queue_of(*batches):
+        monkeypatch.setattr(pipeline, "queue", lambda ctx, est: EstablishmentQueue(est, batches))
+
+    queue_of(QueuedBatch("b1", QueueState.LANDED), QueuedBatch("b2", QueueState.IN_PROGRESS),
+             QueuedBatch("b3", QueueState.WAITING))
+    assert select() == "b2"
+    queue_of(QueuedBatch("b1", QueueState.BLOCKED, "stopped: batch.quarantined_rate", "validate"),
+             QueuedBatch("b2", QueueState.WAITING))
+    with pytest.raises(AirflowFailException, match=r"blocked by b1, blocked at validate: stopped: batch\.quarantined_rate"):
+        select()
+    queue_of(QueuedBatch("b1", QueueState.LANDED))
+    with pytest.raises(AirflowSkipException, match="nothing waiting"):
+        select()
