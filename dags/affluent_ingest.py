@@ -12,7 +12,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from jobs.batchlog import QueueState, Stage
-from jobs.registry import establishments, silver_assets, task_context
+from jobs.registry import LAKE_WRITERS_POOL, establishments, silver_assets, task_context
 
 DEFAULT_ARGS = {
     "owner": "data-engineering",
@@ -39,6 +39,8 @@ shows why a queue is blocked.
 3. **validate** — Great Expectations suites; failing rows to quarantine,
    batch-level rules stop the batch before anything lands.
 4. **land** — MERGE into silver; checks `read = landed + quarantined + duplicates`.
+   Runs in the `affluent_lake_writers` pool (one slot), so no MERGE overlaps a
+   publish, an erasure or a VACUUM.
 
 Every stage is idempotent: re-running a run for a batch already done changes
 no table. A failure names the establishment, the batch and the rule; see
@@ -96,7 +98,7 @@ def build_ingest_dag(establishment_id: str, name: str):
         def validate(batch_id: str) -> dict:
             return _run_stage(Stage.VALIDATE, establishment_id, batch_id)
 
-        @task(outlets=silver_assets())
+        @task(outlets=silver_assets(), pool=LAKE_WRITERS_POOL)
         def land(batch_id: str) -> dict:
             return _run_stage(Stage.LAND, establishment_id, batch_id)
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from jobs.registry import task_context
+from jobs.registry import LAKE_WRITERS_POOL, task_context
 
 
 @dag(
@@ -17,8 +17,9 @@ from jobs.registry import task_context
     catchup=False,  # maintenance acts on the lake as it is now; past days need no replay
     max_active_runs=1,
     tags=["affluent", "maintenance"],
+    # Every task deletes or rewrites lake files: one at a time with land and publish (one-slot pool).
     default_args={"owner": "data-engineering", "retries": 1, "retry_delay": timedelta(minutes=10),
-                  "execution_timeout": timedelta(hours=4)},
+                  "execution_timeout": timedelta(hours=4), "pool": LAKE_WRITERS_POOL},
     doc_md="""
 ### Maintenance
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import AssetAny, dag, task
 
-from jobs.registry import silver_assets, task_context
+from jobs.registry import LAKE_WRITERS_POOL, silver_assets, task_context
 
 
 @dag(
@@ -17,8 +17,9 @@ from jobs.registry import silver_assets, task_context
     catchup=False,
     max_active_runs=1,
     tags=["affluent", "publish"],
+    # Publish rewrites extracts and gold: one at a time with land, erasure and VACUUM (one-slot pool).
     default_args={"owner": "data-stewardship", "retries": 1, "retry_delay": timedelta(minutes=5),
-                  "execution_timeout": timedelta(hours=2)},
+                  "execution_timeout": timedelta(hours=2), "pool": LAKE_WRITERS_POOL},
     doc_md="""
 ### Publish project extracts and gold
 

@@ -110,7 +110,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_airflow(args: argparse.Namespace) -> int:
     from jobs.airflow_local import run_standalone, stop_standalone
-    from jobs.demo import airflow_env, describe_lake
+    from jobs.demo import airflow_env, describe_lake, prepare_airflow
 
     if args.stop:
         return stop_standalone(Path(args.workdir).resolve() / "airflow")
@@ -122,6 +122,7 @@ def _cmd_airflow(args: argparse.Namespace) -> int:
           f"{env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
     print("Stop with Ctrl-C here, or `make airflow-stop` from another terminal.")
     env["AIRFLOW__API__PORT"] = str(args.port)
+    prepare_airflow(env)  # metadata database and the lake writers' pool, before the scheduler starts
     return run_standalone(env)
 
 

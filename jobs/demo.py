@@ -187,6 +187,24 @@ def _landed_figures(ctx, establishment_id: str, batch_id: str) -> str:
 def _migrate(env: dict[str, str]) -> None:
     _say("initialising Airflow's metadata database (SQLite) …")
     subprocess.run(["airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    ensure_writers_pool(env)
+
+
+def ensure_writers_pool(env: dict[str, str]) -> None:
+    """The one-slot pool every lake-writing task runs in (land, publish, maintenance), created or reset.
+
+    Without it the scheduler never starts those tasks; with one slot, VACUUM,
+    erasure and a MERGE never overlap. Compose creates it in ``airflow-init``.
+    """
+    from jobs.registry import LAKE_WRITERS_POOL, LAKE_WRITERS_POOL_DESCRIPTION, LAKE_WRITERS_POOL_SLOTS
+
+    subprocess.run(["airflow", "pools", "set", LAKE_WRITERS_POOL, str(LAKE_WRITERS_POOL_SLOTS),
+                    LAKE_WRITERS_POOL_DESCRIPTION], env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def prepare_airflow(env: dict[str, str]) -> None:
+    """Airflow's metadata database migrated, with the lake writers' pool: what ``affluent airflow`` needs first."""
+    _migrate(env)
 
 
 def print_summary(ctx) -> None:

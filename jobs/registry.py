@@ -16,6 +16,13 @@ import yaml
 
 CANONICAL_DATASETS = ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent")
 
+# One slot: the tasks that write silver, quarantine, gold and project extracts (land, publish,
+# maintenance with erasure) run one at a time, so VACUUM, erasure's DELETE and a MERGE never overlap.
+# Created by `affluent demo` / `affluent airflow` (jobs.demo.ensure_writers_pool) and by compose's airflow-init.
+LAKE_WRITERS_POOL = "affluent_lake_writers"
+LAKE_WRITERS_POOL_SLOTS = 1
+LAKE_WRITERS_POOL_DESCRIPTION = "One lake-writing task at a time: land, publish, maintenance and erasure"
+
 
 @dataclass(frozen=True)
 class EstablishmentEntry:

@@ -143,3 +143,21 @@ def test_select_batch_fails_with_the_reason_when_a_stopped_batch_blocks_the_queu
     queue_of(QueuedBatch("b1", QueueState.LANDED))
     with pytest.raises(AirflowSkipException, match="nothing waiting"):
         select()
+
+
+def test_every_task_that_writes_silver_or_extracts_runs_in_the_one_slot_writers_pool(dagbag):
+    from jobs.registry import LAKE_WRITERS_POOL, LAKE_WRITERS_POOL_SLOTS
+
+    writers = set()
+    for dag_id, dag in dagbag.dags.items():
+        for task in dag.tasks:
+            # land MERGEs into silver; publish rewrites extracts and gold; maintenance erases, purges and vacuums.
+            writes = task.task_id == "land" or dag_id in ("affluent_publish", "affluent_maintenance")
+            assert (task.pool == LAKE_WRITERS_POOL) == writes, (dag_id, task.task_id, task.pool)
+            if writes:
+                writers.add((dag_id, task.task_id))
+    assert {("affluent_publish", "publish"), ("affluent_maintenance", "erasures"),
+            ("affluent_maintenance", "compaction"), ("affluent_ingest_chu_laurentides", "land")} <= writers
+    assert LAKE_WRITERS_POOL_SLOTS == 1
+    compose = (DAGS.parent / "docker-compose.yml").read_text(encoding="utf-8")
+    assert f"airflow pools set {LAKE_WRITERS_POOL} {LAKE_WRITERS_POOL_SLOTS} " in compose
