@@ -162,6 +162,10 @@ def test_every_rejection_is_logged_with_file_and_reason_and_a_fix_makes_the_batc
     assert logged["source_file"] == repr("pat\x00ients.csv") and "control character" in logged["message"]
     queue = establishment_queue(lake, landing, consortium, EST)
     assert queue.pending == [] and queue.blocked_by.batch_id == "20260105-001"
+    # delta-rs reads the log Spark wrote because ops tables carry no deletion vectors.
+    from deltalake import DeltaTable
+
+    assert "deletionVectors" not in (DeltaTable(lake.ops("batch_log")).protocol().reader_features or [])
 
     (folder / "manifest.json").write_text(json.dumps(good))
     assert establishment_queue(lake, landing, consortium, EST).pending == ["20260105-001", "20260105-002"]
