@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end on the small consortium and writes its results.
+"""The benchmark script runs end to end on its smoke size (one establishment, 40 patients) and writes its results.
 
 No timing is asserted: figures depend on the machine. What must hold is that
 every phase ran and the JSON carries the keys the docs and the plot read.
@@ -24,27 +24,27 @@ STAGE_KEYS = {"rows", "seconds", "rows_per_second", "peak_memory", "calls"}
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> dict:
+def tiny_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, AFFLUENT_PSEUDONYM_KEY=TEST_KEY, AFFLUENT_SHUFFLE_PARTITIONS="2")
     env.pop("AFFLUENT_PSEUDONYM_KEY_FILE", None)
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--size", "small", "--out", str(root / "out"),
+        [sys.executable, "-m", "benchmarks.run", "--size", "tiny", "--out", str(root / "out"),
          "--work", str(root / "work"), "--no-doc", "--no-plot"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return json.loads((root / "out" / "small.json").read_text(encoding="utf-8"))
+    return json.loads((root / "out" / "tiny.json").read_text(encoding="utf-8"))
 
 
-def test_the_run_completes_with_every_ratio(small_run):
-    assert small_run["complete"] is True
-    assert RATIOS <= set(small_run["ratios"])
+def test_the_run_completes_with_every_ratio(tiny_run):
+    assert tiny_run["complete"] is True
+    assert RATIOS <= set(tiny_run["ratios"])
     for name in RATIOS:
-        assert "ratio" in small_run["ratios"][name], name
+        assert "ratio" in tiny_run["ratios"][name], name
 
 
-def test_every_stage_of_both_batches_and_the_dag_is_measured(small_run):
-    steps = small_run["stages"]
+def test_every_stage_of_both_batches_and_the_dag_is_measured(tiny_run):
+    steps = tiny_run["stages"]
     for prefix in ("full", "incremental", "dag"):
         for stage in ("ingest", "pseudonymise", "validate", "land"):
             assert STAGE_KEYS <= set(steps[f"{prefix}.{stage}"]), f"{prefix}.{stage}"
@@ -55,8 +55,8 @@ def test_every_stage_of_both_batches_and_the_dag_is_measured(small_run):
     assert steps["full.ingest"]["peak_memory"]["jvm_mb"] > 0
 
 
-def test_erasure_removes_the_person_at_both_sizes(small_run):
-    erasure = small_run["ratios"]["erasure"]
+def test_erasure_removes_the_person_at_both_sizes(tiny_run):
+    erasure = tiny_run["ratios"]["erasure"]
     for layout in ("as_landed", "clustered_by_person"):
         low, high = erasure[f"{layout}.x1"], erasure[f"{layout}.x10"]
         assert low["rows_deleted"] > 0
@@ -64,5 +64,5 @@ def test_erasure_removes_the_person_at_both_sizes(small_run):
         assert high["silver_rows"] == 10 * low["silver_rows"]
 
 
-def test_spark_jobs_are_profiled_per_stage(small_run):
-    assert small_run["profile"]["full.ingest"]["spark_jobs"] > 0
+def test_spark_jobs_are_profiled_per_stage(tiny_run):
+    assert tiny_run["profile"]["full.ingest"]["spark_jobs"] > 0
