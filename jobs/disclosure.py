@@ -66,7 +66,11 @@ reason and how to rewrite the query):
    Conditions inside aggregates (``FILTER``, ``CASE WHEN`` in a ``sum``,
    ``count_if``) and in the select lists of row-level subqueries are measured
    the same way, on their own (persons they select and persons they leave
-   out); a disjunct of an ``OR`` is measured for the persons it adds.
+   out); a disjunct of an ``OR`` is measured for the persons it adds. A
+   ``HAVING`` on rows grouped per ``person_id`` is measured like a ``WHERE``;
+   any other ``HAVING`` may not name ``person_id``, and conditions inside its
+   aggregates are measured (a large group shown or hidden as one person is
+   in it would tell their diagnosis).
    Conditions on aggregated rows (above a ``GROUP BY``) and in grouping keys
    make groups, whose cells are checked as above. ``person_id`` itself may
    only be selected, counted, grouped, joined or filtered on: a function of
@@ -421,8 +425,9 @@ def _row_predicates(select: exp.Select) -> list[exp.Expression]:
     condition in a grouping key makes groups, whose small cells are suppressed.
     """
     grouped = _is_aggregate(select)
+    having = select.args.get("having")
     found = []
-    for projection in select.expressions:
+    for projection in [*select.expressions, *([having.this] if having is not None else [])]:
         for node in projection.find_all(exp.Predicate, exp.Connector, exp.Not):
             if not _own(node, select) or node.find(exp.AggFunc, exp.Window):
                 continue
@@ -456,9 +461,17 @@ def _refuse_person_functions(tree: exp.Expression) -> None:
         parent = column.parent.parent if isinstance(column.parent, exp.Distinct) else column.parent
         if isinstance(parent, exp.Alias):
             parent = parent.parent
+        having = column.find_ancestor(exp.Having)
+        if having is not None:
+            group = having.parent.args.get("group")
+            if group is not None and any(isinstance(g, exp.Column) and g.name == "person_id"
+                                         for g in group.expressions):
+                continue  # rows grouped per person: the HAVING is measured like a WHERE
+            raise OutputRefused("HAVING on person_id keeps or drops groups by who is in them; group per "
+                                "person_id in a subquery, or filter in WHERE.")
         if isinstance(parent, (exp.Select, exp.Count, exp.ApproxDistinct, exp.Window, exp.Ordered)):
             continue
-        if column.find_ancestor(exp.Where, exp.Join, exp.Group, exp.Having) is not None:
+        if column.find_ancestor(exp.Where, exp.Join, exp.Group) is not None:
             continue
         raise OutputRefused(f"{column.sql('duckdb')} is used in {parent.sql('duckdb')[:60]!r}: person_id may only "
                             "be selected, counted, grouped, joined or filtered on.")
@@ -466,9 +479,7 @@ def _refuse_person_functions(tree: exp.Expression) -> None:
 
 def _refuse_differencing(con, tree: exp.Expression, project: Project, views: dict[str, str],
                          ctes: dict[str, exp.Expression]) -> list[str]:
-    import duckdb
-
-    notes = []
+    notes: list[str] = []
     with_clause = tree.args.get("with_")
     for select in list(tree.find_all(exp.Select)):
         measure = select.copy()
@@ -477,66 +488,81 @@ def _refuse_differencing(con, tree: exp.Expression, project: Project, views: dic
         where = select.args.get("where")
         conjuncts = _conjuncts(where.this if where else None) + _join_conditions(measure)
         predicates = _row_predicates(select)
-        if not conjuncts and not predicates:
-            continue
-        try:
-            persons = _Lineage(views, ctes).of_select(measure)
-        except _Untraceable:
-            continue  # a filter on aggregated rows: the groups it keeps are checked as cells
-        if not persons:
-            continue
-
-        booleans: list[exp.Expression] = []
-
-        def flag(condition: exp.Expression) -> exp.Expression:
-            booleans.append(condition)
-            return exp.column(f"__c{len(booleans) - 1}").is_(exp.true())
-
-        # (condition, wider rows, narrower rows): persons in the first and not
-        # in the second are the ones the condition singles out.
-        comparisons: list[tuple[exp.Expression, list, list]] = []
-        flags = [flag(c) for c in conjuncts]
-        for j, condition in enumerate(conjuncts):
-            others = flags[:j] + flags[j + 1:]
-            comparisons.append((condition, [], [flags[j]]))
-            comparisons.append((condition, others, flags))
-            if isinstance(condition, exp.Or):
-                disjuncts = [d.unnest() for d in condition.flatten()]
-                disjunct_flags = [flag(d) for d in disjuncts]
-                for k, disjunct in enumerate(disjuncts):
-                    rest = disjunct_flags[:k] + disjunct_flags[k + 1:]
-                    comparisons.append((disjunct, [disjunct_flags[k]], [exp.false()]))
-                    comparisons.append((disjunct, [*others, flags[j]], [*others, exp.or_(*rest)]))
-        for predicate in predicates:
-            flagged = flag(predicate)
-            comparisons.append((predicate, [], [flagged]))
-            comparisons.append((predicate, [flagged], [exp.false()]))
-
-        measure.set("expressions", [exp.alias_(p.copy(), f"__p{i}") for i, p in enumerate(persons)]
-                    + [exp.alias_(c.copy(), f"__c{j}") for j, c in enumerate(booleans)])
-        if with_clause is not None:
-            measure.set("with_", with_clause.copy())
-
-        def counted(i: int, filters: list) -> exp.Expression:
-            count = exp.Count(this=exp.Distinct(expressions=[exp.column(f"__p{i}")]))
-            return exp.Filter(this=count, expression=exp.Where(this=exp.and_(*filters))) if filters else count
-
-        cells = [counted(i, rows) for i in range(len(persons)) for _, wider, narrower in comparisons
-                 for rows in (wider, narrower)]
-        query = exp.select(*cells).from_(exp.Subquery(this=measure, alias=exp.TableAlias(this=exp.to_identifier("m"))))
-        try:
-            row = con.execute(query.sql("duckdb")).fetchall()[0]
-        except duckdb.BinderException:
-            notes.append("a correlated subquery's condition was measured within the query that holds it")
-            continue
-        for n, (condition, _, _) in enumerate(comparisons * len(persons)):
-            singled_out = row[2 * n] - row[2 * n + 1]
-            if 0 < singled_out < project.min_cell_size:
-                raise OutputRefused(
-                    f"the condition {condition.sql('duckdb')[:80]!r} singles out {singled_out} person(s) "
-                    f"(fewer than {project.min_cell_size}): compared with the same query without it, it "
-                    "would tell their values. Drop the condition or make it cover more persons.")
+        if conjuncts or predicates:
+            try:
+                persons = _Lineage(views, ctes).of_select(measure)
+            except _Untraceable:
+                persons = []  # a filter on aggregated rows: the groups it keeps are checked as cells
+            if persons:
+                _measure(con, measure, persons, conjuncts, predicates, project, with_clause, notes)
+        # HAVING on rows grouped per person is a WHERE on persons.
+        group, having = select.args.get("group"), select.args.get("having")
+        keys = [g for g in (group.expressions if group is not None else [])
+                if isinstance(g, exp.Column) and g.name == "person_id"]
+        if having is not None and keys:
+            grouped = select.copy()
+            for clause in ("having", "qualify", "order", "limit", "offset", "distinct", "with_"):
+                grouped.set(clause, None)
+            _measure(con, grouped, keys, _conjuncts(having.this), [], project, with_clause, notes)
     return notes
+
+
+def _measure(con, measure: exp.Select, persons: list[exp.Expression], conjuncts: list[exp.Expression],
+             predicates: list[exp.Expression], project: Project, with_clause: exp.With | None,
+             notes: list[str]) -> None:
+    """Refuse when a condition evaluated on the rows of ``measure`` singles out fewer than min_cell_size persons."""
+    import duckdb
+
+    booleans: list[exp.Expression] = []
+
+    def flag(condition: exp.Expression) -> exp.Expression:
+        booleans.append(condition)
+        return exp.column(f"__c{len(booleans) - 1}").is_(exp.true())
+
+    # (condition, wider rows, narrower rows): persons in the first and not
+    # in the second are the ones the condition singles out.
+    comparisons: list[tuple[exp.Expression, list, list]] = []
+    flags = [flag(c) for c in conjuncts]
+    for j, condition in enumerate(conjuncts):
+        others = flags[:j] + flags[j + 1:]
+        comparisons.append((condition, [], [flags[j]]))
+        comparisons.append((condition, others, flags))
+        if isinstance(condition, exp.Or):
+            disjuncts = [d.unnest() for d in condition.flatten()]
+            disjunct_flags = [flag(d) for d in disjuncts]
+            for k, disjunct in enumerate(disjuncts):
+                rest = disjunct_flags[:k] + disjunct_flags[k + 1:]
+                comparisons.append((disjunct, [disjunct_flags[k]], [exp.false()]))
+                comparisons.append((disjunct, [*others, flags[j]], [*others, exp.or_(*rest)]))
+    for predicate in predicates:
+        flagged = flag(predicate)
+        comparisons.append((predicate, [], [flagged]))
+        comparisons.append((predicate, [flagged], [exp.false()]))
+
+    measure.set("expressions", [exp.alias_(p.copy(), f"__p{i}") for i, p in enumerate(persons)]
+                + [exp.alias_(c.copy(), f"__c{j}") for j, c in enumerate(booleans)])
+    if with_clause is not None:
+        measure.set("with_", with_clause.copy())
+
+    def counted(i: int, filters: list) -> exp.Expression:
+        count = exp.Count(this=exp.Distinct(expressions=[exp.column(f"__p{i}")]))
+        return exp.Filter(this=count, expression=exp.Where(this=exp.and_(*filters))) if filters else count
+
+    cells = [counted(i, rows) for i in range(len(persons)) for _, wider, narrower in comparisons
+             for rows in (wider, narrower)]
+    query = exp.select(*cells).from_(exp.Subquery(this=measure, alias=exp.TableAlias(this=exp.to_identifier("m"))))
+    try:
+        row = con.execute(query.sql("duckdb")).fetchall()[0]
+    except duckdb.BinderException:
+        notes.append("a correlated subquery's condition was measured within the query that holds it")
+        return
+    for n, (condition, _, _) in enumerate(comparisons * len(persons)):
+        singled_out = row[2 * n] - row[2 * n + 1]
+        if 0 < singled_out < project.min_cell_size:
+            raise OutputRefused(
+                f"the condition {condition.sql('duckdb')[:80]!r} singles out {singled_out} person(s) "
+                f"(fewer than {project.min_cell_size}): compared with the same query without it, it "
+                "would tell their values. Drop the condition or make it cover more persons.")
 
 
 # ------------------------------------------------------------ suppression ----

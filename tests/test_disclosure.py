@@ -237,6 +237,27 @@ def test_differencing_hidden_in_a_cte_or_a_join_is_refused(con):
                     "WHERE d.condition_source_value = 'E11'")
 
 
+def test_having_on_rows_grouped_per_person_is_measured_like_where(con):
+    with pytest.raises(OutputRefused, match="singles out 1 person"):
+        _check(con, "SELECT count(*) FROM (SELECT person_id FROM q_diagnosis GROUP BY person_id "
+                    "HAVING person_id <> 'p05') t")
+    # A broad condition on each person's rows passes: 11 persons have two codes.
+    checked = _check(con, "SELECT count(*) AS n FROM (SELECT person_id FROM q_diagnosis GROUP BY person_id "
+                          "HAVING count(*) > 1) t")
+    assert checked.table.column("n").to_pylist() == [10]
+
+
+@pytest.mark.parametrize("having", [
+    "count(*) FILTER (WHERE person_id = 'p05') = 0",
+    "sum(CASE WHEN year_of_birth = 1930 THEN 1 ELSE 0 END) = 0",
+])
+def test_having_cannot_keep_groups_by_who_is_in_them(con, having):
+    # Large groups shown or not as one person is in them would tell that person's diagnoses.
+    with pytest.raises(OutputRefused, match="HAVING on person_id|singles out 1 person"):
+        _check(con, "SELECT condition_source_value, count(*) FROM q_diagnosis d "
+                    f"JOIN q_patient USING (person_id) GROUP BY 1 HAVING {having}")
+
+
 def test_excluding_several_but_fewer_than_the_minimum_is_refused(con):
     with pytest.raises(OutputRefused, match="singles out 3 person"):
         _count(con, "condition_source_value = 'E11' AND person_id NOT IN ('p01', 'p02', 'p03')")
