@@ -52,8 +52,10 @@ reason and how to rewrite the query):
    breakdown has a lone suppressed row. A result without keys is one
    breakdown.
 
-5. **Rounding.** Count cells are rounded to the nearest multiple of
-   ``project.count_rounding`` (half up).
+5. **Rounding.** Every count of the aggregate level is rounded to the
+   nearest multiple of ``project.count_rounding`` (half up) inside the
+   rewritten SQL, so no expression over it (``count(*) + 0``, a ratio, a
+   filter above) sees the exact value; the support uses the raw counts.
 
 6. **Differencing.** For every ``SELECT`` of the query (top level, CTEs,
    subqueries) with a ``WHERE`` (or extra conditions in an inner join's
@@ -189,9 +191,10 @@ def _merged_role(a: str, b: str) -> str:
 class _Lineage:
     """Rewrites a query so that each row's persons can be counted."""
 
-    def __init__(self, views: dict[str, str], ctes: dict[str, exp.Expression]):
+    def __init__(self, views: dict[str, str], ctes: dict[str, exp.Expression], rounding: int = 1):
         self.person_tables = set(views.values())
         self.ctes = ctes
+        self.rounding = rounding
         self.counter = 0
 
     def fresh(self, prefix: str = "__pid") -> str:
@@ -297,15 +300,41 @@ class _Lineage:
                                 f"{_REWRITE_ADVICE}") from None
         if not persons:
             raise OutputRefused(f"the aggregate reads none of the project's tables directly. {_REWRITE_ADVICE}")
-        counts = [exp.Count(this=exp.Distinct(expressions=[p.copy()])) for p in persons]
-        support = counts[0] if len(counts) == 1 else exp.Least(this=counts[0], expressions=counts[1:])
         roles = [_role(p) for p in select.expressions]
+        # Support: the persons of each source, and every count cell itself.
+        raw_counts = self._round_counts(select)
+        counts = [exp.Count(this=exp.Distinct(expressions=[p.copy()])) for p in persons] + raw_counts
+        support = counts[0] if len(counts) == 1 else exp.Least(this=counts[0], expressions=counts[1:])
         select.select(exp.alias_(support, SUPPORT_COLUMN), copy=False)
         # Rows chosen or ordered on aggregate values tell the hidden ones by their presence or place.
         order = select.args.get("order")
         filtered = bool(select.args.get("having") or select.args.get("limit") or select.args.get("offset")
                         or (order is not None and any(True for _ in order.find_all(exp.AggFunc))))
         return roles, filtered
+
+    def _round_counts(self, select: exp.Select) -> list[exp.Expression]:
+        """Round every count of ``select`` (select list and HAVING) in the SQL itself; the raw counts.
+
+        Rounding inside the query means no expression over a count
+        (``count(*) + 0``, a ratio, a filter on it above) sees the exact value.
+        """
+        raw = []
+        having = select.args.get("having")
+        for root in [*select.expressions, *([having] if having is not None else [])]:
+            for count in list(root.find_all(*_COUNTS)):
+                if not _own(count, select) or count.find_ancestor(exp.Window):
+                    continue
+                node = count.parent if isinstance(count.parent, exp.Filter) else count
+                if root is not having and self.rounding > 1:
+                    raw.append(node.copy())
+                if self.rounding > 1:
+                    base = exp.Literal.number(self.rounding)
+                    rounded = exp.Mul(this=exp.Round(this=exp.Div(this=node.copy(), expression=base.copy())),
+                                      expression=base)
+                    node.replace(exp.Cast(this=rounded, to=exp.DataType.build("BIGINT")))
+                elif root is not having:
+                    raw.append(node.copy())
+        return raw
 
     def _plan_wrapper(self, select: exp.Select) -> tuple[list[str], bool]:
         source = select.args["from_"].this if select.args.get("from_") else None
@@ -571,9 +600,6 @@ def _suppressed_rows(table: pa.Table, support: list, roles: list[str], threshold
     """Primary then secondary suppression; the flags per row and how many rows were primary."""
     columns = [c.to_pylist() for c in table.columns]
     small = [s is None or s < threshold for s in support]
-    for values, role in zip(columns, roles):
-        if role == ROLE_COUNT:
-            small = [f or (v is not None and v < threshold) for f, v in zip(small, values)]
     primary = sum(small)
     keys = [j for j, role in enumerate(roles) if role == ROLE_KEY]
     dimensions = keys or [None]
@@ -627,7 +653,7 @@ def check_output(con, sql: str, result: pa.Table, project: Project, views: dict[
     notes = _refuse_differencing(con, tree, project, views, ctes)
 
     rewritten = tree.copy()
-    roles, filtered = _Lineage(views, ctes).plan(rewritten)
+    roles, filtered = _Lineage(views, ctes, project.count_rounding).plan(rewritten)
     checked = con.sql(rewritten.sql("duckdb")).to_arrow_table()
     support = checked.column(checked.num_columns - 1).to_pylist()
     values = checked.select(list(range(checked.num_columns - 1)))
@@ -641,7 +667,7 @@ def check_output(con, sql: str, result: pa.Table, project: Project, views: dict[
     cells = [j for j, role in enumerate(roles) if role != ROLE_KEY]
     suppressed = sum(small) * len(cells)
     if filtered:
-        values = values.filter(pa.array([not s for s in small]))
+        values = values.filter(pa.array([not s for s in small], type=pa.bool_()))
         if any(small):
             notes.append(f"{sum(small)} group(s) under {project.min_cell_size} persons removed: the query "
                          "filters on aggregate values")

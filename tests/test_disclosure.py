@@ -311,3 +311,13 @@ def test_smallest_group_by_order_and_limit_is_not_shown(con):
     checked = _check(con, "SELECT condition_source_value, count(*) AS n FROM q_diagnosis "
                           "GROUP BY ALL ORDER BY n LIMIT 1")
     assert checked.table.num_rows == 0
+
+
+def test_arithmetic_on_a_count_does_not_undo_rounding(con):
+    checked = _check(con, "SELECT condition_source_value AS code, count(*) + 0 AS plus_zero, "
+                          "count(*) * 1.0 AS scaled FROM q_diagnosis GROUP BY 1")
+    rows = {r[0]: r[1:] for r in zip(*[c.to_pylist() for c in checked.table.columns])}
+    assert rows["I10"] == (30, 30.0)  # 31 diagnoses
+    wrapped = _check(con, "SELECT code, n + 0 AS m FROM (SELECT condition_source_value AS code, count(*) AS n "
+                          "FROM q_diagnosis GROUP BY 1) t")
+    assert dict(zip(*[c.to_pylist() for c in wrapped.table.columns]))["I10"] == 30
