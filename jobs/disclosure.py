@@ -596,6 +596,14 @@ def _measure(con, measure: exp.Select, persons: list[exp.Expression], conjuncts:
 
 # ------------------------------------------------------------ suppression ----
 
+def _hashable(value):
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
 def _suppressed_rows(table: pa.Table, support: list, roles: list[str], threshold: int) -> tuple[list[bool], int]:
     """Primary then secondary suppression; the flags per row and how many rows were primary."""
     columns = [c.to_pylist() for c in table.columns]
@@ -609,7 +617,7 @@ def _suppressed_rows(table: pa.Table, support: list, roles: list[str], threshold
         for dimension in dimensions:
             breakdowns: dict[tuple, list[int]] = defaultdict(list)
             for row in range(table.num_rows):
-                breakdowns[tuple(columns[j][row] for j in keys if j != dimension)].append(row)
+                breakdowns[tuple(_hashable(columns[j][row]) for j in keys if j != dimension)].append(row)
             for rows in breakdowns.values():
                 hidden = [r for r in rows if small[r]]
                 if len(rows) < 2 or len(hidden) != 1:

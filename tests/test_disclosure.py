@@ -105,6 +105,15 @@ def test_rollup_total_cannot_give_back_a_suppressed_cell(con):
         assert len(hidden) != 1
 
 
+def test_list_valued_keys_are_suppressed_too(con):
+    checked = _check(con, "SELECT [gender_source_value] AS sexes, count(*) AS n FROM q_patient p "
+                          "JOIN q_diagnosis d ON d.person_id = p.person_id "
+                          "WHERE d.condition_source_value IN ('E11', 'J45') GROUP BY 1")
+    # F: 25 persons (E11), M: 12 (J45) — no small cell, nothing hidden.
+    assert sorted(zip(checked.table.column("sexes").to_pylist(), checked.table.column("n").to_pylist())) == [
+        (["F"], 25), (["M"], 10)]
+
+
 def test_union_of_totals_is_one_breakdown(con):
     checked = _check(con, "SELECT 'all' AS k, count(DISTINCT person_id) AS n FROM q_diagnosis "
                           "UNION ALL SELECT 'c50', count(DISTINCT person_id) FROM q_diagnosis "
