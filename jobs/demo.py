@@ -20,10 +20,6 @@ from pathlib import Path
 
 from jobs.settings import PROJECT_ROOT
 
-DEMO_RESEARCHER = ("diabetes_outcomes", "alice.tremblay")
-DEMO_QUERY = ("SELECT p.year_of_birth DIV 10 * 10 AS decade, COUNT(DISTINCT d.person_id) AS patients "
-              "FROM diagnosis d JOIN patient p ON d.person_id = p.person_id "
-              "GROUP BY 1 ORDER BY 1")
 
 
 _TERMINAL = None
@@ -246,12 +242,10 @@ def run_demo(patients: int, batches: int, seed: int, defect_rate: float, workdir
     print_summary(ctx)
     failed = [(est, b, s) for est, runs in states.items() for b, s in runs if not s.endswith("success")]
 
-    project, user = DEMO_RESEARCHER
-    print(f"Example researcher query, as {user} on project {project} (DuckDB over delta-rs):\n  {DEMO_QUERY}")
-    from jobs.access import query
+    # Researchers reach the extracts only through the gateway: its own process, no key, a token per member.
+    from jobs.gateway.demo import show
 
-    result = query(ctx.spark, ctx.lake, ctx.consortium, project, user, DEMO_QUERY, engine="duckdb")
-    print(result.to_pandas().to_string(index=False) if hasattr(result, "to_pandas") else result)
+    show(ctx.lake.root, str(ctx.settings.config_dir))
 
     reports = ctx.lake.reports()
     print(f"""

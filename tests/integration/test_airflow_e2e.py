@@ -48,7 +48,7 @@ def demo(tmp_path_factory):
 def test_demo_ends_with_the_summary_and_the_query_result(demo):
     _, stdout = demo
     assert "Batches landed" in stdout
-    assert "Example researcher query" in stdout
+    assert "Starting the researcher gateway" in stdout and "(audit event " in stdout
     assert "affluent_ingest_chu_laurentides: batch 20260105-001 success" in stdout.replace("DagRunState.", "")
     assert "Validation reports" in stdout
 
