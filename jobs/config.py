@@ -73,6 +73,8 @@ class CsvProfile(_Strict):
     columns: dict[str, dict[str, str]]
     # canonical column -> {source value -> canonical value}
     value_maps: dict[str, dict[str, str]] = {}
+    # Longest field accepted, in bytes; overrides the consortium's max_field_bytes (config/pipeline.yaml).
+    max_field_bytes: int | None = Field(default=None, ge=1, le=8 << 20)
 
     @field_validator("encoding")
     @classmethod
@@ -197,6 +199,9 @@ class Pipeline(_Strict):
     bronze_retention_days: int = Field(default=90, ge=0)
     postal_prefix_min_persons: int = Field(default=5, ge=1)
     batch_rules: BatchRules = BatchRules()
+    # A CSV field longer than this (bytes) quarantines its record; a profile may override it.
+    # At most 8 MiB: records over 16 MiB are never parsed (jobs.readers.csv.RECORD_HARD_LIMIT_BYTES).
+    max_field_bytes: int = Field(default=1 << 20, ge=1, le=8 << 20)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.batch_queue import delivered_manifest, redelivery_conflict
 from jobs.landing import MANIFEST, check_batch
 from jobs.ops import append_batch_log, batches_with_status
-from jobs.readers.csv import FileLineage, HeaderError, read_csv_file, read_header
+from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
 from jobs.tables import OVERWRITE, ensure_table
 
@@ -43,9 +43,9 @@ class IngestOutcome:
     skipped: bool = False
 
 
-def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage):
+def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage, max_field_bytes: int):
     if isinstance(est.input, CsvProfile):
-        return read_csv_file(spark, path, dataset, est.input, lineage)
+        return read_csv_file(spark, path, dataset, est.input, lineage, max_field_bytes)
     from jobs.readers.fhir import read_fhir_file
 
     return read_fhir_file(spark, str(path), dataset, est.input, lineage)
@@ -86,21 +86,42 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     results = []
     column_changes: dict[str, str] = {}
     quarantine_parts: list[DataFrame] = []
+    notes: dict[str, list[str]] = {}
+
+    def reject(entry, message: str) -> BatchRejected:
+        append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                        "dataset": entry.dataset, "stage": STAGE, "status": Status.REJECTED,
+                                        "message": message, "source_file": entry.path,
+                                        "manifest_sha256": manifest}])
+        return BatchRejected(establishment_id, batch_id, message)
+
+    if isinstance(est.input, CsvProfile):
+        # Every header is checked before any file is read, so a drifted file stops the batch whole.
+        for entry in batch.files:
+            try:
+                header = read_header(batch.file_path(entry), est.input)
+            except HeaderError as exc:
+                raise reject(entry, str(exc)) from None
+            mapping = est.input.columns[entry.dataset]
+            change = header_drift(header, mapping)
+            if change and not consortium.pipeline.batch_rules.allow_column_changes:
+                raise reject(entry, (
+                    f"{entry.path}: the source header differs from the profile's {entry.dataset} mapping "
+                    f"({change}); header {header}, profile expects {list(mapping)}. Nothing was ingested: "
+                    f"update config/establishments/{establishment_id}.yaml or ask the establishment to restore "
+                    "its export (batch_rules.allow_column_changes lets drifted files land, with the missing "
+                    "columns NULL)."))
+            if change:
+                column_changes[entry.dataset] = change
     for entry in batch.files:
         lineage = FileLineage(establishment_id, batch_id, f"{est.landing_folder}/{batch_id}/{entry.path}",
                               batch.extracted_at, ingested_at)
         try:
-            result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage)
+            result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
+                                consortium.pipeline.max_field_bytes)
         except HeaderError as exc:
-            append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
-                                            "dataset": entry.dataset, "stage": STAGE,
-                                            "status": Status.REJECTED, "message": str(exc),
-                                            "source_file": entry.path, "manifest_sha256": manifest}])
-            raise BatchRejected(establishment_id, batch_id, str(exc)) from None
-        if isinstance(est.input, CsvProfile):
-            change = _column_change(read_header(batch.file_path(entry), est.input), est.input.columns[entry.dataset])
-            if change:
-                column_changes[entry.dataset] = change
+            raise reject(entry, str(exc)) from None
+        notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
         for dataset, frame in result.bronze.items():
             bronze_parts.setdefault(dataset, []).append(frame)
         quarantine_parts.append(result.quarantine)
@@ -161,7 +182,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
          "status": Status.INGESTED, "rows_read": bronze_counts.get(d, 0) + quarantined.get(d, 0),
          "rows_quarantined": quarantined.get(d, 0), "extracted_at": batch.extracted_at, "kind": batch.kind,
          "manifest_sha256": manifest,
-         "message": f"columns: {column_changes[d]}" if d in column_changes else None}
+         "message": "; ".join(([f"columns: {column_changes[d]}"] if d in column_changes else [])
+                             + notes.get(d, [])) or None}
         for d in datasets
     ])
     return IngestOutcome(establishment_id, batch_id, batch.kind.value, bronze_counts, quarantined)
@@ -178,11 +200,3 @@ def batch_kind(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     if row is None:
         raise LookupError(f"batch {establishment_id}/{batch_id} has not been ingested")
     return BatchKind(row.kind)
-
-
-def _column_change(header: list[str], mapping: dict[str, str]) -> str:
-    """How a file's header differs from the profile's mapping ('' when it does not)."""
-    missing = [h for h in mapping if h not in header]
-    unexpected = [h for h in header if h not in mapping]
-    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else [])
-    return ", ".join(parts)

@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from jobs.readers.csv import HeaderError, FileLineage, read_csv_file
+from jobs.readers.csv import HeaderError, FileLineage, read_csv_file, read_header
 
 LINEAGE = FileLineage("chu_laurentides", "b1", "chu_laurentides/b1/patient.csv",
                       dt.datetime(2026, 1, 5, 2), dt.datetime(2026, 1, 5, 3))
@@ -24,11 +24,13 @@ def test_every_line_lands_or_is_quarantined_with_its_line_and_rule(spark, consor
         good.encode("latin-1"),
         b"M002;GAGN;Gagnon",                                   # too few fields
         good.replace("M001", "M003").encode("latin-1") + b";extra",  # too many fields
-        b'M004;"unbalanced;x;y;z;1;2;3;4;5;6;7;A',            # unbalanced quote
+        b"M004;x;y",                                            # too few fields
         good.replace("M001", "M005").encode("latin-1").replace(b"Montr", b"Mon\x85tr"),  # C1 control byte
         b"",                                                    # blank line: not a record
         good.replace("M001", "M006").replace(";A", ";Z").encode("latin-1"),  # unknown action
         '"M007";"TREM85521512";"Tremblay; fils";Luc;01/01/1990;M;;;;;;;M'.encode("latin-1"),  # quoted delimiter
+        b'M008;"unbalanced;x;y;z;1;2;3;4;5;6;7;A',            # a quote never closed runs to the end
+        b"M009;after;the;open;quote",
     ]
     result = read_csv_file(spark, _write(tmp_path, lines), "patient", profile, LINEAGE)
     bronze = {r.patient_ref: r for r in result.bronze["patient"].collect()}
@@ -40,8 +42,9 @@ def test_every_line_lands_or_is_quarantined_with_its_line_and_rule(spark, consor
     assert bronze["M007"].family_name == "Tremblay; fils"
     assert {k: v.rule for k, v in quarantine.items()} == {
         3: "ingest.malformed_line", 4: "ingest.malformed_line", 5: "ingest.malformed_line",
-        6: "ingest.encoding", 8: "ingest.unknown_action",
+        6: "ingest.encoding", 8: "ingest.unknown_action", 10: "ingest.malformed_line",
     }
+    assert "unbalanced \" quote (record of lines 10-11): the quote is never closed" in quarantine[10].reason
     assert "patient.csv line 3: 3 fields, the header has 13" in quarantine[3].reason
     for row in quarantine.values():  # nothing identifying in quarantine
         assert "TREM" not in (row.record_safe or "") + row.reason and "Gagnon" not in row.reason
@@ -52,3 +55,99 @@ def test_header_without_action_column_is_refused(spark, consortium, tmp_path):
     path = _write(tmp_path, [b"no_dossier;nam", b"M1;X"])
     with pytest.raises(HeaderError, match="line 1: no action column"):
         read_csv_file(spark, path, "patient", profile, LINEAGE)
+
+
+ENCOUNTER_HEADER = "no_sejour;no_dossier;date_debut;date_fin;type_sejour;unite;note_admission;action"
+ENCOUNTER_LINEAGE = FileLineage("chu_laurentides", "b1", "chu_laurentides/b1/sejours.csv",
+                                dt.datetime(2026, 1, 5, 2), dt.datetime(2026, 1, 5, 3))
+
+
+def _encounters(tmp_path, rows: list[bytes], name="sejours.csv"):
+    path = tmp_path / name
+    path.write_bytes(b"\r\n".join([ENCOUNTER_HEADER.encode("latin-1"), *rows]) + b"\r\n")
+    return path
+
+
+def _spark_still_answers(spark):
+    assert spark.range(3).selectExpr("sum(id) AS s").first().s == 3
+
+
+def test_a_one_megabyte_quoted_note_with_line_breaks_and_delimiters_lands(spark, consortium, tmp_path):
+    profile = consortium.establishments["chu_laurentides"].input
+    paragraph = 'Patient admis; douleur "thoracique" irradiant au bras gauche.\nAntécédents: HTA; diabète.\n'
+    note = (paragraph * (1_000_000 // len(paragraph) + 1))[:1_000_000].rstrip() + "."
+    quoted = '"' + note.replace('"', '""') + '"'
+    rows = [
+        f"S1;L001;03/01/2026 08:00;04/01/2026 12:30;hospitalisation;Médecine;{quoted};A".encode("latin-1"),
+        "S2;L002;05/01/2026 08:00;;urgence;Urgence;;A".encode("latin-1"),
+    ]
+    result = read_csv_file(spark, _encounters(tmp_path, rows), "encounter", profile, ENCOUNTER_LINEAGE)
+    bronze = {r.encounter_ref: r for r in result.bronze["encounter"].collect()}
+    assert result.quarantine.count() == 0
+    assert bronze["S1"].admission_note == note and bronze["S1"].care_site == "Médecine"
+    assert bronze["S1"]._source_line == 2
+    # The note spans many physical lines; the next record keeps its own line number.
+    assert bronze["S2"]._source_line == 2 + note.count("\n") + 1
+    _spark_still_answers(spark)
+
+
+def test_a_field_over_max_field_bytes_is_quarantined_with_its_file_and_line(spark, consortium, tmp_path):
+    profile = consortium.establishments["chu_laurentides"].input
+    huge = b"x" * (50 * 1024 * 1024)  # 50 MB unquoted value, generated here and never committed
+    rows = [
+        b"S1;L001;03/01/2026 08:00;;urgence;Urgence;" + huge + b";A",
+        b"S2;L002;05/01/2026 08:00;;urgence;Urgence;court;A",
+    ]
+    result = read_csv_file(spark, _encounters(tmp_path, rows), "encounter", profile, ENCOUNTER_LINEAGE)
+    quarantine = result.quarantine.collect()
+    assert [r.encounter_ref for r in result.bronze["encounter"].collect()] == ["S2"]
+    assert [(r.rule, r.source_file, r.source_line) for r in quarantine] == [
+        ("ingest.field_too_long", "chu_laurentides/b1/sejours.csv", 2)]
+    assert "field note_admission holds 52428800 bytes, more than max_field_bytes 1048576" in quarantine[0].reason
+    _spark_still_answers(spark)
+
+
+def test_a_profile_may_lower_the_consortium_field_limit(spark, consortium, tmp_path):
+    profile = consortium.establishments["chu_laurentides"].input.model_copy(update={"max_field_bytes": 100})
+    rows = [b"S1;L001;03/01/2026 08:00;;urgence;Urgence;" + b"y" * 101 + b";A",
+            b"S2;L002;05/01/2026 08:00;;urgence;Urgence;" + b"y" * 100 + b";A"]
+    result = read_csv_file(spark, _encounters(tmp_path, rows), "encounter", profile, ENCOUNTER_LINEAGE)
+    assert [r.encounter_ref for r in result.bronze["encounter"].collect()] == ["S2"]
+    assert [r.rule for r in result.quarantine.collect()] == ["ingest.field_too_long"]
+
+
+def test_utf8_text_in_a_latin1_profile_is_quarantined_as_an_encoding_mismatch(spark, consortium, tmp_path):
+    profile = consortium.establishments["chu_laurentides"].input
+    rows = [
+        "S1;L001;03/01/2026 08:00;;urgence;Unité de soins;;A".encode("utf-8"),
+        "S2;L002;05/01/2026 08:00;;urgence;Unité de soins;«ÉTÉ» °C;A".encode("latin-1"),
+    ]
+    result = read_csv_file(spark, _encounters(tmp_path, rows), "encounter", profile, ENCOUNTER_LINEAGE)
+    bronze = result.bronze["encounter"].collect()
+    quarantine = result.quarantine.collect()
+    assert [(r.encounter_ref, r.care_site, r.admission_note) for r in bronze] == [("S2", "Unité de soins", "«ÉTÉ» °C")]
+    assert [(r.rule, r.source_line) for r in quarantine] == [("ingest.encoding_mismatch", 2)]
+    assert "bytes are UTF-8 but the profile declares latin-1" in quarantine[0].reason
+
+
+def test_a_byte_order_mark_never_renames_the_first_header(spark, consortium, tmp_path):
+    from tests.landing_helpers import RIVIERE_PATIENT_HEADER, utf8_bom_csv
+
+    profile = consortium.establishments["hopital_riviere"].input.model_copy(update={"encoding": "utf-8"})
+    path = tmp_path / "patients.csv"
+    path.write_bytes(utf8_bom_csv(RIVIERE_PATIENT_HEADER, [
+        "R001,RIVA85521512,Rivard,Anne,1985-02-12,F,1 Main St,Rimouski,G5L 1A1,418-555-0101,a@x.ca,,I"]))
+    lineage = FileLineage("hopital_riviere", "b1", "hopital_riviere/b1/patients.csv",
+                          dt.datetime(2026, 1, 5, 2), dt.datetime(2026, 1, 5, 3))
+    assert read_header(path, profile)[0] == "mrn"
+    result = read_csv_file(spark, path, "patient", profile, lineage)
+    assert [r.patient_ref for r in result.bronze["patient"].collect()] == ["R001"]
+    assert result.quarantine.count() == 0
+    assert len(result.notes) == 1 and "byte-order mark (EF BB BF) removed" in result.notes[0]
+
+    latin1 = consortium.establishments["chu_laurentides"].input
+    bom_latin1 = tmp_path / "bom.csv"
+    bom_latin1.write_bytes(b"\xef\xbb\xbf" + HEADER.encode("utf-8") + b"\r\n")
+    with pytest.raises(HeaderError, match="UTF-8 byte-order mark .* the profile declares latin-1"):
+        read_csv_file(spark, bom_latin1, "patient", latin1, LINEAGE)
+

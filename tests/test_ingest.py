@@ -81,3 +81,59 @@ def _edit_manifest(folder, change):
     manifest = json.loads(path.read_text())
     change(manifest)
     path.write_text(json.dumps(manifest))
+
+
+def test_a_renamed_source_column_stops_the_batch_naming_both_headers(spark, consortium, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    landing = tmp_path / "landing"
+    renamed = LAURENTIDES_ENCOUNTER_HEADER.replace(";unite;", ";ward;")
+    write_batch(landing, "chu_laurentides", "20260105-001", {
+        "patients.csv": ("patient", latin1_csv(LAURENTIDES_PATIENT_HEADER, PATIENTS[:2])),
+        "sejours.csv": ("encounter", latin1_csv(renamed, ENCOUNTERS)),
+    })
+    with pytest.raises(BatchRejected) as raised:
+        ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")
+    message = raised.value.reason
+    assert "missing ['unite'], unexpected ['ward']" in message
+    assert str(renamed.split(";")) in message and "'unite'" in message.split("profile expects")[1]
+    assert table_version(spark, lake.bronze("patient")) is None and table_version(spark, lake.bronze("encounter")) is None
+    assert [(r.status, r.dataset) for r in read_batch_log(spark, lake).collect()] == [("rejected", "encounter")]
+
+
+def test_a_byte_order_mark_in_a_utf8_profile_is_removed_and_said_in_the_batch_log(spark, consortium, tmp_path):
+    import dataclasses
+
+    from tests.landing_helpers import RIVIERE_PATIENT_HEADER, utf8_bom_csv
+
+    riviere = consortium.establishments["hopital_riviere"]
+    utf8 = riviere.model_copy(update={"input": riviere.input.model_copy(update={"encoding": "utf-8"})})
+    utf8_consortium = dataclasses.replace(consortium, establishments={**consortium.establishments,
+                                                                      "hopital_riviere": utf8})
+    lake = Lake(str(tmp_path / "lake"))
+    landing = tmp_path / "landing"
+    write_batch(landing, "hopital_riviere", "20260105-001", {"patients.csv": ("patient", utf8_bom_csv(
+        RIVIERE_PATIENT_HEADER,
+        ["R001,RIVA85521512,Rivard,Anne,1985-02-12,F,1 Main St,Rimouski,G5L 1A1,418-555-0101,a@x.ca,,I"]))})
+    outcome = ingest_batch(spark, lake, landing, utf8_consortium, "hopital_riviere", "20260105-001")
+    assert outcome.bronze == {"patient": 1} and outcome.quarantined == {}
+    log = read_batch_log(spark, lake).collect()
+    assert [r.status for r in log] == ["ingested"]
+    assert "patients.csv: UTF-8 byte-order mark (EF BB BF) removed" in log[0].message
+    assert spark.range(2).count() == 2
+
+
+def test_a_quoted_note_with_line_breaks_is_one_row_of_the_manifest(spark, consortium, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    landing = tmp_path / "landing"
+    note = '"Douleur; irradiant\r\nau bras ""gauche""\r\n\r\nvu en urgence"'
+    content = latin1_csv(LAURENTIDES_ENCOUNTER_HEADER, [
+        f"S1;L001;03/01/2026 08:00;04/01/2026 12:30;hospitalisation;Médecine;{note};A", ENCOUNTERS[1]])
+    write_batch(landing, "chu_laurentides", "20260105-001", {"sejours.csv": ("encounter", content)},
+                manifest_overrides=None)
+    manifest = json.loads((landing / "chu_laurentides" / "20260105-001" / "manifest.json").read_text())
+    manifest["files"][0]["rows"] = 2
+    (landing / "chu_laurentides" / "20260105-001" / "manifest.json").write_text(json.dumps(manifest))
+    outcome = ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")
+    assert outcome.bronze == {"encounter": 2}
+    notes = {r.encounter_ref: r.admission_note for r in spark.read.format("delta").load(lake.bronze("encounter")).collect()}
+    assert notes["S1"] == 'Douleur; irradiant\nau bras "gauche"\n\nvu en urgence'

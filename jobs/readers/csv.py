@@ -2,8 +2,13 @@
 
 Spark's CSV reader in PERMISSIVE mode pads short rows, cuts long ones and can
 drop corrupt ones silently, so lines are read first (:mod:`jobs.readers.lines`),
-decoded strictly with the declared charset, and their fields counted here.
-Only well-formed lines are parsed, with ``from_csv`` on each line's text.
+decoded strictly with the declared charset, joined into records where a quoted
+field spans lines, and their fields counted here with linear scans (no regular
+expression over a quoted field). Only well-formed records are parsed, with
+``from_csv`` on each record's text. A record is quarantined with its file and
+first line when its bytes are invalid in the declared charset, when they are
+UTF-8 in a single-byte profile (``ingest.encoding_mismatch``), when its quotes
+or field count are wrong, or when a field is longer than ``max_field_bytes``.
 """
 
 from __future__ import annotations
@@ -17,13 +22,20 @@ from pyspark.sql import functions as F
 
 from jobs.batchlog import Stage
 from jobs.config import CsvProfile
-from jobs.readers.lines import decode_strict, read_lines
+from jobs.readers.lines import decode_strict, join_quoted_lines, quote_count, read_lines, utf8_in_single_byte
 from jobs.schemas import BRONZE_COLUMNS, bronze_schema
 
 STAGE_INGEST = Stage.INGEST.value
 RULE_ENCODING = "ingest.encoding"
 RULE_MALFORMED = "ingest.malformed_line"
 RULE_ACTION = "ingest.unknown_action"
+RULE_ENCODING_MISMATCH = "ingest.encoding_mismatch"
+RULE_FIELD_TOO_LONG = "ingest.field_too_long"
+# Used when no configuration is at hand; config/pipeline.yaml declares the consortium's value.
+DEFAULT_MAX_FIELD_BYTES = 1 << 20
+# Records longer than this are never parsed, whatever the field limit: the CSV parser fails on
+# values of about 32 M characters and the failure kills the executor (the driver, in local mode).
+RECORD_HARD_LIMIT_BYTES = 16 << 20
 
 _PY_CHARSETS = {"utf-8-sig": "utf-8-sig", "utf-8": "utf-8", "latin-1": "latin-1", "iso-8859-1": "latin-1",
                 "cp1252": "cp1252", "windows-1252": "cp1252"}
@@ -61,12 +73,51 @@ class ReadResult:
 
     bronze: dict[str, DataFrame]
     quarantine: DataFrame
+    # What the batch log should say about the file (a byte-order mark removed…).
+    notes: tuple[str, ...] = ()
+
+
+BOM_UTF8 = b"\xef\xbb\xbf"
+_OTHER_BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
+
+
+def _first_line(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return handle.readline().rstrip(b"\r\n")
+
+
+def byte_order_mark(path: Path, profile: CsvProfile) -> str | None:
+    """What to say about a byte-order mark at the start of the file (``None`` when there is none to mention).
+
+    A BOM must never silently become part of the first header (``\ufeffmrn``
+    maps to nothing and every row loses its key). In a UTF-8 profile it is
+    removed; a ``utf-8`` profile (not ``utf-8-sig``) gets a note for the batch
+    log. In a single-byte profile it proves the file is not in the declared
+    charset: :class:`HeaderError`.
+    """
+    first = _first_line(path)
+    for mark, name in _OTHER_BOMS.items():
+        if first.startswith(mark):
+            raise HeaderError(f"{path.name}: line 1: the file starts with a {name} byte-order mark; "
+                              f"the profile declares {profile.encoding}. Ask for the export in "
+                              f"{profile.encoding} or declare the establishment's real encoding.")
+    if not first.startswith(BOM_UTF8):
+        return None
+    if _PY_CHARSETS[profile.encoding] not in ("utf-8", "utf-8-sig"):
+        raise HeaderError(f"{path.name}: line 1: the file starts with a UTF-8 byte-order mark (EF BB BF) "
+                          f"but the profile declares {profile.encoding}: the file is UTF-8. Fix the "
+                          "profile's encoding (utf-8-sig) or the establishment's export.")
+    if profile.encoding == "utf-8-sig":
+        return None
+    return (f"{path.name}: UTF-8 byte-order mark (EF BB BF) removed before the first header; "
+            "the profile declares utf-8, declare utf-8-sig if the establishment always sends one")
 
 
 def read_header(path: Path, profile: CsvProfile) -> list[str]:
-    """The header's field names, decoded with the declared charset."""
-    with path.open("rb") as handle:
-        first = handle.readline().rstrip(b"\r\n")
+    """The header's field names, decoded with the declared charset (a UTF-8 byte-order mark removed)."""
+    first = _first_line(path)
+    if byte_order_mark(path, profile) is not None or profile.encoding == "utf-8-sig":
+        first = first.removeprefix(BOM_UTF8)
     try:
         text = first.decode(_PY_CHARSETS[profile.encoding])
     except UnicodeDecodeError as exc:
@@ -74,13 +125,68 @@ def read_header(path: Path, profile: CsvProfile) -> list[str]:
     return [h.strip().strip(profile.quote).strip() for h in text.split(profile.delimiter)]
 
 
+def header_drift(header: list[str], mapping: dict[str, str]) -> str:
+    """How a file's source headers differ from the profile's mapping ('' when they do not).
+
+    Compared with the profile, not with the staged columns: a renamed source
+    column (``unite`` → ``ward``) keeps every staged column and would land as NULL.
+    """
+    missing = [h for h in mapping if h not in header]
+    unexpected = [h for h in header if h not in mapping]
+    parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else [])
+    return ", ".join(parts)
+
+
 def _field_count(text: Column, profile: CsvProfile) -> tuple[Column, Column]:
-    """Number of fields of a line, and whether its quotes are balanced."""
-    q, d = profile.quote, profile.delimiter
-    unquoted = F.regexp_replace(text, f"{_re(q)}([^{_re(q)}]|{_re(q)}{_re(q)})*{_re(q)}", "")
-    balanced = ~unquoted.contains(q)
-    count = F.size(F.split(unquoted, _re(d), -1))
-    return count, balanced
+    """Number of fields of a record, and whether its quotes are balanced.
+
+    Split at the quote character: the even pieces lie outside quoted fields
+    (a doubled quote leaves an empty odd piece between), so the fields are one
+    more than the delimiters in the even pieces. Every step is a linear scan;
+    no regular expression walks a quoted field (one that does overflows the
+    JVM stack on a clinical note of a few kilobytes).
+    """
+    pieces = F.split(text, _re(profile.quote), -1)
+    balanced = F.size(pieces) % 2 == 1
+    outside = F.filter(pieces, lambda piece, i: i % 2 == 0)
+    delimiters = F.aggregate(outside, F.lit(0), lambda acc, piece: acc + quote_count(piece, profile.delimiter))
+    return delimiters + 1, balanced
+
+
+def _longest_field(text: Column, profile: CsvProfile) -> Column:
+    """``(bytes, field)``: the size in UTF-8 bytes of a record's longest field and its 0-based position.
+
+    Measured without parsing, in one linear pass: pieces between quotes are
+    inside a quoted field when odd, and the delimiters of the even pieces
+    start new fields. A record too long for a field limit is never handed to
+    the CSV parser, which fails (and takes the executor with it) on values of
+    tens of megabytes.
+    """
+    def token(separated: Column, piece: Column) -> Column:
+        return F.struct(separated.alias("sep"), F.octet_length(piece).cast("long").alias("len"))
+
+    tokens = F.flatten(F.transform(
+        F.split(text, _re(profile.quote), -1),
+        lambda piece, i: F.when(i % 2 == 1, F.array(token(F.lit(False), piece))).otherwise(
+            F.transform(F.split(piece, _re(profile.delimiter), -1), lambda part, j: token(j > 0, part)))))
+    start = F.struct(F.lit(0).cast("long").alias("cur"), F.lit(0).alias("idx"),
+                     F.lit(-1).cast("long").alias("mx"), F.lit(0).alias("at"))
+
+    def step(acc: Column, t: Column) -> Column:
+        closes_longer = acc["cur"] > acc["mx"]
+        return F.when(t["sep"], F.struct(
+            t["len"].alias("cur"), (acc["idx"] + 1).alias("idx"),
+            F.when(closes_longer, acc["cur"]).otherwise(acc["mx"]).alias("mx"),
+            F.when(closes_longer, acc["idx"]).otherwise(acc["at"]).alias("at"),
+        )).otherwise(F.struct((acc["cur"] + t["len"]).alias("cur"), acc["idx"].alias("idx"),
+                              acc["mx"].alias("mx"), acc["at"].alias("at")))
+
+    def finish(acc: Column) -> Column:
+        last = acc["cur"] > acc["mx"]
+        return F.struct(F.when(last, acc["cur"]).otherwise(acc["mx"]).alias("bytes"),
+                        F.when(last, acc["idx"]).otherwise(acc["at"]).alias("field"))
+
+    return F.aggregate(tokens, start, step, finish)
 
 
 def _re(ch: str) -> str:
@@ -94,28 +200,45 @@ def _mapped(column: Column, mapping: dict[str, str]) -> Column:
     return F.coalesce(lookup[column], column)
 
 
-def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvProfile,
-                  lineage: FileLineage) -> ReadResult:
-    """Read one CSV extract of ``dataset``: every data line ends in bronze or in quarantine.
+def read_records(spark: SparkSession, path: Path, profile: CsvProfile) -> DataFrame:
+    """Data records of one extract: ``line_no`` (first line), ``last_line``, ``text``, ``valid``, ``mismatch``.
 
-    Raises :class:`HeaderError` when the header lacks the mapping's record-action
-    column or maps nothing; a header problem concerns the whole file.
+    A quoted field may hold delimiters and line breaks; blank lines between
+    records are not records.
+    """
+    text, valid = decode_strict("raw", profile.encoding)
+    lines = read_lines(spark, str(path)).select(
+        "line_no", text.alias("text"), valid.alias("valid"),
+        utf8_in_single_byte("raw", profile.encoding).alias("mismatch"),
+        # Counted on the raw bytes so an undecodable line still opens or closes its quote.
+        (quote_count(F.col("raw").cast("string"), profile.quote) % 2 == 1).alias("odd"),
+    )
+    return (join_quoted_lines(lines)
+            .where(F.col("line_no") > 1)
+            .where(~F.col("valid") | (F.trim(F.col("text")) != "")))
+
+
+def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvProfile,
+                  lineage: FileLineage, max_field_bytes: int = DEFAULT_MAX_FIELD_BYTES) -> ReadResult:
+    """Read one CSV extract of ``dataset``: every data record ends in bronze or in quarantine.
+
+    ``max_field_bytes`` is the consortium's limit (``config/pipeline.yaml``);
+    the profile's own ``max_field_bytes`` overrides it. Raises
+    :class:`HeaderError` when the header lacks the mapping's record-action
+    column, or starts with a byte-order mark the profile's charset cannot
+    hold; a header problem concerns the whole file.
     """
     mapping = profile.columns[dataset]
+    notes = tuple(n for n in [byte_order_mark(path, profile)] if n)
     header = read_header(path, profile)
+    limit = profile.max_field_bytes or max_field_bytes
     positions = {canonical: header.index(source) for source, canonical in mapping.items() if source in header}
     if "record_action" not in positions:
         missing = [s for s, c in mapping.items() if c == "record_action"]
         raise HeaderError(f"{lineage.source_file}: line 1: no {missing[0] if missing else 'action'} column "
                           f"(maps to record_action); header is {profile.delimiter.join(header)}")
 
-    text, valid = decode_strict("raw", profile.encoding)
-    lines = (
-        read_lines(spark, str(path))
-        .where(F.col("line_no") > 1)
-        .select("line_no", text.alias("text"), valid.alias("valid"))
-        .where(~F.col("valid") | (F.trim(F.col("text")) != ""))
-    )
+    records = read_records(spark, path, profile)
     n_fields, balanced = _field_count(F.col("text"), profile)
     raw_schema = ", ".join(f"c{i} string" for i in range(len(header)))
     options = {"sep": profile.delimiter, "quote": profile.quote, "escape": profile.quote,
@@ -131,17 +254,39 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
             return action_map[value]
         return _mapped(value, profile.value_maps.get(canonical, {}))
 
+    spans = F.col("last_line") > F.col("line_no")
+    lines_text = F.when(spans, F.format_string(" (record of lines %d-%d)", F.col("line_no"), F.col("last_line"))) \
+        .otherwise(F.lit(""))
     rule = (
-        F.when(~F.col("valid"), F.lit(RULE_ENCODING))
+        F.when(F.col("mismatch"), F.lit(RULE_ENCODING_MISMATCH))
+        .when(~F.col("valid"), F.lit(RULE_ENCODING))
         .when(~balanced, F.lit(RULE_MALFORMED))
         .when(n_fields != len(header), F.lit(RULE_MALFORMED))
     )
     reason = (
-        F.when(~F.col("valid"), F.lit(f"bytes invalid in the declared encoding {profile.encoding}"))
-        .when(~balanced, F.lit(f"unbalanced {profile.quote} quote"))
-        .otherwise(F.format_string(f"%d fields, the header has {len(header)}", n_fields))
+        F.when(F.col("mismatch"), F.lit(f"bytes are UTF-8 but the profile declares {profile.encoding}"))
+        .when(~F.col("valid"), F.lit(f"bytes invalid in the declared encoding {profile.encoding}"))
+        .when(~balanced, F.concat(F.lit(f"unbalanced {profile.quote} quote"), lines_text,
+                                  F.when(spans, F.lit(": the quote is never closed")).otherwise(F.lit(""))))
+        .otherwise(F.concat(F.format_string(f"%d fields, the header has {len(header)}", n_fields), lines_text))
     )
-    checked = lines.select("line_no", "text", rule.alias("_rule"), reason.alias("_reason"), n_fields.alias("_n"))
+    longest = _longest_field(F.col("text"), profile)
+    headers = F.array(*[F.lit(h) for h in header])
+    size = F.octet_length("text")
+    # Only a record longer than the field limit can hold a field over it: only those are measured.
+    field_over = (size > limit) & (F.col("_longest.bytes") > limit)
+    rule = (rule.when(field_over, F.lit(RULE_FIELD_TOO_LONG))
+            .when(size > RECORD_HARD_LIMIT_BYTES, F.lit(RULE_FIELD_TOO_LONG)))
+    reason = (F.when(F.col("mismatch") | ~F.col("valid") | ~balanced | (n_fields != len(header)), reason)
+              .when(field_over, F.format_string(f"field %s holds %d bytes, more than max_field_bytes {limit}",
+                                                F.element_at(headers, F.col("_longest.field") + 1),
+                                                F.col("_longest.bytes")))
+              .otherwise(F.format_string(f"record of %d bytes, more than the {RECORD_HARD_LIMIT_BYTES} "
+                                         "bytes a record may hold", size)))
+    checked = (records
+               .withColumn("_longest", F.when(F.col("valid") & (size > limit), longest))
+               .select("line_no", "text", rule.alias("_rule"), reason.alias("_reason"),
+                       F.when(F.col("valid"), n_fields).alias("_n")))
     checked = checked.withColumn("_p", F.when(F.col("_rule").isNull(), parsed))
     raw_action = (F.nullif(F.trim(F.col("_p").getField(f"c{positions['record_action']}")), F.lit(""))
                   if "record_action" in positions else F.lit(None))
@@ -174,7 +319,8 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
         F.to_json(F.struct(F.col("_n").alias("fields"), F.length("text").alias("characters"))).alias("record_safe"),
         F.current_timestamp().alias("quarantined_at"),
     )
-    return ReadResult(bronze={dataset: bronze.select(*bronze_schema(dataset).fieldNames())}, quarantine=quarantine)
+    return ReadResult(bronze={dataset: bronze.select(*bronze_schema(dataset).fieldNames())},
+                      quarantine=quarantine, notes=notes)
 
 
 def header_problems(header: list[str], mapping: dict[str, str]) -> list[str]:
@@ -182,4 +328,5 @@ def header_problems(header: list[str], mapping: dict[str, str]) -> list[str]:
     return [source for source in mapping if source not in header]
 
 
-__all__ = ["FileLineage", "ReadResult", "HeaderError", "read_csv_file", "read_header", "header_problems"]
+__all__ = ["FileLineage", "ReadResult", "HeaderError", "read_csv_file", "read_header", "read_records",
+           "header_drift", "header_problems", "byte_order_mark"]

@@ -83,3 +83,78 @@ def decode_strict(raw: str | F.Column, encoding: str) -> tuple[F.Column, F.Colum
         valid = F.lit(True)
     valid = valid & ~F.coalesce(text, F.lit("")).rlike(CONTROL_CHARS)
     return text, valid
+
+
+def utf8_in_single_byte(raw: str | F.Column, encoding: str) -> F.Column:
+    """True where a line declared in a single-byte charset is in fact UTF-8.
+
+    Latin-1 and cp1252 accept every byte, so UTF-8 read with them decodes
+    "successfully" into mojibake (``UnitÃ© de soins``). A line whose bytes
+    hold non-ASCII characters and are, as a whole, valid UTF-8 was written in
+    UTF-8: accented Latin-1 text is practically never valid UTF-8 (``é`` is
+    ``E9``, a lead byte that needs continuation bytes after it). For a UTF-8
+    profile this is always false.
+    """
+    raw_col = F.col(raw) if isinstance(raw, str) else raw
+    if ENCODING_ALIASES[encoding.lower()] == "UTF-8":
+        return F.lit(False)
+    as_utf8 = raw_col.cast("string")
+    return F.is_valid_utf8(as_utf8) & (F.length(raw_col) > F.length(as_utf8))
+
+
+# Lines are numbered in buckets of this many for the running quote state: each bucket is one
+# window partition, and one small aggregate per bucket carries the state across buckets.
+_BUCKET_LINES = 1 << 16
+
+
+def quote_count(text: F.Column, quote: str) -> F.Column:
+    """How many ``quote`` characters a line holds: a length difference, no regular expression."""
+    return F.length(text) - F.length(F.replace(text, F.lit(quote), F.lit("")))
+
+
+def join_quoted_lines(lines: DataFrame) -> DataFrame:
+    """Physical lines → logical records: a line that starts inside an open quote continues a record.
+
+    ``lines`` has ``line_no``, ``text`` (null where undecodable), ``valid``,
+    ``mismatch`` and ``odd`` (the line holds an odd number of quote characters,
+    so it opens or closes a quoted field). The result has one row per record:
+    ``line_no`` (its first line), ``last_line``, ``text`` (its lines joined with
+    ``\\n``, null if one of them is undecodable), ``valid``, ``mismatch``.
+
+    The quote state is a running count of odd lines, computed per bucket of
+    lines plus one small aggregate per bucket, so no window sees the whole file
+    and nothing is matched with a regular expression (a quoted field of any
+    length costs a linear scan). A quote never closed runs to the end of the
+    file: that record is unbalanced and its shape says so.
+    """
+    tagged = lines.withColumn("_bucket", F.floor((F.col("line_no") - 1) / F.lit(_BUCKET_LINES)))
+    odd_line = F.when(F.col("odd"), F.col("line_no"))
+    before = Window.orderBy("_bucket").rowsBetween(Window.unboundedPreceding, -1)
+    carried = (
+        tagged.groupBy("_bucket")
+        .agg(F.sum(F.col("odd").cast("long")).alias("_odd"), F.max(odd_line).alias("_last_odd"))
+        .select("_bucket",
+                F.coalesce(F.sum("_odd").over(before), F.lit(0)).alias("_odd_carried"),
+                F.max("_last_odd").over(before).alias("_opener_carried"))
+    )
+    preceding = Window.partitionBy("_bucket").orderBy("line_no").rowsBetween(Window.unboundedPreceding, -1)
+    state = tagged.join(F.broadcast(carried), on="_bucket", how="inner").select(
+        "line_no", "text", "valid", "mismatch", "odd",
+        (F.coalesce(F.sum(F.col("odd").cast("long")).over(preceding), F.lit(0)) + F.col("_odd_carried"))
+        .alias("_odd_before"),
+        F.coalesce(F.max(odd_line).over(preceding), F.col("_opener_carried")).alias("_opener"),
+    )
+    continued = F.col("_odd_before") % 2 == 1
+    single = state.where(~continued & ~F.col("odd")).select(
+        "line_no", F.col("line_no").alias("last_line"), "text", "valid", "mismatch")
+    parts = F.sort_array(F.collect_list(F.struct("line_no", "text", "valid")))
+    multi = (
+        state.where(continued | F.col("odd"))
+        .groupBy(F.when(continued, F.col("_opener")).otherwise(F.col("line_no")).alias("line_no"))
+        .agg(parts.alias("_parts"), F.bool_and("valid").alias("valid"), F.bool_or("mismatch").alias("mismatch"),
+             F.max("line_no").alias("last_line"))
+        .select("line_no", "last_line",
+                F.when(F.col("valid"), F.array_join(F.transform("_parts", lambda p: p["text"]), "\n")).alias("text"),
+                "valid", "mismatch")
+    )
+    return single.unionByName(multi)
