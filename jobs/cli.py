@@ -48,6 +48,7 @@ def _stage_command(stage: str):
         from jobs import pipeline
 
         ctx = pipeline.Context.from_env()
+        pipeline.require_key(ctx)  # fail closed before anything is read or written
         batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
         for batch in batches:
             if stage == "run":

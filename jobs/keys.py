@@ -7,15 +7,20 @@ Sources, first found wins:
 3. the Airflow connection ``affluent_pseudonym_key`` (its password), when the
    job runs inside Airflow.
 
-Without a key, or with one shorter than 32 bytes, nothing runs: a missing
-secret is never replaced by a default.
+Hex and base64 keys are decoded before their strength is measured, in bytes
+(``openssl rand -hex 16`` gives 32 characters but only 16 bytes). Without a
+key, with one shorter than 32 bytes, or with one made of a few repeated byte
+values, nothing runs: a missing secret is never replaced by a default.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,12 @@ ENV_KEY = "AFFLUENT_PSEUDONYM_KEY"
 ENV_KEY_FILE = "AFFLUENT_PSEUDONYM_KEY_FILE"
 AIRFLOW_CONN_ID = "affluent_pseudonym_key"
 MIN_KEY_BYTES = 32
+# A repeated short pattern ("aaaa…", "password" * 4) is long but not secret: a
+# decoded key needs this many distinct byte values, a text key twice as many characters.
+MIN_DISTINCT_BYTES = 8
+MIN_DISTINCT_TEXT = 16
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 
 
 class MissingKeyError(RuntimeError):
@@ -70,14 +81,36 @@ class PseudonymKey:
         return self.derive(f"project:{project_id}")
 
 
-def _decode(raw: str) -> bytes:
+def _decode(raw: str) -> tuple[bytes, bool]:
+    """The key's bytes: hex and base64 are decoded, so that strength is counted in bytes of entropy.
+
+    ``openssl rand -hex 16`` is 32 characters but 16 bytes; counted as text it
+    would pass for a 32-byte key.
+    """
     text = raw.strip()
-    try:
-        if len(text) % 2 == 0 and len(text) >= 2 * MIN_KEY_BYTES:
-            return bytes.fromhex(text)
-    except ValueError:
-        pass
-    return text.encode("utf-8")
+    if _HEX.fullmatch(text) and len(text) % 2 == 0:
+        return bytes.fromhex(text), False
+    if _BASE64.fullmatch(text) and len(text) % 4 == 0:
+        try:
+            return base64.b64decode(text, validate=True), False
+        except binascii.Error:
+            pass
+    return text.encode("utf-8"), True
+
+
+def _check_strength(secret: bytes, is_text: bool, source: str) -> None:
+    if len(secret) < MIN_KEY_BYTES:
+        raise WeakKeyError(
+            f"The pseudonymisation key from {source} is {len(secret)} bytes once decoded (hex and base64 are "
+            f"decoded); at least {MIN_KEY_BYTES} are required. Generate one with `openssl rand -hex 32`."
+        )
+    distinct, needed = len(set(secret)), (MIN_DISTINCT_TEXT if is_text else MIN_DISTINCT_BYTES)
+    if distinct < needed:
+        raise WeakKeyError(
+            f"The pseudonymisation key from {source} uses only {distinct} distinct "
+            f"{'characters' if is_text else 'byte values'} (a repeated pattern); at least {needed} are required. "
+            "Generate one with `openssl rand -hex 32`."
+        )
 
 
 def _from_airflow() -> str | None:
@@ -109,10 +142,6 @@ def load_key(environ: dict[str, str] | None = None, use_airflow: bool = True) ->
             "`export AFFLUENT_PSEUDONYM_KEY=$(openssl rand -hex 32)`), or AFFLUENT_PSEUDONYM_KEY_FILE "
             f"to a file holding it, or the password of the Airflow connection '{AIRFLOW_CONN_ID}'."
         )
-    secret = _decode(raw)
-    if len(secret) < MIN_KEY_BYTES:
-        raise WeakKeyError(
-            f"The pseudonymisation key from {source} is {len(secret)} bytes; at least {MIN_KEY_BYTES} "
-            "are required. Generate one with `openssl rand -hex 32`."
-        )
+    secret, is_text = _decode(raw)
+    _check_strength(secret, is_text, source)
     return PseudonymKey(secret)

@@ -67,9 +67,19 @@ def pending(ctx: Context, establishment_id: str) -> list[str]:
     return queue(ctx, establishment_id).pending
 
 
+def require_key(ctx: Context) -> PseudonymKey:
+    """The key, read before anything is written beyond landing.
+
+    Bronze already holds identifiers: a batch is not even ingested when it
+    could not be pseudonymised (missing or weak key), so the stage fails closed.
+    """
+    return ctx.key
+
+
 def ingest(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.ingest import ingest_batch
 
+    require_key(ctx)
     return asdict(ingest_batch(ctx.spark, ctx.lake, ctx.settings.landing, ctx.consortium, establishment_id, batch_id))
 
 
@@ -91,6 +101,7 @@ def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.ingest import batch_kind
     from jobs.validate import validate_batch
 
+    require_key(ctx)
     if _landed(ctx, establishment_id, batch_id):
         return {"skipped": True, "reason": "batch already landed"}
     kind = batch_kind(ctx.spark, ctx.lake, establishment_id, batch_id)
