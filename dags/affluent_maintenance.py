@@ -12,6 +12,9 @@ from jobs.registry import LAKE_WRITERS_POOL, task_context
 
 @dag(
     dag_id="affluent_maintenance",
+    dag_display_name="Maintenance · erasure, retention, compaction",
+    # Unpaused from the start: erasure requests are carried out here, and a paused DAG would hold them forever.
+    is_paused_upon_creation=False,
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,  # maintenance acts on the lake as it is now; past days need no replay

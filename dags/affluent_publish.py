@@ -12,6 +12,10 @@ from jobs.registry import LAKE_WRITERS_POOL, silver_assets, task_context
 
 @dag(
     dag_id="affluent_publish",
+    dag_display_name="Publish · project extracts and gold",
+    # Unpaused from the start: a paused publish would let the Asset events of a land pass unseen, and a
+    # consent withdrawal that came with that batch would not reach the extracts.
+    is_paused_upon_creation=False,
     schedule=AssetAny(*silver_assets()),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -30,6 +34,11 @@ consent allows the project's purpose, the establishments whose agreement
 allows it, the allowed columns, project pseudonyms and coarsened dates, then
 recomputes gold indicators with small-cell suppression. Expired or revoked
 projects lose their extract.
+
+Waits for any of the silver Assets (emitted by each ingest DAG's `land`):
+`silver/patient`, `silver/encounter`, `silver/diagnosis`, `silver/lab_result`,
+`silver/medication`, `silver/consent`. **Must stay unpaused**: consent
+withdrawals reach the extracts only through this DAG.
 """,
 )
 def affluent_publish():

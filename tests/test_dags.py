@@ -161,3 +161,23 @@ def test_every_task_that_writes_silver_or_extracts_runs_in_the_one_slot_writers_
     assert LAKE_WRITERS_POOL_SLOTS == 1
     compose = (DAGS.parent / "docker-compose.yml").read_text(encoding="utf-8")
     assert f"airflow pools set {LAKE_WRITERS_POOL} {LAKE_WRITERS_POOL_SLOTS} " in compose
+
+
+def test_publish_and_maintenance_run_from_the_start(dagbag):
+    """Paused at creation, publish would let a land's Asset events pass and erasure would wait forever."""
+    assert not dagbag.dags["affluent_publish"].is_paused_upon_creation
+    assert not dagbag.dags["affluent_maintenance"].is_paused_upon_creation
+
+
+def test_dags_show_the_establishment_name_and_every_task_says_what_it_reads_and_writes(dagbag):
+    from jobs.config import load_consortium
+
+    consortium = load_consortium(Path(__file__).resolve().parents[1] / "config")
+    for est in consortium.establishments.values():
+        dag = dagbag.dags[f"affluent_ingest_{est.id}"]
+        assert est.name in dag.dag_display_name
+        for task in dag.tasks:
+            assert task.doc_md and len(task.doc_md) > 80, task.task_id
+            if task.task_id != "select_batch":
+                assert "**Reads**" in task.doc_md and "**Writes**" in task.doc_md and "Re-run" in task.doc_md
+    assert "silver/consent" in dagbag.dags["affluent_publish"].doc_md
