@@ -72,9 +72,12 @@ TASK_DOCS = {
 def _run_stage(stage: Stage, establishment_id: str, batch_id: str) -> dict:
     """One stage of one batch; failures no retry can fix fail the task at once, naming what to fix."""
     from jobs import pipeline
+    from jobs.stage_log import log_figures
 
     try:
-        return getattr(pipeline, stage.value)(task_context(), establishment_id, batch_id)
+        summary = getattr(pipeline, stage.value)(task_context(), establishment_id, batch_id)
+        log_figures(stage.value, establishment_id, batch_id, summary)  # one INFO line per dataset
+        return summary
     except pipeline.permanent_failures() as exc:
         raise AirflowFailException(f"{stage} of {establishment_id}/{batch_id} stopped: {exc}") from exc
 
