@@ -34,6 +34,7 @@ callers (the gateway, the demo, benchmarks).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import threading
@@ -325,19 +326,13 @@ def refuse_deletion_vectors(table, what: str) -> None:
                            "or to republish the extract")
 
 
-def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS) -> pa.Table:
-    """Run ``sql`` on ``con`` under the time and row limits; the result as a pyarrow table."""
+@contextlib.contextmanager
+def time_limit(con, limits: Limits = DEFAULT_LIMITS):
+    """Interrupt whatever runs on ``con`` past ``limits.timeout_seconds`` (one budget for the whole block)."""
     timer = threading.Timer(limits.timeout_seconds, con.interrupt)
     timer.start()
     try:
-        reader = con.sql(sql).to_arrow_reader(batch_size=min(limits.max_rows + 1, 10_000))
-        batches, rows = [], 0
-        for batch in reader:
-            batches.append(batch)
-            rows += batch.num_rows
-            if rows > limits.max_rows:
-                raise QueryRefused(f"the result has more than {limits.max_rows} rows; aggregate or filter it")
-        return pa.Table.from_batches(batches, schema=reader.schema)
+        yield
     except QueryRefused:
         raise
     except Exception as exc:
@@ -346,6 +341,19 @@ def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS) -> pa.Table:
         raise
     finally:
         timer.cancel()
+
+
+def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS) -> pa.Table:
+    """Run ``sql`` on ``con`` under the time and row limits; the result as a pyarrow table."""
+    with time_limit(con, limits):
+        reader = con.sql(sql).to_arrow_reader(batch_size=min(limits.max_rows + 1, 10_000))
+        batches, rows = [], 0
+        for batch in reader:
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows > limits.max_rows:
+                raise QueryRefused(f"the result has more than {limits.max_rows} rows; aggregate or filter it")
+        return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMITS) -> Answer:
@@ -365,7 +373,8 @@ def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMI
             raise QueryRefused(f"the {', '.join(missing)} extract of project {project.id} is not published yet")
         registered = register_project(con, lake, project, needed=checked.datasets)
         result = fetch(con, checked.sql, limits)
-        output = disclosure.check_output(con, checked.sql, result, project, registered)
+        with time_limit(con, limits):  # output checking runs queries of its own (support, differencing)
+            output = disclosure.check_output(con, checked.sql, result, project, registered)
     finally:
         con.close()
     return Answer(table=output.table, checked=checked, suppressed_cells=output.suppressed_cells,
