@@ -22,6 +22,7 @@ from jobs.lake import Lake
 from jobs.batchlog import Stage, Status
 from jobs.ops import append_batch_log, batches_with_status
 from jobs.schemas import BRONZE_COLUMNS, DATASETS, staged_schema
+from jobs.reference.vocabularies import VOCABULARY_TOKENS, vocabulary_of
 from jobs.tables import OVERWRITE, ensure_table, table_exists
 
 STAGE = Stage.PSEUDONYMISE
@@ -30,16 +31,9 @@ PERSON_FROM_MRN = "establishment_fallback"
 FLAG_FALLBACK = "establishment_fallback"
 FLAG_UNKNOWN_PATIENT = "unknown_patient"
 
-# Source code systems as establishments write them → vocabulary ids (OMOP habit).
-VOCABULARIES = {
-    "ICD10CA": "ICD10CA", "CIM10CA": "ICD10CA",
-    "ICD10": "ICD10", "CIM10": "ICD10", "HTTPHL7ORGFHIRSIDICD10": "ICD10",
-    "SNOMED": "SNOMED", "SNOMEDCT": "SNOMED", "SCT": "SNOMED", "HTTPSNOMEDINFOSCT": "SNOMED",
-    "LOINC": "LOINC", "HTTPLOINCORG": "LOINC",
-    "ATC": "ATC", "HTTPWWWWHOCCNOATC": "ATC",
-    "DIN": "DIN", "HTTPSHEALTHPRODUCTSCANADACADPD": "DIN",
-    "RXNORM": "RxNorm", "HTTPWWWNLMNIHGOVRESEARCHUMLSRXNORM": "RxNorm",
-}
+# Source code systems as establishments write them → vocabulary ids (OMOP habit), from the one
+# list of code systems (jobs.reference.vocabularies).
+VOCABULARIES = VOCABULARY_TOKENS
 
 
 @dataclass(frozen=True)
@@ -84,9 +78,7 @@ def is_valid_nam(nam: Column, birth_date: Column, sex: Column) -> Column:
 
 
 def vocabulary(col: Column) -> Column:
-    token = F.upper(F.regexp_replace(col, r"[^A-Za-z0-9]", ""))
-    lookup = F.create_map(*[F.lit(x) for pair in VOCABULARIES.items() for x in pair])
-    return F.coalesce(lookup[token], _blank_to_null(col))
+    return vocabulary_of(col)
 
 
 class Parser:

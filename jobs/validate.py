@@ -68,6 +68,7 @@ from pyspark.sql.types import BooleanType, LongType, StringType, StructField, St
 from pyspark.sql.window import Window
 
 from jobs import reference
+from jobs.reference import units, vocabularies
 from jobs.config import Consortium
 from jobs.lake import Lake
 from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
@@ -112,9 +113,26 @@ BATCH_RULES = (RULE_ROW_COUNT_DROP, RULE_QUARANTINED_RATE, RULE_COLUMN_CHANGE)
 # Below this many rows read, the quarantined share of a dataset is not judged.
 MIN_ROWS_FOR_RATE = 20
 
-# Columns added to the staged rows before validation: the plausible bounds of each
-# lab result's LOINC code, from the reference list.
-HELPER_COLUMNS = {"lab_result": ("_ref_plausible_low", "_ref_plausible_high"), "encounter": ("_birth_year",)}
+# Columns added to the staged rows before validation: whether the code is well formed for its
+# system and listed in the reference overlay; for lab results, the plausible bounds of the
+# LOINC code (in its reference unit) and the value converted into that unit.
+CODE_HELPERS = ("_code_well_formed", "_code_in_reference")
+HELPER_COLUMNS = {
+    "lab_result": ("_ref_plausible_low", "_ref_plausible_high", "_value_in_reference_unit", *CODE_HELPERS),
+    "diagnosis": CODE_HELPERS,
+    "medication": CODE_HELPERS,
+    "encounter": ("_birth_year",),
+}
+# The code and vocabulary columns of each coded dataset.
+CODED = {
+    "diagnosis": ("condition_source_value", "condition_source_vocabulary"),
+    "lab_result": ("measurement_source_value", "measurement_source_vocabulary"),
+    "medication": ("drug_source_value", "drug_source_vocabulary"),
+}
+# Informational counts in ops/validation_results: they never quarantine a row nor stop a batch.
+KIND_INFO = "info"
+INFO_NOT_IN_REFERENCE = "code.not_in_reference_list"
+INFO_BOUND_NOT_APPLIED = "value.bound_not_applied"
 
 # Suite parameters filled at run time (reference lists and configuration).
 PARAM_MIN_ROW_COUNT = "min_row_count"
@@ -233,10 +251,8 @@ def suite_checks(suite: dict) -> list[Check]:
 @cache
 def _reference_parameters() -> dict[str, list]:
     return {
-        "icd10ca_codes": sorted(reference.codes(reference.SYSTEM_ICD10CA)),
-        "loinc_codes": sorted(reference.codes(reference.SYSTEM_LOINC)),
-        "atc_codes": sorted(reference.codes(reference.SYSTEM_ATC)),
-        "din_codes": sorted(reference.codes(reference.SYSTEM_DIN)),
+        "diagnosis_vocabularies": list(vocabularies.DIAGNOSIS_VOCABULARIES),
+        "drug_vocabularies": list(vocabularies.DRUG_VOCABULARIES),
     }
 
 
@@ -267,14 +283,55 @@ def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFra
         if birth_years is None:
             birth_years = _no_birth_years(staged.sparkSession)
         return staged.join(birth_years, on="person_id", how="left").select(*staged.columns, "_birth_year")
-    if dataset != "lab_result":
+    if dataset not in CODED:
         return staged
     spark = staged.sparkSession
+    code, vocabulary = (F.col(c) for c in CODED[dataset])
+    listed = _listed_codes(spark, dataset)
+    coded = (staged.join(F.broadcast(listed), on=[staged[c] == listed[f"_l{i}"] for i, c in
+                                                  enumerate(CODED[dataset])], how="left")
+             .select(*staged.columns,
+                     vocabularies.well_formed(vocabulary, code).alias("_code_well_formed"),
+                     F.when(code.isNotNull(), F.col("_listed").isNotNull()).alias("_code_in_reference")))
+    if dataset != "lab_result":
+        return coded
     bounds = spark.createDataFrame(
-        [(t.code, t.plausible_low, t.plausible_high) for t in reference.loinc().values()],
-        "measurement_source_value string, _ref_plausible_low double, _ref_plausible_high double")
-    return staged.join(F.broadcast(bounds), on="measurement_source_value", how="left").select(
-        *staged.columns, "_ref_plausible_low", "_ref_plausible_high")
+        [(t.code, unit, factor, t.plausible_low, t.plausible_high)
+         for t in reference.loinc().values() for unit, factor in units.conversions_to(t.unit, t.code).items()],
+        "_b_code string, _b_unit string, _factor double, _ref_plausible_low double, _ref_plausible_high double")
+    unit = F.lower(F.regexp_replace(F.regexp_replace(F.trim("unit_source_value"), "[µμ]", "u"), "\\^", "*"))
+    with_unit = coded.withColumn("_unit_key", F.regexp_replace(unit, " ", ""))
+    joined = with_unit.join(F.broadcast(bounds), on=(with_unit["measurement_source_value"] == bounds["_b_code"])
+                            & (with_unit["_unit_key"] == bounds["_b_unit"]), how="left")
+    # A unit with no known conversion leaves the bounds unset: not applied, counted, never a rejection.
+    return joined.select(*coded.columns, "_ref_plausible_low", "_ref_plausible_high",
+                         (F.col("value_as_number") * F.col("_factor")).alias("_value_in_reference_unit"))
+
+
+def _listed_codes(spark: SparkSession, dataset: str) -> DataFrame:
+    """``(code, vocabulary)`` pairs of the reference overlay for one coded dataset."""
+    if dataset == "diagnosis":
+        pairs = [(c, "ICD10CA") for c in reference.icd10ca()]
+    elif dataset == "lab_result":
+        pairs = [(c, "LOINC") for c in reference.loinc()]
+    else:
+        pairs = [(c, vocabularies.system_for(d.system).vocabulary) for c, d in reference.drugs().items()]
+    return spark.createDataFrame([(c, v, True) for c, v in pairs], "_l0 string, _l1 string, _listed boolean")
+
+
+def information_counts(flagged: DataFrame, dataset: str) -> dict[str, int]:
+    """Rows that landed with something to know: a well-formed code missing from the reference
+    list, a lab value whose unit has no conversion to its test's bounds (bound not applied)."""
+    if dataset not in CODED:
+        return {}
+    kept = F.col("_rule").isNull()
+    aggs = [F.sum((kept & (F.col("_code_in_reference") == F.lit(False))).cast("long")).alias(INFO_NOT_IN_REFERENCE)]
+    if dataset == "lab_result":
+        listed = F.col("_code_in_reference") & F.col("value_as_number").isNotNull()
+        aggs.append(F.sum((kept & listed & F.col("_ref_plausible_low").isNull()).cast("long"))
+                    .alias(INFO_BOUND_NOT_APPLIED))
+    row = flagged.agg(*aggs).first()
+    return {name: int(row[name] or 0) for name in row.asDict()}
 
 
 def _no_birth_years(spark: SparkSession) -> DataFrame:
@@ -599,6 +656,10 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
                     else:
                         figures = f"columns {r.observed} vs silver {sorted(params[PARAM_EXPECTED_COLUMNS])}"
                     failures.append(BatchRuleFailure(dataset, r.rule, figures))
+
+            for name, count in information_counts(flagged, dataset).items():
+                results.append((establishment_id, batch_id, dataset, name, name, KIND_INFO, True, count, rows,
+                                None, run_at))
 
             # One row per rule: a bounded collect, whatever the batch's size.
             by_rule = {r["_rule"]: r["count"] for r in

@@ -164,25 +164,28 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
         "diagnosis": [
             diag("d1"), diag("d2", code="73211009", system="SNOMED"), diag("d3", code="I10", system="ICD10"),
             diag("d4", code=None),                                                # completeness.required
-            diag("d5", code="K80.2"),                                             # conformance.code (not in list)
+            diag("d5", code="8K0.2"),                                             # conformance.code (malformed)
             diag("d6", code="12A", system="SNOMED"),                              # conformance.code (format)
             diag("d7", system="OTHER"),                                           # conformance.code (system)
             diag("d8", on=(later).date()),                                        # plausibility.future_date
+            diag("d9", code="K80.2"), diag("d10", code="38341003", system="SNOMED"),  # not in the list: land
         ],
         "lab_result": [
             lab("l1"), lab("l2", value=None, value_source_value="positive"),
             lab("l3", value=None, _parse_errors=["number:value_as_number"]),      # conformance.number
-            lab("l4", code="2160-0"),                                             # conformance.code
+            lab("l4", code="2160-1"),                                             # conformance.code (check digit)
             lab("l5", value=600.0),                                               # plausibility.range (high)
             lab("l6", value=0.1),                                                 # plausibility.range (low)
             lab("l7", at=None),                                                   # completeness.required
+            lab("l8", code="8302-2", value=172.0, unit_source_value="cm"),        # body height: lands
         ],
         "medication": [
             med("m1"), med("m2", code="02380080", system="DIN", end=None),
-            med("m3", code="C09CA01"),                                            # conformance.code
+            med("m3", code="C09CA1"),                                             # conformance.code (malformed)
             med("m4", end=dt.date(2025, 11, 1)),                                  # plausibility.date_order
             med("m5", dose_value=-1.0),                                           # plausibility.range
             med("m6", dose_value=None, _parse_errors=["number:dose_value"]),      # conformance.number
+            med("m7", code="197361", system="RxNorm"),                            # RxNorm: lands
         ],
         "consent": [
             consent("c1"), consent("c2", decision="withdraw"),
@@ -213,7 +216,7 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
         ("consent", "c5", "plausibility.date_order"): 1,
     })
     valid = {d: o.valid for d, o in outcome.datasets.items()}
-    assert valid == {"patient": 4, "encounter": 3, "diagnosis": 3, "lab_result": 2, "medication": 2, "consent": 2}
+    assert valid == {"patient": 4, "encounter": 3, "diagnosis": 5, "lab_result": 3, "medication": 3, "consent": 2}
 
     q = spark.read.format("delta").load(lake.quarantine()).where(F.col("stage") == "validate")
     reasons = {r.reason for r in q.collect()}
@@ -224,6 +227,8 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
     results = spark.read.format("delta").load(lake.ops("validation_results")).where(F.col("batch_id") == "b1")
     unique = results.where((F.col("dataset") == "patient") & (F.col("rule") == "integrity.unique_key")).first()
     assert (unique.success, unique.unexpected_count) == (False, 2)
+    not_listed = {r.dataset: r.unexpected_count for r in results.where(F.col("rule") == "code.not_in_reference_list").collect()}
+    assert not_listed == {"diagnosis": 4, "lab_result": 1, "medication": 1}  # d2, d3, d9, d10; l8; m7
     assert Path(outcome.report).is_file() and "integrity.unique_key" in Path(outcome.report).read_text()
     assert (Path(lake.reports()) / "index.html").is_file()
 
@@ -351,3 +356,22 @@ def test_measure_engines_times_gx_and_the_spark_translation_on_the_same_rows(spa
     staged = staged_frame(spark, "lab_result", "b1", EXTRACTED, [lab(f"l{i}") for i in range(5)] + [lab("l9", value=999.0)])
     seconds = measure_engines(spark, staged, "lab_result")
     assert set(seconds) == {"gx", "spark"} and all(s > 0 for s in seconds.values())
+
+
+def test_plausibility_bounds_judge_values_in_the_unit_of_the_bound(spark, lake, consortium):
+    from jobs.validate import validate_batch
+
+    rows = {"lab_result": [
+        lab("h1", code="718-7", value=13.5, unit_source_value="g/dL"),   # haemoglobin 135 g/L: lands
+        lab("h2", code="718-7", value=135.0, unit_source_value="g/L"),   # lands
+        lab("h3", code="718-7", value=1350.0, unit_source_value="g/L"),  # implausible
+        lab("h4", code="718-7", value=8.4, unit_source_value="mmol/L"),  # no conversion: bound not applied
+        lab("h5", code="14749-6", value=99.0, unit_source_value="mg/dL"),  # glucose 5.5 mmol/L: lands
+    ]}
+    stage_batch(spark, lake, "b1", rows)
+    outcome = validate_batch(spark, lake, consortium, EST, "b1", "full")
+    assert quarantined(spark, lake, "b1") == Counter({("lab_result", "h3", "plausibility.range"): 1})
+    assert outcome.datasets["lab_result"].valid == 4
+    results = spark.read.format("delta").load(lake.ops("validation_results")).where(F.col("batch_id") == "b1")
+    skipped = results.where(F.col("rule") == "value.bound_not_applied").first()
+    assert (skipped.dataset, skipped.unexpected_count) == ("lab_result", 1)

@@ -73,12 +73,13 @@ EVENT_DATE = {
 DATETIME_FIELDS = frozenset({"visit_start", "visit_end", "measured_at"})
 MAIN_CODE = {"diagnosis": "condition_code", "lab_result": "loinc_code", "medication": "drug_code"}
 
-# Real codes of each system that the reference lists deliberately leave out.
+# Malformed codes of each system (wrong shape or check digit): a well-formed code lands even when
+# the reference lists leave it out, so only a malformed one is a conformance defect.
 UNKNOWN_CODES = {
-    "condition_code": ("K80.2", "L03.1", "H25.9", "B34.9", "M81.0", "G40.9", "E03.9", "I26.9"),
-    "loinc_code": ("2160-0", "2345-7", "2093-3", "1751-7", "17861-6", "2885-2"),
-    reference.SYSTEM_ATC: ("C09CA01", "N05BA01", "A11CC05", "M01AE01", "J01FA10"),
-    reference.SYSTEM_DIN: ("02244993", "02246734", "00326925", "02241497"),
+    "condition_code": ("K80..2", "L3.1", "HX5.9", "34.9", "M81-0", "G40.9.1", "E3.9", "I26:9"),
+    "loinc_code": ("2160-1", "2345-6", "2093-4", "1751-8", "17861-5", "2885-3"),
+    reference.SYSTEM_ATC: ("C09CA1", "N5BA01", "A11CC5X", "M01AE001", "J01FA1O"),
+    reference.SYSTEM_DIN: ("2244993", "022467340", "0032692A", "D2241497"),
 }
 
 

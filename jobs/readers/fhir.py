@@ -81,6 +81,7 @@ from jobs.readers.fhir_schema import (
     RESOURCE_SCHEMAS,
 )
 from jobs.readers.lines import decode_strict, read_lines
+from jobs.reference.vocabularies import BY_VOCABULARY, NAMES_BY_FHIR_URI, UCUM_URI
 from jobs.schemas import (
     ACTION_DELETE,
     ACTION_UPSERT,
@@ -111,21 +112,10 @@ RESOURCE_DATASETS = {
 }
 DATASET_RESOURCES = {dataset: rtype for rtype, dataset in RESOURCE_DATASETS.items()}
 
-LOINC_URI = "http://loinc.org"
-UCUM_URI = "http://unitsofmeasure.org"
+LOINC_URI = BY_VOCABULARY["LOINC"].uris[0]
 MRN_TYPE_CODE = "MR"  # v2-0203 identifier type: medical record number
-# FHIR code-system URIs → the short names the CSV extracts use.
-CODE_SYSTEMS = {
-    "https://fhir.infoway-inforoute.ca/CodeSystem/icd10ca": "ICD-10-CA",
-    "http://hl7.org/fhir/sid/icd-10-ca": "ICD-10-CA",
-    "http://hl7.org/fhir/sid/icd-10": "ICD-10",
-    "http://snomed.info/sct": "SNOMED",
-    LOINC_URI: "LOINC",
-    "http://www.whocc.no/atc": "ATC",
-    "http://hl7.org/fhir/NamingSystem/ca-hc-din": "DIN",
-    "https://health-products.canada.ca/dpd-bdpp": "DIN",
-    "http://www.nlm.nih.gov/research/umls/rxnorm": "RxNorm",
-}
+# FHIR code-system URIs → the short names the CSV extracts use (jobs.reference.vocabularies).
+CODE_SYSTEMS = dict(NAMES_BY_FHIR_URI)
 
 _ID = r"[A-Za-z0-9.\-]{1,64}"
 # Resource types a subject or patient reference may wrongly name; echoed in reasons.
