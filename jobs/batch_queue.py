@@ -239,8 +239,9 @@ def batch_state(batch_id: str, entries: list[dict], manifest: str | None) -> Que
         stops = [e for e in last if e["status"] in BLOCKING_STATUSES]
         if stops:
             stop = stops[0]
+            # Rejected at ingest on another manifest (or before its manifest was there): check it again.
             fixed = (stop["stage"] == Stage.INGEST and stop["status"] == Status.REJECTED
-                     and stop["manifest_sha256"] is not None and stop["manifest_sha256"] != manifest)
+                     and stop["manifest_sha256"] != manifest)
             if fixed:
                 return QueuedBatch(batch_id, QueueState.WAITING, "manifest changed since its rejection")
             reason = "; ".join(dict.fromkeys(e["message"] or e["status"] for e in stops))

@@ -114,6 +114,10 @@ def test_a_rejected_batch_is_pending_again_once_its_manifest_changes():
     rejected = [entry("b1", Stage.INGEST, Status.REJECTED, 1, manifest_sha256="old", message="file x is missing")]
     assert batch_state("b1", rejected, "old").state == QueueState.BLOCKED
     assert batch_state("b1", rejected, "fixed").state == QueueState.WAITING
+    # Rejected while its manifest was still missing: pending once the manifest is there.
+    early = [entry("b1", Stage.INGEST, Status.REJECTED, 1, message="no manifest.json")]
+    assert batch_state("b1", early, None).state == QueueState.INCOMPLETE
+    assert batch_state("b1", early, "complete").state == QueueState.WAITING
     # Rejected again after the fix: blocked again, with the new reason.
     again = rejected + [entry("b1", Stage.INGEST, Status.REJECTED, 2, manifest_sha256="fixed", message="sha256")]
     assert batch_state("b1", again, "fixed").state == QueueState.BLOCKED
