@@ -29,6 +29,7 @@ def test_every_line_lands_or_is_quarantined_with_its_line_and_rule(spark, consor
         b"",                                                    # blank line: not a record
         good.replace("M001", "M006").replace(";A", ";Z").encode("latin-1"),  # unknown action
         '"M007";"TREM85521512";"Tremblay; fils";Luc;01/01/1990;M;;;;;;;M'.encode("latin-1"),  # quoted delimiter
+        b'M010;"TREM"x;a;b;1;2;3;4;5;6;7;8;A',                  # characters after a closing quote
         b'M008;"unbalanced;x;y;z;1;2;3;4;5;6;7;A',            # a quote never closed runs to the end
         b"M009;after;the;open;quote",
     ]
@@ -42,9 +43,10 @@ def test_every_line_lands_or_is_quarantined_with_its_line_and_rule(spark, consor
     assert bronze["M007"].family_name == "Tremblay; fils"
     assert {k: v.rule for k, v in quarantine.items()} == {
         3: "ingest.malformed_line", 4: "ingest.malformed_line", 5: "ingest.malformed_line",
-        6: "ingest.encoding", 8: "ingest.unknown_action", 10: "ingest.malformed_line",
+        6: "ingest.encoding", 8: "ingest.unknown_action", 10: "ingest.malformed_line", 11: "ingest.malformed_line",
     }
-    assert "unbalanced \" quote (record of lines 10-11): the quote is never closed" in quarantine[10].reason
+    assert "characters after a closing \" quote" in quarantine[10].reason
+    assert "unbalanced \" quote (record of lines 11-12): the quote is never closed" in quarantine[11].reason
     assert "patient.csv line 3: 3 fields, the header has 13" in quarantine[3].reason
     for row in quarantine.values():  # nothing identifying in quarantine
         assert "TREM" not in (row.record_safe or "") + row.reason and "Gagnon" not in row.reason

@@ -184,14 +184,20 @@ def bad_bytes(encoding: str, pick: float) -> bytes:
 
 
 def malformed_csv_line(line: str, delimiter: str, quote: str, pick: float) -> str:
-    """Too few fields, too many fields, or an opening quote never closed."""
+    """Too few fields, too many fields, or characters after a field's closing quote.
+
+    (An opening quote never closed is not a line defect: a quoted field may
+    span lines, so it runs to the next quote and takes the lines between.)
+    """
     variant = int(pick * 3)
     if variant == 0:
         return line[: line.rfind(delimiter)]
     if variant == 1:
         return line + delimiter + "?"
     first = line.find(delimiter)
-    return line[: first + 1] + quote + line[first + 1:]
+    second = line.find(delimiter, first + 1)
+    end = second if second != -1 else len(line)
+    return line[: first + 1] + quote + line[first + 1:end] + quote + "x" + line[end:]
 
 
 def truncated_json(text: str, pick: float) -> str:

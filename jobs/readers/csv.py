@@ -153,6 +153,20 @@ def _field_count(text: Column, profile: CsvProfile) -> tuple[Column, Column]:
     return delimiters + 1, balanced
 
 
+def _quotes_misplaced(text: Column, profile: CsvProfile) -> Column:
+    """True where a quoted field has characters after its closing quote (``"Tremblay"x``) or before
+    its opening one: the record is not CSV, whatever a lenient parser would make of it."""
+    pieces = F.split(text, _re(profile.quote), -1)
+    d = profile.delimiter
+
+    def misplaced(piece: Column, i: Column) -> Column:
+        after_close = (i > 0) & (F.ltrim(piece) != "") & ~F.ltrim(piece).startswith(d)
+        before_open = (i < F.size(pieces) - 1) & (F.rtrim(piece) != "") & ~F.rtrim(piece).endswith(d)
+        return (i % 2 == 0) & (after_close | before_open)
+
+    return F.exists(F.transform(pieces, misplaced), lambda bad: bad)
+
+
 def _longest_field(text: Column, profile: CsvProfile) -> Column:
     """``(bytes, field)``: the size in UTF-8 bytes of a record's longest field and its 0-based position.
 
@@ -240,6 +254,7 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
 
     records = read_records(spark, path, profile)
     n_fields, balanced = _field_count(F.col("text"), profile)
+    misplaced = _quotes_misplaced(F.col("text"), profile)
     raw_schema = ", ".join(f"c{i} string" for i in range(len(header)))
     options = {"sep": profile.delimiter, "quote": profile.quote, "escape": profile.quote,
                "ignoreLeadingWhiteSpace": "true", "ignoreTrailingWhiteSpace": "true"}
@@ -261,6 +276,7 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
         F.when(F.col("mismatch"), F.lit(RULE_ENCODING_MISMATCH))
         .when(~F.col("valid"), F.lit(RULE_ENCODING))
         .when(~balanced, F.lit(RULE_MALFORMED))
+        .when(misplaced, F.lit(RULE_MALFORMED))
         .when(n_fields != len(header), F.lit(RULE_MALFORMED))
     )
     reason = (
@@ -268,6 +284,8 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
         .when(~F.col("valid"), F.lit(f"bytes invalid in the declared encoding {profile.encoding}"))
         .when(~balanced, F.concat(F.lit(f"unbalanced {profile.quote} quote"), lines_text,
                                   F.when(spans, F.lit(": the quote is never closed")).otherwise(F.lit(""))))
+        .when(misplaced, F.concat(F.lit(f"characters after a closing {profile.quote} quote or before an "
+                                        "opening one"), lines_text))
         .otherwise(F.concat(F.format_string(f"%d fields, the header has {len(header)}", n_fields), lines_text))
     )
     longest = _longest_field(F.col("text"), profile)
@@ -277,7 +295,7 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
     field_over = (size > limit) & (F.col("_longest.bytes") > limit)
     rule = (rule.when(field_over, F.lit(RULE_FIELD_TOO_LONG))
             .when(size > RECORD_HARD_LIMIT_BYTES, F.lit(RULE_FIELD_TOO_LONG)))
-    reason = (F.when(F.col("mismatch") | ~F.col("valid") | ~balanced | (n_fields != len(header)), reason)
+    reason = (F.when(F.col("mismatch") | ~F.col("valid") | ~balanced | misplaced | (n_fields != len(header)), reason)
               .when(field_over, F.format_string(f"field %s holds %d bytes, more than max_field_bytes {limit}",
                                                 F.element_at(headers, F.col("_longest.field") + 1),
                                                 F.col("_longest.bytes")))
