@@ -123,6 +123,9 @@ def _cmd_airflow(args: argparse.Namespace) -> int:
           f"{env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
     print("Stop with Ctrl-C here, or `make airflow-stop` from another terminal.")
     env["AIRFLOW__API__PORT"] = str(args.port)
+    # Task processes reach the API server's execution API; without this they try port 8080 whatever --port says.
+    env.setdefault("AIRFLOW__API__BASE_URL", f"http://localhost:{args.port}")
+    env.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"http://localhost:{args.port}/execution/")
     prepare_airflow(env)  # metadata database and the lake writers' pool, before the scheduler starts
     return run_standalone(env)
 
