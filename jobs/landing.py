@@ -174,6 +174,8 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise reject(f"{MANIFEST} is not valid JSON: {exc}", MANIFEST) from None
+    except OSError as exc:
+        raise reject(f"{MANIFEST} cannot be read: {exc.strerror or exc}", MANIFEST) from None
     if not isinstance(manifest, dict):
         raise reject(f"{MANIFEST} must be a JSON object", MANIFEST)
     try:

@@ -221,3 +221,17 @@ def test_choosing_the_next_batch_needs_no_spark_session(tmp_path, consortium, mo
     ctx = pipeline.Context(Settings.from_env(lake_root=str(tmp_path / "lake"), landing_root=str(tmp_path / "landing")))
     ctx.__dict__["consortium"] = consortium
     assert pipeline.pending(ctx, EST) == ["20260105-001"]
+
+
+def test_an_unreadable_manifest_is_a_rejection_not_a_crash(tmp_path, consortium, monkeypatch):
+    from pathlib import Path
+
+    deliver(tmp_path, "20260105-001")
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(BatchRejected, match="manifest.json cannot be read: Permission denied") as rejected:
+        check_batch(tmp_path, consortium, EST, "20260105-001")
+    assert rejected.value.file == "manifest.json"
