@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from jobs.config import Consortium, CsvProfile, Establishment
-from jobs.crypto import hmac_sha256_hex
+from jobs.crypto import SparkKey, hmac_sha256_hex
 from jobs.keys import PseudonymKey
 from jobs.lake import Lake
 from jobs.batchlog import Stage, Status
@@ -38,15 +38,16 @@ VOCABULARIES = VOCABULARY_TOKENS
 
 @dataclass(frozen=True)
 class Keyring:
-    """The keys one establishment's batch is pseudonymised with."""
+    """The keys one establishment's batch is pseudonymised with, held as data, never as plan literals."""
 
-    person: bytes
-    establishment: bytes
+    person: SparkKey
+    establishment: SparkKey
     fingerprint: str
 
     @classmethod
-    def for_establishment(cls, key: PseudonymKey, establishment_id: str) -> "Keyring":
-        return cls(key.person_key(), key.establishment_key(establishment_id), key.fingerprint)
+    def for_establishment(cls, spark: SparkSession, key: PseudonymKey, establishment_id: str) -> "Keyring":
+        return cls(SparkKey(spark, key.person_key()), SparkKey(spark, key.establishment_key(establishment_id)),
+                   key.fingerprint)
 
     def record_id(self, namespace: str, ref: Column) -> Column:
         """Record ids are keyed per establishment; the namespace keeps datasets apart."""
@@ -330,7 +331,7 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
     if batch_id in batches_with_status(spark, lake, establishment_id, STAGE, Status.PSEUDONYMISED):
         return PseudonymiseOutcome(establishment_id, batch_id, {}, {}, skipped=True)
     est = consortium.establishment(establishment_id)
-    keys = Keyring.for_establishment(key, establishment_id)
+    keys = Keyring.for_establishment(spark, key, establishment_id)
     parser = Parser(est)
     staged: dict[str, int] = {}
     duplicates: dict[str, int] = {}

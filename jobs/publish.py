@@ -70,7 +70,7 @@ from pyspark.sql.types import (
 from jobs import clock
 from jobs.config import Consortium, Project
 from jobs.consent import consented_persons
-from jobs.crypto import hmac_sha256_hex
+from jobs.crypto import SparkKey, hmac_sha256_hex
 from jobs.gold import build_patients_by_condition
 from jobs.kanonymity import k_anonymise, reidentification_risk
 from jobs.keys import PseudonymKey
@@ -172,12 +172,12 @@ def last_write_rows(spark: SparkSession, path: str) -> int:
 
 # ------------------------------------------------------- transforms ----
 
-def project_pseudonym(project_key: bytes, col: Column | str) -> Column:
+def project_pseudonym(project_key: SparkKey, col: Column | str) -> Column:
     """An identifier as the project sees it: HMAC(project_key, value)."""
     return hmac_sha256_hex(project_key, col)
 
 
-def shift_days(shift_key: bytes, person_id: Column | str) -> Column:
+def shift_days(shift_key: SparkKey, person_id: Column | str) -> Column:
     """One offset per person in [-365, -1] ∪ [1, 365], from a keyed hash of ``person_id``."""
     digest = hmac_sha256_hex(shift_key, person_id)
     bucket = F.pmod(F.conv(F.substring(digest, 1, 8), 16, 10).cast("long"), F.lit(2 * MAX_SHIFT_DAYS))
@@ -197,7 +197,7 @@ def _date_at_precision(col: Column, data_type, precision: str, offset: Column | 
 
 
 def project_extract(silver: DataFrame, dataset: str, project: Project, establishments: list[str],
-                    persons: DataFrame, project_key: bytes, shift_key: bytes) -> DataFrame:
+                    persons: DataFrame, project_key: SparkKey, shift_key: SparkKey) -> DataFrame:
     """One dataset of one project: allowed rows, allowed columns, project pseudonyms, coarse dates."""
     schema = {f.name: f.dataType for f in SILVER_SCHEMAS[dataset].fields}
     offset = shift_days(shift_key, F.col("person_id")) if project.date_precision == PRECISION_SHIFTED else None
@@ -251,8 +251,8 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
     regime = consortium.purposes[project.purpose].regime
     persons = consented_persons(spark, silver["patient"], silver["consent"], project.purpose, regime, on_date)
     persons = persons.localCheckpoint()  # computed once, used by every dataset
-    project_key = key.project_key(project.id)
-    shift_key = key.derive(f"project-date-shift:{project.id}")
+    project_key = SparkKey(spark, key.project_key(project.id))
+    shift_key = SparkKey(spark, key.derive(f"project-date-shift:{project.id}"))
     for stale in list_folders(spark, lake.project(project.id)):
         if stale != MANIFEST and stale not in project.datasets:
             drop_table_physically(spark, lake.project(project.id, stale))

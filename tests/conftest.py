@@ -27,8 +27,13 @@ def spark(tmp_path_factory):
     os.environ.setdefault("AFFLUENT_SHUFFLE_PARTITIONS", "2")
     warehouse = tmp_path_factory.mktemp("warehouse")
     settings = Settings.from_env(lake_root=str(warehouse / "lake"), spark_master="local[2]")
+    # An uncompressed event log, so that tests can check what plans print (no key, no identifier).
+    event_log = warehouse / "event-log"
+    event_log.mkdir()
     session = get_spark(settings, app_name="affluent-tests",
-                        extra_conf={"spark.sql.warehouse.dir": str(warehouse / "spark-warehouse")})
+                        extra_conf={"spark.sql.warehouse.dir": str(warehouse / "spark-warehouse"),
+                                    "spark.eventLog.enabled": "true", "spark.eventLog.dir": str(event_log),
+                                    "spark.eventLog.compress": "false"})
     yield session
     session.stop()
 

@@ -15,11 +15,11 @@ def test_delta_round_trip_through_the_session_factory(spark, tmp_path):
 
 
 def test_hmac_from_builtins_equals_python_hmac(spark):
-    from jobs.crypto import hmac_sha256_hex
+    from jobs.crypto import SparkKey, hmac_sha256_hex
 
     values = ["ABCD12345678", "é-accentué", "x" * 200, None, ""]
     df = spark.createDataFrame([(v,) for v in values], "v string")
     for key in (b"k" * 32, b"long-key-" * 20):
-        got = [r.h for r in df.select(hmac_sha256_hex(key, "v").alias("h")).collect()]
+        got = [r.h for r in df.select(hmac_sha256_hex(SparkKey(spark, key), "v").alias("h")).collect()]
         expected = [hmac.new(key, v.encode(), hashlib.sha256).hexdigest() if v else None for v in values]
         assert got == expected

@@ -1,0 +1,99 @@
+"""No key, padded key or derived key ever shows in a Spark plan or the event log."""
+
+import contextlib
+import hashlib
+import hmac
+import io
+
+import pytest
+from pyspark.sql import functions as F
+
+from jobs.crypto import SparkKey, _padded, hmac_sha256_hex
+from jobs.erasure import patient_key_of, process_erasures, request_erasure
+from jobs.lake import Lake
+from jobs.pseudonymise import Keyring, Parser, pseudonymise_facts, pseudonymise_patients
+from jobs.publish import project_extract, publish
+from tests.privacy_helpers import EST, encodings, event_log_text, write_planted_batch
+
+
+def _explained(df) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        df.explain(mode="extended")
+    return out.getvalue()
+
+
+def _secrets(key, consortium) -> dict[str, bytes]:
+    keys = {"secret": key.secret, "person": key.person_key()}
+    keys |= {f"establishment:{e}": key.establishment_key(e) for e in consortium.establishments}
+    keys |= {f"project:{p}": key.project_key(p) for p in consortium.projects}
+    keys |= {f"date-shift:{p}": key.derive(f"project-date-shift:{p}") for p in consortium.projects}
+    out = {}
+    for name, secret in keys.items():
+        ipad, opad = _padded(secret)
+        out |= {name: secret, f"{name} ipad": ipad, f"{name} opad": opad}
+    return out
+
+
+def test_spark_hmac_equals_python_hmac(spark):
+    values = ["ABCD12345678", "é-accentué", "x" * 200, None, ""]
+    df = spark.createDataFrame([(v,) for v in values], "v string")
+    for key in (b"k" * 32, b"long-key-" * 20):
+        got = [r.h for r in df.select(hmac_sha256_hex(SparkKey(spark, key), "v").alias("h")).collect()]
+        assert got == [hmac.new(key, v.encode(), hashlib.sha256).hexdigest() if v else None for v in values]
+
+
+def test_raw_key_bytes_are_refused():
+    with pytest.raises(TypeError, match="SparkKey"):
+        hmac_sha256_hex(b"k" * 32, "v")
+
+
+def test_no_key_in_any_plan_or_event_log(spark, consortium, tmp_path, pseudonym_key):
+    from jobs.config import load_consortium
+    from jobs.ingest import ingest_batch
+    from jobs.pseudonymise import pseudonymise_batch
+    from tests.test_publish import C, FIRST, build_history, config_copy, person, write_silver
+
+    # Pseudonymise: a planted batch, from landing to staged.
+    lake = Lake(str(tmp_path / "lake"))
+    landing = tmp_path / "landing"
+    write_planted_batch(landing)
+    ingest_batch(spark, lake, landing, consortium, EST, "20260105-001")
+    pseudonymise_batch(spark, lake, consortium, pseudonym_key, EST, "20260105-001")
+    # Publish and erasure: on a small silver history.
+    published = Lake(str(tmp_path / "published"))
+    shipped = load_consortium(config_copy(tmp_path))
+    rows, _ = build_history()
+    rows["patient"] = [r[:2] + ((patient_key_of(pseudonym_key, r[1], "MRN-1"),) if r[0] == person(5) else (r[2],))
+                       + r[3:] for r in rows["patient"]]
+    write_silver(spark, published, rows)
+    publish(spark, published, shipped, pseudonym_key, FIRST)
+    request_erasure(spark, published, pseudonym_key, C, "MRN-1")  # person 5, seen at C
+    assert process_erasures(spark, published, shipped, pseudonym_key).processed
+
+    keyring = Keyring.for_establishment(spark, pseudonym_key, EST)
+    parser = Parser(consortium.establishment(EST))
+    bronze = spark.read.format("delta")
+    plans = [
+        _explained(pseudonymise_patients(bronze.load(lake.bronze("patient")), keyring, parser)),
+        _explained(pseudonymise_facts(bronze.load(lake.bronze("encounter")), "encounter", keyring, parser)),
+    ]
+    silver = spark.read.format("delta").load(published.silver("patient"))
+    for project in shipped.projects.values():
+        extract = project_extract(silver, "patient", project, [C], silver.select("person_id"),
+                                  SparkKey(spark, pseudonym_key.project_key(project.id)),
+                                  SparkKey(spark, pseudonym_key.derive(f"project-date-shift:{project.id}")))
+        plans.append(_explained(extract))
+    text = "\n".join(plans) + event_log_text(spark)
+    assert "Scan ExistingRDD" in text and "SQLExecutionStart" in text  # the plans and the log were read
+    for name, secret in (_secrets(pseudonym_key, consortium) | _secrets(pseudonym_key, shipped)).items():
+        for shown in encodings(secret):
+            assert shown not in text, f"{name} shows in a plan or the event log"
+
+
+def test_a_literal_key_would_be_found(spark):
+    """The scan above can fail: a key passed as a literal shows in the plan."""
+    secret = b"s" * 32
+    ipad, _ = _padded(secret)
+    plan = _explained(spark.range(1).select(F.sha2(F.concat(F.lit(ipad), F.lit(b"x")), 256)))
+    assert any(shown in plan for shown in encodings(ipad))
