@@ -73,7 +73,7 @@ def erased(spark, tmp_path_factory):
 
 
 def test_patient_key_matches_the_pseudonymisation_stage(spark, pseudonym_key):
-    keyring = Keyring.for_establishment(pseudonym_key, C)
+    keyring = Keyring.for_establishment(spark, pseudonym_key, C)
     spark_value = spark.range(1).select(keyring.record_id("patient", F.lit(VICTIM_REF)).alias("k")).first().k
     assert patient_key_of(pseudonym_key, C, f" {VICTIM_REF} ") == spark_value
 
