@@ -17,7 +17,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.config import Consortium, CsvProfile
-from jobs.lake import Lake
+from jobs.lake import Lake, file_reference
 from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.batch_queue import delivered_manifest, redelivery_conflict
 from jobs.landing import MANIFEST, check_batch
@@ -113,8 +113,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                     "columns NULL)."))
             if change:
                 column_changes[entry.dataset] = change
-    for entry in batch.files:
-        lineage = FileLineage(establishment_id, batch_id, f"{est.landing_folder}/{batch_id}/{entry.path}",
+    for index, entry in enumerate(batch.files):
+        lineage = FileLineage(establishment_id, batch_id, file_reference(batch_id, index),
                               batch.extracted_at, ingested_at)
         try:
             result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
@@ -164,8 +164,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         release = getattr(result, "unpersist", None)
         if release:
             release()
-    for entry in batch.files:
-        source = f"{est.landing_folder}/{batch_id}/{entry.path}"
+    for index, entry in enumerate(batch.files):
+        source = file_reference(batch_id, index)
         if per_file.get(source, 0) != entry.rows:
             reason = (f"{source}: the manifest announces {entry.rows} rows, {per_file.get(source, 0)} were read "
                       "(landed in bronze + quarantined). Nothing was logged as ingested; inspect the file, then "

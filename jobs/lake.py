@@ -18,8 +18,50 @@ OPS = "ops"
 GOLD = "gold"
 PROJECTS = "projects"
 
+VALIDATED = "validated"
+
+# What a zone may hold about a person. Erasure, retention and the privacy
+# tests iterate over ZONES, so that no zone can be forgotten.
+DIRECT_IDENTIFIERS = "direct_identifiers"    # names, NAM, MRN, addresses, free text
+PATIENT_REFERENCES = "patient_references"    # an establishment's patient reference, in clear
+PATIENT_KEYS = "patient_keys"                # keyed patient references (``patient_key``)
+PERSON_IDS = "person_ids"                    # the consortium pseudonym ``person_id``
+PROJECT_PSEUDONYMS = "project_pseudonyms"    # ``person_id`` keyed again per project
+
+
+@dataclass(frozen=True)
+class Zone:
+    """A zone of the lake, what it holds about persons, and whether it only holds batches in flight."""
+
+    name: str
+    holds: frozenset[str]
+    transient: bool = False
+
+
+ZONES = {z.name: z for z in (
+    Zone(LANDING, frozenset({DIRECT_IDENTIFIERS, PATIENT_REFERENCES})),
+    Zone(BRONZE, frozenset({DIRECT_IDENTIFIERS, PATIENT_REFERENCES})),
+    Zone(STAGED, frozenset({PATIENT_KEYS, PERSON_IDS}), transient=True),
+    Zone(VALIDATED, frozenset({PATIENT_KEYS, PERSON_IDS}), transient=True),
+    Zone(SILVER, frozenset({PATIENT_KEYS, PERSON_IDS})),
+    Zone(QUARANTINE, frozenset({PERSON_IDS})),
+    # ops holds erasure requests (patient keys, kept so that a re-delivery can be checked) and counts.
+    Zone(OPS, frozenset({PATIENT_KEYS})),
+    Zone(GOLD, frozenset()),
+    Zone(PROJECTS, frozenset({PROJECT_PSEUDONYMS})),
+)}
+
 # Zones that may hold direct identifiers; nothing else may ever contain one.
-RESTRICTED_ZONES = (LANDING, BRONZE)
+RESTRICTED_ZONES = tuple(name for name, zone in ZONES.items() if DIRECT_IDENTIFIERS in zone.holds)
+
+
+def file_reference(batch_id: str, index: int) -> str:
+    """How a delivered file is named in the lake: its batch and its place in the manifest's ``files``, from 0.
+
+    File names can identify (``Given_Family_<uuid>.json``); the name itself
+    stays in the batch's ``manifest.json`` in landing.
+    """
+    return f"{batch_id}#{index}"
 
 
 @dataclass(frozen=True)
@@ -43,6 +85,9 @@ class Lake:
 
     def staged(self, dataset: str) -> str:
         return self._join(STAGED, dataset)
+
+    def validated(self, dataset: str) -> str:
+        return self._join(VALIDATED, dataset)
 
     def silver(self, dataset: str) -> str:
         return self._join(SILVER, dataset)

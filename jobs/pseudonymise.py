@@ -82,6 +82,29 @@ def vocabulary(col: Column) -> Column:
     return vocabulary_of(col)
 
 
+# A result value is kept as text outside bronze only when it is a number (with
+# an optional comparator), a qualitative result word, or a short code token
+# of letters then digits (an answer code such as LA6576-8). Anything else may be free
+# text: a survey answer (LOINC 56799-0) can be the patient's street address,
+# and a phone number or a postal code is no result code.
+_NUMERIC_RESULT = r"^([<>]=?|[≤≥])?\s?[-+]?[0-9]+([.,][0-9]+)?$"
+_CODED_RESULT = r"^[A-Z]{1,4}[0-9]{1,12}(-[0-9])?$"
+QUALITATIVE_RESULTS = (
+    "positive", "negative", "pos", "neg", "detected", "not detected", "undetected", "reactive", "non-reactive",
+    "nonreactive", "indeterminate", "equivocal", "inconclusive", "normal", "abnormal", "high", "low", "trace",
+    "present", "absent", "+", "++", "+++", "++++", "-", "1+", "2+", "3+", "4+",
+    "positif", "négatif", "negatif", "détecté", "non détecté", "réactif", "non réactif", "anormal", "traces",
+)
+
+
+def coded_value(col: Column) -> Column:
+    """The text of a result when it is typed or coded (see above); null when it may be free text."""
+    text = _blank_to_null(col)
+    coded = (text.rlike(_NUMERIC_RESULT) | text.rlike(_CODED_RESULT)
+             | F.lower(text).isin(*QUALITATIVE_RESULTS))
+    return F.when(F.coalesce(coded, F.lit(False)), text)
+
+
 class Parser:
     """Typed values from an establishment's text, with the list of what failed to parse."""
 
@@ -252,7 +275,7 @@ def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: P
             _blank_to_null(c("loinc_code")).alias("measurement_source_value"),
             F.when(_blank_to_null(c("loinc_code")).isNotNull(), F.lit("LOINC")).alias("measurement_source_vocabulary"),
             value.alias("value_as_number"),
-            _blank_to_null(c("value")).alias("value_source_value"),
+            coded_value(c("value")).alias("value_source_value"),
             _blank_to_null(c("unit")).alias("unit_source_value"),
             _errors(_error("date:measurement_datetime", c("measured_at"), measured),
                     F.when(numeric_looking & value.isNull(), F.lit("number:value_as_number"))).alias("_parse_errors"),

@@ -41,7 +41,7 @@ def test_ingest_accounts_for_every_row_and_is_skipped_the_second_time(spark, con
     assert outcome.bronze == {"patient": 2, "encounter": 2}
     assert outcome.quarantined == {"patient": 1}
     bronze = spark.read.format("delta").load(lake.bronze("patient"))
-    assert bronze.where(F.col("patient_ref") == "L001").first()._source_file == "chu_laurentides/20260105-001/patients.csv"
+    assert bronze.where(F.col("patient_ref") == "L001").first()._source_file == "20260105-001#0"
     versions = {t: table_version(spark, p) for t, p in
                 [("b", lake.bronze("patient")), ("q", lake.quarantine()), ("log", lake.ops("batch_log"))]}
     again = ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")

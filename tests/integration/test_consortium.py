@@ -45,6 +45,13 @@ def _ground_truth(root: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (root / "out" / "ground_truth" / name).read_text().splitlines() if line]
 
 
+def _delivered_file(ctx, establishment_id: str, batch_id: str, reference: str) -> str:
+    """The manifest path of a file the lake names ``<batch_id>#<index>`` (file names stay in landing)."""
+    folder = ctx.settings.landing / ctx.consortium.establishment(establishment_id).landing_folder / batch_id
+    index = int(reference.split("#", 1)[1])
+    return json.loads((folder / "manifest.json").read_text())["files"][index]["path"]
+
+
 def _csv_establishments(ctx) -> set[str]:
     return {e for e, est in ctx.consortium.establishments.items() if est.input.format == "csv"}
 
@@ -56,7 +63,8 @@ def test_ingest_quarantine_matches_the_ground_truth_exactly(run):
                        if d["rule"].startswith("ingest.") and d["establishment"] in _csv_establishments(ctx))
     rows = (ctx.spark.read.format("delta").load(ctx.lake.quarantine()).where(F.col("stage") == "ingest")
             .where(F.col("establishment_id").isin(*_csv_establishments(ctx))).collect())
-    got = Counter((r.establishment_id, r.batch_id, r.source_file.split("/", 2)[2], r.source_line, r.rule) for r in rows)
+    got = Counter((r.establishment_id, r.batch_id, _delivered_file(ctx, r.establishment_id, r.batch_id, r.source_file),
+                   r.source_line, r.rule) for r in rows)
     assert got == expected
 
 
@@ -67,8 +75,8 @@ def test_every_injected_defect_is_quarantined_under_its_rule_and_no_clean_row_is
     assert {rule for *_, rule in expected} >= {"conformance.date", "plausibility.future_date", "conformance.code",
                                                "completeness.required", "ingest.malformed_line", "ingest.encoding"}
     rows = ctx.spark.read.format("delta").load(ctx.lake.quarantine()).collect()
-    got = Counter((r.establishment_id, r.batch_id, r.source_file.split("/", 2)[2], r.source_line, r.rule)
-                  for r in rows)
+    got = Counter((r.establishment_id, r.batch_id, _delivered_file(ctx, r.establishment_id, r.batch_id, r.source_file),
+                   r.source_line, r.rule) for r in rows)
     missing, extra = expected - got, got - expected
     assert not missing and not extra, f"missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
 
