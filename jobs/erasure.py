@@ -1,28 +1,39 @@
-"""Erasure: a person removed from every table of the lake, physically.
+"""Erasure: a person removed from every zone of the lake, physically.
 
 1. :func:`request_erasure` records a pending request in ``ops/erasure_requests``
    with only the keyed patient key (the value ``silver.patient.patient_key``
    holds: HMAC of the establishment's patient reference under that
    establishment's key). The patient reference itself is never stored.
 2. :func:`process_erasures` resolves each pending request to its
-   ``person_id`` through ``silver.patient``, DELETEs the person from every
-   staged and silver table, the quarantine, every project extract (by that
-   project's pseudonym) and recomputes gold; then VACUUMs every touched table
-   with a retention of 0 hours, so that neither old files nor time travel can
-   bring the person back.
-3. A receipt per request goes to ``ops/erasure_receipts``: request id, tables
+   ``person_id`` through ``silver.patient``, and from it to the person's
+   patient keys at every establishment. It then walks :data:`jobs.lake.ZONES`
+   (so that no zone can be forgotten) and removes the person from each table
+   of each zone by what that zone holds: ``person_id`` or ``patient_key``
+   (staged, validated, silver, quarantine), the patient reference in clear
+   (bronze: each row's reference is keyed in Spark and compared), the
+   project pseudonym (every project extract). Gold is recomputed.
+3. Rows are removed with ``MERGE … USING <keys> … WHEN MATCHED THEN DELETE``
+   whose keys are data, never a literal predicate: Delta's commit log records
+   DELETE predicates in clear, which would keep the very ids erased. Only the
+   files holding the person are rewritten.
+4. Every table touched, and every table whose log still mentions the person
+   (statistics of old files), is then purged of deletion vectors, VACUUMed
+   with a retention of 0 hours and its log history forgotten
+   (:func:`forget_history`: a checkpoint of the current version, the older
+   commits deleted), so that neither old files, old log statistics nor time
+   travel can bring the person back.
+5. A receipt per request goes to ``ops/erasure_receipts``: request id, tables
    touched, rows removed per table, table versions after, when. It holds no
    ``person_id`` nor any hash of it: a receipt must not keep the very
-   pseudonym the erasure removed (an unkeyed hash of it would still link to
-   copies held elsewhere). The request id links the receipt to the request.
+   pseudonym the erasure removed. The request id links the receipt to the request.
+
+What remains: landing keeps the delivered files as they came until the
+landing retention removes them (a delivered file is evidence and cannot be
+rewritten without breaking its checksum), and ``ops/erasure_requests`` keeps
+the patient key so that a steward can recognise a later re-delivery.
 
 A request whose patient is not (yet) in silver stays pending: it is applied
-at a later run, once the patient has landed. The request keeps the patient
-key after processing so that a steward can check a later re-delivery of the
-same patient.
-
-Deleted rows live on in old Parquet files until VACUUM, which is why the
-retention check is lifted for exactly the VACUUM call and restored after it.
+at a later run, once the patient has landed.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from delta.tables import DeltaTable
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, IntegerType, LongType, MapType, StringType, StructField, StructType, TimestampType
 
@@ -42,10 +53,10 @@ from jobs import clock
 from jobs.config import Consortium
 from jobs.gold import PATIENTS_BY_CONDITION, build_patients_by_condition
 from jobs.keys import PseudonymKey
-from jobs.lake import Lake, PROJECTS
-from jobs.publish import MANIFEST, list_folders, vacuum_now
-from jobs.schemas import DATASETS
-from jobs.tables import APPEND, purge_deletion_vectors, table_exists
+from jobs.lake import (DIRECT_IDENTIFIERS, LANDING, OPS, PATIENT_KEYS, PATIENT_REFERENCES, PERSON_IDS, PROJECTS,
+                       ZONES, Lake, Zone)
+from jobs.maintenance import delete_matching, forget_history, keys_frame, log_mentions, vacuum_now, zone_tables
+from jobs.tables import APPEND, purge_deletion_vectors, table_exists, table_version
 
 ERASURE_REQUESTS = "erasure_requests"
 ERASURE_RECEIPTS = "erasure_receipts"
@@ -129,37 +140,84 @@ def request_erasure(spark: SparkSession, lake: Lake, key: PseudonymKey, establis
     return request_id
 
 
-def _delete(spark: SparkSession, path: str, condition) -> int:
-    """DELETE matching rows; the number of rows removed."""
-    table = DeltaTable.forPath(spark, path)
-    before = table.history(1).select("version").first().version
-    table.delete(condition)
-    last = table.history(1).select("version", "operation", "operationMetrics").first()
-    if last.version == before or last.operation != "DELETE":
-        return 0
-    return int((last.operationMetrics or {}).get("numDeletedRows", 0))
+@dataclass(frozen=True)
+class _Person:
+    """What identifies one erased person in each zone, resolved from silver."""
+
+    person_ids: tuple[str, ...]
+    patient_keys: tuple[tuple[str, str], ...]  # (establishment_id, patient_key) at every establishment
 
 
-def _person_tables(spark: SparkSession, lake: Lake) -> dict[str, str]:
-    """Every table keyed by the consortium ``person_id``: staged, silver, quarantine."""
-    tables = {f"staged.{d}": lake.staged(d) for d in DATASETS}
-    tables |= {f"silver.{d}": lake.silver(d) for d in DATASETS}
-    tables["quarantine.rows"] = lake.quarantine()
-    return {name: path for name, path in tables.items() if table_exists(spark, path)}
+def _resolve(spark: SparkSession, lake: Lake, establishment_id: str, patient_key: str) -> _Person | None:
+    path = lake.silver("patient")
+    if not table_exists(spark, path):
+        return None
+    patients = spark.read.format("delta").load(path)
+    persons = [r.person_id for r in patients
+               .where((F.col("establishment_id") == establishment_id) & (F.col("patient_key") == patient_key)
+                      & F.col("person_id").isNotNull()).select("person_id").distinct().collect()]
+    if not persons:
+        return None
+    same_person = keys_frame(spark, "person_id string", [(p,) for p in persons])
+    refs = {(r.establishment_id, r.patient_key) for r in patients.join(same_person, on="person_id", how="left_semi")
+            .select("establishment_id", "patient_key").distinct().collect()}
+    return _Person(tuple(persons), tuple(sorted(refs | {(establishment_id, patient_key)})))
 
 
-def _project_tables(spark: SparkSession, lake: Lake) -> dict[tuple[str, str], str]:
-    tables = {}
-    for project_id in list_folders(spark, lake.zone(PROJECTS)):
-        for dataset in list_folders(spark, lake.project(project_id)):
-            path = lake.project(project_id, dataset)
-            if dataset != MANIFEST and table_exists(spark, path):
-                tables[(project_id, dataset)] = path
-    return tables
+def _erase_from_zone(spark: SparkSession, lake: Lake, zone: Zone, key: PseudonymKey, person: _Person
+                     ) -> tuple[dict[str, int], dict[str, str], list[tuple[str, ...]]]:
+    """Rows removed per table, the tables' paths, and the ids their logs may still hold."""
+    removed: dict[str, int] = {}
+    tables = zone_tables(spark, lake, zone.name) if zone.name != LANDING else {}
+    ids: list[tuple[str, ...]] = []
+    person_keys = keys_frame(spark, "person_id string", [(p,) for p in person.person_ids])
+    patient_keys = keys_frame(spark, "establishment_id string, patient_key string", list(person.patient_keys))
+    for name, path in tables.items():
+        columns = set(spark.read.format("delta").load(path).columns)
+        n = 0
+        if zone.name == PROJECTS:
+            project_id = name.split(".")[1]
+            project_key = key.project_key(project_id)
+            pseudonyms = [(_hex_hmac(project_key, p),) for p in person.person_ids]
+            ids += pseudonyms
+            if "person_id" in columns:
+                n += delete_matching(spark, path, keys_frame(spark, "person_id string", pseudonyms), ["person_id"])
+        elif PATIENT_REFERENCES in zone.holds and {"_establishment", "patient_ref"} <= columns:
+            n += _erase_patient_references(spark, path, key, person)
+        else:
+            if PERSON_IDS in zone.holds and "person_id" in columns:
+                n += delete_matching(spark, path, person_keys, ["person_id"])
+            if PATIENT_KEYS in zone.holds and {"establishment_id", "patient_key"} <= columns and zone.name != OPS:
+                n += delete_matching(spark, path, patient_keys, ["establishment_id", "patient_key"])
+        removed[name] = n
+    if PERSON_IDS in zone.holds:
+        ids += [(p,) for p in person.person_ids]
+    if PATIENT_KEYS in zone.holds and zone.name != OPS:
+        ids += [(k,) for _, k in person.patient_keys]
+    return removed, tables, ids
+
+
+def _erase_patient_references(spark: SparkSession, path: str, key: PseudonymKey, person: _Person) -> int:
+    """Bronze: each row's patient reference keyed in Spark as pseudonymisation does, compared with the person's keys."""
+    from jobs.pseudonymise import Keyring
+
+    removed = 0
+    bronze = spark.read.format("delta").load(path)
+    for establishment_id in sorted({e for e, _ in person.patient_keys}):
+        wanted = keys_frame(spark, "patient_key string",
+                            [(k,) for e, k in person.patient_keys if e == establishment_id])
+        keyring = Keyring.for_establishment(spark, key, establishment_id)
+        ref = F.nullif(F.trim(F.col("patient_ref")), F.lit(""))
+        rows = (bronze.where(F.col("_establishment") == establishment_id)
+                .select("_establishment", "patient_ref", keyring.record_id("patient", ref).alias("patient_key"))
+                .join(wanted, on="patient_key", how="left_semi")
+                .select("_establishment", "patient_ref").distinct())
+        removed += delete_matching(spark, path, rows, ["_establishment", "patient_ref"])
+    return removed
 
 
 def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, key: PseudonymKey) -> ErasureOutcome:
-    """Apply every pending erasure request; write one receipt per request processed."""
+    """Apply every pending erasure request, in every zone; write one receipt per request processed."""
     requests_path = lake.ops(ERASURE_REQUESTS)
     if not table_exists(spark, requests_path):
         return ErasureOutcome()
@@ -174,41 +232,40 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
         raise ErasureError(f"pending requests were recorded with key(s) {wrong_key}, not the current key "
                            f"{key.fingerprint}; their patient keys cannot be resolved with it")
 
-    person_tables = _person_tables(spark, lake)
-    project_tables = _project_tables(spark, lake)
-    silver_patient = lake.silver("patient")
     done, still_pending, touched = [], [], set()
     receipts_rows: list[dict] = []
     totals: dict[str, int] = {}
+    all_paths: dict[str, str] = {}
+    mentioned: dict[str, list[tuple[str, ...]]] = {}
     for request in pending:
-        persons: list[str] = []
-        if table_exists(spark, silver_patient):
-            persons = [r.person_id for r in spark.read.format("delta").load(silver_patient)
-                       .where((F.col("establishment_id") == request.establishment_id)
-                              & (F.col("patient_key") == request.patient_key) & F.col("person_id").isNotNull())
-                       .select("person_id").distinct().collect()]
-        if not persons:
+        person = _resolve(spark, lake, request.establishment_id, request.patient_key)
+        if person is None:
             still_pending.append(request.request_id)
             continue
         removed: dict[str, int] = {}
-        for name, path in person_tables.items():
-            removed[name] = _delete(spark, path, F.col("person_id").isin(persons))
-        for (project_id, dataset), path in project_tables.items():
-            project_key = key.project_key(project_id)
-            pseudonyms = [_hex_hmac(project_key, p) for p in persons]
-            removed[f"projects.{project_id}.{dataset}"] = _delete(spark, path, F.col("person_id").isin(pseudonyms))
+        for zone in ZONES.values():
+            if not zone.holds - {DIRECT_IDENTIFIERS}:
+                continue
+            zone_removed, paths, ids = _erase_from_zone(spark, lake, zone, key, person)
+            removed |= zone_removed
+            all_paths |= paths
+            for name in paths:
+                mentioned.setdefault(name, []).extend(ids)
         touched |= {name for name, n in removed.items() if n > 0}
         for name, n in removed.items():
             totals[name] = totals.get(name, 0) + n
         done.append(request.request_id)
         receipts_rows.append({"request_id": request.request_id, "establishment_id": request.establishment_id,
-                              "persons_resolved": len(persons), "rows_removed": removed})
+                              "persons_resolved": len(person.person_ids), "rows_removed": removed})
 
     if not done:
         return ErasureOutcome(pending=tuple(still_pending))
 
+    # Tables whose log still holds the person (statistics of files replaced earlier) are cleaned too.
+    for name, ids in mentioned.items():
+        if name not in touched and ids and log_mentions(spark, all_paths[name], keys_frame(spark, "id string", ids)):
+            touched.add(name)
     gold_path = lake.gold(PATIENTS_BY_CONDITION)
-    all_paths = dict(person_tables) | {f"projects.{p}.{d}": path for (p, d), path in project_tables.items()}
     if table_exists(spark, gold_path):
         as_of = spark.read.format("delta").load(gold_path).select(F.max("as_of").alias("as_of")).first().as_of
         build_patients_by_condition(spark, lake, consortium, as_of or clock.today())
@@ -219,9 +276,9 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
         path = all_paths[name]
         purge_deletion_vectors(spark, path)
         vacuum_now(spark, path)
+        forget_history(spark, path)
         vacuumed.append(name)
-    versions_after = {name: int(DeltaTable.forPath(spark, all_paths[name]).history(1)
-                                .select("version").first().version) for name in vacuumed}
+    versions_after = {name: int(table_version(spark, all_paths[name])) for name in vacuumed}
 
     processed_at = _now()
     receipts = [
@@ -231,9 +288,8 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
     ]
     spark.createDataFrame(receipts, RECEIPT_SCHEMA).write.format("delta").mode(APPEND).save(
         lake.ops(ERASURE_RECEIPTS))
-    DeltaTable.forPath(spark, requests_path).update(
-        condition=F.col("request_id").isin(done),
-        set={"status": F.lit(STATUS_DONE), "processed_at": F.lit(processed_at)},
-    )
+    done_ids = keys_frame(spark, "request_id string", [(r,) for r in done])
+    (DeltaTable.forPath(spark, requests_path).alias("t").merge(done_ids.alias("s"), "t.request_id = s.request_id")
+     .whenMatchedUpdate(set={"status": F.lit(STATUS_DONE), "processed_at": F.lit(processed_at)}).execute())
     return ErasureOutcome(processed=tuple(done), pending=tuple(still_pending), rows_removed=totals,
                           vacuumed=tuple(vacuumed))

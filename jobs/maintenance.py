@@ -1,23 +1,32 @@
-"""Maintenance jobs: bronze retention purge, compaction and VACUUM.
+"""Maintenance jobs: retention purges, compaction and VACUUM, and the helpers erasure shares.
 
 Deleted rows live on in old Parquet files until VACUUM, and time travel returns
-them until then: a purge is complete only after the files are removed.
+them until then; old commits keep statistics (min/max values) of the files
+they added. A purge is complete only after the files are removed and the
+history that describes them is forgotten (:func:`forget_history`).
+
+Purges iterate over :data:`jobs.lake.ZONES`, so that no zone is forgotten:
+every zone holding direct identifiers is purged after its retention, every
+transient zone (staged, validated) once its batch has landed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from contextlib import contextmanager
 
 from delta.tables import DeltaTable
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.lake import Lake
+from jobs.lake import DIRECT_IDENTIFIERS, LANDING, PROJECTS, ZONES, Lake
 from jobs.schemas import DATASETS
-from jobs.tables import purge_deletion_vectors, table_exists
+from jobs.tables import purge_deletion_vectors, table_exists, table_version
 
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
+CHECKPOINT_INTERVAL = "delta.checkpointInterval"
+_LOG_VERSION = re.compile(r"^\.?(\d{20})\.")
 
 
 @contextmanager
@@ -37,22 +46,129 @@ def vacuum_now(spark: SparkSession, path: str) -> None:
         DeltaTable.forPath(spark, path).vacuum(0)
 
 
+def keys_frame(spark: SparkSession, schema: str, rows: list[tuple]) -> DataFrame:
+    """A small table of keys built as data: an RDD, so no plan nor log prints the rows."""
+    return spark.createDataFrame(spark.sparkContext.parallelize(rows, 1), schema)
+
+
+def delete_matching(spark: SparkSession, path: str, keys: DataFrame, columns: list[str]) -> int:
+    """Delete the rows whose ``columns`` match a row of ``keys``; the number of rows removed.
+
+    A MERGE, not a DELETE: the commit log then records ``t.c = s.c``, never the ids.
+    """
+    condition = " AND ".join(f"t.`{c}` = s.`{c}`" for c in columns)
+    table = DeltaTable.forPath(spark, path)
+    before = table.history(1).select("version").first().version
+    table.alias("t").merge(keys.alias("s"), condition).whenMatchedDelete().execute()
+    last = table.history(1).select("version", "operation", "operationMetrics").first()
+    if last.version == before or last.operation != "MERGE":
+        return 0
+    return int((last.operationMetrics or {}).get("numTargetRowsDeleted", 0))
+
+
+def _fs(spark: SparkSession, path: str):
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+
+
+def list_folders(spark: SparkSession, path: str) -> list[str]:
+    fs, hpath = _fs(spark, path)
+    if not fs.exists(hpath):
+        return []
+    return sorted(s.getPath().getName() for s in fs.listStatus(hpath) if s.isDirectory())
+
+
+def _log_files(spark: SparkSession, path: str):
+    fs, log = _fs(spark, f"{path.rstrip('/')}/_delta_log")
+    return fs, [s.getPath() for s in fs.listStatus(log) if s.isFile()] if fs.exists(log) else []
+
+
+def forget_history(spark: SparkSession, path: str) -> int:
+    """Make the current version the oldest one the table knows; the number of log files deleted.
+
+    Old commits keep statistics (min/max of ``person_id``, of names in
+    bronze) of files that held an erased person, and let time travel reach
+    them. A checkpoint of the current version stands in for them, then every
+    older commit, checksum and checkpoint is deleted.
+    """
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CHECKPOINT_INTERVAL}' = '1')")
+    kept = table_version(spark, path)  # this commit is checkpointed (interval 1)
+    spark.sql(f"ALTER TABLE delta.`{path}` UNSET TBLPROPERTIES ('{CHECKPOINT_INTERVAL}')")
+    fs, files = _log_files(spark, path)
+    deleted = 0
+    for file in files:
+        version = _LOG_VERSION.match(file.getName())
+        if version and int(version.group(1)) < kept:
+            fs.delete(file, False)
+            deleted += 1
+    return deleted
+
+
+def log_mentions(spark: SparkSession, path: str, ids: DataFrame) -> bool:
+    """Whether the table's log (statistics of any version) still holds one of ``ids`` (column ``id``)."""
+    _, files = _log_files(spark, path)
+    names = [f.toString() for f in files if not f.getName().startswith((".", "_"))]
+    texts = [f for f in names if f.endswith((".json", ".crc"))]
+    frames = [spark.read.text(texts)] if texts else []
+    frames += [spark.read.parquet(f).select(F.to_json(F.struct("*")).alias("value"))
+               for f in names if f.endswith(".parquet")]
+    return any(frame.join(ids, F.instr(F.col("value"), F.col("id")) > 0, how="left_semi").limit(1).count() > 0
+               for frame in frames)
+
+
+def zone_tables(spark: SparkSession, lake: Lake, zone: str) -> dict[str, str]:
+    """Every Delta table of a zone, by ``zone.table`` (``projects.<project>.<table>`` for extracts)."""
+    tables = {}
+    for folder in list_folders(spark, lake.zone(zone)):
+        path = f"{lake.zone(zone)}/{folder}"
+        if table_exists(spark, path):
+            tables[f"{zone}.{folder}"] = path
+        elif zone == PROJECTS:
+            tables |= {f"{zone}.{folder}.{name}": p for name, p in
+                       ((n, f"{path}/{n}") for n in list_folders(spark, path)) if table_exists(spark, p)}
+    return tables
+
+
 def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.datetime | None = None) -> dict:
-    """Delete bronze batches ingested more than ``retention_days`` ago, physically."""
+    """Delete batches ingested more than ``retention_days`` ago from every zone of direct identifiers, physically.
+
+    Landing is files as delivered, not tables: its retention is the landing
+    folder's. The history of each purged table is forgotten, since old
+    commits keep statistics (names, references) of the files they added.
+    """
     now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     cutoff = now - dt.timedelta(days=retention_days)
     removed: dict[str, int] = {}
-    for dataset in DATASETS:
-        path = lake.bronze(dataset)
-        if not table_exists(spark, path):
+    for zone in ZONES.values():
+        if DIRECT_IDENTIFIERS not in zone.holds or zone.name == LANDING:
             continue
-        table = DeltaTable.forPath(spark, path)
-        table.delete(F.col("_ingested_at") < F.lit(cutoff))
-        metrics = table.history(1).select("operation", "operationMetrics").first()
-        removed[dataset] = int((metrics.operationMetrics or {}).get("numDeletedRows", 0)) \
-            if metrics.operation == "DELETE" else 0
-        vacuum_now(spark, path)
+        for name, path in zone_tables(spark, lake, zone.name).items():
+            table = DeltaTable.forPath(spark, path)
+            table.delete(F.col("_ingested_at") < F.lit(cutoff))
+            metrics = table.history(1).select("operation", "operationMetrics").first()
+            n = int((metrics.operationMetrics or {}).get("numDeletedRows", 0)) if metrics.operation == "DELETE" else 0
+            removed[name.split(".", 1)[1] if zone.name == "bronze" else name] = n
+            if n:
+                purge_deletion_vectors(spark, path)
+                vacuum_now(spark, path)
+                forget_history(spark, path)
     return {"cutoff": cutoff.isoformat(), "rows_removed": removed}
+
+
+def purge_transient(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, int]:
+    """Remove one batch from every transient zone (staged, validated) once it has landed; rows removed per table.
+
+    The batch is matched as data (a one-row key table), so no commit records a predicate on it.
+    """
+    batch = keys_frame(spark, "establishment_id string, _batch_id string", [(establishment_id, batch_id)])
+    removed = {}
+    for zone in ZONES.values():
+        if not zone.transient:
+            continue
+        for name, path in zone_tables(spark, lake, zone.name).items():
+            removed[name] = delete_matching(spark, path, batch, ["establishment_id", "_batch_id"])
+    return removed
 
 
 def compact_and_vacuum(spark: SparkSession, lake: Lake, retain_hours: int = 168) -> dict:

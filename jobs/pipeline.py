@@ -110,12 +110,16 @@ def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
 
 def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.land import land_batch
+    from jobs.maintenance import purge_transient
 
     key = ctx.key
     if _landed(ctx, establishment_id, batch_id):
         return {"skipped": True, "reason": "batch already landed"}
     queue(ctx, establishment_id).require_turn(batch_id)  # batches of an establishment land in delivery order
-    return _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint))
+    landed = _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint))
+    # staged/ and validated/ are transient: a landed batch leaves them (its rows are in silver now).
+    purge_transient(ctx.spark, ctx.lake, establishment_id, batch_id)
+    return landed
 
 
 def run_batch(ctx: Context, establishment_id: str, batch_id: str) -> dict:

@@ -33,3 +33,24 @@ def test_bronze_batches_past_retention_are_removed_physically(spark, tmp_path):
         spark.read.format("delta").option("versionAsOf", 0).load(lake.bronze("patient")).collect()
     data = b"".join(p.read_bytes() for p in (tmp_path / "lake" / "bronze" / "patient").rglob("*.parquet"))
     assert b"OLD-PATIENT-REF" not in data and b"NEW-PATIENT-REF" in data
+
+
+def test_a_landed_batch_leaves_every_transient_zone(spark, tmp_path):
+    from jobs.lake import ZONES
+    from jobs.maintenance import purge_transient, zone_tables
+
+    lake = Lake(str(tmp_path / "lake"))
+    rows = [("chu_laurentides", "landed", "p1"), ("chu_laurentides", "in-flight", "p2"), ("other", "landed", "p3")]
+    for path in (lake.staged("patient"), lake.validated("patient")):
+        spark.createDataFrame(rows, "establishment_id string, _batch_id string, person_id string") \
+            .write.format("delta").save(path)
+
+    removed = purge_transient(spark, lake, "chu_laurentides", "landed")
+
+    assert removed == {"staged.patient": 1, "validated.patient": 1}
+    transient = [name for name, zone in ZONES.items() if zone.transient]
+    assert sorted(transient) == ["staged", "validated"]
+    for name in transient:
+        for path in zone_tables(spark, lake, name).values():
+            left = sorted(r.person_id for r in spark.read.format("delta").load(path).collect())
+            assert left == ["p2", "p3"]
