@@ -26,7 +26,7 @@ from tests.conftest import TEST_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 SPARK_DEFAULTS = ROOT / "docker" / "spark-conf" / "spark-defaults.conf"
-APP_TIMEOUT_SECONDS = 300
+APP_TIMEOUT_SECONDS = 900  # a whole batch on a one-core worker; generous for a busy machine
 
 
 def loopback_spark_conf(conf_dir: Path, s3_endpoint: str | None = None) -> Path:
@@ -70,8 +70,15 @@ def run_spark_app(target: str | Callable, *, connection_uri: str, lake_root: str
         "PYTHONPATH": str(ROOT),
     })
     env.update(extra_env or {})
-    out = subprocess.run([sys.executable, "-m", "tests.deployment.app", target], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=APP_TIMEOUT_SECONDS)
+    try:
+        out = subprocess.run([sys.executable, "-m", "tests.deployment.app", target], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=APP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired as exc:
+        partial = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        errors = (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        (work_dir / "app.log").write_text(partial + "\n--- stderr ---\n" + errors)
+        raise AssertionError(f"Spark application {target} did not finish in {APP_TIMEOUT_SECONDS} s; "
+                             f"log in {work_dir / 'app.log'}:\n{errors[-3000:]}") from None
     (work_dir / "app.log").write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)
     results = [line for line in out.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if out.returncode != 0 or not results:
