@@ -4,7 +4,8 @@ Starts ``affluent airflow`` (what ``make airflow`` runs: ``airflow standalone``
 on SQLite) on an exported lake, triggers one establishment's ingest run through
 the REST API, waits for it and for the publish run its Asset events trigger,
 then reads every task log through the API. Stops it with TERM, as Ctrl-C
-would, and checks that no process of the tree is left.
+would, and checks that no process of the tree is left. Run with
+``make test-airflow`` (it is left out of ``make test`` for time).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from tests.conftest import CONFIG_DIR, TEST_KEY
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.airflow_standalone]
 
 ROOT = Path(__file__).resolve().parents[2]
 ESTABLISHMENT = "chu_laurentides"
