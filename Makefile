@@ -1,7 +1,7 @@
 # Quick start: `make demo` runs the lake end to end; `make test` runs the tests.
 # Both set up the machine first (scripts/bootstrap: virtualenv, pinned dependencies, cached jars).
 
-.PHONY: setup demo test test-fast test-airflow airflow airflow-stop bench clean
+.PHONY: setup demo test test-fast test-airflow test-bench airflow airflow-stop bench clean
 
 setup:
 	./scripts/bootstrap
@@ -14,7 +14,11 @@ test: setup
 	end=$$(date +%s); echo "make test: wall time $$(( (end - start) / 60 )) min $$(( (end - start) % 60 )) s"; exit $$status
 
 test-fast: setup
-	.venv/bin/python -m pytest -m "not integration and not airflow_standalone"
+	.venv/bin/python -m pytest -m "not integration and not airflow_standalone and not benchmark"
+
+# The benchmark script end to end at its smoke size.
+test-bench: setup
+	.venv/bin/python -m pytest -m benchmark tests/test_benchmarks.py
 
 # Airflow as a data engineer runs it (standalone, REST API, task logs, clean stop): several minutes.
 test-airflow: setup

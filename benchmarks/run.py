@@ -305,15 +305,20 @@ def delete_metrics(spark, root: Path) -> dict[str, int]:
             "rows_copied": 0, "delete_ms": 0, "scan_ms": 0}
     for dataset in DATASETS:
         table = DeltaTable.forPath(spark, lake.silver(dataset))
-        history = table.history().where("operation = 'DELETE'").select("operationMetrics").collect()
-        first_version = table.history().where("operation = 'WRITE'").select("operationMetrics").first()
-        sums["files_in_tables"] += int(first_version[0].get("numFiles", 0))
-        for row in history:  # one DELETE per table at most: bounded
-            metrics = row[0]
-            sums["files_rewritten"] += int(metrics.get("numRemovedFiles", 0))
-            sums["deletion_vectors_added"] += int(metrics.get("numDeletionVectorsAdded", 0))
-            sums["rows_deleted"] += int(metrics.get("numDeletedRows", 0))
-            sums["rows_copied"] += int(metrics.get("numCopiedRows", 0))
+        # Erasure deletes with a MERGE on a table of keys (no id in the commit log); older DELETEs too.
+        history = (table.history().where("operation IN ('DELETE', 'MERGE')")
+                   .select("operationMetrics").collect())
+        sums["files_in_tables"] += int(table.detail().select("numFiles").first()[0] or 0)
+        for row in history:  # one erasure per table at most: bounded
+            metrics = row[0] or {}
+
+            def metric(*names: str) -> int:
+                return sum(int(metrics.get(n, 0) or 0) for n in names)
+
+            sums["files_rewritten"] += metric("numRemovedFiles", "numTargetFilesRemoved")
+            sums["deletion_vectors_added"] += metric("numDeletionVectorsAdded", "numTargetDeletionVectorsAdded")
+            sums["rows_deleted"] += metric("numDeletedRows", "numTargetRowsDeleted")
+            sums["rows_copied"] += metric("numCopiedRows", "numTargetRowsCopied")
             sums["delete_ms"] += int(metrics.get("executionTimeMs", 0))
             sums["scan_ms"] += int(metrics.get("scanTimeMs", 0))
     return sums

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import TEST_KEY
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.benchmark]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {"pipeline_overhead", "validation", "incremental", "erasure", "orchestration", "researcher_query"}
