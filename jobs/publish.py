@@ -75,7 +75,7 @@ from jobs.gold import build_patients_by_condition
 from jobs.kanonymity import k_anonymise, reidentification_risk
 from jobs.keys import PseudonymKey
 from jobs.lake import PROJECTS, Lake
-from jobs.maintenance import vacuum_now
+from jobs.maintenance import _fs, list_folders, vacuum_now
 from jobs.policy import check_policy, shared_establishments
 from jobs.schemas import DATASETS, SILVER_SCHEMAS
 from jobs.tables import APPEND, OVERWRITE, check_fingerprint, table_exists
@@ -125,20 +125,6 @@ class PublishOutcome:
 
 
 # ------------------------------------------------------------ files ----
-
-def _fs(spark: SparkSession, path: str):
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
-
-
-def list_folders(spark: SparkSession, path: str) -> list[str]:
-    """Names of the sub-folders of ``path`` (empty when it does not exist)."""
-    fs, hpath = _fs(spark, path)
-    if not fs.exists(hpath):
-        return []
-    return sorted(s.getPath().getName() for s in fs.listStatus(hpath) if s.isDirectory())
-
 
 def remove_folder(spark: SparkSession, path: str) -> None:
     fs, hpath = _fs(spark, path)
