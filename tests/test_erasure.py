@@ -37,7 +37,7 @@ def parquet_strings(root: Path):
     for path in root.rglob("*.parquet"):
         if path.relative_to(root).parts[0] in (LANDING, BRONZE):
             continue
-        for row in pq.read_table(path).to_pylist():
+        for row in pq.ParquetFile(path).read().to_pylist():
             for s in strings_in(row):
                 yield path, s
 
