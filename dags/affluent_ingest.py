@@ -5,6 +5,7 @@ Adding an establishment's YAML file adds its DAG; no code changes.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pendulum
@@ -13,6 +14,8 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from jobs.batchlog import QueueState, Stage
 from jobs.registry import LAKE_WRITERS_POOL, establishments, silver_assets, task_context
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ARGS = {
     "owner": "data-engineering",
@@ -82,6 +85,22 @@ def _run_stage(stage: Stage, establishment_id: str, batch_id: str) -> dict:
         raise AirflowFailException(f"{stage} of {establishment_id}/{batch_id} stopped: {exc}") from exc
 
 
+def _warn_about_safety_dags(context) -> None:
+    """Say loudly, at the start of every run, what keeps this batch from reaching the extracts or erasure."""
+    from jobs import safety
+
+    ctx = task_context()
+    paused, unknown = safety.paused_from_task(context["ti"])
+    for message in safety.paused_warnings(paused, ctx.lake, ctx.consortium.projects):
+        log.warning(message)
+    for dag_id in unknown:
+        log.warning("could not read whether %s is paused; consent and erasure take effect only when it runs", dag_id)
+    run = context["dag_run"]
+    note = safety.manual_run_note(run.run_type, run.run_after, run.start_date)
+    if note:
+        log.warning(note)
+
+
 def build_ingest_dag(establishment_id: str, name: str):
     @dag(
         dag_id=f"affluent_ingest_{establishment_id}",
@@ -100,7 +119,9 @@ def build_ingest_dag(establishment_id: str, name: str):
         def select_batch() -> str:
             from jobs import pipeline
 
-            requested = get_current_context()["params"].get("batch_id")
+            context = get_current_context()
+            _warn_about_safety_dags(context)
+            requested = context["params"].get("batch_id")
             if requested:
                 return requested  # land still refuses it until every earlier batch is landed or skipped
             queue = pipeline.queue(task_context(), establishment_id)  # the batch log via delta-rs: no Spark

@@ -155,18 +155,25 @@ def delta_rs_uri(path: str) -> str:
     return "s3://" + path.removeprefix("s3a://") if path.startswith("s3a://") else path
 
 
+def open_delta(path: str):
+    """A lake table through delta-rs (local disk or object storage), or ``None`` when it does not exist yet."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(delta_rs_uri(path), storage_options=_storage_options())
+    except TableNotFoundError:
+        return None
+
+
 def batch_log_entries(lake: Lake, establishment_id: str | None = None) -> list[dict]:
     """The batch log as plain dicts (one per entry, oldest first), read with delta-rs: no Spark session.
 
     Entries written before the typed columns existed read them as ``None``
     (and ``kind`` from their message), like :func:`jobs.ops.read_batch_log`.
     """
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        table = DeltaTable(delta_rs_uri(lake.ops(BATCH_LOG)), storage_options=_storage_options())
-    except TableNotFoundError:
+    table = open_delta(lake.ops(BATCH_LOG))
+    if table is None:
         return []
     filters = [("establishment_id", "=", establishment_id)] if establishment_id else None
     entries = []

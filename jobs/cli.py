@@ -68,7 +68,15 @@ def _cmd_batches(args: argparse.Namespace) -> int:
     from jobs import pipeline
     from jobs.ops import read_batch_log
 
+    from jobs import safety
+
     ctx = pipeline.Context.from_env()
+    paused = safety.paused_in_airflow()
+    if paused is None:
+        print("Airflow: not configured here (AIRFLOW_HOME unset or no metadata database): whether publish and "
+              "maintenance run is not known.")
+    for message in safety.paused_warnings(paused or (), ctx.lake, ctx.consortium.projects):
+        print(f"WARNING: {message}")
     # Each queue first: whether it moves, and if not which batch holds it back and why.
     for est in [args.establishment] if args.establishment else sorted(ctx.consortium.establishments):
         print(pipeline.queue(ctx, est).explain())

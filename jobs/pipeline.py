@@ -177,7 +177,6 @@ def spark_master_from_connection(conn_id: str = "spark_default") -> str | None:
 
 def publish_all(ctx: Context) -> dict:
     """Rebuild every active project's extract and the gold indicators."""
-    import datetime as dt
 
     from jobs.publish import publish
 

@@ -67,7 +67,6 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from jobs import clock
 from jobs.config import Consortium, Project
 from jobs.consent import consented_persons
 from jobs.crypto import SparkKey, hmac_sha256_hex
@@ -75,7 +74,7 @@ from jobs.gold import build_patients_by_condition
 from jobs.kanonymity import k_anonymise, reidentification_risk
 from jobs.keys import PseudonymKey
 from jobs.lake import PROJECTS, Lake
-from jobs.maintenance import _fs, list_folders, vacuum_now
+from jobs.maintenance import _fs, list_folders
 from jobs.policy import check_policy, shared_establishments
 from jobs.schemas import DATASETS, SILVER_SCHEMAS
 from jobs.tables import APPEND, OVERWRITE, check_fingerprint, table_exists
