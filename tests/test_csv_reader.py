@@ -74,10 +74,9 @@ def _spark_still_answers(spark):
     assert spark.range(3).selectExpr("sum(id) AS s").first().s == 3
 
 
-# A note of 64 kB spread over about 1,400 physical lines. A 1 MB note spread over 22,000 lines
-# did not finish in 18 minutes on a busy 2-core machine: the joining of one record's lines grows
-# faster than linearly with their number, and must be made linear before this test grows to 1 MB.
-LONG_NOTE_BYTES = 64_000
+# A note of 1 MB spread over about 22,000 physical lines and holding about 45,000 quote characters
+# (doubled quotes): every check on a record must stay linear in its length and in its quotes.
+LONG_NOTE_BYTES = 1_000_000
 
 
 def test_a_long_quoted_note_with_line_breaks_and_delimiters_lands(spark, consortium, tmp_path):
@@ -97,6 +96,20 @@ def test_a_long_quoted_note_with_line_breaks_and_delimiters_lands(spark, consort
     # The note spans many physical lines; the next record keeps its own line number.
     assert bronze["S2"]._source_line == 2 + note.count("\n") + 1
     _spark_still_answers(spark)
+
+
+def test_characters_before_an_opening_quote_make_a_malformed_line(spark, consortium, tmp_path):
+    profile = consortium.establishments["chu_laurentides"].input
+    rows = [
+        b'S1;L001;03/01/2026 08:00;;urgence;Urgence;avant"note";A',
+        b'S2;L002;05/01/2026 08:00;;urgence;Urgence; "note" ;A',
+        b'S3;L003;05/01/2026 08:00;;urgence;Urgence;note;"A"',
+    ]
+    result = read_csv_file(spark, _encounters(tmp_path, rows), "encounter", profile, ENCOUNTER_LINEAGE)
+    assert sorted(r.encounter_ref for r in result.bronze["encounter"].collect()) == ["S2", "S3"]
+    quarantine = result.quarantine.collect()
+    assert [(r.rule, r.source_line) for r in quarantine] == [("ingest.malformed_line", 2)]
+    assert "before an opening one" in quarantine[0].reason
 
 
 def test_a_field_over_max_field_bytes_is_quarantined_with_its_file_and_line(spark, consortium, tmp_path):

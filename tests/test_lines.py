@@ -1,4 +1,4 @@
-from jobs.readers.lines import decode_strict, read_lines
+from jobs.readers.lines import decode_strict, join_quoted_lines, read_lines
 
 
 def test_lines_keep_numbers_and_bytes_across_partitions(spark, tmp_path):
@@ -26,3 +26,20 @@ def test_utf8_strict_decoding_flags_invalid_bytes_and_strips_bom(spark, tmp_path
     text, valid = decode_strict("raw", "utf-8-sig")
     rows = read_lines(spark, str(path)).select("line_no", text.alias("t"), valid.alias("ok")).orderBy("line_no").collect()
     assert [(r.t, r.ok) for r in rows] == [("h1,h2", True), ("ok,é", True), (None, False)]
+
+
+def test_a_1_mb_quoted_field_over_thousands_of_lines_is_joined_into_one_record(spark):
+    paragraph = 'Patient admis; douleur ""thoracique"" irradiant.\nAntécédents: HTA; diabète.\n'
+    body = (paragraph * (1_000_000 // len(paragraph) + 1))[:1_000_000].rstrip()
+    physical = ["h1;h2", 'S1;"' + body + '"', "S2;court"]
+    physical = [line for record in physical for line in record.split("\n")]
+    lines = spark.createDataFrame(
+        [(i, text, True, False, text.count('"') % 2 == 1) for i, text in enumerate(physical, start=1)],
+        "line_no long, text string, valid boolean, mismatch boolean, odd boolean")
+    records = sorted(join_quoted_lines(lines).collect())
+    note_lines = body.count("\n") + 1
+    assert note_lines > 20_000
+    last = 1 + note_lines
+    assert [(r.line_no, r.last_line) for r in records] == [(1, 1), (2, last), (last + 1, last + 1)]
+    assert records[1].text == 'S1;"' + body + '"'
+    assert records[2].text == "S2;court"
