@@ -89,16 +89,20 @@ def _warn_about_safety_dags(context) -> None:
     """Say loudly, at the start of every run, what keeps this batch from reaching the extracts or erasure."""
     from jobs import safety
 
-    ctx = task_context()
-    paused, unknown = safety.paused_from_task(context["ti"])
-    for message in safety.paused_warnings(paused, ctx.lake, ctx.consortium.projects):
-        log.warning(message)
-    for dag_id in unknown:
-        log.warning("could not read whether %s is paused; consent and erasure take effect only when it runs", dag_id)
-    run = context["dag_run"]
-    note = safety.manual_run_note(run.run_type, run.run_after, run.start_date)
-    if note:
-        log.warning(note)
+    try:
+        ctx = task_context()
+        paused, unknown = safety.paused_from_task(context["ti"])
+        for message in safety.paused_warnings(paused, ctx.lake, ctx.consortium.projects):
+            log.warning(message)
+        for dag_id in unknown:
+            log.warning("could not read whether %s is paused; consent and erasure take effect only when it runs",
+                        dag_id)
+        run = context["dag_run"]
+        note = safety.manual_run_note(run.run_type, run.run_after, run.start_date)
+        if note:
+            log.warning(note)
+    except Exception as exc:  # noqa: BLE001 - a warning that cannot be computed must not hold a batch back
+        log.warning("could not check whether publish and maintenance run (%s: %s)", type(exc).__name__, exc)
 
 
 def build_ingest_dag(establishment_id: str, name: str):

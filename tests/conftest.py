@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -55,3 +56,72 @@ def pseudonym_key():
     from jobs.keys import load_key
 
     return load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
+
+
+@pytest.fixture(scope="session")
+def planted_lake(spark, consortium, tmp_path_factory) -> Path:
+    """The planted batch (tests/privacy_helpers.py) through every stage, then published; built once, read only.
+
+    Returns the folder holding ``lake/`` and ``landing/``. A test that changes
+    the lake (erasure) works on its own copy (:func:`copy_lake`).
+    """
+    import datetime as dt
+
+    from jobs.keys import load_key
+    from jobs.lake import Lake
+    from jobs.publish import publish
+    from tests.privacy_helpers import run_batch, write_planted_batch
+
+    key = load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
+    root = tmp_path_factory.mktemp("planted")
+    lake = Lake(str(root / "lake"))
+    write_planted_batch(root / "landing")
+    run_batch(spark, lake, consortium, root / "landing", key)  # staged/ and validated/ still hold the batch
+    publish(spark, lake, consortium, key, dt.date.fromisoformat(FIXED_TODAY))
+    return root
+
+
+def copy_lake(source: Path, target: Path) -> Path:
+    """A copy of a lake folder: Delta tables keep relative file paths, so the copy is a lake of its own."""
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def erased_history(spark, tmp_path_factory):
+    """A small silver history (tests/test_publish.py) published, then one person erased; built once, read only."""
+    from jobs.config import load_consortium
+    from jobs.erasure import patient_key_of, process_erasures, request_erasure
+    from jobs.keys import load_key
+    from jobs.lake import Lake
+    from jobs.publish import publish
+    from jobs.schemas import QUARANTINE_SCHEMA
+    from tests.test_erasure import VICTIM, VICTIM_REF
+    from tests.test_publish import C, FIRST, build_history, config_copy, hmac_hex, person, write_silver
+
+    key = load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
+    tmp = tmp_path_factory.mktemp("erasure")
+    consortium = load_consortium(config_copy(tmp))
+    lake = Lake(str(tmp / "lake"))
+    rows, _ = build_history()
+    victim = person(VICTIM)
+    rows["patient"] = [r[:2] + ((patient_key_of(key, r[1], VICTIM_REF),) if r[0] == victim else (r[2],)) + r[3:]
+                       for r in rows["patient"]]
+    write_silver(spark, lake, rows)
+    now = dt.datetime(2026, 2, 1)
+    spark.createDataFrame([(C, "b1", "diagnosis", "validate", "code", "unknown code", "f.csv", 3, None, victim, "{}", now),
+                           (C, "b1", "diagnosis", "validate", "code", "unknown code", "f.csv", 4, None, person(6), "{}", now)],
+                          QUARANTINE_SCHEMA).write.format("delta").save(lake.quarantine())
+    publish(spark, lake, consortium, key, FIRST)
+    pseudonyms = {p: hmac_hex(key.project_key(p), victim) for p in consortium.projects}
+    before = {p: s for p, s in pseudonyms.items()
+              if s in {r.person_id for r in spark.read.format("delta").load(lake.project(p, "patient")).collect()}}
+    request_id = request_erasure(spark, lake, key, C, VICTIM_REF)
+    assert request_erasure(spark, lake, key, C, VICTIM_REF) == request_id  # asked twice: one request
+    unknown_id = request_erasure(spark, lake, key, C, "MRN-never-landed")
+    outcome = process_erasures(spark, lake, consortium, key)
+    return {"lake": lake, "key": key, "victim": victim, "pseudonyms": pseudonyms, "before": before,
+            "request_id": request_id, "unknown_id": unknown_id, "outcome": outcome, "root": Path(lake.root),
+            "consortium": consortium}

@@ -145,6 +145,33 @@ def test_select_batch_fails_with_the_reason_when_a_stopped_batch_blocks_the_queu
         select()
 
 
+def test_select_batch_warns_of_a_paused_publish_and_of_a_manual_run_that_waited(dagbag, monkeypatch, tmp_path, caplog):
+    import datetime as dt
+    import logging
+    from types import SimpleNamespace
+
+    from jobs import pipeline
+    from jobs.batch_queue import EstablishmentQueue, QueuedBatch
+    from jobs.batchlog import QueueState
+    from jobs.lake import Lake
+
+    select = dagbag.dags["affluent_ingest_chu_laurentides"].get_task("select_batch").python_callable
+    ctx = SimpleNamespace(lake=Lake(str(tmp_path / "lake")), consortium=SimpleNamespace(projects={}))
+    ti = SimpleNamespace(get_dag=lambda dag_id: SimpleNamespace(is_paused=dag_id == "affluent_publish"))
+    requested = dt.datetime(2026, 6, 15, 8, tzinfo=dt.timezone.utc)
+    run = SimpleNamespace(run_type="manual", run_after=requested, start_date=requested + dt.timedelta(minutes=5))
+    monkeypatch.setitem(select.__globals__, "task_context", lambda: ctx)
+    monkeypatch.setitem(select.__globals__, "get_current_context",
+                        lambda: {"params": {"batch_id": None}, "ti": ti, "dag_run": run})
+    monkeypatch.setattr(pipeline, "queue", lambda c, est: EstablishmentQueue(est, (QueuedBatch("b1", QueueState.WAITING),)))
+    with caplog.at_level(logging.WARNING):
+        assert select() == "b1"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("affluent_publish is PAUSED" in w for w in warnings), warnings
+    assert not any("affluent_maintenance is PAUSED" in w for w in warnings)
+    assert any("started 300 s later" in w for w in warnings), warnings
+
+
 def test_every_task_that_writes_silver_or_extracts_runs_in_the_one_slot_writers_pool(dagbag):
     from jobs.registry import LAKE_WRITERS_POOL, LAKE_WRITERS_POOL_SLOTS
 

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.config import load_consortium
-from jobs.erasure import (ERASURE_RECEIPTS, ERASURE_REQUESTS, STATUS_DONE, STATUS_PENDING, patient_key_of,
-                          process_erasures, request_erasure)
-from jobs.lake import BRONZE, LANDING, Lake
+from jobs.erasure import ERASURE_RECEIPTS, ERASURE_REQUESTS, STATUS_DONE, STATUS_PENDING, patient_key_of
+from jobs.lake import BRONZE, LANDING
 from jobs.pseudonymise import Keyring
-from jobs.publish import publish
-from jobs.schemas import QUARANTINE_SCHEMA
-from tests.test_publish import C, FIRST, build_history, config_copy, hmac_hex, person, write_silver
+from tests.test_publish import C
 
 VICTIM = 5  # seen at C and B, in both projects
 VICTIM_REF = "MRN-5"
@@ -42,34 +37,9 @@ def parquet_strings(root: Path):
                 yield path, s
 
 
-@pytest.fixture(scope="module")
-def erased(spark, tmp_path_factory):
-    from jobs.keys import load_key
-    from tests.conftest import TEST_KEY
-
-    key = load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
-    tmp = tmp_path_factory.mktemp("erasure")
-    consortium = load_consortium(config_copy(tmp))
-    lake = Lake(str(tmp / "lake"))
-    rows, _ = build_history()
-    victim = person(VICTIM)
-    rows["patient"] = [r[:2] + ((patient_key_of(key, r[1], VICTIM_REF),) if r[0] == victim else (r[2],)) + r[3:]
-                       for r in rows["patient"]]
-    write_silver(spark, lake, rows)
-    now = dt.datetime(2026, 2, 1)
-    spark.createDataFrame([(C, "b1", "diagnosis", "validate", "code", "unknown code", "f.csv", 3, None, victim, "{}", now),
-                           (C, "b1", "diagnosis", "validate", "code", "unknown code", "f.csv", 4, None, person(6), "{}", now)],
-                          QUARANTINE_SCHEMA).write.format("delta").save(lake.quarantine())
-    publish(spark, lake, consortium, key, FIRST)
-    pseudonyms = {p: hmac_hex(key.project_key(p), victim) for p in consortium.projects}
-    before = {p: s for p, s in pseudonyms.items()
-              if s in {r.person_id for r in spark.read.format("delta").load(lake.project(p, "patient")).collect()}}
-    request_id = request_erasure(spark, lake, key, C, VICTIM_REF)
-    assert request_erasure(spark, lake, key, C, VICTIM_REF) == request_id  # asked twice: one request
-    unknown_id = request_erasure(spark, lake, key, C, "MRN-never-landed")
-    outcome = process_erasures(spark, lake, consortium, key)
-    return {"lake": lake, "key": key, "victim": victim, "pseudonyms": pseudonyms, "before": before,
-            "request_id": request_id, "unknown_id": unknown_id, "outcome": outcome, "root": Path(lake.root)}
+@pytest.fixture()
+def erased(erased_history):
+    return erased_history
 
 
 def test_patient_key_matches_the_pseudonymisation_stage(spark, pseudonym_key):

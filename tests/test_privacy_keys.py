@@ -9,11 +9,11 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs.crypto import SparkKey, _padded, hmac_sha256_hex
-from jobs.erasure import patient_key_of, process_erasures, request_erasure
 from jobs.lake import Lake
 from jobs.pseudonymise import Keyring, Parser, pseudonymise_facts, pseudonymise_patients
-from jobs.publish import project_extract, publish
-from tests.privacy_helpers import EST, encodings, event_log_text, write_planted_batch
+from jobs.publish import project_extract
+from tests.privacy_helpers import EST, encodings, event_log_text
+from tests.test_publish import C
 
 
 def _explained(df) -> str:
@@ -48,29 +48,11 @@ def test_raw_key_bytes_are_refused():
         hmac_sha256_hex(b"k" * 32, "v")
 
 
-def test_no_key_in_any_plan_or_event_log(spark, consortium, tmp_path, pseudonym_key):
-    from jobs.config import load_consortium
-    from jobs.ingest import ingest_batch
-    from jobs.pseudonymise import pseudonymise_batch
-    from tests.test_publish import C, FIRST, build_history, config_copy, person, write_silver
-
-    # Pseudonymise: a planted batch, from landing to staged.
-    lake = Lake(str(tmp_path / "lake"))
-    landing = tmp_path / "landing"
-    write_planted_batch(landing)
-    ingest_batch(spark, lake, landing, consortium, EST, "20260105-001")
-    pseudonymise_batch(spark, lake, consortium, pseudonym_key, EST, "20260105-001")
-    # Publish and erasure: on a small silver history.
-    published = Lake(str(tmp_path / "published"))
-    shipped = load_consortium(config_copy(tmp_path))
-    rows, _ = build_history()
-    rows["patient"] = [r[:2] + ((patient_key_of(pseudonym_key, r[1], "MRN-1"),) if r[0] == person(5) else (r[2],))
-                       + r[3:] for r in rows["patient"]]
-    write_silver(spark, published, rows)
-    publish(spark, published, shipped, pseudonym_key, FIRST)
-    request_erasure(spark, published, pseudonym_key, C, "MRN-1")  # person 5, seen at C
-    assert process_erasures(spark, published, shipped, pseudonym_key).processed
-
+def test_no_key_in_any_plan_or_event_log(spark, consortium, pseudonym_key, planted_lake, erased_history):
+    """Every stage ran in this session before the scan: the planted batch from landing to its extracts
+    (``planted_lake``), publish and erasure on a small silver history (``erased_history``)."""
+    lake = Lake(str(planted_lake / "lake"))
+    published, shipped = erased_history["lake"], erased_history["consortium"]
     keyring = Keyring.for_establishment(spark, pseudonym_key, EST)
     parser = Parser(consortium.establishment(EST))
     bronze = spark.read.format("delta")

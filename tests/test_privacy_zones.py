@@ -5,7 +5,7 @@ from pyspark.sql import functions as F
 from jobs.lake import BRONZE, LANDING, Lake
 from jobs.pseudonymise import coded_value
 from tests.privacy_helpers import (PATIENT_FILE, PLANTED_ADDRESS, PLANTED_FILE_WORD, PLANTED_NAME, file_text,
-                                   lake_files, run_batch, write_planted_batch)
+                                   lake_files)
 
 PLANTED = [PLANTED_ADDRESS, PLANTED_NAME, "Quintalbert", PLANTED_FILE_WORD, PATIENT_FILE, "Zephyrine"]
 
@@ -18,12 +18,9 @@ def test_result_text_is_kept_only_when_typed_or_coded(spark):
     assert kept == values[:8] + [None] * 7
 
 
-def test_no_planted_identifier_outside_landing_and_bronze(spark, consortium, tmp_path, pseudonym_key):
-    root = tmp_path / "lake"
+def test_no_planted_identifier_outside_landing_and_bronze(spark, planted_lake):
+    root = planted_lake / "lake"
     lake = Lake(str(root))
-    landing = tmp_path / "landing"
-    write_planted_batch(landing)
-    run_batch(spark, lake, consortium, landing, pseudonym_key)
 
     bronze = spark.read.format("delta").load(lake.bronze("lab_result"))
     assert bronze.where(F.col("value") == PLANTED_ADDRESS).count() == 2  # planted, and kept where it may be

@@ -1,13 +1,13 @@
-"""Quick-start command 1 at a tiny size: the real DAGs through Airflow, end to end.
+"""Quick-start command 1 at a small size: the real DAGs through Airflow, end to end.
 
-Runs ``affluent demo`` in a subprocess (its own Airflow home on SQLite, its own
-Spark), then checks silver, quarantine and a project extract from this
-process, and that running a DAG run again for a landed batch changes no table.
+The demo (tests/integration/conftest.py) ran in a subprocess with its own
+Airflow home on SQLite and its own Spark; these tests check what it printed,
+silver, quarantine and a project extract from this process, and that running
+a DAG run again for a landed batch changes no table.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,36 +17,15 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs.lake import Lake
-from tests.conftest import TEST_KEY
+from tests.integration.conftest import demo_env
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ, AFFLUENT_PSEUDONYM_KEY=TEST_KEY, AFFLUENT_SHUFFLE_PARTITIONS="2",
-               AFFLUENT_DRIVER_MEMORY="2g")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    for name in list(env):
-        if name.startswith("AIRFLOW"):
-            del env[name]
-    return env
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo")
-    out = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "demo", "--patients", "60", "--batches", "2", "--seed", "5",
-         "--defect-rate", "0.03", "--workdir", str(workdir)],
-        cwd=ROOT, env=_env(workdir), capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return workdir, out.stdout
-
-
 def test_demo_ends_with_the_summary_and_the_query_result(demo):
-    _, stdout = demo
+    stdout = demo.stdout
     assert "Batches landed" in stdout
     assert "Starting the researcher gateway" in stdout and "(audit event " in stdout
     assert "affluent_ingest_chu_laurentides: batch 20260105-001 success" in stdout.replace("DagRunState.", "")
@@ -54,8 +33,7 @@ def test_demo_ends_with_the_summary_and_the_query_result(demo):
 
 
 def test_dags_landed_silver_quarantine_and_a_project_extract(demo, spark):
-    workdir, _ = demo
-    lake = Lake(str(workdir / "lake"))
+    lake = Lake(str(demo.lake_root))
     patients = spark.read.format("delta").load(lake.silver("patient"))
     assert {r.establishment_id for r in patients.select("establishment_id").distinct().collect()} == {
         "chu_laurentides", "hopital_riviere", "cisss_estuaire"}
@@ -69,8 +47,9 @@ def test_dags_landed_silver_quarantine_and_a_project_extract(demo, spark):
         assert row.rows_read == row.rows_landed + row.rows_quarantined + row.rows_duplicates, row
 
 
-def test_a_second_run_of_the_same_dag_run_changes_no_table(demo):
-    workdir, _ = demo
+def test_a_second_run_of_the_same_dag_run_changes_no_table_and_warns_of_a_paused_publish(demo):
+    """The run is made with affluent_publish paused: its select_batch log says so (then it is unpaused again)."""
+    workdir = demo.workdir
     code = textwrap.dedent(f"""
         import json
         from pathlib import Path
@@ -78,6 +57,10 @@ def test_a_second_run_of_the_same_dag_run_changes_no_table(demo):
         import os
         os.environ.update(airflow_env(Path({str(workdir)!r})))
         from airflow.dag_processing.dagbag import DagBag
+        from airflow.models.dag import DagModel
+        from airflow.utils import session
+        with session.create_session() as s:
+            assert s.query(DagModel).filter(DagModel.dag_id == "affluent_publish").update({{"is_paused": True}}) == 1
         from jobs.pipeline import Context
         from jobs.tables import table_version
         from jobs.schemas import DATASETS
@@ -89,10 +72,14 @@ def test_a_second_run_of_the_same_dag_run_changes_no_table(demo):
         bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
         run = bag.dags["affluent_ingest_chu_laurentides"].test(run_conf={{"batch_id": "20260105-001"}})
         after = {{p: table_version(ctx.spark, p) for p in paths}}
+        with session.create_session() as s:
+            s.query(DagModel).filter(DagModel.dag_id == "affluent_publish").update({{"is_paused": False}})
         print("RESULT=" + json.dumps({{"state": str(run.state), "same": before == after}}))
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(workdir), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=demo_env(), capture_output=True, text=True,
                          timeout=900)
     result = [line for line in out.stdout.splitlines() if line.startswith("RESULT=")]
     assert result, out.stdout[-3000:] + out.stderr[-3000:]
     assert '"same": true' in result[0] and "success" in result[0]
+    logged = out.stdout + out.stderr
+    assert "affluent_publish is PAUSED" in logged and "airflow dags unpause affluent_publish" in logged, logged[-3000:]

@@ -1,13 +1,14 @@
-"""The synthetic consortium through every stage, with real Spark, Delta and GX.
+"""The synthetic consortium through every stage, with real Airflow, Spark, Delta and GX.
 
-One small consortium (three establishments, two batches, injected defects) is
-generated and run once for the module; each test checks one promise of the
-flow against the generator's ground truth.
+The demo (tests/integration/conftest.py) generated one small consortium (three
+establishments, two batches, injected defects) and ran it through the DAGs;
+each test checks one promise of the flow against the generator's ground truth.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -16,33 +17,24 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs import pipeline
-from jobs.generate import generate_consortium
 from jobs.settings import Settings
 from tests.conftest import CONFIG_DIR, TEST_KEY
+from tests.integration.conftest import PATIENTS
 
 pytestmark = pytest.mark.integration
 
-PATIENTS, BATCHES, SEED, DEFECT_RATE = 120, 2, 11, 0.05
-
 
 @pytest.fixture(scope="module")
-def run(spark, tmp_path_factory):
-    import os
-
-    root = tmp_path_factory.mktemp("consortium")
+def run(spark, demo):
+    """The demo's lake, read with this session's Spark; the second item holds ``out/ground_truth``."""
     os.environ["AFFLUENT_PSEUDONYM_KEY"] = TEST_KEY
-    ctx = pipeline.Context(Settings.from_env(lake_root=str(root / "lake"), config_dir=str(CONFIG_DIR),
-                                             landing_root=str(root / "out" / "landing")))
-    generate_consortium(root / "out", ctx.consortium, patients=PATIENTS, batches=BATCHES, seed=SEED,
-                        defect_rate=DEFECT_RATE)
-    for est in sorted(ctx.consortium.establishments):
-        for batch in pipeline.pending(ctx, est):
-            pipeline.run_batch(ctx, est, batch)
-    return ctx, root
+    ctx = pipeline.Context(Settings.from_env(lake_root=str(demo.lake_root), config_dir=str(CONFIG_DIR),
+                                             landing_root=str(demo.generated / "landing")))
+    return ctx, demo.generated
 
 
 def _ground_truth(root: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (root / "out" / "ground_truth" / name).read_text().splitlines() if line]
+    return [json.loads(line) for line in (root / "ground_truth" / name).read_text().splitlines() if line]
 
 
 def _delivered_file(ctx, establishment_id: str, batch_id: str, reference: str) -> str:
@@ -171,7 +163,6 @@ def _decisions_in_force(consents: list[dict], purpose: str, day: str) -> list[di
 
 def test_extracts_hold_exactly_the_persons_the_consent_ground_truth_allows(run):
     """Recomputed from the generator's consent history: per person, the latest decision across establishments."""
-    import datetime as dt
     import hashlib
     import hmac
 
@@ -179,8 +170,7 @@ def test_extracts_hold_exactly_the_persons_the_consent_ground_truth_allows(run):
     from jobs.keys import load_key
     from jobs.policy import shared_establishments
 
-    ctx, root = run
-    pipeline.publish_all(ctx)
+    ctx, root = run  # the demo ran the publish DAG
     today = clock.today()
     key = load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
     consents = _ground_truth(root, "consents.jsonl")
