@@ -88,25 +88,26 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     quarantine_parts: list[DataFrame] = []
     notes: dict[str, list[str]] = {}
 
-    def reject(entry, message: str) -> BatchRejected:
+    def reject(index: int, message: str) -> BatchRejected:
+        """A file of the batch stops it: logged under the file's reference, never its delivered name."""
         append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
-                                        "dataset": entry.dataset, "stage": STAGE, "status": Status.REJECTED,
-                                        "message": message, "source_file": entry.path,
-                                        "manifest_sha256": manifest}])
-        return BatchRejected(establishment_id, batch_id, message)
+                                        "dataset": batch.files[index].dataset, "stage": STAGE,
+                                        "status": Status.REJECTED, "message": message,
+                                        "source_file": file_reference(batch_id, index), "manifest_sha256": manifest}])
+        return BatchRejected(establishment_id, batch_id, message, file=file_reference(batch_id, index))
 
     if isinstance(est.input, CsvProfile):
         # Every header is checked before any file is read, so a drifted file stops the batch whole.
-        for entry in batch.files:
+        for index, entry in enumerate(batch.files):
             try:
-                header = read_header(batch.file_path(entry), est.input)
+                header = read_header(batch.file_path(entry), est.input, file_reference(batch_id, index))
             except HeaderError as exc:
-                raise reject(entry, str(exc)) from None
+                raise reject(index, str(exc)) from None
             mapping = est.input.columns[entry.dataset]
             change = header_drift(header, mapping)
             if change and not consortium.pipeline.batch_rules.allow_column_changes:
-                raise reject(entry, (
-                    f"{entry.path}: the source header differs from the profile's {entry.dataset} mapping "
+                raise reject(index, (
+                    f"{file_reference(batch_id, index)}: the source header differs from the profile's {entry.dataset} mapping "
                     f"({change}); header {header}, profile expects {list(mapping)}. Nothing was ingested: "
                     f"update config/establishments/{establishment_id}.yaml or ask the establishment to restore "
                     "its export (batch_rules.allow_column_changes lets drifted files land, with the missing "
@@ -120,7 +121,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
             result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
                                 consortium.pipeline.max_field_bytes)
         except HeaderError as exc:
-            raise reject(entry, str(exc)) from None
+            raise reject(index, str(exc)) from None
         notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
         for dataset, frame in result.bronze.items():
             bronze_parts.setdefault(dataset, []).append(frame)
@@ -172,7 +173,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                       "`affluent batch retry` or `affluent batch skip`.")
             append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
                                             "dataset": entry.dataset, "stage": STAGE, "status": Status.STOPPED,
-                                            "message": reason, "source_file": entry.path,
+                                            "message": reason, "source_file": source,
                                             "manifest_sha256": manifest}])
             raise IngestReconciliationError(reason)
 

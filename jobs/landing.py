@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.batchlog import BatchKind, BatchRejected
 from jobs.config import Consortium
+from jobs.lake import file_reference
 from jobs.schemas import DATASETS
 
 MANIFEST = "manifest.json"
@@ -114,16 +115,15 @@ class ManifestModel(BaseModel):
     files: list[ManifestEntryModel] = Field(min_length=1)
 
 
-def _manifest_problems(error: ValidationError, manifest: dict) -> tuple[str, str | None]:
-    """Every problem of a manifest, ``files[0].rows: …``, and the file the first one is about."""
+def _manifest_problems(error: ValidationError, batch_id: str) -> tuple[str, str | None]:
+    """Every problem of a manifest, ``files[0].rows: …``, and the reference of the file the first one is about."""
     problems, file = [], None
     for problem in error.errors():
         loc = problem["loc"]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         problems.append(f"{where or 'manifest'}: {problem['msg']}")
         if file is None and len(loc) > 1 and loc[0] == "files" and isinstance(loc[1], int):
-            entry = (manifest.get("files") or [None] * (loc[1] + 1))[loc[1]]
-            file = entry.get("path") if isinstance(entry, dict) and isinstance(entry.get("path"), str) else None
+            file = file_reference(batch_id, loc[1])
     return "; ".join(problems), file
 
 
@@ -181,7 +181,7 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
     try:
         checked = ManifestModel.model_validate(manifest)
     except ValidationError as exc:
-        problems, file = _manifest_problems(exc, manifest)
+        problems, file = _manifest_problems(exc, batch_id)
         raise reject(f"{MANIFEST} does not follow the landing contract: {problems}", file or MANIFEST) from None
     if checked.establishment != establishment_id:
         raise reject(f"manifest names establishment {checked.establishment!r}, folder is {establishment_id!r}",
@@ -202,38 +202,41 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
     allowed = set(DATASETS) | ({BUNDLE} if not is_csv else set())
     files: list[ManifestFile] = []
     seen: dict[str, str] = {}
+    # Files are named by their place in the manifest and their reference (<batch>#<index>), never by
+    # their delivered name: a file name may hold identifiers, and rejections go to ops/batch_log.
     for i, item in enumerate(checked.files):
-        where, dataset, rel = f"files[{i}]", item.dataset, item.path
+        where, dataset, rel, ref = f"files[{i}]", item.dataset, item.path, file_reference(batch_id, i)
         if dataset not in allowed:
-            raise reject(f"{where}: unknown dataset {dataset!r} (expected one of {sorted(allowed)})", rel)
+            raise reject(f"{where}: unknown dataset {dataset!r} (expected one of {sorted(allowed)})", ref)
         if is_csv and dataset not in est.input.columns:
-            raise reject(f"{where}: no column mapping for dataset {dataset!r} in the establishment's profile", rel)
+            raise reject(f"{where}: no column mapping for dataset {dataset!r} in the establishment's profile", ref)
         problem = _path_problem(rel)
         if problem:
-            raise reject(f"{where}: path {rel!r} {problem}", repr(rel))
+            raise reject(f"{where}: its path {problem}", ref)
         path = (folder / rel).resolve()
         if not path.is_relative_to(folder) or path.name == MANIFEST:
-            raise reject(f"{where}: path {rel!r} leaves the batch folder", repr(rel))
+            raise reject(f"{where}: its path leaves the batch folder", ref)
         # One file under two spellings (./a.csv, a.csv, a link) would be read twice.
         normalised = path.relative_to(folder).as_posix()
         if normalised in seen:
-            raise reject(f"{where}: {rel} is listed twice (as {seen[normalised]!r} and {rel!r})", rel)
-        seen[normalised] = rel
+            raise reject(f"{where}: the file is listed twice (as {seen[normalised]} and {where})", ref)
+        seen[normalised] = where
         try:
             if not path.is_file():
-                raise reject(f"{where}: file {rel} is missing", rel)
+                raise reject(f"{where}: the file is missing", ref)
             if _sha256(path) != item.sha256.lower():
-                raise reject(f"{where}: sha256 of {rel} does not match the manifest (file changed or truncated)", rel)
+                raise reject(f"{where}: the file's sha256 does not match the manifest (file changed or truncated)",
+                             ref)
             if dataset != BUNDLE:
                 line = _lone_carriage_return(path)
                 if line is not None:
-                    raise reject(f"{where}: {rel} line {line} holds a carriage return (CR) that does not end the "
+                    raise reject(f"{where} ({ref}) line {line} holds a carriage return (CR) that does not end the "
                                  "line; records end in LF or CRLF, and a CR inside a field must be removed or "
-                                 "replaced before delivery", rel)
+                                 "replaced before delivery", ref)
             counted = _count_rows(path, dataset, has_header=is_csv, quote=est.input.quote if is_csv else None)
         except OSError as exc:
-            raise reject(f"{where}: {rel} cannot be read: {exc.strerror or exc}", rel) from None
+            raise reject(f"{where}: the file cannot be read: {exc.strerror or 'I/O error'}", ref) from None
         if counted != item.rows:
-            raise reject(f"{where}: {rel} has {counted} rows, the manifest says {item.rows}", rel)
+            raise reject(f"{where}: the file has {counted} rows, the manifest says {item.rows}", ref)
         files.append(ManifestFile(dataset=dataset, path=normalised, sha256=item.sha256, rows=item.rows))
     return Batch(establishment_id, batch_id, folder, extracted_at, BatchKind(checked.kind), tuple(files))

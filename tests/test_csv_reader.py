@@ -160,7 +160,7 @@ def test_a_byte_order_mark_never_renames_the_first_header(spark, consortium, tmp
         "R001,RIVA85521512,Rivard,Anne,1985-02-12,F,1 Main St,Rimouski,G5L 1A1,418-555-0101,a@x.ca,,I"]))
     lineage = FileLineage("hopital_riviere", "b1", "hopital_riviere/b1/patients.csv",
                           dt.datetime(2026, 1, 5, 2), dt.datetime(2026, 1, 5, 3))
-    assert read_header(path, profile)[0] == "mrn"
+    assert read_header(path, profile, "b#0")[0] == "mrn"
     result = read_csv_file(spark, path, "patient", profile, lineage)
     assert [r.patient_ref for r in result.bronze["patient"].collect()] == ["R001"]
     assert result.quarantine.count() == 0

@@ -53,11 +53,11 @@ def test_ingest_accounts_for_every_row_and_is_skipped_the_second_time(spark, con
 
 
 @pytest.mark.parametrize("breakage, reason", [
-    (lambda folder: (folder / "sejours.csv").unlink(), "file sejours.csv is missing"),
-    (lambda folder: (folder / "sejours.csv").write_bytes(b"changed"), "sha256 of sejours.csv does not match"),
+    (lambda folder: (folder / "sejours.csv").unlink(), "the file is missing"),
+    (lambda folder: (folder / "sejours.csv").write_bytes(b"changed"), "the file's sha256 does not match"),
     (lambda folder: _edit_manifest(folder, lambda m: m["files"][0].update(dataset="imaging")), "unknown dataset 'imaging'"),
     (lambda folder: _edit_manifest(folder, lambda m: m["files"][0].update(path="../../etc/passwd")), "leaves the batch folder"),
-    (lambda folder: _edit_manifest(folder, lambda m: m["files"][0].update(rows=99)), "has 3 rows, the manifest says 99"),
+    (lambda folder: _edit_manifest(folder, lambda m: m["files"][0].update(rows=99)), "the file has 3 rows, the manifest says 99"),
     (lambda folder: (folder / "manifest.json").write_text("{not json"), "not valid JSON"),
 ])
 def test_a_batch_breaking_the_contract_is_rejected_whole(spark, consortium, landed, breakage, reason):
@@ -68,6 +68,8 @@ def test_a_batch_breaking_the_contract_is_rejected_whole(spark, consortium, land
     assert table_version(spark, lake.bronze("patient")) is None
     log = read_batch_log(spark, lake).collect()
     assert [(r.status, reason in r.message) for r in log] == [("rejected", True)]
+    # Delivered file names stay in landing: the log names files by their reference.
+    assert not any(name in f"{r.message} {r.source_file}" for r in log for name in ("sejours", "patients", "passwd"))
 
 
 def test_unknown_establishment_is_rejected(spark, consortium, landed):
@@ -118,7 +120,7 @@ def test_a_byte_order_mark_in_a_utf8_profile_is_removed_and_said_in_the_batch_lo
     assert outcome.bronze == {"patient": 1} and outcome.quarantined == {}
     log = read_batch_log(spark, lake).collect()
     assert [r.status for r in log] == ["ingested"]
-    assert "patients.csv: UTF-8 byte-order mark (EF BB BF) removed" in log[0].message
+    assert "20260105-001#0: UTF-8 byte-order mark (EF BB BF) removed" in log[0].message
     assert spark.range(2).count() == 2
 
 

@@ -73,7 +73,7 @@ def test_a_carriage_return_inside_a_field_is_rejected_before_anything_is_read(tm
     edit_manifest(folder, lambda m: m["files"][0].update(rows=2))
     with pytest.raises(BatchRejected, match="line 2 holds a carriage return") as rejected:
         check_batch(tmp_path, consortium, EST, "20260105-001")
-    assert rejected.value.file == "patients.csv"
+    assert rejected.value.file == "20260105-001#0"  # its reference: file names stay in landing
 
 
 def test_a_path_with_dot_slash_is_the_same_file(tmp_path, consortium):
@@ -163,7 +163,8 @@ def test_every_rejection_is_logged_with_file_and_reason_and_a_fix_makes_the_batc
     # Read with delta-rs, no Spark: the rejection names its file and the manifest it was made on.
     [logged] = batch_log_entries(lake, EST)
     assert (logged["stage"], logged["status"], logged["manifest_sha256"]) == ("ingest", "rejected", broken)
-    assert logged["source_file"] == repr("pat\x00ients.csv") and "control character" in logged["message"]
+    assert logged["source_file"] == "20260105-001#0" and "control character" in logged["message"]
+    assert "ients" not in logged["message"]  # the delivered name stays in landing
     queue = establishment_queue(lake, landing, consortium, EST)
     assert queue.pending == [] and queue.blocked_by.batch_id == "20260105-001"
     # delta-rs reads the log Spark wrote because ops tables carry no deletion vectors.

@@ -86,8 +86,11 @@ def _first_line(path: Path) -> bytes:
         return handle.readline().rstrip(b"\r\n")
 
 
-def byte_order_mark(path: Path, profile: CsvProfile) -> str | None:
+def byte_order_mark(path: Path, profile: CsvProfile, reference: str) -> str | None:
     """What to say about a byte-order mark at the start of the file (``None`` when there is none to mention).
+
+    Messages name the file by its ``reference`` (``<batch>#<index>``): a
+    delivered file's name may hold identifiers and stays in landing.
 
     A BOM must never silently become part of the first header (``\ufeffmrn``
     maps to nothing and every row loses its key). In a UTF-8 profile it is
@@ -98,30 +101,33 @@ def byte_order_mark(path: Path, profile: CsvProfile) -> str | None:
     first = _first_line(path)
     for mark, name in _OTHER_BOMS.items():
         if first.startswith(mark):
-            raise HeaderError(f"{path.name}: line 1: the file starts with a {name} byte-order mark; "
+            raise HeaderError(f"{reference}: line 1: the file starts with a {name} byte-order mark; "
                               f"the profile declares {profile.encoding}. Ask for the export in "
                               f"{profile.encoding} or declare the establishment's real encoding.")
     if not first.startswith(BOM_UTF8):
         return None
     if _PY_CHARSETS[profile.encoding] not in ("utf-8", "utf-8-sig"):
-        raise HeaderError(f"{path.name}: line 1: the file starts with a UTF-8 byte-order mark (EF BB BF) "
+        raise HeaderError(f"{reference}: line 1: the file starts with a UTF-8 byte-order mark (EF BB BF) "
                           f"but the profile declares {profile.encoding}: the file is UTF-8. Fix the "
                           "profile's encoding (utf-8-sig) or the establishment's export.")
     if profile.encoding == "utf-8-sig":
         return None
-    return (f"{path.name}: UTF-8 byte-order mark (EF BB BF) removed before the first header; "
+    return (f"{reference}: UTF-8 byte-order mark (EF BB BF) removed before the first header; "
             "the profile declares utf-8, declare utf-8-sig if the establishment always sends one")
 
 
-def read_header(path: Path, profile: CsvProfile) -> list[str]:
-    """The header's field names, decoded with the declared charset (a UTF-8 byte-order mark removed)."""
+def read_header(path: Path, profile: CsvProfile, reference: str) -> list[str]:
+    """The header's field names, decoded with the declared charset (a UTF-8 byte-order mark removed).
+
+    Errors name the file by its ``reference`` (``<batch>#<index>``), never by its delivered name.
+    """
     first = _first_line(path)
-    if byte_order_mark(path, profile) is not None or profile.encoding == "utf-8-sig":
+    if byte_order_mark(path, profile, reference) is not None or profile.encoding == "utf-8-sig":
         first = first.removeprefix(BOM_UTF8)
     try:
         text = first.decode(_PY_CHARSETS[profile.encoding])
     except UnicodeDecodeError as exc:
-        raise HeaderError(f"{path.name}: line 1: header is not valid {profile.encoding}: {exc.reason}") from None
+        raise HeaderError(f"{reference}: line 1: header is not valid {profile.encoding}: {exc.reason}") from None
     return [h.strip().strip(profile.quote).strip() for h in text.split(profile.delimiter)]
 
 
@@ -253,8 +259,8 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
     hold; a header problem concerns the whole file.
     """
     mapping = profile.columns[dataset]
-    notes = tuple(n for n in [byte_order_mark(path, profile)] if n)
-    header = read_header(path, profile)
+    notes = tuple(n for n in [byte_order_mark(path, profile, lineage.source_file)] if n)
+    header = read_header(path, profile, lineage.source_file)
     limit = profile.max_field_bytes or max_field_bytes
     positions = {canonical: header.index(source) for source, canonical in mapping.items() if source in header}
     if "record_action" not in positions:

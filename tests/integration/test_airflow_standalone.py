@@ -208,6 +208,17 @@ def test_task_logs_hold_no_error_and_one_figures_line_per_dataset(airflow, inges
     assert any("validation report" in str(e.get("event")) for e in logs["validate"])
 
 
+def test_a_manual_run_that_waited_for_the_scheduled_one_says_so(airflow, ingest_run):
+    import datetime as dt
+
+    api, _, _, _ = airflow
+    triggered = ingest_run["triggered"]
+    waited = (dt.datetime.fromisoformat(triggered["start_date"]) - dt.datetime.fromisoformat(triggered["run_after"]))
+    lines = [str(e.get("event")) for e in _logs(api, INGEST_DAG, triggered["dag_run_id"]).get("select_batch", [])]
+    said = any("this manual run was requested" in line for line in lines)
+    assert said == (waited >= dt.timedelta(seconds=30)), (waited, lines[-10:])
+
+
 def test_the_assets_trigger_a_publish_run(airflow, ingest_run):
     api, _, _, _ = airflow
 
