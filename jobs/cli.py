@@ -106,6 +106,13 @@ def _cmd_batch_decision(args: argparse.Namespace) -> int:
     append_batch_log(ctx.spark, ctx.lake, [{"establishment_id": args.establishment, "batch_id": args.batch,
                                             "stage": Stage.STEWARD, "status": status,
                                             "message": f"{reason} (by {os.environ.get('USER', 'unknown')})"}])
+    if status == Status.SKIPPED:
+        # A batch set aside never lands: its pseudonymised rows leave the transient zones now.
+        from jobs.maintenance import purge_transient
+
+        removed = {table: n for table, n in purge_transient(ctx.spark, ctx.lake, args.establishment,
+                                                             args.batch).items() if n}
+        print(f"{args.establishment}/{args.batch}: rows removed from staged/validated: {removed or 'none'}")
     print(f"{args.establishment}/{args.batch}: {status} recorded. {pipeline.queue(ctx, args.establishment).explain()}")
     return 0
 

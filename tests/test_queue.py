@@ -202,12 +202,18 @@ def test_a_steward_skip_is_recorded_and_unblocks_the_queue(spark, consortium, tm
     deliver(landing, "20260105-002")
     append_batch_log(spark, lake, [{"establishment_id": EST, "batch_id": "20260105-001", "stage": Stage.VALIDATE,
                                     "status": Status.STOPPED, "message": "batch.row_count_drop"}])
+    # The stopped batch's pseudonymised rows wait in validated/ (with another batch's).
+    spark.createDataFrame([(EST, "20260105-001", "p1"), (EST, "20260105-001", "p2"), (EST, "20260105-002", "p3")],
+                          "establishment_id string, _batch_id string, person_id string"
+                          ).write.format("delta").save(lake.validated("patient"))
     monkeypatch.setenv("AFFLUENT_LAKE_ROOT", lake.root)
     monkeypatch.setenv("AFFLUENT_LANDING_ROOT", str(landing))
     assert cli.main(["batch", "skip", EST, "20260105-001", "--reason", "extract withdrawn"]) == 0
     steward = [e for e in batch_log_entries(lake, EST) if e["stage"] == Stage.STEWARD]
     assert [(e["status"], e["message"].split(" (by")[0]) for e in steward] == [("skipped", "extract withdrawn")]
     assert establishment_queue(lake, landing, consortium, EST).pending == ["20260105-002"]
+    left = spark.read.format("delta").load(lake.validated("patient")).collect()
+    assert [(r._batch_id, r.person_id) for r in left] == [("20260105-002", "p3")]  # a skipped batch never lands
 
 
 def test_choosing_the_next_batch_needs_no_spark_session(tmp_path, consortium, monkeypatch):
