@@ -293,35 +293,23 @@ def build_erasure_lake(spark, ctx, root: Path, factor: float, clustered: bool, p
     return total
 
 
-def delete_metrics(spark, root: Path) -> dict[str, int]:
-    """Files and rows of every silver table of an erasure lake, and what its DELETE touched."""
+def erasure_metrics(spark, root: Path, rows_removed: dict[str, int]) -> dict[str, int]:
+    """Files of every silver table of an erasure lake after the erasure, and the silver rows it removed.
+
+    The rows come from the erasure's own outcome: erasure forgets each touched
+    table's log history (the MERGE commit's metrics with it), so that no old
+    commit keeps the person's ids.
+    """
     from delta.tables import DeltaTable
 
     from jobs.lake import Lake
     from jobs.schemas import DATASETS
 
     lake = Lake(str(root))
-    sums = {"files_in_tables": 0, "files_rewritten": 0, "deletion_vectors_added": 0, "rows_deleted": 0,
-            "rows_copied": 0, "delete_ms": 0, "scan_ms": 0}
-    for dataset in DATASETS:
-        table = DeltaTable.forPath(spark, lake.silver(dataset))
-        # Erasure deletes with a MERGE on a table of keys (no id in the commit log); older DELETEs too.
-        history = (table.history().where("operation IN ('DELETE', 'MERGE')")
-                   .select("operationMetrics").collect())
-        sums["files_in_tables"] += int(table.detail().select("numFiles").first()[0] or 0)
-        for row in history:  # one erasure per table at most: bounded
-            metrics = row[0] or {}
-
-            def metric(*names: str) -> int:
-                return sum(int(metrics.get(n, 0) or 0) for n in names)
-
-            sums["files_rewritten"] += metric("numRemovedFiles", "numTargetFilesRemoved")
-            sums["deletion_vectors_added"] += metric("numDeletionVectorsAdded", "numTargetDeletionVectorsAdded")
-            sums["rows_deleted"] += metric("numDeletedRows", "numTargetRowsDeleted")
-            sums["rows_copied"] += metric("numCopiedRows", "numTargetRowsCopied")
-            sums["delete_ms"] += int(metrics.get("executionTimeMs", 0))
-            sums["scan_ms"] += int(metrics.get("scanTimeMs", 0))
-    return sums
+    files = sum(int(DeltaTable.forPath(spark, lake.silver(d)).detail().select("numFiles").first()[0] or 0)
+                for d in DATASETS)
+    deleted = sum(n for table, n in rows_removed.items() if table.startswith("silver."))
+    return {"files_in_tables": files, "rows_deleted": deleted}
 
 
 # ------------------------------------------------------------ the run ----
@@ -614,7 +602,7 @@ def erasure(spark, ctx, rec: Recorder, work: Path, size: Size, clock: Clock) -> 
             if not outcome.processed:
                 raise RuntimeError(f"erasure on {root} did not resolve the person: {outcome}")
             out[label] = {"silver_rows": rows, "seconds": round(rec.steps[f"erasure.{label}"]["seconds"], 2),
-                          **delete_metrics(spark, root)}
+                          **erasure_metrics(spark, root, outcome.rows_removed)}
             shutil.rmtree(root / "silver", ignore_errors=True)
     low, high = (f"x{f:g}" for f in size.erasure_factors)
     for layout in ("as_landed", "clustered_by_person"):
