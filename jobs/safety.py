@@ -72,17 +72,14 @@ def paused_warnings(paused: Iterable[str], lake: Lake, project_ids: Iterable[str
     paused = set(paused) & set(SAFETY_DAGS)
     if not paused:
         return []
-    waiting = {
-        PUBLISH_DAG: unpublished_silver(lake, project_ids),
-        MAINTENANCE_DAG: pending_erasures(lake),
-    }
     out = []
-    for dag_id in sorted(paused):
+    for dag_id in sorted(paused):  # only what a paused DAG holds back is read
         if dag_id == PUBLISH_DAG:
-            what = (f"silver changed since the last publish ({', '.join(waiting[dag_id])})" if waiting[dag_id]
+            changed = unpublished_silver(lake, project_ids)
+            what = (f"silver changed since the last publish ({', '.join(changed)})" if changed
                     else "silver has not changed since the last publish yet")
         else:
-            what = f"{waiting[dag_id]} erasure request(s) pending"
+            what = f"{pending_erasures(lake)} erasure request(s) pending"
         out.append(f"{dag_id} is PAUSED: {SAFETY_DAGS[dag_id]}; {what}. "
                    f"Unpause it in the UI or with `airflow dags unpause {dag_id}`.")
     return out
