@@ -31,7 +31,11 @@ from jobs.registry import LAKE_WRITERS_POOL, task_context
    so time travel cannot bring them back; a receipt is written in `ops/erasure_receipts`.
 2. **bronze retention** — batches older than `bronze_retention_days` are deleted
    from bronze and vacuumed (bronze still holds identifiers).
-3. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
+3. **transient retention** — staged and validated rows of batches landed or
+   skipped, and of batches stopped before land with no batch-log entry for
+   `transient_retention_days`, are deleted, their files rewritten and vacuumed,
+   their history forgotten (a retry re-runs such a batch from bronze).
+4. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
 """,
 )
 def affluent_maintenance():
@@ -49,13 +53,20 @@ def affluent_maintenance():
         return purge_bronze(ctx.spark, ctx.lake, ctx.consortium.pipeline.bronze_retention_days)
 
     @task
+    def transient_retention() -> dict:
+        from jobs.maintenance import purge_transient_zones
+
+        ctx = task_context()
+        return purge_transient_zones(ctx.spark, ctx.lake, ctx.consortium.pipeline.transient_retention_days)
+
+    @task
     def compaction() -> dict:
         from jobs.maintenance import compact_and_vacuum
 
         ctx = task_context()
         return compact_and_vacuum(ctx.spark, ctx.lake)
 
-    erasures() >> bronze_retention() >> compaction()
+    erasures() >> bronze_retention() >> transient_retention() >> compaction()
 
 
 affluent_maintenance()

@@ -197,11 +197,22 @@ class BatchRules(_Strict):
 
 class Pipeline(_Strict):
     bronze_retention_days: int = Field(default=90, ge=0)
+    # A batch stopped before land keeps its staged and validated rows this long after its last
+    # batch-log entry; a retry re-runs it from bronze, so this is at most the bronze retention.
+    transient_retention_days: int = Field(default=14, ge=0)
     postal_prefix_min_persons: int = Field(default=5, ge=1)
     batch_rules: BatchRules = BatchRules()
     # A CSV field longer than this (bytes) quarantines its record; a profile may override it.
     # At most 8 MiB: records over 16 MiB are never parsed (jobs.readers.csv.RECORD_HARD_LIMIT_BYTES).
     max_field_bytes: int = Field(default=1 << 20, ge=1, le=8 << 20)
+
+    @model_validator(mode="after")
+    def _transient_within_bronze(self) -> "Pipeline":
+        if self.transient_retention_days > self.bronze_retention_days:
+            raise ValueError(f"transient_retention_days ({self.transient_retention_days}) exceeds "
+                             f"bronze_retention_days ({self.bronze_retention_days}): a stopped batch is retried "
+                             "from bronze, so its staged rows may not outlive it")
+        return self
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from jobs.lake import (DIRECT_IDENTIFIERS, LANDING, OPS, PATIENT_KEYS, PATIENT_R
                        ZONES, Lake, Zone)
 from jobs.maintenance import delete_matching, forget_history, keys_frame, log_mentions, vacuum_now, zone_tables
 from jobs.tables import APPEND, purge_deletion_vectors, table_exists, table_version
+from jobs.writer_lock import Mode, writes_lake
 
 ERASURE_REQUESTS = "erasure_requests"
 ERASURE_RECEIPTS = "erasure_receipts"
@@ -114,6 +115,7 @@ def patient_key_of(key: PseudonymKey, establishment_id: str, patient_ref: str) -
     return _hex_hmac(key.establishment_key(establishment_id), f"patient:{ref}")
 
 
+@writes_lake(Mode.SHARED)
 def request_erasure(spark: SparkSession, lake: Lake, key: PseudonymKey, establishment_id: str,
                     patient_ref: str) -> str:
     """Record a pending erasure request (patient key only); return its request id.
@@ -216,6 +218,7 @@ def _erase_patient_references(spark: SparkSession, path: str, key: PseudonymKey,
     return removed
 
 
+@writes_lake(Mode.EXCLUSIVE)
 def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, key: PseudonymKey) -> ErasureOutcome:
     """Apply every pending erasure request, in every zone; write one receipt per request processed."""
     requests_path = lake.ops(ERASURE_REQUESTS)

@@ -25,6 +25,7 @@ from jobs.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
 from jobs.tables import OVERWRITE, ensure_table
+from jobs.writer_lock import Mode, writes_lake
 
 STAGE = Stage.INGEST
 
@@ -51,6 +52,7 @@ def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage, max_f
     return read_fhir_file(spark, str(path), dataset, est.input, lineage)
 
 
+@writes_lake(Mode.SHARED)
 def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium: Consortium,
                  establishment_id: str, batch_id: str) -> IngestOutcome:
     """Ingest one batch into bronze; a batch already ingested is skipped.

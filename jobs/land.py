@@ -46,6 +46,7 @@ from jobs.ops import append_batch_log, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
 from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
 from jobs.validate import validated_path
+from jobs.writer_lock import Mode, writes_lake
 
 STAGE = Stage.LAND
 SILVER_SCHEMA_NAME = "silver"
@@ -353,6 +354,7 @@ def _require_validated(spark: SparkSession, lake: Lake, establishment_id: str, b
 
 # --------------------------------------------------------------- entry ----
 
+@writes_lake(Mode.SHARED)
 def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
                key_fingerprint: str) -> LandOutcome:
     """MERGE one validated batch into silver and log a 'land' entry per dataset.

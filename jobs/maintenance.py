@@ -7,7 +7,8 @@ history that describes them is forgotten (:func:`forget_history`).
 
 Purges iterate over :data:`jobs.lake.ZONES`, so that no zone is forgotten:
 every zone holding direct identifiers is purged after its retention, every
-transient zone (staged, validated) once its batch has landed.
+transient zone (staged, validated) once its batch has landed or been skipped,
+or ``transient_retention_days`` after a stopped batch's last batch-log entry.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyspark.sql import functions as F
 from jobs.lake import DIRECT_IDENTIFIERS, LANDING, PROJECTS, ZONES, Lake
 from jobs.schemas import DATASETS
 from jobs.tables import purge_deletion_vectors, table_exists, table_version
+from jobs.writer_lock import Mode, writes_lake
 
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
 CHECKPOINT_INTERVAL = "delta.checkpointInterval"
@@ -130,6 +132,7 @@ def zone_tables(spark: SparkSession, lake: Lake, zone: str) -> dict[str, str]:
     return tables
 
 
+@writes_lake(Mode.EXCLUSIVE)
 def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.datetime | None = None) -> dict:
     """Delete batches ingested more than ``retention_days`` ago from every zone of direct identifiers, physically.
 
@@ -156,6 +159,7 @@ def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.d
     return {"cutoff": cutoff.isoformat(), "rows_removed": removed}
 
 
+@writes_lake(Mode.SHARED)
 def purge_transient(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, int]:
     """Remove one batch from every transient zone (staged, validated) once it has landed; rows removed per table.
 
@@ -171,6 +175,54 @@ def purge_transient(spark: SparkSession, lake: Lake, establishment_id: str, batc
     return removed
 
 
+@writes_lake(Mode.EXCLUSIVE)
+def purge_transient_zones(spark: SparkSession, lake: Lake, retention_days: int,
+                          now: dt.datetime | None = None) -> dict:
+    """staged/ and validated/ keep a batch only while it may still land; physically, files and history.
+
+    A batch landed or skipped leaves them (land and skip remove it themselves;
+    this catches one interrupted in between). A batch stopped, rejected or left
+    in progress with no batch-log entry for ``retention_days`` leaves them too:
+    a retry re-runs it from bronze. Rows deleted earlier (by land, skip or
+    erasure) and still in files hidden by deletion vectors go with them.
+    """
+    from jobs.batchlog import Stage, Status
+    from jobs.ops import read_batch_log
+
+    now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    cutoff = now - dt.timedelta(days=retention_days)
+    entries = (read_batch_log(spark, lake)
+               .select("establishment_id", "batch_id", "stage", "status", "recorded_at").collect())
+    latest: dict[tuple[str, str], dt.datetime] = {}
+    steward: dict[tuple[str, str], tuple[dt.datetime, str]] = {}
+    landed: set[tuple[str, str]] = set()
+    for e in entries:
+        batch = (e.establishment_id, e.batch_id)
+        latest[batch] = max(latest.get(batch, e.recorded_at), e.recorded_at)
+        if e.stage == Stage.LAND.value and e.status == Status.LANDED.value:
+            landed.add(batch)
+        if e.stage == Stage.STEWARD.value and (batch not in steward or e.recorded_at >= steward[batch][0]):
+            steward[batch] = (e.recorded_at, e.status)
+    skipped = {b for b, (_, status) in steward.items() if status == Status.SKIPPED.value}
+    stale = {b for b, last in latest.items() if last < cutoff} - landed - skipped
+    batches = sorted(landed | skipped | stale)
+    removed: dict[str, int] = {}
+    keys = keys_frame(spark, "establishment_id string, _batch_id string", batches) if batches else None
+    for zone in ZONES.values():
+        if not zone.transient:
+            continue
+        for name, path in zone_tables(spark, lake, zone.name).items():
+            removed[name] = delete_matching(spark, path, keys, ["establishment_id", "_batch_id"]) if keys else 0
+            # Rows hidden by deletion vectors (this purge's or an earlier one's) leave the files, then
+            # the files and the history leave the table: under the exclusive lock no write is in flight.
+            purge_deletion_vectors(spark, path)
+            vacuum_now(spark, path)
+            forget_history(spark, path)
+    return {"cutoff": cutoff.isoformat(), "stale_batches": [f"{e}/{b}" for e, b in sorted(stale)],
+            "rows_removed": removed}
+
+
+@writes_lake(Mode.EXCLUSIVE)
 def compact_and_vacuum(spark: SparkSession, lake: Lake, retain_hours: int = 168) -> dict:
     """OPTIMIZE silver and ops tables, purge rows hidden by deletion vectors, then VACUUM (default 7 days).
 

@@ -24,6 +24,7 @@ from jobs.ops import append_batch_log, batches_with_status
 from jobs.schemas import BRONZE_COLUMNS, DATASETS, staged_schema
 from jobs.reference.vocabularies import VOCABULARY_TOKENS, vocabulary_of
 from jobs.tables import OVERWRITE, ensure_table, table_exists
+from jobs.writer_lock import Mode, writes_lake
 
 STAGE = Stage.PSEUDONYMISE
 PERSON_FROM_NAM = "nam"
@@ -343,6 +344,7 @@ def _write_staged(spark: SparkSession, lake: Lake, dataset: str, df: DataFrame, 
     return spark.read.format("delta").load(path).where(predicate).count()
 
 
+@writes_lake(Mode.SHARED)
 def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, key: PseudonymKey,
                        establishment_id: str, batch_id: str) -> PseudonymiseOutcome:
     """Bronze rows of one batch → staged tables.

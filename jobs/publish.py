@@ -78,6 +78,7 @@ from jobs.maintenance import _fs, list_folders
 from jobs.policy import check_policy, shared_establishments
 from jobs.schemas import DATASETS, SILVER_SCHEMAS
 from jobs.tables import APPEND, OVERWRITE, check_fingerprint, table_exists
+from jobs.writer_lock import Mode, writes_lake
 
 MANIFEST = "_manifest"
 
@@ -269,6 +270,7 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
     return counts
 
 
+@writes_lake(Mode.SHARED)
 def publish(spark: SparkSession, lake: Lake, consortium: Consortium, key: PseudonymKey,
             on_date: dt.date) -> PublishOutcome:
     """Rebuild every active project's extract and the gold indicators; remove inactive extracts.

@@ -23,6 +23,8 @@ S3A_PACKAGES = ["org.apache.hadoop:hadoop-aws:3.5.0"]
 # Spark's verbosity: WARN by default (quiet), INFO or DEBUG to investigate.
 ENV_SPARK_LOG_LEVEL = "AFFLUENT_SPARK_LOG_LEVEL"
 DEFAULT_SPARK_LOG_LEVEL = "WARN"
+# Extra options for the driver JVM (e.g. ``-XX:TieredStopAtLevel=1`` for short runs on small data).
+ENV_JAVA_OPTIONS = "AFFLUENT_JAVA_OPTIONS"
 LOG4J_CONFIG = Path(__file__).resolve().parent / "log4j2.properties"
 JVM_LOGGER = logging.getLogger("affluent.spark")
 _LOG4J_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (TRACE|DEBUG|INFO|WARN|ERROR|FATAL) ")
@@ -68,7 +70,7 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
         .config("spark.sql.warehouse.dir", str(Path(settings.jars_cache).parent / "warehouse"))
         .config("spark.driver.extraJavaOptions",
                 f"-Dderby.system.home=/tmp -Dlog4j2.configurationFile={LOG4J_CONFIG.as_uri()} "
-                f"-Daffluent.spark.log.level={spark_log_level()}")
+                f"-Daffluent.spark.log.level={spark_log_level()} {os.environ.get(ENV_JAVA_OPTIONS, '')}".strip())
     )
     extra_packages: list[str] = []
     if settings.lake_root.startswith("s3a://"):

@@ -81,6 +81,7 @@ from jobs.schemas import (
     staged_schema,
 )
 from jobs.tables import OVERWRITE, ensure_table, table_exists
+from jobs.writer_lock import Mode, writes_lake
 
 STAGE = Stage.VALIDATE
 SUITES_DIR = Path(__file__).resolve().parents[1] / "expectations"
@@ -588,6 +589,7 @@ def _write_results(spark: SparkSession, lake: Lake, rows: list[tuple], establish
 
 # ---------------------------------------------------------------- entry ----
 
+@writes_lake(Mode.SHARED)
 def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, establishment_id: str,
                    batch_id: str, batch_kind: str) -> ValidationOutcome:
     """Validate every staged dataset of one batch; quarantine failing rows, keep the others for land.

@@ -54,3 +54,49 @@ def test_a_landed_batch_leaves_every_transient_zone(spark, tmp_path):
         for path in zone_tables(spark, lake, name).values():
             left = sorted(r.person_id for r in spark.read.format("delta").load(path).collect())
             assert left == ["p2", "p3"]
+
+
+def test_transient_zones_keep_a_batch_only_while_it_may_still_land(spark, tmp_path):
+    """Landed, skipped and long-stopped batches leave staged and validated: rows, files and history."""
+    from jobs.batchlog import Stage, Status
+    from jobs.maintenance import purge_transient_zones
+    from jobs.ops import append_batch_log
+    from jobs.tables import DELETION_VECTORS
+
+    lake = Lake(str(tmp_path / "lake"))
+    now = dt.datetime(2026, 6, 1)
+    ago = lambda days: now - dt.timedelta(days=days)  # noqa: E731
+    est = "chu_laurentides"
+    log = [("landed", Stage.LAND, Status.LANDED, 1), ("skipped", Stage.VALIDATE, Status.STOPPED, 2),
+           ("skipped", Stage.STEWARD, Status.SKIPPED, 1), ("stale", Stage.VALIDATE, Status.STOPPED, 30),
+           ("recent", Stage.VALIDATE, Status.STOPPED, 3), ("retried", Stage.STEWARD, Status.SKIPPED, 20),
+           ("retried", Stage.STEWARD, Status.RETRY, 1), ("running", Stage.PSEUDONYMISE, Status.PSEUDONYMISED, 0)]
+    append_batch_log(spark, lake, [{"establishment_id": est, "batch_id": b, "stage": stage, "status": status,
+                                    "recorded_at": ago(days)} for b, stage, status, days in log])
+    batches = ["landed", "skipped", "stale", "recent", "retried", "running"]
+    rows = [(est, b, f"PERSON-OF-{b.upper()}") for b in batches]
+    for path in (lake.staged("patient"), lake.validated("patient")):
+        (spark.createDataFrame(rows, "establishment_id string, _batch_id string, person_id string")
+         .write.format("delta").option(DELETION_VECTORS, "true").save(path))
+
+    outcome = purge_transient_zones(spark, lake, retention_days=14, now=now)
+
+    assert outcome["stale_batches"] == [f"{est}/stale"]
+    assert outcome["rows_removed"] == {"staged.patient": 3, "validated.patient": 3}
+    for zone in ("staged", "validated"):
+        path = tmp_path / "lake" / zone / "patient"
+        kept = sorted(r._batch_id for r in spark.read.format("delta").load(str(path)).collect())
+        assert kept == ["recent", "retried", "running"]
+        data = b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file())
+        for gone in ("LANDED", "SKIPPED", "STALE"):  # not in a data file, a commit or a checkpoint
+            assert f"PERSON-OF-{gone}".encode() not in data, (zone, gone)
+        with pytest.raises(Exception):
+            spark.read.format("delta").option("versionAsOf", 0).load(str(path)).collect()
+
+
+def test_stopped_batches_never_outlive_their_bronze_rows():
+    from jobs.config import Pipeline
+
+    assert Pipeline().transient_retention_days <= Pipeline().bronze_retention_days
+    with pytest.raises(ValueError, match="exceeds bronze_retention_days"):
+        Pipeline(bronze_retention_days=7, transient_retention_days=14)

@@ -1,0 +1,214 @@
+"""The lake's writer lock: ordinary writes share it, erasure and VACUUM hold it alone.
+
+Delta's optimistic concurrency lets two ordinary writers (an ingest appending
+to bronze, a land MERGE into silver) commit side by side: a conflict fails one
+commit, never the table. What it does not cover is a file removed under a
+writer's feet: ``VACUUM RETAIN 0`` (erasure, bronze retention) deletes every
+file the current version does not reference, including the files a concurrent
+MERGE has written and not yet committed, and erasure's log clean-up deletes
+commit files. So:
+
+- every stage that writes the lake (ingest, pseudonymise, validate, land,
+  publish) holds the lock **shared**;
+- erasure, retention purges and compaction hold it **exclusive**: they wait
+  until no shared holder is left, and no shared holder starts meanwhile.
+
+The lock is an ``flock`` on a file every writer of a deployment reaches: by
+default ``<lake>/_locks/writers.lock`` when the lake is on local disk;
+``AFFLUENT_LOCK_DIR`` names a shared folder otherwise (compose sets one on the
+Airflow home volume, which every Airflow container mounts). A lake on object
+storage with no lock folder set is refused (fail closed) rather than written
+unprotected. Airflow's ``affluent_lake_writers`` pool adds the same order at
+the scheduler level; this lock also covers the command line.
+
+The lock is re-entrant per thread: an exclusive holder may call code that asks
+for it shared. Each holder leaves a line in ``<lock>.holders/`` naming itself,
+so that a writer kept waiting says whom it waits for.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ENV_LOCK_DIR = "AFFLUENT_LOCK_DIR"
+ENV_LOCK_TIMEOUT = "AFFLUENT_LOCK_TIMEOUT"
+DEFAULT_TIMEOUT_SECONDS = 4 * 3600.0
+LOCK_FOLDER = "_locks"  # leading underscore: Spark and Delta readers skip it
+LOCK_FILE = "writers.lock"
+POLL_SECONDS = 0.2
+REPORT_EVERY_SECONDS = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class Mode(enum.Enum):
+    SHARED = "shared"
+    EXCLUSIVE = "exclusive"
+
+
+class LakeBusy(RuntimeError):
+    """The lock was not obtained within the timeout; the message names who holds it."""
+
+
+class NoLockFolder(RuntimeError):
+    """The lake is on object storage and no lock folder is configured."""
+
+
+_held = threading.local()  # per thread: lock path -> (mode, depth)
+
+
+def lock_path(lake_root: str) -> Path:
+    """Where the lake's writer lock lives (``AFFLUENT_LOCK_DIR`` first, else inside a local lake)."""
+    configured = os.environ.get(ENV_LOCK_DIR)
+    if configured:
+        return Path(configured) / LOCK_FILE
+    if "://" in lake_root and not lake_root.startswith("file://"):
+        raise NoLockFolder(
+            f"the lake is at {lake_root}: set {ENV_LOCK_DIR} to a folder every lake writer of this deployment "
+            "shares (compose: the Airflow home volume), so that erasure and VACUUM never run during a write")
+    root = lake_root.removeprefix("file://")
+    return Path(root) / LOCK_FOLDER / LOCK_FILE
+
+
+def holders(path: Path) -> list[dict]:
+    """Who holds (or held, if killed) the lock: one record per holder."""
+    folder = path.with_name(path.name + ".holders")
+    out = []
+    for entry in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            out.append(json.loads(entry.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue  # released meanwhile, or half written
+    return out
+
+
+def _describe(records: list[dict]) -> str:
+    if not records:
+        return "a writer that left no record"
+    return "; ".join(f"{r.get('what')} ({r.get('mode')}, pid {r.get('pid')} on {r.get('host')}, since "
+                     f"{r.get('since')})" for r in records)
+
+
+def _timeout() -> float:
+    raw = os.environ.get(ENV_LOCK_TIMEOUT)
+    if not raw:
+        return DEFAULT_TIMEOUT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_LOCK_TIMEOUT}={raw!r}: seconds expected") from exc
+    if value <= 0:
+        raise ValueError(f"{ENV_LOCK_TIMEOUT}={raw!r}: must be positive")
+    return value
+
+
+@contextmanager
+def lake_writer(lake_root: str, mode: Mode, what: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold the lake's writer lock in ``mode`` for the duration of the block.
+
+    Waits (logging whom it waits for every minute) up to ``timeout`` seconds
+    (``AFFLUENT_LOCK_TIMEOUT``, default 4 hours), then raises :class:`LakeBusy`.
+    """
+    path = lock_path(lake_root)
+    key = str(path)
+    table = getattr(_held, "locks", None)
+    if table is None:
+        table = _held.locks = {}
+    if key in table:
+        held_mode, depth = table[key]
+        if held_mode == Mode.EXCLUSIVE or mode == Mode.SHARED:
+            table[key] = (held_mode, depth + 1)
+            try:
+                yield
+            finally:
+                table[key] = (held_mode, table[key][1] - 1)
+            return
+        raise RuntimeError(f"{what} asks for the lake's writer lock alone while this thread holds it shared "
+                           f"({key}); release it first")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    record = None
+    try:
+        _acquire(fd, path, mode, what, _timeout() if timeout is None else timeout)
+        record = _record(path, mode, what)
+        table[key] = (mode, 1)
+        try:
+            yield
+        finally:
+            del table[key]
+    finally:
+        if record is not None:
+            record.unlink(missing_ok=True)
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _acquire(fd: int, path: Path, mode: Mode, what: str, timeout: float) -> None:
+    operation = fcntl.LOCK_EX if mode == Mode.EXCLUSIVE else fcntl.LOCK_SH
+    started = time.monotonic()
+    reported: float | None = None
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            waited = time.monotonic() - started
+            if reported is not None:
+                log.info("%s: lake writer lock (%s) obtained after %.0f s", what, mode.value, waited)
+            return
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        if now - started >= timeout:
+            raise LakeBusy(f"{what}: the lake's writer lock ({path}) is still held after {timeout:.0f} s by "
+                           f"{_describe(holders(path))}")
+        if reported is None or now - reported >= REPORT_EVERY_SECONDS:
+            log.info("%s waits for the lake writer lock (%s) held by %s", what, mode.value, _describe(holders(path)))
+            reported = now
+        time.sleep(POLL_SECONDS)
+
+
+def _record(path: Path, mode: Mode, what: str) -> Path:
+    folder = path.with_name(path.name + ".holders")
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = folder / f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.json"
+    entry.write_text(json.dumps({"what": what, "mode": mode.value, "pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}), encoding="utf-8")
+    return entry
+
+
+def shared(lake_root: str, what: str):
+    """The lock as an ordinary writer holds it (many at once)."""
+    return lake_writer(lake_root, Mode.SHARED, what)
+
+
+def exclusive(lake_root: str, what: str):
+    """The lock as erasure, retention and VACUUM hold it (alone)."""
+    return lake_writer(lake_root, Mode.EXCLUSIVE, what)
+
+
+def writes_lake(mode: Mode):
+    """Decorate a job that takes the :class:`~jobs.lake.Lake` it writes as an argument: it runs holding the lock."""
+    from jobs.lake import Lake
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            lake = next((a for a in (*args, *kwargs.values()) if isinstance(a, Lake)), None)
+            if lake is None:
+                raise TypeError(f"{fn.__qualname__} writes the lake but was given no Lake")
+            with lake_writer(lake.root, mode, f"{fn.__module__}.{fn.__qualname__}"):
+                return fn(*args, **kwargs)
+        inner.lake_lock_mode = mode
+        return inner
+    return wrap
