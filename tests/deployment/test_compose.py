@@ -138,3 +138,13 @@ def test_spark_in_the_image_is_the_locked_spark():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert "uv sync --frozen" in dockerfile
     assert "spark-class" in (ROOT / "docker" / "spark-node.sh").read_text()
+
+
+def test_every_airflow_container_shares_the_lake_writer_lock(services):
+    """Erasure and VACUUM wait for writes in every container: the lock folder is on a volume they all mount."""
+    from jobs.writer_lock import ENV_LOCK_DIR
+
+    for name in AIRFLOW_SERVICES:
+        folder = _environment(services[name])[ENV_LOCK_DIR]
+        mounts = [v.split(":")[:2] for v in services[name].get("volumes", []) if isinstance(v, str)]
+        assert any(folder.startswith(target + "/") and source == "airflow-home" for source, target in mounts), name
