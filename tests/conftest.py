@@ -20,6 +20,27 @@ FIXED_TODAY = "2026-06-15"
 os.environ["AFFLUENT_TODAY"] = FIXED_TODAY
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that read the demo run last: the demo runs in the background meanwhile."""
+    items.sort(key=lambda item: "demo" in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session):
+    """Start the demo subprocess at once when a selected test needs it (tests/integration/conftest.py)."""
+    if session.config.option.collectonly or not any("demo" in getattr(item, "fixturenames", ())
+                                                    for item in session.items):
+        return
+    from tests.integration.conftest import start_demo
+
+    start_demo(session.config._tmp_path_factory.mktemp("demo"))  # noqa: SLF001 - pytest's own tmp_path_factory
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.integration.conftest import stop_demo
+
+    stop_demo()
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from jobs.session import get_spark

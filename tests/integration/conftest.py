@@ -6,7 +6,9 @@ publish DAG through Airflow (``dag.test`` on SQLite, its own Spark), then
 starts the researcher gateway. The tests of ``test_airflow_e2e.py`` check what
 the demo printed and how Airflow re-runs a batch; those of
 ``test_consortium.py`` check the lake it left against the generator's ground
-truth. One run serves both: it is the slowest part of the suite.
+truth. One run serves both: it is the slowest part of the suite, so it starts
+in the background when the session starts (``tests/conftest.py``) and the
+tests that need it run last.
 """
 
 from __future__ import annotations
@@ -51,12 +53,57 @@ def demo_env() -> dict[str, str]:
     return env
 
 
+class DemoLaunch:
+    """The demo subprocess, started as soon as the session knows a test needs it.
+
+    It runs in its own process (its own Spark, its own Airflow database) while
+    the rest of the suite runs; the tests that read it are moved to the end of
+    the session, so by the time they ask for it most of it is done.
+    """
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.stdout_path = workdir / "demo.stdout"
+        self.stderr_path = workdir / "demo.stderr"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "jobs.cli", "demo", "--patients", str(PATIENTS), "--batches", str(BATCHES),
+                 "--seed", str(SEED), "--defect-rate", str(DEFECT_RATE), "--workdir", str(workdir)],
+                cwd=ROOT, env=demo_env(), stdout=out, stderr=err)
+
+    def result(self, timeout: float = 2400) -> DemoRun:
+        try:
+            returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        stdout = self.stdout_path.read_text(encoding="utf-8", errors="replace")
+        stderr = self.stderr_path.read_text(encoding="utf-8", errors="replace")
+        assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+        return DemoRun(self.workdir, stdout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
+
+_launch: DemoLaunch | None = None
+
+
+def start_demo(workdir: Path) -> DemoLaunch:
+    global _launch
+    if _launch is None:
+        _launch = DemoLaunch(workdir)
+    return _launch
+
+
+def stop_demo() -> None:
+    if _launch is not None:
+        _launch.stop()
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> DemoRun:
-    workdir = tmp_path_factory.mktemp("demo")
-    out = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "demo", "--patients", str(PATIENTS), "--batches", str(BATCHES),
-         "--seed", str(SEED), "--defect-rate", str(DEFECT_RATE), "--workdir", str(workdir)],
-        cwd=ROOT, env=demo_env(), capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return DemoRun(workdir, out.stdout)
+    launch = _launch or start_demo(tmp_path_factory.mktemp("demo"))
+    return launch.result()
