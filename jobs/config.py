@@ -121,6 +121,8 @@ class Establishment(_Strict):
     name: str
     landing_folder: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     input: CsvProfile | FhirProfile = Field(discriminator="format")
+    # Thresholds of this establishment's batches, over the consortium's (e.g. while onboarding).
+    batch_rules: EstablishmentBatchRules | None = None
 
 
 class Purpose(_Strict):
@@ -189,10 +191,50 @@ def quasi_identifier_problems(columns: list[str]) -> list[str]:
     return problems
 
 
+class BatchRuleOverride(_Strict):
+    """Batch-level thresholds that replace the ones above them; a field left out keeps theirs."""
+
+    max_row_count_drop_pct: float | None = Field(default=None, ge=0, le=100)
+    max_quarantined_pct: float | None = Field(default=None, ge=0, le=100)
+    allow_column_changes: bool | None = None
+
+
+def _known_datasets(datasets: dict) -> dict:
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; use some of {list(DATASETS)}")
+    return datasets
+
+
+class EstablishmentBatchRules(BatchRuleOverride):
+    """An establishment's own thresholds (``batch_rules:`` in its file), and per dataset under ``datasets:``."""
+
+    datasets: dict[str, BatchRuleOverride] = {}
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets_known(cls, datasets: dict) -> dict:
+        return _known_datasets(datasets)
+
+
 class BatchRules(_Strict):
+    """The consortium's thresholds (``pipeline.yaml``), per dataset under ``datasets:``.
+
+    The rules that apply to one dataset of one establishment's batch are, from
+    the last that sets a field: these, the consortium's ``datasets.<dataset>``,
+    the establishment's ``batch_rules``, the establishment's
+    ``batch_rules.datasets.<dataset>`` (:meth:`Consortium.batch_rules`).
+    """
+
     max_row_count_drop_pct: float = Field(default=50, ge=0, le=100)
     max_quarantined_pct: float = Field(default=20, ge=0, le=100)
     allow_column_changes: bool = False
+    datasets: dict[str, BatchRuleOverride] = {}
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets_known(cls, datasets: dict) -> dict:
+        return _known_datasets(datasets)
 
 
 class Pipeline(_Strict):
@@ -232,6 +274,19 @@ class Consortium:
             return self.establishments[establishment_id]
         except KeyError:
             raise ConfigError([Problem("establishments/", establishment_id, "unknown establishment")]) from None
+
+    def batch_rules(self, establishment_id: str, dataset: str) -> BatchRules:
+        """The batch-level rules for one dataset of one establishment's batches, overrides applied."""
+        base = self.pipeline.batch_rules
+        est = self.establishments.get(establishment_id)
+        layers = [base.datasets.get(dataset)]
+        if est is not None and est.batch_rules is not None:
+            layers += [est.batch_rules, est.batch_rules.datasets.get(dataset)]
+        values = base.model_dump(exclude={"datasets"})
+        for layer in layers:
+            if layer is not None:
+                values.update({k: v for k, v in layer.model_dump(exclude={"datasets"}).items() if v is not None})
+        return BatchRules(**values)
 
     def agreement_for(self, establishment_id: str) -> Agreement | None:
         return next((a for a in self.agreements if a.establishment == establishment_id), None)

@@ -107,7 +107,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                 raise reject(index, str(exc)) from None
             mapping = est.input.columns[entry.dataset]
             change = header_drift(header, mapping)
-            if change and not consortium.pipeline.batch_rules.allow_column_changes:
+            if change and not consortium.batch_rules(establishment_id, entry.dataset).allow_column_changes:
                 raise reject(index, (
                     f"{file_reference(batch_id, index)}: the source header differs from the profile's {entry.dataset} mapping "
                     f"({change}); header {header}, profile expects {list(mapping)}. Nothing was ingested: "

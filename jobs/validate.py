@@ -32,7 +32,9 @@ key that appears twice in one batch quarantines every row carrying it: exact
 duplicates were already dropped, so two versions of one record in one extract
 contradict each other and neither can be trusted to be the latest.
 
-Batch-level rules (thresholds in ``config/pipeline.yaml``, ``batch_rules``):
+Batch-level rules (thresholds in ``config/pipeline.yaml`` ``batch_rules``, per
+dataset under its ``datasets:``; an establishment's file may override them with
+its own ``batch_rules``, see :meth:`jobs.config.Consortium.batch_rules`):
 
 - ``batch.row_count_drop``: a ``full`` batch with fewer rows than the previous
   landed full batch of the establishment's dataset, by more than
@@ -161,8 +163,9 @@ def rules_failed(establishment_id: str, batch_id: str, failures: list["BatchRule
     reason = "; ".join(str(f) for f in failures)
     return BatchRejected(establishment_id, batch_id,
                          f"{reason}. Nothing of the batch was landed; see ops/validation_results and the "
-                         "report, fix the extract with the establishment (or the thresholds in "
-                         "config/pipeline.yaml batch_rules), then `affluent batch retry` or `affluent batch skip`.",
+                         "report, fix the extract with the establishment (or the thresholds: batch_rules in "
+                         f"config/establishments/{establishment_id}.yaml, over config/pipeline.yaml's), then "
+                         "`affluent batch retry` or `affluent batch skip`.",
                          failures=tuple(failures))
 
 
@@ -602,7 +605,6 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     rows are then removed so that land has nothing to take.
     """
     batch_kind = BatchKind(batch_kind)
-    rules = consortium.pipeline.batch_rules
     run_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
     ingest = _ingest_figures(spark, lake, establishment_id, batch_id)
     source = gx_spark_source()
@@ -622,6 +624,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
                 continue
             staged = spark.read.format("delta").load(path).where(_batch_filter(establishment_id, batch_id))
             staged_columns = staged.columns
+            rules = consortium.batch_rules(establishment_id, dataset)  # the establishment's overrides applied
             suite = load_suite(dataset)
             checks = suite_checks(suite)
             enriched = with_reference_columns(staged, dataset, birth_years(spark, lake, establishment_id, batch_id)

@@ -56,6 +56,14 @@ MISTAKES = [
      "establishments", "unknown establishment 'nowhere'"),
     ("pipeline.yaml", lambda d: d["batch_rules"].update(max_quarantined_pct=140),
      "batch_rules.max_quarantined_pct", "less than or equal to 100"),
+    ("pipeline.yaml", lambda d: d["batch_rules"].update(datasets={"imaging": {"max_quarantined_pct": 5}}),
+     "batch_rules.datasets", "unknown dataset(s) ['imaging']"),
+    ("pipeline.yaml", lambda d: d.update(transient_retention_days=120), "-", "exceeds bronze_retention_days"),
+    ("establishments/chu_laurentides.yaml", lambda d: d.update(batch_rules={"max_quarantined_pct": -1}),
+     "batch_rules.max_quarantined_pct", "greater than or equal to 0"),
+    ("establishments/chu_laurentides.yaml",
+     lambda d: d.update(batch_rules={"datasets": {"lab_result": {"max_quarantine_pct": 40}}}),
+     "batch_rules.datasets.lab_result.max_quarantine_pct", "Extra inputs are not permitted"),
 ]
 
 
@@ -77,3 +85,21 @@ def test_yaml_syntax_error_names_the_line(config):
         load_consortium(config)
     problem = caught.value.problems[0]
     assert problem.file == "purposes.yaml" and problem.key.startswith("line ") and "not valid YAML" in problem.reason
+
+
+def test_batch_rules_apply_from_the_consortium_down_to_one_dataset_of_one_establishment(config):
+    _edit(config / "pipeline.yaml", lambda d: d["batch_rules"].update(
+        max_quarantined_pct=20, datasets={"lab_result": {"max_quarantined_pct": 25, "max_row_count_drop_pct": 60}}))
+    _edit(config / "establishments" / "chu_laurentides.yaml", lambda d: d.update(batch_rules={
+        "max_quarantined_pct": 40, "allow_column_changes": True,
+        "datasets": {"lab_result": {"max_quarantined_pct": 70}}}))
+    consortium = load_consortium(config)
+
+    def rules(est, dataset):
+        r = consortium.batch_rules(est, dataset)
+        return r.max_quarantined_pct, r.max_row_count_drop_pct, r.allow_column_changes
+
+    assert rules("hopital_riviere", "patient") == (20, 50, False)  # the consortium's
+    assert rules("hopital_riviere", "lab_result") == (25, 60, False)  # its per-dataset line
+    assert rules("chu_laurentides", "patient") == (40, 50, True)  # the establishment's, over the consortium's
+    assert rules("chu_laurentides", "lab_result") == (70, 60, True)  # the establishment's dataset line, last

@@ -310,6 +310,18 @@ def test_too_many_quarantined_rows_stop_the_batch_and_silver_stays_at_its_versio
 
     assert spark.read.format("delta").load(validated_path(lake, "encounter")).where(F.col("_batch_id") == "b2").count() == 0
 
+    # The establishment's own threshold for the dataset (batch_rules in its file) lets the same batch through.
+    import dataclasses
+
+    from jobs.config import BatchRuleOverride, EstablishmentBatchRules
+
+    own = EstablishmentBatchRules(datasets={"encounter": BatchRuleOverride(max_quarantined_pct=30)})
+    lenient = dataclasses.replace(consortium, establishments={
+        **consortium.establishments,
+        EST: consortium.establishments["chu_laurentides"].model_copy(update={"id": EST, "batch_rules": own})})
+    validate_batch(spark, lake, lenient, EST, "b2", "incremental")
+    assert spark.read.format("delta").load(validated_path(lake, "encounter")).where(F.col("_batch_id") == "b2").count() == 20
+
 
 def test_a_full_batch_much_smaller_than_the_previous_one_is_stopped_but_not_an_incremental(spark, lake, consortium):
     from jobs.tables import table_version
