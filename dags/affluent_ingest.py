@@ -12,7 +12,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from jobs.batchlog import QueueState, Stage
+from jobs.batchlog import QueueState, Stage, Status
 from jobs.registry import LAKE_WRITERS_POOL, establishments, silver_assets, task_context
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,14 @@ def _run_stage(stage: Stage, establishment_id: str, batch_id: str) -> dict:
     from jobs import pipeline
     from jobs.stage_log import log_figures
 
+    from jobs.onboarding import BatchHeld
+
     try:
         summary = getattr(pipeline, stage.value)(task_context(), establishment_id, batch_id)
         log_figures(stage.value, establishment_id, batch_id, summary)  # one INFO line per dataset
         return summary
+    except BatchHeld as exc:  # onboarding: validated and reported, waiting for a steward's acceptance
+        raise AirflowSkipException(str(exc)) from exc
     except pipeline.permanent_failures() as exc:
         raise AirflowFailException(f"{stage} of {establishment_id}/{batch_id} stopped: {exc}") from exc
 
@@ -132,7 +136,7 @@ def build_ingest_dag(establishment_id: str, name: str):
             if queue.pending:
                 return queue.pending[0]
             blocker = queue.blocked_by
-            if blocker is not None and blocker.state == QueueState.BLOCKED:
+            if blocker is not None and blocker.state == QueueState.BLOCKED and blocker.status != Status.HELD:
                 raise AirflowFailException(queue.explain())  # a steward must act: no retry can help
             raise AirflowSkipException(queue.explain())
 

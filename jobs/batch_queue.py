@@ -67,6 +67,7 @@ class QueuedBatch:
     reason: str = ""
     stage: str | None = None
     source_file: str | None = None
+    status: str | None = None  # the batch log status that blocks it, when blocked
 
     @property
     def moves_on(self) -> bool:
@@ -127,6 +128,9 @@ class EstablishmentQueue:
         waiting = f"; {len(self.held_back)} later batch(es) wait: {', '.join(self.held_back)}" if self.held_back else ""
         action = (f"fix it, then `affluent batch retry {est} {blocker.batch_id}`, or "
                   f"`affluent batch skip {est} {blocker.batch_id} --reason …`")
+        if blocker.status == Status.HELD:
+            action = (f"read its validation report and quarantine, then `affluent onboarding accept {est} "
+                      "--reason …` (or fix the profile first)")
         if blocker.state == QueueState.INCOMPLETE:
             action = f"wait for its manifest, or `affluent batch skip {est} {blocker.batch_id} --reason …`"
         return f"{est}: queue blocked by {blocker.batch_id}, {blocker.state}{where}{file}: {blocker.reason}{waiting}. {action}"
@@ -253,7 +257,7 @@ def batch_state(batch_id: str, entries: list[dict], manifest: str | None) -> Que
                 return QueuedBatch(batch_id, QueueState.WAITING, "manifest changed since its rejection")
             reason = "; ".join(dict.fromkeys(e["message"] or e["status"] for e in stops))
             return QueuedBatch(batch_id, QueueState.BLOCKED, f"{stop['status']}: {reason}", stop["stage"],
-                               stop["source_file"])
+                               stop["source_file"], stop["status"])
     if ingested:
         return QueuedBatch(batch_id, QueueState.IN_PROGRESS)
     return QueuedBatch(batch_id, QueueState.WAITING)

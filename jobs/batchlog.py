@@ -53,13 +53,15 @@ class Status(StrEnum):
     STOPPED = "stopped"
     # Delivered again after ingest with other content: the first delivery stays, the new one is refused.
     CONFLICT = "conflict"
+    # Land waits: the establishment is onboarding and its profile is not accepted yet (jobs.onboarding).
+    HELD = "held"
     # Steward decisions (stage ``steward``).
     SKIPPED = "skipped"
     RETRY = "retry"
 
 
 # Statuses that stop a batch, and with it every later batch of its establishment, until a steward acts.
-BLOCKING_STATUSES = frozenset({Status.REJECTED, Status.STOPPED, Status.CONFLICT})
+BLOCKING_STATUSES = frozenset({Status.REJECTED, Status.STOPPED, Status.CONFLICT, Status.HELD})
 
 
 class BatchKind(StrEnum):

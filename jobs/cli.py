@@ -117,6 +117,24 @@ def _cmd_batch_decision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_onboarding_accept(args: argparse.Namespace) -> int:
+    """Accept an onboarding establishment's current profile; its held batches are taken again."""
+    from jobs import onboarding, pipeline
+    from jobs.batchlog import Status
+
+    ctx = pipeline.Context.from_env()
+    queue = pipeline.queue(ctx, args.establishment)
+    held = [b.batch_id for b in queue.batches if b.status == Status.HELD]
+    try:
+        digest = onboarding.accept(ctx.spark, ctx.lake, ctx.consortium, args.establishment, args.reason, held)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"{args.establishment}: profile {digest[:12]} accepted; batches taken again: {', '.join(held) or 'none'}. "
+          f"{pipeline.queue(ctx, args.establishment).explain()}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -190,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         decision.add_argument("establishment")
         decision.add_argument("batch")
         decision.set_defaults(func=_cmd_batch_decision)
+
+    onboarding = sub.add_parser("onboarding", help="Establishments onboarding: batches held before land until accepted")
+    accept = onboarding.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
+        "accept", help="Accept the establishment's current profile (recorded); its held batches land on their next run")
+    accept.add_argument("establishment")
+    accept.add_argument("--reason", required=True, help="what was reviewed (kept in ops/onboarding)")
+    accept.set_defaults(func=_cmd_onboarding_accept)
 
     demo = sub.add_parser("demo", help="Generate a consortium and run every DAG with Airflow, end to end")
     demo.add_argument("--patients", type=int, default=2000)

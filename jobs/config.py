@@ -123,6 +123,9 @@ class Establishment(_Strict):
     input: CsvProfile | FhirProfile = Field(discriminator="format")
     # Thresholds of this establishment's batches, over the consortium's (e.g. while onboarding).
     batch_rules: EstablishmentBatchRules | None = None
+    # Batches are validated and reported but held before land until a steward accepts the profile
+    # (`affluent onboarding accept`, jobs.onboarding).
+    onboarding: bool = False
 
 
 class Purpose(_Strict):

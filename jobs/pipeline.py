@@ -116,6 +116,9 @@ def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     if _landed(ctx, establishment_id, batch_id):
         return {"skipped": True, "reason": "batch already landed"}
     queue(ctx, establishment_id).require_turn(batch_id)  # batches of an establishment land in delivery order
+    from jobs.onboarding import hold_unless_accepted
+
+    hold_unless_accepted(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id)  # onboarding: held
     landed = _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint))
     # staged/ and validated/ are transient: a landed batch leaves them (its rows are in silver now).
     purge_transient(ctx.spark, ctx.lake, establishment_id, batch_id)
