@@ -76,7 +76,7 @@ def test_an_onboarding_establishment_lands_only_once_its_profile_is_accepted(spa
     assert [a["reason"] for a in acceptances(ctx.lake, EST)] == ["reports reviewed with the establishment"]
     assert pipeline.pending(ctx, EST) == [BATCH]
     landed = pipeline.land(ctx, EST, BATCH)
-    assert landed.get("skipped") is None
+    assert not landed.get("skipped") and landed["landed"]["patient"] == 3
     assert spark.read.format("delta").load(ctx.lake.silver("patient")).count() > 0
 
     # A profile changed after the acceptance must be accepted again.
