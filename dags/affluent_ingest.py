@@ -75,9 +75,8 @@ TASK_DOCS = {
 def _run_stage(stage: Stage, establishment_id: str, batch_id: str) -> dict:
     """One stage of one batch; failures no retry can fix fail the task at once, naming what to fix."""
     from jobs import pipeline
-    from jobs.stage_log import log_figures
-
     from jobs.onboarding import BatchHeld
+    from jobs.stage_log import log_figures
 
     try:
         summary = getattr(pipeline, stage.value)(task_context(), establishment_id, batch_id)

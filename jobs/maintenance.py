@@ -191,35 +191,37 @@ def purge_transient_zones(spark: SparkSession, lake: Lake, retention_days: int,
 
     now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     cutoff = now - dt.timedelta(days=retention_days)
-    entries = (read_batch_log(spark, lake)
-               .select("establishment_id", "batch_id", "stage", "status", "recorded_at").collect())
-    latest: dict[tuple[str, str], dt.datetime] = {}
-    steward: dict[tuple[str, str], tuple[dt.datetime, str]] = {}
-    landed: set[tuple[str, str]] = set()
-    for e in entries:
-        batch = (e.establishment_id, e.batch_id)
-        latest[batch] = max(latest.get(batch, e.recorded_at), e.recorded_at)
-        if e.stage == Stage.LAND.value and e.status == Status.LANDED.value:
-            landed.add(batch)
-        if e.stage == Stage.STEWARD.value and (batch not in steward or e.recorded_at >= steward[batch][0]):
-            steward[batch] = (e.recorded_at, e.status)
-    skipped = {b for b, (_, status) in steward.items() if status == Status.SKIPPED.value}
-    stale = {b for b, last in latest.items() if last < cutoff} - landed - skipped
-    batches = sorted(landed | skipped | stale)
+    steward = F.col("stage") == Stage.STEWARD.value
+    per_batch = read_batch_log(spark, lake).groupBy("establishment_id", "batch_id").agg(
+        F.max("recorded_at").alias("last"),
+        F.max((F.col("stage") == Stage.LAND.value) & (F.col("status") == Status.LANDED.value)).alias("landed"),
+        # The latest steward decision (a retry after a skip takes the batch back).
+        F.max_by(F.when(steward, F.col("status")), F.when(steward, F.col("recorded_at"))).alias("decision"))
+    done = F.col("landed") | F.coalesce(F.col("decision") == Status.SKIPPED.value, F.lit(False))
+    stale = ~done & (F.col("last") < F.lit(cutoff))
+    # The batches to purge stay a Spark frame (the log grows with every landed batch); only stale ones are listed.
+    keys = (per_batch.where(done | stale)
+            .select("establishment_id", F.col("batch_id").alias("_batch_id")).persist())
+    stale_batches = [f"{r.establishment_id}/{r.batch_id}" for r in
+                     per_batch.where(stale).select("establishment_id", "batch_id")
+                     .orderBy("establishment_id", "batch_id").collect()]
     removed: dict[str, int] = {}
-    keys = keys_frame(spark, "establishment_id string, _batch_id string", batches) if batches else None
-    for zone in ZONES.values():
-        if not zone.transient:
-            continue
-        for name, path in zone_tables(spark, lake, zone.name).items():
-            removed[name] = delete_matching(spark, path, keys, ["establishment_id", "_batch_id"]) if keys else 0
-            # Rows hidden by deletion vectors (this purge's or an earlier one's) leave the files, then
-            # the files and the history leave the table: under the exclusive lock no write is in flight.
-            purge_deletion_vectors(spark, path)
-            vacuum_now(spark, path)
-            forget_history(spark, path)
-    return {"cutoff": cutoff.isoformat(), "stale_batches": [f"{e}/{b}" for e, b in sorted(stale)],
-            "rows_removed": removed}
+    anything = not keys.isEmpty()
+    try:
+        for zone in ZONES.values():
+            if not zone.transient:
+                continue
+            for name, path in zone_tables(spark, lake, zone.name).items():
+                removed[name] = (delete_matching(spark, path, keys, ["establishment_id", "_batch_id"])
+                                 if anything else 0)
+                # Rows hidden by deletion vectors (this purge's or an earlier one's) leave the files, then
+                # the files and the history leave the table: under the exclusive lock no write is in flight.
+                purge_deletion_vectors(spark, path)
+                vacuum_now(spark, path)
+                forget_history(spark, path)
+    finally:
+        keys.unpersist()
+    return {"cutoff": cutoff.isoformat(), "stale_batches": stale_batches, "rows_removed": removed}
 
 
 @writes_lake(Mode.EXCLUSIVE)

@@ -66,7 +66,7 @@ class NoLockFolder(RuntimeError):
     """The lake is on object storage and no lock folder is configured."""
 
 
-_held = threading.local()  # per thread: lock path -> (mode, depth)
+_held = threading.local()  # per thread: lock path -> the mode its outermost holder took
 
 
 def lock_path(lake_root: str) -> Path:
@@ -126,17 +126,13 @@ def lake_writer(lake_root: str, mode: Mode, what: str, timeout: float | None = N
     table = getattr(_held, "locks", None)
     if table is None:
         table = _held.locks = {}
-    if key in table:
-        held_mode, depth = table[key]
-        if held_mode == Mode.EXCLUSIVE or mode == Mode.SHARED:
-            table[key] = (held_mode, depth + 1)
-            try:
-                yield
-            finally:
-                table[key] = (held_mode, table[key][1] - 1)
-            return
-        raise RuntimeError(f"{what} asks for the lake's writer lock alone while this thread holds it shared "
-                           f"({key}); release it first")
+    held_mode = table.get(key)
+    if held_mode is not None:  # this thread holds it already: an inner job runs under the outer one's lock
+        if held_mode == Mode.SHARED and mode == Mode.EXCLUSIVE:
+            raise RuntimeError(f"{what} asks for the lake's writer lock alone while this thread holds it shared "
+                               f"({key}); release it first")
+        yield
+        return
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -144,7 +140,7 @@ def lake_writer(lake_root: str, mode: Mode, what: str, timeout: float | None = N
     try:
         _acquire(fd, path, mode, what, _timeout() if timeout is None else timeout)
         record = _record(path, mode, what)
-        table[key] = (mode, 1)
+        table[key] = mode
         try:
             yield
         finally:
