@@ -202,25 +202,25 @@ class BatchRuleOverride(_Strict):
     allow_column_changes: bool | None = None
 
 
-def _known_datasets(datasets: dict) -> dict:
-    unknown = sorted(set(datasets) - set(DATASETS))
-    if unknown:
-        raise ValueError(f"unknown dataset(s) {unknown}; use some of {list(DATASETS)}")
-    return datasets
-
-
-class EstablishmentBatchRules(BatchRuleOverride):
-    """An establishment's own thresholds (``batch_rules:`` in its file), and per dataset under ``datasets:``."""
+class _PerDataset(_Strict):
+    """Overrides for single datasets, under ``datasets:``; only the project's datasets are accepted."""
 
     datasets: dict[str, BatchRuleOverride] = {}
 
     @field_validator("datasets")
     @classmethod
     def _datasets_known(cls, datasets: dict) -> dict:
-        return _known_datasets(datasets)
+        unknown = sorted(set(datasets) - set(DATASETS))
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; use some of {list(DATASETS)}")
+        return datasets
 
 
-class BatchRules(_Strict):
+class EstablishmentBatchRules(BatchRuleOverride, _PerDataset):
+    """An establishment's own thresholds (``batch_rules:`` in its file), and per dataset under ``datasets:``."""
+
+
+class BatchRules(_PerDataset):
     """The consortium's thresholds (``pipeline.yaml``), per dataset under ``datasets:``.
 
     The rules that apply to one dataset of one establishment's batch are, from
@@ -232,12 +232,6 @@ class BatchRules(_Strict):
     max_row_count_drop_pct: float = Field(default=50, ge=0, le=100)
     max_quarantined_pct: float = Field(default=20, ge=0, le=100)
     allow_column_changes: bool = False
-    datasets: dict[str, BatchRuleOverride] = {}
-
-    @field_validator("datasets")
-    @classmethod
-    def _datasets_known(cls, datasets: dict) -> dict:
-        return _known_datasets(datasets)
 
 
 class Pipeline(_Strict):
