@@ -24,7 +24,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jobs.schemas import BRONZE_COLUMNS, DATASETS, SILVER_SCHEMAS
+from jobs.schemas import BRONZE_COLUMNS, DATASETS, PERSON_IDENTIFIERS, RECORD_REF, SILVER_SCHEMAS
 
 REGIME_OPT_IN = "opt_in"
 REGIME_OPT_OUT = "opt_out"
@@ -68,13 +68,30 @@ class CsvProfile(_Strict):
     date_format: str
     datetime_format: str
     decimal_separator: Literal[".", ","] = "."
-    action_values: dict[str, str]
+    action_values: dict[str, str] = {}
     # dataset -> {source header -> canonical column}
     columns: dict[str, dict[str, str]]
     # canonical column -> {source value -> canonical value}
     value_maps: dict[str, dict[str, str]] = {}
     # Longest field accepted, in bytes; overrides the consortium's max_field_bytes (config/pipeline.yaml).
     max_field_bytes: int | None = Field(default=None, ge=1, le=8 << 20)
+    # The action of every record of a file with no action column (a snapshot export): with a
+    # manifest of kind ``full``, records absent from the snapshot are deleted at land.
+    default_action: Literal["upsert"] | None = None
+    # dataset -> source headers whose values, joined, are the record id of a file that has none
+    # (keyed like any other id; two different records with one derived id are quarantined).
+    derived_ids: dict[str, list[str]] = {}
+    # dataset -> {canonical column -> value} for columns the export does not carry
+    # (the code system of a file whose codes are all SNOMED CT).
+    constants: dict[str, dict[str, str]] = {}
+    # dataset -> source headers present in the export and deliberately not read.
+    ignored_columns: dict[str, list[str]] = {}
+    # dataset -> file-name patterns (``conditions*.csv``): the dataset of a manifest entry that
+    # does not name one.
+    files: dict[str, list[str]] = {}
+    # person-identifier system (``person_identifiers`` in pipeline.yaml) -> the patient file's
+    # source header carrying it; the NAM may instead be mapped to ``nam`` under ``columns``.
+    person_identifiers: dict[str, str] = {}
 
     @field_validator("encoding")
     @classmethod
@@ -97,7 +114,7 @@ class CsvProfile(_Strict):
         for dataset, mapping in value.items():
             if dataset not in DATASETS:
                 raise ValueError(f"unknown dataset {dataset!r}; datasets are {', '.join(DATASETS)}")
-            unknown = sorted(set(mapping.values()) - set(BRONZE_COLUMNS[dataset]))
+            unknown = sorted(set(mapping.values()) - set(BRONZE_COLUMNS[dataset]) | {PERSON_IDENTIFIERS} & set(mapping.values()))
             if unknown:
                 raise ValueError(f"{dataset}: unknown canonical column(s) {unknown}; "
                                  f"expected some of {', '.join(BRONZE_COLUMNS[dataset])}")
@@ -107,13 +124,107 @@ class CsvProfile(_Strict):
                 raise ValueError(f"{dataset}: several headers map to {dupes}")
         return value
 
+    def problems(self) -> list[tuple[str, str]]:
+        """``(key under input, reason)`` for every per-dataset section that cannot work.
+
+        Checked by :func:`load_consortium` (not as a model validator) so each
+        problem is reported under its own key.
+        """
+        problems: list[tuple[str, str]] = []
+        for section in ("derived_ids", "constants", "ignored_columns", "files"):
+            for dataset in getattr(self, section):
+                if dataset not in self.columns:
+                    problems.append((f"{section}.{dataset}", "the dataset has no mapping under columns"))
+        for dataset, headers in self.derived_ids.items():
+            if not headers:
+                problems.append((f"derived_ids.{dataset}", "list the source headers the record id is built from"))
+            ref = RECORD_REF.get(dataset)
+            if ref in self.columns.get(dataset, {}).values():
+                problems.append((f"derived_ids.{dataset}", f"a header already maps to {ref}; keep one of the two"))
+        for dataset, constants in self.constants.items():
+            mapped = set(self.columns.get(dataset, {}).values())
+            for column in constants:
+                if column not in BRONZE_COLUMNS.get(dataset, ()):
+                    problems.append((f"constants.{dataset}.{column}", "unknown canonical column"))
+                elif column in mapped:
+                    problems.append((f"constants.{dataset}.{column}", "a header already maps to it"))
+                elif column in ("record_action", RECORD_REF.get(dataset), "patient_ref"):
+                    problems.append((f"constants.{dataset}.{column}", "an id or the action cannot be a constant"))
+        for dataset, headers in self.ignored_columns.items():
+            both = sorted(set(headers) & set(self.columns.get(dataset, {})))
+            if both:
+                problems.append((f"ignored_columns.{dataset}", f"{both} are also mapped under columns"))
+        for dataset, mapping in self.columns.items():
+            sources = set(mapping.values()) | set(self.constants.get(dataset, {}))
+            if dataset in self.derived_ids:
+                sources.add(RECORD_REF[dataset])
+            if self.default_action:
+                sources.add("record_action")
+            for column in required_columns(dataset):
+                if column not in sources:
+                    hint = {"record_action": "or set default_action: upsert for snapshot files",
+                            RECORD_REF[dataset]: f"or build it from other columns under derived_ids.{dataset}"}
+                    problems.append((f"columns.{dataset}", f"no source for the required column {column}: map a "
+                                     f"header to it {hint.get(column, '')}".rstrip()))
+        for system, header in self.person_identifiers.items():
+            if "patient" not in self.columns:
+                problems.append((f"person_identifiers.{system}", "the profile has no patient mapping"))
+            elif header in self.columns["patient"]:
+                problems.append((f"person_identifiers.{system}", f"header {header!r} is also mapped under "
+                                 "columns.patient"))
+        return problems
+
+    def expected_headers(self, dataset: str) -> list[str]:
+        """The source headers a file of ``dataset`` should have, in the profile's order."""
+        headers = list(self.columns[dataset]) + list(self.derived_ids.get(dataset, []))
+        headers += self.ignored_columns.get(dataset, [])
+        if dataset == "patient":
+            headers += list(self.person_identifiers.values())
+        return list(dict.fromkeys(headers))
+
+
+def required_columns(dataset: str) -> tuple[str, ...]:
+    """Canonical columns a dataset's rows cannot do without: the record id, the patient's (facts), the action."""
+    patient = () if dataset == "patient" else ("patient_ref",)
+    return (RECORD_REF[dataset], *patient, "record_action")
+
 
 class FhirProfile(_Strict):
     """How one establishment sends FHIR R4 (Bulk NDJSON and Bundles)."""
 
     format: Literal["fhir"]
-    nam_systems: list[str] = Field(min_length=1)
+    # Patient.identifier systems (URIs) that carry the Québec health-insurance number (the ``nam`` system).
+    nam_systems: list[str] = []
+    # person-identifier system (``person_identifiers`` in pipeline.yaml) -> Patient.identifier system URIs.
+    identifier_systems: dict[str, list[str]] = {}
     purpose_codes: dict[str, str] = {}
+
+
+class PersonIdentifierSystem(_Strict):
+    """A person identifier the consortium links establishments' patients by (``person_identifiers``)."""
+
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
+    description: str = ""
+    # Before the check: ``upper_alnum`` keeps letters and digits, upper-cased (``trem 8552-1512``
+    # → ``TREM85521512``); ``digits`` keeps digits; ``trim`` only strips surrounding blanks.
+    normalise: Literal["upper_alnum", "digits", "trim"] = "upper_alnum"
+    # The normalised value must match this (a Python and Java regular expression).
+    pattern: str | None = None
+    # ``nam``: the Québec NAM (shape, a real birth date agreeing with the patient's birth date and
+    # sex); ``luhn``: the last digit is a Luhn (mod 10) check digit; ``none``: the pattern only.
+    check: Literal["none", "nam", "luhn"] = "none"
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            import re
+
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
 
 
 class Establishment(_Strict):
@@ -241,9 +352,26 @@ class Pipeline(_Strict):
     transient_retention_days: int = Field(default=14, ge=0)
     postal_prefix_min_persons: int = Field(default=5, ge=1)
     batch_rules: BatchRules = BatchRules()
+    # Linkage: the person identifiers a consortium person_id is derived from, in priority order.
+    # The first valid one a patient record carries gives its person_id, so the same identifier
+    # gives the same person_id whichever establishment sends it.
+    person_identifiers: list[PersonIdentifierSystem] = Field(
+        default=[PersonIdentifierSystem(id="nam", check="nam")], min_length=1)
     # A CSV field longer than this (bytes) quarantines its record; a profile may override it.
     # At most 8 MiB: records over 16 MiB are never parsed (jobs.readers.csv.RECORD_HARD_LIMIT_BYTES).
     max_field_bytes: int = Field(default=1 << 20, ge=1, le=8 << 20)
+
+    @field_validator("person_identifiers")
+    @classmethod
+    def _systems_once(cls, value: list[PersonIdentifierSystem]) -> list[PersonIdentifierSystem]:
+        ids = [s.id for s in value]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"person-identifier system(s) {dupes} declared twice")
+        return value
+
+    def person_identifier(self, system: str) -> PersonIdentifierSystem | None:
+        return next((s for s in self.person_identifiers if s.id == system), None)
 
     @model_validator(mode="after")
     def _transient_within_bronze(self) -> "Pipeline":
@@ -362,14 +490,32 @@ def load_consortium(root: Path | str) -> Consortium:
             problems.append(Problem(rel, "id", f"id {est.id!r} differs from the file name {path.stem!r}"))
         if est.id in establishments:
             problems.append(Problem(rel, "id", f"duplicate establishment {est.id!r}"))
+        systems = {s.id for s in pipeline.person_identifiers}
+        declared = (est.input.identifier_systems if isinstance(est.input, FhirProfile)
+                    else est.input.person_identifiers)
+        section = "identifier_systems" if isinstance(est.input, FhirProfile) else "person_identifiers"
+        for system in declared:
+            if system not in systems:
+                problems.append(Problem(rel, f"input.{section}.{system}",
+                                        f"unknown person-identifier system; pipeline.yaml declares {sorted(systems)}"))
+        if isinstance(est.input, FhirProfile) and est.input.nam_systems and "nam" not in systems:
+            problems.append(Problem(rel, "input.nam_systems",
+                                    "pipeline.yaml's person_identifiers has no 'nam' system"))
+        if (isinstance(est.input, CsvProfile) and "nam" in est.input.columns.get("patient", {}).values()
+                and "nam" not in systems):
+            problems.append(Problem(rel, "input.columns.patient",
+                                    "a header maps to nam but pipeline.yaml's person_identifiers has no 'nam' system"))
+        if isinstance(est.input, CsvProfile):
+            for dataset, mapping in est.input.columns.items():
+                if "record_action" in mapping.values() and not est.input.action_values:
+                    problems.append(Problem(rel, "input.action_values",
+                                            f"columns.{dataset} maps an action column but no action value is declared"))
         if isinstance(est.input, FhirProfile):
             for code, purpose in est.input.purpose_codes.items():
                 if purpose not in purposes:
                     problems.append(Problem(rel, f"input.purpose_codes.{code}", f"unknown purpose {purpose!r}"))
         else:
-            for dataset, mapping in est.input.columns.items():
-                if "record_action" not in mapping.values():
-                    problems.append(Problem(rel, f"input.columns.{dataset}", "no header maps to record_action"))
+            problems += [Problem(rel, f"input.{key}", reason) for key, reason in est.input.problems()]
             for column in est.input.value_maps:
                 if not any(column in BRONZE_COLUMNS[d] for d in DATASETS):
                     problems.append(Problem(rel, f"input.value_maps.{column}", "unknown canonical column"))

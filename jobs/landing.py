@@ -8,11 +8,12 @@ and row count. Any failure rejects the whole batch (see docs/landing-contract.md
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import hashlib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,6 +24,9 @@ from jobs.schemas import DATASETS
 
 MANIFEST = "manifest.json"
 BUNDLE = "bundle"
+# A FHIR file of resource types the consortium does not collect (a Bulk export's Procedure.ndjson):
+# checked and counted like any file, never read; its rows are "not collected" in the batch log.
+NOT_COLLECTED = "not_collected"
 BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 __all__ = ["BatchRejected", "Batch", "ManifestFile", "check_batch", "ready_batches"]
@@ -97,7 +101,8 @@ class ManifestEntryModel(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    dataset: str
+    # Left out, the profile's ``files`` patterns name it (CSV).
+    dataset: str | None = None
     path: str
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     rows: int = Field(ge=0)
@@ -153,6 +158,20 @@ def _lone_carriage_return(path: Path) -> int | None:
     return None
 
 
+def _dataset_by_pattern(est, rel: str) -> tuple[str | None, str | None]:
+    """``(dataset, None)`` from the profile's ``files`` patterns for a manifest entry without one, else ``(None, why)``."""
+    patterns = getattr(est.input, "files", {}) or {}
+    if not patterns:
+        return None, "no dataset, and the establishment's profile declares no files patterns to find it"
+    name = PurePosixPath(rel).name
+    matches = sorted(d for d, globs in patterns.items() if any(fnmatch.fnmatchcase(name, g) for g in globs))
+    if len(matches) != 1:
+        found = f"several datasets {matches}" if matches else "no dataset"
+        return None, (f"no dataset, and the file name matches {found} of the profile's files patterns; "
+                      "name the dataset in the manifest or make the patterns distinct")
+    return matches[0], None
+
+
 def check_batch(landing_root: Path, consortium: Consortium, establishment_id: str, batch_id: str) -> Batch:
     """Check one batch against the landing contract; raise :class:`BatchRejected` naming the file at fault."""
     def reject(reason: str, file: str | None = None) -> BatchRejected:
@@ -199,13 +218,17 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
     extracted_at = extracted_at.astimezone(dt.timezone.utc).replace(tzinfo=None)
 
     is_csv = est.input.format == "csv"
-    allowed = set(DATASETS) | ({BUNDLE} if not is_csv else set())
+    allowed = set(DATASETS) | ({BUNDLE, NOT_COLLECTED} if not is_csv else set())
     files: list[ManifestFile] = []
     seen: dict[str, str] = {}
     # Files are named by their place in the manifest and their reference (<batch>#<index>), never by
     # their delivered name: a file name may hold identifiers, and rejections go to ops/batch_log.
     for i, item in enumerate(checked.files):
         where, dataset, rel, ref = f"files[{i}]", item.dataset, item.path, file_reference(batch_id, i)
+        if dataset is None:
+            dataset, problem = _dataset_by_pattern(est, rel)
+            if problem:
+                raise reject(f"{where}: {problem}", ref)
         if dataset not in allowed:
             raise reject(f"{where}: unknown dataset {dataset!r} (expected one of {sorted(allowed)})", ref)
         if is_csv and dataset not in est.input.columns:

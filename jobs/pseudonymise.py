@@ -10,19 +10,20 @@ Spark functions (:mod:`jobs.crypto`), never a Python UDF.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from jobs.config import Consortium, CsvProfile, Establishment
+from jobs.config import Consortium, CsvProfile, Establishment, PersonIdentifierSystem
 from jobs.crypto import SparkKey, hmac_sha256_hex
 from jobs.keys import PseudonymKey
 from jobs.lake import Lake
 from jobs.batchlog import Stage, Status
 from jobs.ops import append_batch_log, batches_with_status
-from jobs.schemas import BRONZE_COLUMNS, DATASETS, staged_schema
-from jobs.reference.vocabularies import VOCABULARY_TOKENS, vocabulary_of
+from jobs.schemas import BRONZE_COLUMNS, DATASETS, PERSON_IDENTIFIERS, staged_schema
+from jobs.reference.vocabularies import VOCABULARY_TOKENS, luhn_ok, vocabulary_of
 from jobs.tables import OVERWRITE, ensure_table, table_exists
 from jobs.writer_lock import Mode, writes_lake
 
@@ -31,6 +32,8 @@ PERSON_FROM_NAM = "nam"
 PERSON_FROM_MRN = "establishment_fallback"
 FLAG_FALLBACK = "establishment_fallback"
 FLAG_UNKNOWN_PATIENT = "unknown_patient"
+# The consortium's linkage when pipeline.yaml declares none: the Québec NAM.
+DEFAULT_SYSTEM = PersonIdentifierSystem(id=PERSON_FROM_NAM, check="nam")
 
 # Source code systems as establishments write them → vocabulary ids (OMOP habit), from the one
 # list of code systems (jobs.reference.vocabularies).
@@ -177,20 +180,58 @@ def _conform(df: DataFrame, dataset: str) -> DataFrame:
     return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in staged_schema(dataset).fields])
 
 
-def pseudonymise_patients(bronze: DataFrame, keys: Keyring, parser: Parser) -> DataFrame:
-    """Patients: consortium ``person_id`` from the NAM, or an establishment-scoped fallback, flagged."""
-    nam = normalise_nam(F.col("nam"))
+def normalise_identifier(system: PersonIdentifierSystem, value: Column) -> Column:
+    """A linkage identifier as compared across establishments (see :class:`PersonIdentifierSystem`)."""
+    if system.normalise == "upper_alnum":
+        value = F.upper(F.regexp_replace(value, r"[^A-Za-z0-9]", ""))
+    elif system.normalise == "digits":
+        value = F.regexp_replace(value, r"[^0-9]", "")
+    return _blank_to_null(value)
+
+
+def identifier_valid(system: PersonIdentifierSystem, value: Column, birth_date: Column, sex: Column) -> Column:
+    """Whether a normalised identifier passes its system's pattern and check (never null)."""
+    ok = value.isNotNull()
+    if system.pattern:
+        ok = ok & value.rlike(system.pattern)
+    if system.check == "nam":
+        ok = ok & is_valid_nam(value, birth_date, sex)
+    elif system.check == "luhn":
+        ok = ok & luhn_ok(value)
+    return F.coalesce(ok, F.lit(False))
+
+
+def pseudonymise_patients(bronze: DataFrame, keys: Keyring, parser: Parser,
+                          systems: Sequence[PersonIdentifierSystem] = (DEFAULT_SYSTEM,)) -> DataFrame:
+    """Patients: consortium ``person_id`` from the first valid linkage identifier, or an establishment-scoped fallback, flagged.
+
+    ``systems`` are the consortium's ``person_identifiers`` in priority order.
+    The NAM comes from the ``nam`` column, the others from the JSON object of
+    ``person_identifiers``; the person id is the person key's HMAC of
+    ``<system>:<normalised value>``, so one identifier gives one person_id in
+    every establishment that sends it.
+    """
     birth = parser.date(F.col("birth_date"))
     sex = F.lower(_blank_to_null(F.col("sex")))
-    valid = is_valid_nam(nam, birth, sex)
+    others = F.from_json(F.col(PERSON_IDENTIFIERS), "map<string,string>")
+    candidates = []
+    for system in systems:
+        raw = F.col("nam") if system.id == PERSON_FROM_NAM else others[system.id]
+        value = normalise_identifier(system, raw)
+        candidates.append((system.id, identifier_valid(system, value, birth, sex), value))
     patient_ref = _blank_to_null(F.col("patient_ref"))
-    person_from_nam = hmac_sha256_hex(keys.person, F.concat(F.lit("nam:"), nam))
     person_from_mrn = hmac_sha256_hex(keys.establishment, F.concat(F.lit("mrn:"), patient_ref))
+    chosen_value, chosen_system = F.lit(None).cast("string"), F.lit(None).cast("string")
+    for system_id, valid, value in reversed(candidates):
+        chosen_value = F.when(valid, value).otherwise(chosen_value)
+        chosen_system = F.when(valid, F.lit(system_id)).otherwise(chosen_system)
+    person_from_identifier = hmac_sha256_hex(keys.person, F.concat(chosen_system, F.lit(":"), chosen_value))
+    valid = chosen_system.isNotNull()
     is_upsert = F.col("record_action") == "upsert"
     return bronze.select(
-        F.when(is_upsert, F.when(valid, person_from_nam).otherwise(person_from_mrn)).alias("person_id"),
+        F.when(is_upsert, F.when(valid, person_from_identifier).otherwise(person_from_mrn)).alias("person_id"),
         keys.record_id("patient", patient_ref).alias("patient_key"),
-        F.when(is_upsert, F.when(valid, F.lit(PERSON_FROM_NAM)).otherwise(F.lit(PERSON_FROM_MRN)))
+        F.when(is_upsert, F.when(valid, chosen_system).otherwise(F.lit(PERSON_FROM_MRN)))
         .alias("person_id_source"),
         sex.alias("gender_source_value"),
         F.year(birth).alias("year_of_birth"),
@@ -379,7 +420,7 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
 
     patients = deduped("patient")
     if patients is not None:
-        pseudo = pseudonymise_patients(patients, keys, parser)
+        pseudo = pseudonymise_patients(patients, keys, parser, consortium.pipeline.person_identifiers)
         known = (silver_patients.where(F.col("establishment_id") != establishment_id).select("person_id", "postal_prefix")
                  if silver_patients is not None else spark.createDataFrame([], "person_id string, postal_prefix string"))
         pseudo = suppress_rare_postal_prefixes(pseudo, known, consortium.pipeline.postal_prefix_min_persons)

@@ -28,6 +28,9 @@ ACTION_DELETE = "delete"
 
 # ---------------------------------------------------------------- bronze ----
 
+# The bronze patient column holding the linkage identifiers a record carries besides the NAM.
+PERSON_IDENTIFIERS = "person_identifiers"
+
 # Canonical source columns per dataset (all text, as delivered). ``*_ref`` columns
 # are the establishment's own identifiers: the MRN in CSV extracts, the resource
 # id in FHIR. ``record_action`` says whether the row is an upsert or a deletion.
@@ -36,6 +39,9 @@ BRONZE_COLUMNS: dict[str, tuple[str, ...]] = {
         "patient_ref", "mrn", "nam", "family_name", "given_name", "birth_date", "sex",
         "street_address", "city", "postal_code", "phone", "email", "deceased_date",
         "record_action",
+        # Linkage identifiers other than the NAM, as a JSON object {system: value}
+        # (systems of ``person_identifiers`` in config/pipeline.yaml).
+        PERSON_IDENTIFIERS,
     ),
     "encounter": (
         "encounter_ref", "patient_ref", "visit_start", "visit_end", "visit_type",
@@ -72,7 +78,7 @@ RECORD_REF: dict[str, str] = {
 # Bronze columns that are direct identifiers or free text: they never leave bronze.
 IDENTIFYING_COLUMNS = (
     "patient_ref", "mrn", "nam", "family_name", "given_name", "birth_date",
-    "street_address", "city", "postal_code", "phone", "email", "admission_note",
+    "street_address", "city", "postal_code", "phone", "email", "admission_note", PERSON_IDENTIFIERS,
 )
 
 LINEAGE_FIELDS = [

@@ -34,7 +34,7 @@ MISTAKES = [
     ("establishments/chu_laurentides.yaml", lambda d: d["input"]["columns"].update(imaging={"x": "y"}),
      "input.csv.columns", "unknown dataset 'imaging'"),
     ("establishments/chu_laurentides.yaml", lambda d: d["input"]["columns"]["patient"].pop("action"),
-     "input.columns.patient", "no header maps to record_action"),
+     "input.columns.patient", "no source for the required column record_action"),
     ("establishments/chu_laurentides.yaml", lambda d: d["input"].pop("delimiter"),
      "input.csv.delimiter", "Field required"),
     ("establishments/hopital_riviere.yaml", lambda d: d.update(id="other_id"), "id", "differs from the file name"),

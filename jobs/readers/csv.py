@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from jobs.batchlog import Stage
 from jobs.config import CsvProfile
 from jobs.readers.lines import decode_strict, join_quoted_lines, quote_count, read_lines, utf8_in_single_byte
-from jobs.schemas import BRONZE_COLUMNS, bronze_schema
+from jobs.schemas import BRONZE_COLUMNS, PERSON_IDENTIFIERS, RECORD_REF, bronze_schema
 
 STAGE_INGEST = Stage.INGEST.value
 RULE_ENCODING = "ingest.encoding"
@@ -31,6 +31,9 @@ RULE_MALFORMED = "ingest.malformed_line"
 RULE_ACTION = "ingest.unknown_action"
 RULE_ENCODING_MISMATCH = "ingest.encoding_mismatch"
 RULE_FIELD_TOO_LONG = "ingest.field_too_long"
+# Joins the source values a derived record id is built from (``derived_ids``): a unit separator,
+# which no clinical value holds.
+DERIVED_ID_SEPARATOR = "\u001f"
 # Used when no configuration is at hand; config/pipeline.yaml declares the consortium's value.
 DEFAULT_MAX_FIELD_BYTES = 1 << 20
 # Records longer than this are never parsed, whatever the field limit: the CSV parser fails on
@@ -131,12 +134,15 @@ def read_header(path: Path, profile: CsvProfile, reference: str) -> list[str]:
     return [h.strip().strip(profile.quote).strip() for h in text.split(profile.delimiter)]
 
 
-def header_drift(header: list[str], mapping: dict[str, str]) -> str:
-    """How a file's source headers differ from the profile's mapping ('' when they do not).
+def header_drift(header: list[str], expected: list[str]) -> str:
+    """How a file's source headers differ from those the profile expects ('' when they do not).
 
-    Compared with the profile, not with the staged columns: a renamed source
-    column (``unite`` → ``ward``) keeps every staged column and would land as NULL.
+    Compared with the profile (:meth:`CsvProfile.expected_headers`: mapped,
+    id-building, identifier and ignored columns), not with the staged columns:
+    a renamed source column (``unite`` → ``ward``) keeps every staged column
+    and would land as NULL.
     """
+    mapping = expected
     missing = [h for h in mapping if h not in header]
     unexpected = [h for h in header if h not in mapping]
     parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else [])
@@ -263,10 +269,18 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
     header = read_header(path, profile, lineage.source_file)
     limit = profile.max_field_bytes or max_field_bytes
     positions = {canonical: header.index(source) for source, canonical in mapping.items() if source in header}
-    if "record_action" not in positions:
+    if "record_action" not in positions and not profile.default_action:
         missing = [s for s, c in mapping.items() if c == "record_action"]
         raise HeaderError(f"{lineage.source_file}: line 1: no {missing[0] if missing else 'action'} column "
                           f"(maps to record_action); header is {profile.delimiter.join(header)}")
+    derived_from = profile.derived_ids.get(dataset, [])
+    absent = [h for h in derived_from if h not in header]
+    if absent:
+        raise HeaderError(f"{lineage.source_file}: line 1: no {absent} column(s), which derived_ids.{dataset} "
+                          f"builds the record id from; header is {profile.delimiter.join(header)}")
+    identifiers = ({system: header.index(source) for system, source in profile.person_identifiers.items()
+                    if source in header} if dataset == "patient" else {})
+    constants = profile.constants.get(dataset, {})
 
     records = read_records(spark, path, profile)
     n_fields, balanced = _field_count(F.col("text"), profile)
@@ -277,10 +291,29 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
     parsed = F.from_csv(F.col("text"), raw_schema, options)
     action_map = F.create_map(*[F.lit(x) for pair in profile.action_values.items() for x in pair])
 
+    def source(index: int) -> Column:
+        return F.nullif(F.trim(F.col("_p").getField(f"c{index}")), F.lit(""))
+
     def field(canonical: str) -> Column:
+        if canonical in constants:
+            return F.lit(constants[canonical])
+        if canonical == RECORD_REF[dataset] and derived_from:
+            # Empty parts stay in place ("a||c" differs from "a|c|"); all empty is no id at all.
+            parts = [F.coalesce(source(header.index(h)), F.lit("")) for h in derived_from]
+            return F.nullif(F.concat_ws(DERIVED_ID_SEPARATOR, *parts),
+                            F.lit(DERIVED_ID_SEPARATOR * (len(parts) - 1)))
+        if canonical == "record_action" and "record_action" not in positions:
+            return F.lit(profile.default_action)
+        if canonical == PERSON_IDENTIFIERS:
+            if not identifiers:
+                return F.lit(None).cast("string")
+            pairs = F.map_from_arrays(F.array(*[F.lit(s) for s in identifiers]),
+                                      F.array(*[source(i) for i in identifiers.values()]))
+            present = F.map_filter(pairs, lambda k, v: v.isNotNull())
+            return F.when(F.size(present) > 0, F.to_json(present))
         if canonical not in positions:
             return F.lit(None).cast("string")
-        value = F.nullif(F.trim(F.col("_p").getField(f"c{positions[canonical]}")), F.lit(""))
+        value = source(positions[canonical])
         if canonical == "record_action":
             return action_map[value]
         return _mapped(value, profile.value_maps.get(canonical, {}))
@@ -357,10 +390,5 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
                       quarantine=quarantine, notes=notes)
 
 
-def header_problems(header: list[str], mapping: dict[str, str]) -> list[str]:
-    """Headers the profile expects but the file lacks, for the batch log."""
-    return [source for source in mapping if source not in header]
-
-
 __all__ = ["FileLineage", "ReadResult", "HeaderError", "read_csv_file", "read_header", "read_records",
-           "header_drift", "header_problems", "byte_order_mark"]
+           "header_drift", "byte_order_mark"]

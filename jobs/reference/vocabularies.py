@@ -177,6 +177,16 @@ def _mod10_ok(code: Column) -> Column:
     return (10 - total % 10) % 10 == check
 
 
+def luhn_ok(digits: Column) -> Column:
+    """Whether a string of digits ends in its Luhn (mod 10) check digit, as card and many MPI numbers do."""
+    def weighted(d: Column, i: Column) -> Column:
+        doubled = d * 2
+        return F.when(i % 2 == 1, F.when(doubled > 9, doubled - 9).otherwise(doubled)).otherwise(d)
+
+    total = F.aggregate(F.transform(_digits_from_right(digits), weighted), F.lit(0), lambda acc, d: acc + d)
+    return F.coalesce(digits.rlike(r"^[0-9]{2,}$") & (total % 10 == 0), F.lit(False))
+
+
 def _verhoeff_ok(code: Column) -> Column:
     d_table = F.array(*[F.array(*[F.lit(x) for x in row]) for row in _VERHOEFF_D])
     p_table = F.array(*[F.array(*[F.lit(x) for x in row]) for row in _VERHOEFF_P])

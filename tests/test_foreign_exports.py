@@ -1,0 +1,143 @@
+"""Extracts shaped like other hospitals' systems land by adding YAML only.
+
+Three establishments, onboarded by copying their profile (``establishment.yaml``
+of ``tests/fixtures/foreign/``) into ``config/establishments/`` and adding an
+agreement, each send one delivered batch through every stage: a US-style EHR
+CSV snapshot, FHIR transaction Bundles and a FHIR Bulk NDJSON export of some of
+the same people. See ``tests/fixtures/foreign/build.py`` for what they hold.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from pyspark.sql import functions as F
+
+from jobs.schemas import DATASETS
+from tests.conftest import CONFIG_DIR, TEST_KEY
+
+FOREIGN = Path(__file__).parent / "fixtures" / "foreign"
+SHAPES = ("us_ehr_snapshot", "fhir_bundles", "fhir_bulk")
+CSV_EST, BUNDLE_EST, BULK_EST = "clinique_frontiere", "centre_vallee", "institut_nord"
+# Rows of the CSV snapshot planted as invalid (tests/fixtures/foreign/build.py): a malformed SNOMED
+# code, a malformed LOINC code, and two observations contradicting each other under one derived id.
+PLANTED_INVALID = {"diagnosis": 1, "lab_result": 3}
+PLANTED_DUPLICATES = {"lab_result": 1}
+
+
+def _onboard(root: Path) -> Path:
+    """A copy of the shipped configuration plus the three profiles and their agreements (YAML only)."""
+    config = root / "config"
+    shutil.copytree(CONFIG_DIR, config)
+    agreements_path = config / "agreements.yaml"
+    agreements = yaml.safe_load(agreements_path.read_text(encoding="utf-8"))
+    for shape in SHAPES:
+        profile = yaml.safe_load((FOREIGN / shape / "establishment.yaml").read_text(encoding="utf-8"))
+        shutil.copy(FOREIGN / shape / "establishment.yaml", config / "establishments" / f"{profile['id']}.yaml")
+        agreements["agreements"].append({"establishment": profile["id"], "datasets": list(DATASETS),
+                                         "purposes": ["research_general"]})
+        batch = next(p for p in (FOREIGN / shape / "batch").iterdir() if p.is_dir())
+        shutil.copytree(batch, root / "landing" / profile["landing_folder"] / batch.name)
+    agreements_path.write_text(yaml.safe_dump(agreements, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return config
+
+
+@pytest.fixture(scope="module")
+def foreign(spark, tmp_path_factory):
+    """Every foreign batch taken through ingest, pseudonymise, validate and land; the stages' outcomes."""
+    from jobs import pipeline
+    from jobs.settings import Settings
+
+    root = tmp_path_factory.mktemp("foreign")
+    config = _onboard(root)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"AFFLUENT_LAKE_ROOT": str(root / "lake"), "AFFLUENT_LANDING_ROOT": str(root / "landing"),
+                            "AFFLUENT_CONFIG_DIR": str(config), "AFFLUENT_PSEUDONYM_KEY": TEST_KEY}.items():
+            mp.setenv(name, value)
+        ctx = pipeline.Context(Settings.from_env())
+        ctx.__dict__["spark"] = spark
+        outcomes = {}
+        for est in (CSV_EST, BUNDLE_EST, BULK_EST):
+            (batch,) = pipeline.pending(ctx, est)
+            outcomes[est] = pipeline.run_batch(ctx, est, batch)
+        yield ctx, outcomes
+
+
+def _silver(ctx, dataset: str, est: str):
+    return ctx.spark.read.format("delta").load(ctx.lake.silver(dataset)).where(F.col("establishment_id") == est)
+
+
+def _quarantine(ctx, est: str):
+    return ctx.spark.read.format("delta").load(ctx.lake.quarantine()).where(F.col("establishment_id") == est)
+
+
+def test_the_profiles_pass_the_configuration_check(tmp_path):
+    from jobs.config import load_consortium
+
+    consortium = load_consortium(_onboard(tmp_path))
+    assert {CSV_EST, BUNDLE_EST, BULK_EST} <= set(consortium.establishments)
+
+
+def test_the_csv_snapshot_lands_its_valid_rows_and_reconciles(foreign):
+    ctx, outcomes = foreign
+    ingest, land = outcomes[CSV_EST]["ingest"], outcomes[CSV_EST]["land"]
+    assert ingest["kind"] == "full"
+    for dataset, read in ((d, ingest["bronze"].get(d, 0) + ingest["quarantined"].get(d, 0))
+                          for d in ("patient", "encounter", "diagnosis", "lab_result", "medication")):
+        landed, quarantined = land["landed"].get(dataset, 0), land["quarantined"].get(dataset, 0)
+        duplicates = land["duplicates"].get(dataset, 0)
+        assert read == landed + quarantined + duplicates, dataset
+        assert duplicates == PLANTED_DUPLICATES.get(dataset, 0), dataset
+        valid = read - PLANTED_INVALID.get(dataset, 0) - duplicates
+        assert landed >= 0.95 * valid, f"{dataset}: {landed} of {valid} valid rows landed"
+        assert _silver(ctx, dataset, CSV_EST).count() == landed
+    rules = {(r["dataset"], r["rule"]): r["count"] for r in _quarantine(ctx, CSV_EST).groupBy("dataset", "rule").count().collect()}
+    assert rules == {("diagnosis", "conformance.code"): 1, ("lab_result", "conformance.code"): 1,
+                     ("lab_result", "integrity.unique_key"): 2}
+
+
+def test_standard_vocabularies_and_units_of_the_snapshot_are_kept(foreign):
+    ctx, _ = foreign
+    vocabularies = {r[0] for r in _silver(ctx, "diagnosis", CSV_EST).select("condition_source_vocabulary").distinct().collect()}
+    assert vocabularies == {"SNOMED"}
+    drugs = {r[0] for r in _silver(ctx, "medication", CSV_EST).select("drug_source_vocabulary").distinct().collect()}
+    assert drugs == {"RxNorm"}
+    haemoglobin = _silver(ctx, "lab_result", CSV_EST).where(F.col("measurement_source_value") == "718-7")
+    assert haemoglobin.count() == 24  # 12 people x 2 encounters, in g/dL, none rejected for its unit
+
+
+def test_derived_ids_are_keyed_like_other_ids(foreign):
+    ctx, _ = foreign
+    ids = [r[0] for r in _silver(ctx, "lab_result", CSV_EST).select("measurement_id").collect()]
+    assert len(ids) == len(set(ids)) and all(len(i) == 64 for i in ids)
+    bronze = ctx.spark.read.format("delta").load(ctx.lake.bronze("lab_result")).where(F.col("_establishment") == CSV_EST)
+    assert not set(ids) & {r[0] for r in bronze.select("lab_result_ref").collect()}
+
+
+def test_the_same_people_get_the_same_person_id_across_establishments(foreign):
+    ctx, _ = foreign
+    people = {}
+    for est in (CSV_EST, BUNDLE_EST, BULK_EST):
+        rows = _silver(ctx, "patient", est).select("person_id", "person_id_source", "year_of_birth").collect()
+        assert {r.person_id_source for r in rows} == {"enterprise_mpi"}, est
+        people[est] = {r.person_id for r in rows}
+    assert len(people[CSV_EST]) == 12 and len(people[BUNDLE_EST]) == 6 and len(people[BULK_EST]) == 4
+    assert people[BUNDLE_EST] <= people[CSV_EST]
+    assert people[BULK_EST] <= people[CSV_EST]
+    assert not people[BUNDLE_EST] & people[BULK_EST]
+
+
+@pytest.mark.parametrize("est", [BUNDLE_EST, BULK_EST])
+def test_fhir_exports_land_components_and_count_what_is_not_collected(foreign, est):
+    ctx, outcomes = foreign
+    labs = _silver(ctx, "lab_result", est)
+    codes = {r[0]: r[1] for r in labs.groupBy("measurement_source_value").count().collect()}
+    encounters = _silver(ctx, "encounter", est).count()
+    # Each encounter: a blood-pressure panel in components (systolic, diastolic) and a haemoglobin.
+    assert codes.get("8480-6") == codes.get("8462-4") == codes.get("718-7") == encounters
+    assert _quarantine(ctx, est).count() == 0
+    ingest = outcomes[est]["ingest"]
+    assert ingest["not_collected"] == 2 * encounters if est == BUNDLE_EST else encounters
