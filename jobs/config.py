@@ -436,7 +436,11 @@ def _validated(model: type[BaseModel], data: object, rel: str, prefix: str, prob
         return model.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
-            loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+            parts = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
+            # A profile's errors carry its format tag (input.csv.columns): keys are written without it.
+            if parts[:2] in (["input", "csv"], ["input", "fhir"]):
+                del parts[1]
+            loc = ".".join(parts)
             key = ".".join(p for p in (prefix, loc) if p) or "-"
             problems.append(Problem(rel, key, err["msg"].removeprefix("Value error, ")))
         return None

@@ -172,3 +172,63 @@ def test_a_byte_order_mark_never_renames_the_first_header(spark, consortium, tmp
     with pytest.raises(HeaderError, match="UTF-8 byte-order mark .* the profile declares latin-1"):
         read_csv_file(spark, bom_latin1, "patient", latin1, LINEAGE)
 
+
+
+def _snapshot_profile():
+    from jobs.config import CsvProfile
+
+    return CsvProfile(
+        format="csv", delimiter=",", encoding="utf-8", date_format="MM/dd/yyyy", datetime_format="MM/dd/yyyy HH:mm",
+        default_action="upsert",
+        columns={"patient": {"Id": "patient_ref", "BIRTHDATE": "birth_date"},
+                 "diagnosis": {"PATIENT": "patient_ref", "CODE": "condition_code", "START": "condition_date"}},
+        derived_ids={"diagnosis": ["PATIENT", "CODE", "START"]},
+        constants={"diagnosis": {"condition_system": "SNOMED"}},
+        ignored_columns={"diagnosis": ["DESCRIPTION"], "patient": ["SSN"]},
+        person_identifiers={"enterprise_mpi": "MPI"})
+
+
+def test_a_snapshot_file_gets_the_default_action_derived_ids_and_constants(spark, tmp_path):
+    from jobs.readers.csv import DERIVED_ID_SEPARATOR
+
+    profile = _snapshot_profile()
+    assert profile.problems() == []
+    path = tmp_path / "conditions.csv"
+    path.write_text("START,PATIENT,CODE,DESCRIPTION\n03/05/2026,p1,44054006,Diabetes\n03/05/2026,,38341003,x\n"
+                    ",,,\n", encoding="utf-8")
+    result = read_csv_file(spark, path, "diagnosis", profile, LINEAGE)
+    rows = sorted(result.bronze["diagnosis"].collect(), key=lambda r: r._source_line)
+    assert [r.record_action for r in rows] == ["upsert"] * 3 and result.quarantine.count() == 0
+    assert [r.condition_system for r in rows] == ["SNOMED"] * 3
+    s = DERIVED_ID_SEPARATOR
+    # Empty parts keep their place; a record with none has no id (validation quarantines it).
+    assert [r.diagnosis_ref for r in rows] == [f"p1{s}44054006{s}03/05/2026", f"{s}38341003{s}03/05/2026", None]
+
+
+def test_linkage_identifiers_of_a_csv_patient_file_are_kept_as_json(spark, tmp_path):
+    import json
+
+    profile = _snapshot_profile()
+    path = tmp_path / "patients.csv"
+    path.write_text("Id,BIRTHDATE,SSN,MPI\np1,01/02/1960,999-00-1111,100-007-9192\np2,01/02/1961,,\n", encoding="utf-8")
+    rows = {r.patient_ref: r for r in read_csv_file(spark, path, "patient", profile, LINEAGE).bronze["patient"].collect()}
+    assert json.loads(rows["p1"].person_identifiers) == {"enterprise_mpi": "100-007-9192"}
+    assert rows["p2"].person_identifiers is None
+    assert "999-00-1111" not in str(rows["p1"])  # an ignored column is never read
+
+
+def test_header_drift_is_judged_against_every_header_the_profile_expects():
+    from jobs.readers.csv import header_drift
+
+    profile = _snapshot_profile()
+    expected = profile.expected_headers("diagnosis")
+    assert header_drift(["START", "PATIENT", "CODE", "DESCRIPTION"], expected) == ""
+    assert header_drift(["START", "PATIENT", "CODE", "DESC"], expected) == "missing ['DESCRIPTION'], unexpected ['DESC']"
+    assert set(profile.expected_headers("patient")) == {"Id", "BIRTHDATE", "SSN", "MPI"}
+
+
+def test_a_file_missing_a_column_its_derived_id_is_built_from_is_refused(spark, tmp_path):
+    path = tmp_path / "conditions.csv"
+    path.write_text("PATIENT,CODE\np1,44054006\n", encoding="utf-8")
+    with pytest.raises(HeaderError, match=r"no \['START'\] column\(s\), which derived_ids.diagnosis builds"):
+        read_csv_file(spark, path, "diagnosis", _snapshot_profile(), LINEAGE)

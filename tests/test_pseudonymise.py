@@ -1,3 +1,4 @@
+import datetime as dt
 import pytest
 from pyspark.sql import functions as F
 
@@ -112,3 +113,38 @@ def test_nam_validation(spark):
     nam = normalise_nam(F.col("nam"))
     got = df.select(is_valid_nam(nam, F.to_date("birth"), F.col("sex")).alias("ok"), "expected").collect()
     assert [r.ok for r in got] == [r.expected for r in got]
+
+
+def test_linkage_takes_the_first_valid_identifier_of_the_declared_systems(spark, consortium, pseudonym_key):
+    """Priority order, normalisation and check digits decide the person_id; the same identifier gives the
+    same person_id in any establishment, whatever its spelling."""
+    from jobs.config import PersonIdentifierSystem
+    from jobs.pseudonymise import Keyring, Parser, pseudonymise_patients
+    from jobs.schemas import bronze_schema
+
+    systems = [PersonIdentifierSystem(id="nam", check="nam"),
+               PersonIdentifierSystem(id="enterprise_mpi", normalise="digits", pattern="^[0-9]{10}$", check="luhn")]
+    mpi = '{"enterprise_mpi": "%s"}'
+    patients = [  # patient_ref, nam, birth date, sex, other identifiers
+        ("a", "TREM 8552 1512", "1985-02-15", "female", mpi % "100-007-9192"),  # valid NAM wins
+        ("b", None, "1985-02-15", "female", mpi % "1000079192"),                # MPI, other spelling
+        ("c", None, "1985-02-15", "female", mpi % "100-007-9193"),              # Luhn check digit wrong
+        ("d", "TREM85021512", "1985-02-15", "female", mpi % "100-007-9192"),    # NAM invalid: MPI next
+        ("e", None, None, None, None),                                          # nothing: fallback
+    ]
+    names = bronze_schema("patient").fieldNames()
+    rows = [{**{n: None for n in names}, "patient_ref": ref, "nam": nam, "birth_date": birth, "sex": sex,
+             "person_identifiers": others, "record_action": "upsert", "_establishment": "x", "_batch_id": "b",
+             "_source_file": "f", "_source_line": 1, "_extracted_at": dt.datetime(2026, 1, 5),
+             "_ingested_at": dt.datetime(2026, 1, 5)}
+            for ref, nam, birth, sex, others in patients]
+    bronze = spark.createDataFrame(rows, bronze_schema("patient"))
+    est = consortium.establishments["cisss_estuaire"]
+    keys = Keyring.for_establishment(spark, pseudonym_key, "x")
+    got = {r.patient_key: r for r in pseudonymise_patients(bronze, keys, Parser(est), systems).collect()}
+    by_ref = {ref: got[k] for ref, k in zip("abcde", [r[0] for r in spark.createDataFrame(
+        [(ref,) for ref in "abcde"], "r string").select(keys.record_id("patient", F.col("r"))).collect()])}
+    assert [by_ref[r].person_id_source for r in "abcde"] == [
+        "nam", "enterprise_mpi", "establishment_fallback", "enterprise_mpi", "establishment_fallback"]
+    assert by_ref["b"].person_id == by_ref["d"].person_id != by_ref["a"].person_id
+    assert by_ref["c"].person_id_flag == "establishment_fallback"
