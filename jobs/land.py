@@ -8,6 +8,11 @@ Per silver table, keyed by ``(establishment_id, <record key>)``:
   delete; it also leaves a tombstone (``ops/silver_deletions``: dataset,
   keyed record id, extraction instant; no person data) so that an older batch
   landed afterwards cannot bring the record back;
+- a ``full`` batch is a snapshot of every current record: after its MERGE, the
+  establishment's records of each dataset it carries that it no longer holds
+  are deleted, with their tombstones (:func:`delete_absent_records`) — unless
+  lines of that dataset were quarantined at ingest (their keys are unknown, so
+  absence cannot be told) or its file is empty; the batch log says which;
 - re-landing a batch changes nothing: the batch log says it is landed, each
   MERGE carries Delta's idempotent transaction id (scoped to that one write),
   and equal extraction instants never update.
@@ -41,7 +46,7 @@ from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 from pyspark.sql.window import Window
 
 from jobs.lake import Lake
-from jobs.batchlog import Stage, Status
+from jobs.batchlog import BatchKind, Stage, Status
 from jobs.ops import append_batch_log, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
 from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
@@ -297,6 +302,56 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
          .execute())
 
 
+def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establishment_id: str, batch_id: str,
+                          extracted_at) -> int:
+    """A full snapshot's deletions: the establishment's silver records of ``dataset`` that the snapshot
+    no longer holds are deleted (with their tombstone), as if it had sent a delete for each.
+
+    "Holds" means any row of the batch carrying the record's key at pseudonymisation, valid or
+    not: a record quarantined at validation is still current at the source and keeps its silver
+    version. Only records extracted before the snapshot are considered. Returns the number deleted.
+    """
+    key = SILVER_KEY[dataset]
+    present = (spark.read.format("delta").load(lake.staged(dataset))
+               .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)
+                      & F.col(key).isNotNull())
+               .select(key).distinct())
+    absent = (spark.read.format("delta").load(lake.silver(dataset))
+              .where((F.col("establishment_id") == establishment_id) & (F.col("_extracted_at") < F.lit(extracted_at)))
+              .select("establishment_id", key).join(present, on=key, how="left_anti")
+              .select("establishment_id", F.col(key).alias("record_id"), F.lit(dataset).alias("dataset"),
+                      F.lit(extracted_at).cast("timestamp").alias("deleted_at"), F.lit(batch_id).alias("batch_id"))
+              .localCheckpoint())
+    gone = absent.count()
+    if gone == 0:
+        return 0
+    app_id = f"affluent.land.{establishment_id}.{batch_id}.{dataset}.absent"
+    with _idempotent_write(spark, app_id):
+        (DeltaTable.forPath(spark, lake.silver(dataset)).alias("t")
+         .merge(absent.alias("s"), f"t.establishment_id = '{establishment_id}' AND t.establishment_id = s.establishment_id "
+                                   f"AND t.{key} = s.record_id")
+         .whenMatchedDelete(condition="t._extracted_at < s.deleted_at")
+         .execute())
+    with _idempotent_write(spark, app_id):
+        (_deletions(spark, lake).alias("t")
+         .merge(absent.select(*DELETIONS_SCHEMA.fieldNames()).alias("s"),
+                f"t.establishment_id = '{establishment_id}' AND t.dataset = '{dataset}' "
+                "AND t.establishment_id = s.establishment_id AND t.dataset = s.dataset AND t.record_id = s.record_id")
+         .whenMatchedUpdateAll(condition="s.deleted_at > t.deleted_at")
+         .whenNotMatchedInsertAll()
+         .execute())
+    return gone
+
+
+def _snapshot(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str):
+    """``(kind, extracted_at)`` of a batch, as its ingest entries say."""
+    row = (read_batch_log(spark, lake)
+           .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                  & (F.col("stage") == Stage.INGEST.value) & (F.col("status") == Status.INGESTED.value))
+           .select("kind", "extracted_at").first())
+    return (row.kind, row.extracted_at) if row is not None else (None, None)
+
+
 # ------------------------------------------------------------- figures ----
 
 def _latest_entries(log: DataFrame) -> DataFrame:
@@ -391,12 +446,29 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
             (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
         merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id)
 
+    # A full batch is a snapshot: what it no longer holds was deleted at the source. Not when a row's
+    # key is unknown (a line quarantined at ingest may be one of the records) or the file is empty.
+    snapshot_notes: dict[str, str] = {}
+    kind, extracted_at = _snapshot(spark, lake, establishment_id, batch_id)
+    if kind == BatchKind.FULL:
+        for dataset, f in figures.items():
+            if not table_exists(spark, lake.silver(dataset)):
+                continue
+            if f.quarantined_ingest or f.read == 0:
+                snapshot_notes[dataset] = (f"; full snapshot: records absent from it were not deleted ("
+                                           + ("an empty file" if f.read == 0 else
+                                              f"{f.quarantined_ingest} line(s) quarantined at ingest may be "
+                                              "some of them") + ")")
+                continue
+            gone = delete_absent_records(spark, lake, dataset, establishment_id, batch_id, extracted_at)
+            snapshot_notes[dataset] = f"; full snapshot: {gone} record(s) absent from it deleted"
+
     append_batch_log(spark, lake, [
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
          "status": Status.LANDED, "rows_read": f.read, "rows_landed": f.landed, "rows_quarantined": f.quarantined,
          "rows_duplicates": f.duplicates,
          "message": f"read {f.read} = landed {f.landed} + quarantined {f.quarantined_ingest} at ingest and "
-                    f"{f.quarantined_validate} at validate + {f.duplicates} duplicates"}
+                    f"{f.quarantined_validate} at validate + {f.duplicates} duplicates" + snapshot_notes.get(d, "")}
         for d, f in figures.items()])
     register_silver_tables(spark, lake)
     return LandOutcome(establishment_id, batch_id,

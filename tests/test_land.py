@@ -80,6 +80,32 @@ def test_silver_holds_the_latest_state_after_full_incremental_and_late_batches(s
     assert changes.where(F.col("_change_type") == "delete").count() == 3
 
 
+def test_a_full_batch_is_a_snapshot_whose_absent_records_are_deleted(spark, lake, consortium):
+    """Records a full batch no longer holds are deleted with a tombstone; one invalid in it is kept;
+    a full batch with lines quarantined at ingest deletes nothing."""
+    from jobs.ops import read_batch_log
+
+    t1, t3, t4 = EXTRACTED, EXTRACTED + 2 * DAY, EXTRACTED + 3 * DAY
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc(f"v{i}") for i in range(1, 5)]}, t1, kind="full")
+    # v3 is still sent but invalid now (no start): quarantined, its landed version stays. v4 is gone.
+    run_batch(spark, lake, consortium, "b3", {"encounter": [enc("v1"), enc("v2", visit_source_value="outpatient"),
+                                                           enc("v3", start=None)]}, t3, kind="full")
+    silver = lambda: {r.visit_occurrence_id: r.visit_source_value  # noqa: E731
+                      for r in spark.read.format("delta").load(lake.silver("encounter")).collect()}
+    assert silver() == {"v1": "inpatient", "v2": "outpatient", "v3": "inpatient"}
+    deletions = spark.read.format("delta").load(lake.ops("silver_deletions")).collect()
+    assert [(r.record_id, r.deleted_at, r.batch_id) for r in deletions] == [("v4", t3, "b3")]
+    message = (read_batch_log(spark, lake).where("batch_id = 'b3' AND stage = 'land'").first().message)
+    assert "full snapshot: 1 record(s) absent from it deleted" in message
+
+    # A line of the next snapshot was quarantined at ingest: it may be v1, v2 or v3; nothing is deleted.
+    run_batch(spark, lake, consortium, "b4", {"encounter": [enc("v1")]}, t4, kind="full",
+              ingest_quarantined={"encounter": 1})
+    assert set(silver()) == {"v1", "v2", "v3"}
+    message = (read_batch_log(spark, lake).where("batch_id = 'b4' AND stage = 'land'").first().message)
+    assert "records absent from it were not deleted (1 line(s) quarantined at ingest" in message
+
+
 def test_landing_twice_changes_nothing(spark, lake, consortium):
     from jobs.land import land_batch, merge_into_silver
     from jobs.validate import validated_path
