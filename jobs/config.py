@@ -494,14 +494,14 @@ def load_consortium(root: Path | str) -> Consortium:
             problems.append(Problem(rel, "id", f"id {est.id!r} differs from the file name {path.stem!r}"))
         if est.id in establishments:
             problems.append(Problem(rel, "id", f"duplicate establishment {est.id!r}"))
-        systems = {s.id for s in pipeline.person_identifiers}
+        systems = [s.id for s in pipeline.person_identifiers]
         declared = (est.input.identifier_systems if isinstance(est.input, FhirProfile)
                     else est.input.person_identifiers)
         section = "identifier_systems" if isinstance(est.input, FhirProfile) else "person_identifiers"
         for system in declared:
             if system not in systems:
                 problems.append(Problem(rel, f"input.{section}.{system}",
-                                        f"unknown person-identifier system; pipeline.yaml declares {sorted(systems)}"))
+                                        f"unknown person-identifier system; pipeline.yaml declares {systems}"))
         if isinstance(est.input, FhirProfile) and est.input.nam_systems and "nam" not in systems:
             problems.append(Problem(rel, "input.nam_systems",
                                     "pipeline.yaml's person_identifiers has no 'nam' system"))
