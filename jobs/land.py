@@ -118,18 +118,20 @@ TABLE_COMMENTS = {
     "encounter": "Hospital encounters (OMOP visit_occurrence): one row per visit and establishment.",
     "diagnosis": "Diagnoses (OMOP condition_occurrence) with their code and code system.",
     "lab_result": "Laboratory results (OMOP measurement) coded in LOINC, numeric value and unit as reported.",
-    "medication": "Medication orders and exposures (OMOP drug_exposure) coded in ATC or DIN.",
+    "medication": "Medication orders and exposures (OMOP drug_exposure) coded in ATC, DIN or RxNorm.",
     "consent": "Consent decisions of patients per purpose, with their validity.",
 }
 
 COLUMN_COMMENTS = {
-    "person_id": "Consortium pseudonym of the person (keyed hash of the health-insurance number, or of the "
-                 "establishment's record number when none was valid). Same person, same id across establishments.",
+    "person_id": "Consortium pseudonym of the person (keyed hash of its first valid linkage identifier: the "
+                 "health-insurance number, an enterprise MPI number…; or of the establishment's record number "
+                 "when none was valid). Same identifier, same id across establishments.",
     "establishment_id": "Establishment that sent the record.",
     "_batch_id": "Delivery batch that last changed the record.",
     "_extracted_at": "When the establishment extracted the record (UTC); a later extract replaces an earlier one.",
     "patient_key": "Pseudonymised patient record id, keyed per establishment.",
-    "person_id_source": "How person_id was derived: 'nam' (health-insurance number) or 'establishment_fallback'.",
+    "person_id_source": "How person_id was derived: the linkage identifier system ('nam', 'enterprise_mpi'… "
+                        "as config/pipeline.yaml names them) or 'establishment_fallback'.",
     "gender_source_value": "Sex as recorded: female, male, other or unknown.",
     "year_of_birth": "Year of birth.",
     "month_of_birth": "Month of birth (1-12).",
