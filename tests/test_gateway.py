@@ -338,3 +338,13 @@ def test_without_landlock_the_gateway_refuses_unless_told_unconfined(tmp_path, m
         lock_down(settings)
     private = lock_down(settings, unconfined=True)
     assert "UNCONFINED" in capsys.readouterr().err and private.is_dir()
+
+
+@pytest.mark.parametrize("header, size, expected", [
+    (None, 10, (0, 9)), ("bytes=0-3", 10, (0, 3)), ("bytes=5-", 10, (5, 9)), ("bytes=-4", 10, (6, 9)),
+    ("bytes=8-20", 10, (8, 9)), ("bytes=10-", 10, None), ("bytes=4-2", 10, None), ("bytes=1-2,4-5", 10, None),
+    ("items=1-2", 10, None), ("bytes=a-b", 10, None)])
+def test_file_downloads_honour_one_http_byte_range(header, size, expected):
+    from jobs.gateway.sharing import byte_range
+
+    assert byte_range(header, size) == expected

@@ -11,7 +11,12 @@ Table queries answer in the ``parquet`` response format: a ``protocol`` line,
 a ``metaData`` line, then one ``file`` line per data file, whose URL the
 gateway signs (HMAC-SHA256 over share, table, path and expiry with a random
 secret made at start, so URLs die with the process) and serves itself with
-HTTP range support for a local lake. Time travel (``version``,
+HTTP range support: from disk for a local lake, from the object store for an
+``s3a://`` lake, read with the gateway's own read-only credentials. The
+gateway passes objects on rather than handing out S3 pre-signed URLs: a
+pre-signed URL stays valid after its token is revoked or its user leaves the
+project, is not audited per download, and would need the object store to be
+reachable by researchers, who reach only the gateway. Time travel (``version``,
 ``timestamp``, change data feed) is refused: old versions may still hold
 withdrawn persons. A table whose files carry deletion vectors is refused
 (this server does not apply them; its files alone would return deleted rows).
@@ -25,12 +30,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from pyarrow.fs import FileType
 
 from jobs import access, clock
 from jobs.gateway.audit import delta_uri
@@ -213,11 +220,86 @@ def add_routes(app: FastAPI, gateway) -> None:
             check_access(consortium, share, record.user, clock.today())
         except AccessDenied as exc:
             _refuse(event, 403, "PERMISSION_DENIED", str(exc))
+        parts = PurePosixPath(path).parts
+        if not parts or ".." in parts or "_delta_log" in parts or path.startswith("/"):
+            _refuse(event, 404, "NOT_FOUND", "no such file")
         if not gateway.settings.local_lake:
-            _refuse(event, 501, "NOT_IMPLEMENTED", "files of an object-store lake are not served yet")
+            # An object-store lake: the gateway reads the object with its own read-only credentials and
+            # passes it on, so the URL stays revocable and audited (see the module docstring).
+            store = object_store()
+            key = f"{_object_prefix(gateway.lake.project(share, table))}/{path}"
+            info = store.get_file_info(key)
+            if info.type != FileType.File:
+                _refuse(event, 404, "NOT_FOUND", "no such file")
+            span = byte_range(request.headers.get("range"), info.size)
+            if span is None:
+                raise GatewayError(416, "RANGE_NOT_SATISFIABLE", f"the file holds {info.size} bytes")
+            _allowed(event, f"file {table}/{path} {request.headers.get('range', 'whole')}")
+            return _object_response(store, key, span, info.size, partial="range" in request.headers)
         root = Path(gateway.lake.project(share, table)).resolve()
         target = (root / path).resolve()
         if not target.is_relative_to(root) or "_delta_log" in target.parts or not target.is_file():
             _refuse(event, 404, "NOT_FOUND", "no such file")
         _allowed(event, f"file {table}/{path} {request.headers.get('range', 'whole')}")
         return FileResponse(target, media_type="application/octet-stream")
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def object_store():
+    """The object store of an ``s3a://`` lake, from the standard ``AWS_*`` variables (the gateway's own user)."""
+    from pyarrow.fs import S3FileSystem
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    options = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"), "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+               "region": os.environ.get("AWS_REGION", "us-east-1"),
+               "scheme": "http" if endpoint.startswith("http://") else "https"}
+    if endpoint:
+        options["endpoint_override"] = endpoint
+    return S3FileSystem(**{k: v for k, v in options.items() if v is not None})
+
+
+def _object_prefix(uri: str) -> str:
+    """``s3a://bucket/lake/projects/p/t`` → ``bucket/lake/projects/p/t`` (pyarrow's spelling)."""
+    return uri.split("://", 1)[1].rstrip("/")
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(first, last)`` byte of an HTTP ``Range: bytes=…`` header (one range), the whole file without one;
+    ``None`` when the range cannot be served."""
+    if not header:
+        return (0, size - 1)
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec or "-" not in spec:
+        return None
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            start, end = max(size - int(last), 0), size - 1
+        else:
+            start, end = int(first), min(int(last), size - 1) if last else size - 1
+    except ValueError:
+        return None
+    return (start, end) if 0 <= start <= end < size else None
+
+
+def _object_response(store, key: str, span: tuple[int, int], size: int, partial: bool) -> StreamingResponse:
+    start, end = span
+
+    def chunks():
+        with store.open_input_file(key) as handle:
+            handle.seek(start)
+            left = end - start + 1
+            while left > 0:
+                data = handle.read(min(CHUNK_BYTES, left))
+                if not data:
+                    break
+                left -= len(data)
+                yield data
+
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start + 1)}
+    if partial:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(chunks(), status_code=206 if partial else 200, headers=headers,
+                             media_type="application/octet-stream")
