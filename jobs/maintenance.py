@@ -194,10 +194,10 @@ def purge_transient_zones(spark: SparkSession, lake: Lake, retention_days: int,
     steward = F.col("stage") == Stage.STEWARD.value
     per_batch = read_batch_log(spark, lake).groupBy("establishment_id", "batch_id").agg(
         F.max("recorded_at").alias("last"),
-        F.max((F.col("stage") == Stage.LAND.value) & (F.col("status") == Status.LANDED.value)).alias("landed"),
+        F.max((F.col("stage") == Stage.LAND.value) & (F.col("status") == Status.LANDED.value)).alias("has_landed"),
         # The latest steward decision (a retry after a skip takes the batch back).
         F.max_by(F.when(steward, F.col("status")), F.when(steward, F.col("recorded_at"))).alias("decision"))
-    done = F.col("landed") | F.coalesce(F.col("decision") == Status.SKIPPED.value, F.lit(False))
+    done = F.col("has_landed") | F.coalesce(F.col("decision") == Status.SKIPPED.value, F.lit(False))
     stale = ~done & (F.col("last") < F.lit(cutoff))
     # The batches to purge stay a Spark frame (the log grows with every landed batch); only stale ones are listed.
     keys = (per_batch.where(done | stale)

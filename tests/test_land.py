@@ -138,7 +138,7 @@ def test_a_batch_that_does_not_add_up_lands_nothing(spark, lake, consortium):
     # A later ingest entry announcing one row more than what went on (a row lost between stages).
     append_batch_log(spark, lake, [{"establishment_id": EST, "batch_id": "b2", "dataset": "encounter",
                                     "stage": "ingest", "status": "ingested", "rows_read": 3, "rows_quarantined": 0,
-                                    "message": "kind=incremental"}])
+                                    "kind": "incremental"}])
     with pytest.raises(ReconciliationError, match=r"encounter: read 3 != landed 2 \+ quarantined 0"):
         land_batch(spark, lake, EST, "b2", FP)
     assert table_version(spark, lake.silver("encounter")) == version

@@ -47,7 +47,7 @@ def stage_batch(spark, lake: Lake, batch_id: str, rows: dict[str, list[dict]], e
     append_batch_log(spark, lake, [
         {"establishment_id": EST, "batch_id": batch_id, "dataset": d, "stage": "ingest", "status": "ingested",
          "rows_read": len(r) + ingest_quarantined.get(d, 0) + duplicates.get(d, 0),
-         "rows_quarantined": ingest_quarantined.get(d, 0), "extracted_at": extracted_at, "message": f"kind={kind}"}
+         "rows_quarantined": ingest_quarantined.get(d, 0), "extracted_at": extracted_at, "kind": kind}
         for d, r in rows.items()
     ] + [
         {"establishment_id": EST, "batch_id": batch_id, "dataset": d, "stage": "pseudonymise",
