@@ -1,9 +1,29 @@
 """Landing → bronze: take a complete batch, parse every file, keep lineage, lose nothing.
 
-Per batch and dataset: ``rows in the manifest = rows in bronze + rows
-quarantined``, checked after writing; a batch whose manifest does not hold
-(missing file, checksum, row count, unknown dataset) is rejected whole
-before anything is written.
+Per file: ``rows in the manifest = entries in bronze + rows quarantined +
+entries not collected``, checked after writing; a batch whose manifest does
+not hold (missing file, checksum, row count, unknown dataset) is rejected
+whole before anything is written.
+
+An entry (a CSV record, an NDJSON line, a Bundle entry) is one manifest row.
+It lands as one bronze row, except a FHIR Observation with components, which
+lands one row per component (:mod:`jobs.readers.fhir`): bronze entries are
+therefore counted as the distinct ``(_source_file, _source_line)`` of the
+batch's bronze rows. A FHIR resource of a type the consortium does not
+collect is neither in bronze nor quarantined: the reader counts it.
+
+The batch log gets one ``ingested`` entry per dataset: ``rows_read`` = bronze
+rows + rows quarantined (what land reconciles, ``read = landed + quarantined
++ duplicates``) and ``rows_not_collected``, the entries not collected from
+the files the manifest lists under that dataset (``bundle`` for a Bundle,
+``resource`` for a single resource, ``not_collected`` for a whole file of
+resources not collected, which is counted and never read), so that per
+batch::
+
+    rows in the manifest = Σ rows_read + Σ rows_not_collected - component rows
+
+where the component rows (rows beyond the first of an entry) are named in the
+entry's message when there are any.
 """
 
 from __future__ import annotations
@@ -20,7 +40,7 @@ from jobs.config import Consortium, CsvProfile
 from jobs.lake import Lake, file_reference
 from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.batch_queue import delivered_manifest, redelivery_conflict
-from jobs.landing import MANIFEST, check_batch
+from jobs.landing import MANIFEST, NOT_COLLECTED, check_batch
 from jobs.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
@@ -42,6 +62,8 @@ class IngestOutcome:
     bronze: dict[str, int] = field(default_factory=dict)
     quarantined: dict[str, int] = field(default_factory=dict)
     skipped: bool = False
+    # Entries not collected in the batch (per dataset in the batch log's ``rows_not_collected``).
+    not_collected: int = 0
 
 
 def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage, max_field_bytes: int):
@@ -89,6 +111,9 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     column_changes: dict[str, str] = {}
     quarantine_parts: list[DataFrame] = []
     notes: dict[str, list[str]] = {}
+    not_collected: dict[str, int] = {}
+    not_collected_files: dict[str, int] = {}
+    not_collected_types: dict[str, dict[str, int]] = {}
 
     def reject(index: int, message: str) -> BatchRejected:
         """A file of the batch stops it: logged under the file's reference, never its delivered name."""
@@ -105,7 +130,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                 header = read_header(batch.file_path(entry), est.input, file_reference(batch_id, index))
             except HeaderError as exc:
                 raise reject(index, str(exc)) from None
-            mapping = est.input.columns[entry.dataset]
+            mapping = est.input.expected_headers(entry.dataset)
             change = header_drift(header, mapping)
             if change and not consortium.batch_rules(establishment_id, entry.dataset).allow_column_changes:
                 raise reject(index, (
@@ -119,12 +144,26 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     for index, entry in enumerate(batch.files):
         lineage = FileLineage(establishment_id, batch_id, file_reference(batch_id, index),
                               batch.extracted_at, ingested_at)
+        if entry.dataset == NOT_COLLECTED:
+            # A whole file of resources not collected: checked and counted by the landing checks, never read.
+            not_collected_files[lineage.source_file] = entry.rows
+            not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + entry.rows
+            continue
         try:
             result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
                                 consortium.pipeline.max_field_bytes)
         except HeaderError as exc:
             raise reject(index, str(exc)) from None
         notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
+        file_reads = getattr(result, "file_reads", None)
+        for reads in (file_reads() if file_reads else {}).values():
+            if reads.not_collected:
+                source = lineage.source_file
+                not_collected_files[source] = not_collected_files.get(source, 0) + reads.not_collected
+                not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + reads.not_collected
+                types = not_collected_types.setdefault(entry.dataset, {})
+                for rtype, n in reads.not_collected_types.items():
+                    types[rtype] = types.get(rtype, 0) + n
         for dataset, frame in result.bronze.items():
             bronze_parts.setdefault(dataset, []).append(frame)
         quarantine_parts.append(result.quarantine)
@@ -132,7 +171,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
 
     batch_filter = (F.col("_establishment") == establishment_id) & (F.col("_batch_id") == batch_id)
     bronze_counts: dict[str, int] = {}
-    per_file: dict[str, int] = {}
+    bronze_entries: dict[str, int] = {}
+    per_file: dict[str, int] = dict(not_collected_files)
     for dataset, frames in bronze_parts.items():
         path = lake.bronze(dataset)
         ensure_table(spark, path, bronze_schema(dataset), partition_by=("_establishment", "_batch_id"),
@@ -140,11 +180,14 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         frame = reduce(DataFrame.unionByName, frames)
         (frame.write.format("delta").mode(OVERWRITE)
          .option("replaceWhere", f"_establishment = '{establishment_id}' AND _batch_id = '{batch_id}'").save(path))
+        # An entry may land several rows (an Observation's components): entries are distinct lines.
         counts = (spark.read.format("delta").load(path).where(batch_filter)
-                  .groupBy("_source_file").count().collect())
-        bronze_counts[dataset] = sum(r["count"] for r in counts)
+                  .groupBy("_source_file").agg(F.count(F.lit(1)).alias("rows"),
+                                               F.count_distinct("_source_line").alias("entries")).collect())
+        bronze_counts[dataset] = sum(r["rows"] for r in counts)
+        bronze_entries[dataset] = sum(r["entries"] for r in counts)
         for r in counts:
-            per_file[r["_source_file"]] = per_file.get(r["_source_file"], 0) + r["count"]
+            per_file[r["_source_file"]] = per_file.get(r["_source_file"], 0) + r["entries"]
 
     quarantine = reduce(DataFrame.unionByName, quarantine_parts)
     qpath = lake.quarantine()
@@ -171,25 +214,38 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         source = file_reference(batch_id, index)
         if per_file.get(source, 0) != entry.rows:
             reason = (f"{source}: the manifest announces {entry.rows} rows, {per_file.get(source, 0)} were read "
-                      "(landed in bronze + quarantined). Nothing was logged as ingested; inspect the file, then "
-                      "`affluent batch retry` or `affluent batch skip`.")
+                      "(entries landed in bronze + quarantined + not collected). Nothing was logged as ingested; "
+                      "inspect the file, then `affluent batch retry` or `affluent batch skip`.")
             append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
                                             "dataset": entry.dataset, "stage": STAGE, "status": Status.STOPPED,
                                             "message": reason, "source_file": source,
                                             "manifest_sha256": manifest}])
             raise IngestReconciliationError(reason)
 
-    datasets = sorted(set(bronze_counts) | set(quarantined))
+    def figures(d: str) -> list[str]:
+        """What the typed counts of dataset ``d`` do not say: component rows, types not collected."""
+        said = []
+        extra = bronze_counts.get(d, 0) - bronze_entries.get(d, 0)
+        if extra:
+            said.append(f"{bronze_counts[d]} rows in bronze from {bronze_entries[d]} entries ({extra} more rows "
+                        "from Observation components)")
+        if not_collected.get(d):
+            types = ", ".join(f"{t} {n}" for t, n in sorted(not_collected_types.get(d, {}).items()))
+            said.append(f"{not_collected[d]} entries not collected" + (f" ({types})" if types else ""))
+        return said
+
+    datasets = sorted(set(bronze_counts) | set(quarantined) | set(not_collected))
     append_batch_log(spark, lake, [
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
          "status": Status.INGESTED, "rows_read": bronze_counts.get(d, 0) + quarantined.get(d, 0),
-         "rows_quarantined": quarantined.get(d, 0), "extracted_at": batch.extracted_at, "kind": batch.kind,
-         "manifest_sha256": manifest,
+         "rows_quarantined": quarantined.get(d, 0), "rows_not_collected": not_collected.get(d, 0),
+         "extracted_at": batch.extracted_at, "kind": batch.kind, "manifest_sha256": manifest,
          "message": "; ".join(([f"columns: {column_changes[d]}"] if d in column_changes else [])
-                             + notes.get(d, [])) or None}
+                             + notes.get(d, []) + figures(d)) or None}
         for d in datasets
     ])
-    return IngestOutcome(establishment_id, batch_id, batch.kind.value, bronze_counts, quarantined)
+    return IngestOutcome(establishment_id, batch_id, batch.kind.value, bronze_counts, quarantined,
+                         not_collected=sum(not_collected.values()))
 
 
 def batch_kind(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> BatchKind:

@@ -8,8 +8,11 @@ statuses are the enums of :mod:`jobs.batchlog`.
 Typed batch state: ``kind`` (the manifest's ``full``/``incremental``),
 ``manifest_sha256`` (the digest of the manifest the entry was written for: a
 rejected batch whose manifest changes is pending again, a landed batch
-delivered again with another manifest is a conflict) and ``source_file`` (the
-file a rejection is about).
+delivered again with another manifest is a conflict), ``source_file`` (the
+file a rejection is about) and ``rows_not_collected`` (at ingest, the FHIR
+entries of a resource type the consortium does not collect, counted on the
+dataset their file is listed under; see :mod:`jobs.ingest` for how a batch's
+manifest rows add up).
 
 Who reads and writes it: every stage appends through Spark (one writer style for
 every Delta table of the lake, and Delta's optimistic commits between
@@ -55,6 +58,8 @@ BATCH_LOG_SCHEMA = StructType([
     StructField("kind", StringType(), True),
     StructField("manifest_sha256", StringType(), True),
     StructField("source_file", StringType(), True),
+    # Ingest: FHIR entries of a resource type the consortium does not collect (counted, not read).
+    StructField("rows_not_collected", LongType(), True),
 ])
 
 assert tuple(BATCH_LOG_SCHEMA.fieldNames()) == BATCH_LOG_COLUMNS

@@ -97,8 +97,14 @@ def hl7(spark):
     return collected
 
 
+def _rows_of(hl7, dataset: str, file_name: str) -> dict:
+    """The bronze rows of one file, by record ref."""
+    ref = f"{dataset}_ref"
+    return {r[ref]: r for r in hl7["bronze"][dataset] if r["_source_file"].endswith("/" + file_name)}
+
+
 def _landed(hl7, dataset: str, file_name: str):
-    rows = [r for r in hl7["bronze"][dataset] if r["_source_file"].endswith("/" + file_name)]
+    rows = list(_rows_of(hl7, dataset, file_name).values())
     assert len(rows) == 1, f"{file_name}: {len(rows)} bronze rows"
     return rows[0]
 
@@ -109,12 +115,14 @@ def test_every_hl7_example_is_landed_or_quarantined_exactly_once(hl7):
     placed = Counter()
     per_type = Counter()
     for dataset, rows in hl7["bronze"].items():
+        # An Observation with components lands several rows: the entry is placed once.
+        for name in {row["_source_file"].rsplit("/", 1)[-1] for row in rows}:
+            placed[name] += 1
+            per_type[resources[name]["resourceType"]] += 1
         for row in rows:
             name = row["_source_file"].rsplit("/", 1)[-1]
-            placed[name] += 1
             assert DATASET_OF[resources[name]["resourceType"]] == dataset
             assert row["_source_line"] == 1 and row["_resource_id"] == resources[name]["id"]
-            per_type[resources[name]["resourceType"]] += 1
     for row in hl7["quarantine"]:
         name = row["source_file"].rsplit("/", 1)[-1]
         placed[name] += 1
@@ -168,10 +176,32 @@ def test_observation_quantity_value_and_unit(hl7):
 def test_observations_that_cannot_be_lab_results_say_why(hl7):
     reasons = {r["source_file"].rsplit("/", 1)[-1]: (r["rule"], r["reason"]) for r in hl7["quarantine"]}
     assert "no LOINC coding" in reasons["Observation-656.json"][1]
-    assert "component only" in reasons["Observation-blood-pressure.json"][1]
+    # Components, none LOINC-coded (a local code, or none at all): nothing to land.
+    for name in ("Observation-alcohol-type.json", "Observation-ekg.json"):
+        assert "no component has a LOINC coding" in reasons[name][1], name
     assert "(a Group)" in reasons["Observation-herd1.json"][1]
     assert "contained resource" in reasons["Observation-1minute-apgar-score.json"][1]
     assert all(rule == RULE_UNMAPPED for rule, _ in reasons.values())
+
+
+def test_observation_components_land_one_row_each_under_the_parent_ref(hl7):
+    # A blood pressure panel: no value of its own, one row per LOINC-coded component.
+    rows = _rows_of(hl7, "lab_result", "Observation-blood-pressure.json")
+    assert {ref: (r["loinc_code"], r["value"], r["unit"]) for ref, r in rows.items()} == {
+        "blood-pressure/component/0": ("8480-6", "107", "mm[Hg]"),
+        "blood-pressure/component/1": ("8462-4", "60", "mm[Hg]"),
+    }
+    assert all(r["patient_ref"] == "example" and r["measured_at"] == "2012-09-17"
+               and r["_resource_id"] == "blood-pressure" and r["record_action"] == "upsert" for r in rows.values())
+    # A value of its own and LOINC-coded components: its row, then one per component.
+    rows = _rows_of(hl7, "lab_result", "Observation-glasgow.json")
+    assert sorted(rows) == ["glasgow", "glasgow/component/0", "glasgow/component/1", "glasgow/component/2"]
+    assert (rows["glasgow"]["loinc_code"], rows["glasgow"]["value"]) == ("9269-2", "13")
+    assert rows["glasgow/component/1"]["loinc_code"] == "9270-0" and rows["glasgow/component/1"]["unit"] is None
+    # A component with a dataAbsentReason lands with a null value, like an Observation without one.
+    rows = _rows_of(hl7, "lab_result", "Observation-blood-pressure-dar.json")
+    assert {ref: r["value"] for ref, r in rows.items()} == {
+        "blood-pressure-dar/component/0": "107", "blood-pressure-dar/component/1": None}
 
 
 def test_medication_from_contained_medication_and_codeable_concept(hl7):
@@ -237,6 +267,8 @@ def test_ndjson_bad_lines_are_quarantined_with_their_line_numbers(spark, tmp_pat
         b'{"resourceType":"Patient","name":[{"family":"Cote"}]}',               # 6 no id
         b'{"resourceType":"Patient","id":"p7","name":"Ouellet"}',               # 7 name not a HumanName list
         json.dumps({**good, "id": "p8", "deceasedDateTime": "2024-05-01"}).encode(),  # 8 landed
+        b'{"resourceType":"Procedure","id":"pr9","subject":{"reference":"Patient/p1"}}',  # 9 not collected
+        b'{"resourceType":"Patiente","id":"p10","name":[{"family":"Roy"}]}',     # 10 not an R4 type
     ]
     path = _ndjson(tmp_path, "Patient.ndjson", lines)
     result = read_fhir_file(spark, path, "patient", PROFILE, _lineage("cisss_estuaire/b/Patient.ndjson"))
@@ -247,15 +279,18 @@ def test_ndjson_bad_lines_are_quarantined_with_their_line_numbers(spark, tmp_pat
     assert bronze[8]["deceased_date"] == "2024-05-01"
     quarantine = {r["source_line"]: r for r in result.quarantine.collect()}
     assert {n: r["rule"] for n, r in quarantine.items()} == {
-        3: RULE_MALFORMED, 4: RULE_ENCODING, 5: RULE_UNMAPPED, 6: RULE_UNMAPPED, 7: RULE_MALFORMED}
+        3: RULE_MALFORMED, 4: RULE_ENCODING, 5: RULE_UNMAPPED, 6: RULE_UNMAPPED, 7: RULE_MALFORMED, 10: RULE_UNMAPPED}
     assert quarantine[3]["reason"] == ("cisss_estuaire/b/Patient.ndjson line 3: "
                                        "not a JSON object: truncated or malformed JSON")
     assert "an Encounter" not in quarantine[5]["reason"] and "a Encounter in a patient file" in quarantine[5]["reason"]
     assert "has no id" in quarantine[6]["reason"]
+    assert "a Patiente in a patient file" in quarantine[10]["reason"]
     assert all(r["dataset"] == "patient" and r["stage"] == "ingest" for r in quarantine.values())
-    assert result.rows_read() == {"cisss_estuaire/b/Patient.ndjson": 7}
+    # Line 9, a Procedure, is neither landed nor quarantined: it is counted as not collected.
+    assert result.rows_read() == {"cisss_estuaire/b/Patient.ndjson": 9}
+    assert result.not_collected() == {"cisss_estuaire/b/Patient.ndjson": 1}
     text = _quarantine_text(quarantine.values())
-    for value in ("Gagnon", "langer", "Cote", "Ouellet", "Tremblay", "TREM50520312"):
+    for value in ("Gagnon", "langer", "Cote", "Ouellet", "Tremblay", "TREM50520312", "Roy"):
         assert value not in text
 
 
@@ -312,13 +347,93 @@ def test_transaction_bundle_routes_entries_resolves_urns_and_deletes(spark, tmp_
     (consent,) = rows["consent"]
     assert (consent["consent_ref"], consent["purpose"], consent["decision"]) == ("c1", "research_oncology", "withdraw")
     quarantine = {r["source_line"]: r for r in result.quarantine.collect()}
-    assert sorted(quarantine) == [5, 6, 8]
-    assert "Organization maps to no dataset" in quarantine[5]["reason"] and quarantine[5]["dataset"] == "bundle"
-    assert "conditional deletes" in quarantine[6]["reason"]
+    assert sorted(quarantine) == [6, 8]  # entry 5, an Organization, is not collected
+    assert result.not_collected() == {"cisss_estuaire/b/bundle.json": 1}
+    assert "conditional deletes" in quarantine[6]["reason"] and quarantine[6]["dataset"] == "bundle"
     assert "provision.purpose: https://affluent.example.org/purpose|commercial" in quarantine[8]["reason"]
     assert result.rows_read() == {"cisss_estuaire/b/bundle.json": len(entries)}
     text = _quarantine_text(quarantine.values())
-    assert "LAVM60010112" not in text and "Estuaire" not in text
+    assert "LAVM60010112" not in text
+    assert not any("Estuaire" in str(r) for frame in result.bronze.values() for r in frame.collect())
+
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+
+
+def _component(code: str, system: str = LOINC, **value) -> dict:
+    return {"code": {"coding": [{"system": system, "code": code}]}, **value}
+
+
+def _mmhg(value: float) -> dict:
+    return {"valueQuantity": {"value": value, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}}
+
+
+def _observation(oid: str, components: list[dict], status: str = "final", **own) -> dict:
+    return {"request": {"method": "PUT", "url": f"Observation/{oid}"},
+            "resource": {"resourceType": "Observation", "id": oid, "status": status,
+                         "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
+                         "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2025-12-01T09:00:00-05:00",
+                         "component": components, **own}}
+
+
+def test_bundle_components_deletes_and_resources_not_collected(spark, tmp_path):
+    entries = [
+        _observation("bp1", [_component("8480-6", **_mmhg(120)), _component("8462-4", **_mmhg(80))]),  # 1
+        _observation("ob2", [_component("8480-6", **_mmhg(118)),                                          # 2
+                             _component("271649006", "http://snomed.info/sct", **_mmhg(118)),
+                             _component("8478-0", valueCodeableConcept={"coding": [{"system": LOINC,
+                                                                                      "code": "LA6576-8"}]})],
+                     valueQuantity={"value": 72, "system": UCUM, "code": "/min"}),
+        _observation("bp3", [_component("8480-6", **_mmhg(120)), _component("8462-4", **_mmhg(80))],       # 3
+                     status="entered-in-error"),
+        {"request": {"method": "DELETE", "url": "Observation/bp4"}},                                      # 4
+        _observation("bp5", [_component("8480-6", **_mmhg(120)),                                          # 5
+                             _component("8462-4", valueString="Mme Tremblay refused")]),
+        _observation("bp6", [_component("8480-6", valueRange={"low": {"value": 110}, "high": {"value": 130}})]),
+        {"resource": {"resourceType": "DiagnosticReport", "id": "dr7", "status": "final"}},              # 7
+        {"request": {"method": "DELETE", "url": "Procedure/pr8"}},                                        # 8
+        {"resource": {"resourceType": "Practitioner", "id": "pra9", "name": [{"family": "Bouchard"}]}},  # 9
+        {"resource": {"resourceType": "Bundle", "type": "collection", "entry": []}},                     # 10
+        {"resource": {"resourceType": "Frobnicate", "id": "f11"}},                                       # 11
+        {"resource": {"resourceType": "Medication", "id": "m12", "code": {"text": "Zyrtec"}}},           # 12
+    ]
+    path = _bundle(tmp_path, {"resourceType": "Bundle", "type": "batch", "entry": entries})
+    source = "cisss_estuaire/b/components.json"
+    result = read_fhir_file(spark, path, "bundle", PROFILE, _lineage(source))
+
+    rows = {r["lab_result_ref"]: r for r in result.bronze["lab_result"].collect()}
+    assert {ref: (r["loinc_code"], r["value"], r["unit"], r["record_action"], r["_source_line"])
+            for ref, r in rows.items()} == {
+        "bp1/component/0": ("8480-6", "120", "mm[Hg]", "upsert", 1),
+        "bp1/component/1": ("8462-4", "80", "mm[Hg]", "upsert", 1),
+        "ob2": ("85354-9", "72", "/min", "upsert", 2),
+        "ob2/component/0": ("8480-6", "118", "mm[Hg]", "upsert", 2),
+        # component 1 is coded in SNOMED only: not a lab result.
+        "ob2/component/2": ("8478-0", "LA6576-8", None, "upsert", 2),
+        # entered-in-error: the Observation's row and every component's are deleted.
+        "bp3": (None, None, None, "delete", 3),
+        "bp3/component/0": (None, None, None, "delete", 3),
+        "bp3/component/1": (None, None, None, "delete", 3),
+        "bp4": (None, None, None, "delete", 4),
+    }
+    assert all(r["patient_ref"] == "p1" for ref, r in rows.items() if not ref.startswith(("bp3", "bp4")))
+    quarantine = {r["source_line"]: r for r in result.quarantine.collect()}
+    assert sorted(quarantine) == [5, 6, 10, 11]
+    assert "Observation.component[1].valueString is free text" in quarantine[5]["reason"]
+    assert "Observation.component[0].valueRange has no lab_result mapping" in quarantine[6]["reason"]
+    assert quarantine[6]["dataset"] == "lab_result"
+    assert "a Bundle inside a Bundle entry" in quarantine[10]["reason"] and quarantine[10]["dataset"] == "bundle"
+    assert "Frobnicate is not a FHIR R4 resource type" in quarantine[11]["reason"]
+    # Every entry is accounted for once: landed (whatever its rows), quarantined or not collected.
+    (reads,) = result.file_reads().values()
+    assert (reads.entries, reads.landed, reads.quarantined, reads.not_collected, reads.bronze_rows) == (12, 4, 4, 4, 9)
+    assert reads.not_collected_types == {"DiagnosticReport": 1, "Procedure": 1, "Practitioner": 1, "Medication": 1}
+    assert len({(r["_source_file"], r["_source_line"]) for r in rows.values()}) == reads.landed
+    # Nothing of a resource not collected, nor of a component's free text, is kept anywhere.
+    everything = _quarantine_text(quarantine.values()) + str([f.collect() for f in result.bronze.values()])
+    for value in ("Tremblay", "Bouchard", "Zyrtec", "dr7", "pra9", "m12"):
+        assert value not in everything
 
 
 def test_unreadable_bundle_is_one_quarantined_row(spark, tmp_path):

@@ -1,3 +1,4 @@
+import datetime as dt
 import json
 
 import pytest
@@ -139,3 +140,74 @@ def test_a_quoted_note_with_line_breaks_is_one_row_of_the_manifest(spark, consor
     assert outcome.bronze == {"encounter": 2}
     notes = {r.encounter_ref: r.admission_note for r in spark.read.format("delta").load(lake.bronze("encounter")).collect()}
     assert notes["S1"] == 'Douleur; irradiant\nau bras "gauche"\n\nvu en urgence'
+
+
+def _fhir_observation(oid: str, **fields) -> dict:
+    return {"resourceType": "Observation", "id": oid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": "2026-01-04T09:00:00-05:00", **fields}
+
+
+def _loinc(code: str) -> dict:
+    return {"coding": [{"system": "http://loinc.org", "code": code}]}
+
+
+def _mmhg(value: int) -> dict:
+    return {"value": value, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}
+
+
+def test_fhir_components_and_resources_not_collected_reconcile_per_file_and_reach_the_batch_log(
+        spark, consortium, tmp_path):
+    from pyspark.sql.types import StructType
+
+    from jobs.batch_queue import batch_log_entries
+    from jobs.ops import BATCH_LOG_SCHEMA
+
+    lake = Lake(str(tmp_path / "lake"))
+    landing = tmp_path / "landing"
+    # A batch log written before rows_not_collected existed: ingest appends to it all the same.
+    legacy = StructType([f for f in BATCH_LOG_SCHEMA.fields if f.name != "rows_not_collected"])
+    (spark.createDataFrame([("cisss_estuaire", "20260101-001", None, "steward", "skipped", None, None, None, None,
+                             "set aside", None, dt.datetime(2026, 1, 2), None, None, None)], legacy)
+     .write.format("delta").save(lake.ops("batch_log")))
+    panel = _fhir_observation("bp1", code=_loinc("85354-9"), component=[
+        {"code": _loinc("8480-6"), "valueQuantity": _mmhg(120)},
+        {"code": _loinc("8462-4"), "valueQuantity": _mmhg(80)}])
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1950-02-03"}},
+        {"resource": panel},
+        {"resource": {"resourceType": "Procedure", "id": "pr1", "subject": {"reference": "Patient/p1"}}},
+        {"resource": {"resourceType": "Organization", "id": "org1", "name": "CISSS de l'Estuaire"}},
+        {"resource": {"resourceType": "Frobnicate", "id": "f1"}},
+    ]}
+    ndjson = "\n".join(json.dumps(r) for r in [
+        _fhir_observation("o2", code=_loinc("2345-7"), valueQuantity={"value": 5.4, "code": "mmol/L"}),
+        {"resourceType": "Provenance", "id": "pv1", "recorded": "2026-01-04T10:00:00Z"},
+    ]) + "\n"
+    folder = write_batch(landing, "cisss_estuaire", "20260105-001", {
+        "bundle.json": ("bundle", json.dumps(bundle).encode()),
+        "Observation.ndjson": ("lab_result", ndjson.encode()),
+        # A whole file of a type not collected: counted from the manifest, never read.
+        "Procedure.ndjson": ("not_collected", b'{"resourceType":"Procedure","id":"pr2"}\n{"resourceType":"Procedure"}\n'),
+    }, has_header=False)
+    _edit_manifest(folder, lambda m: m["files"][0].update(rows=len(bundle["entry"])))
+
+    outcome = ingest_batch(spark, lake, landing, consortium, "cisss_estuaire", "20260105-001")
+    assert {d: n for d, n in outcome.bronze.items() if n} == {"patient": 1, "lab_result": 3}
+    assert outcome.quarantined == {"bundle": 1}
+    assert outcome.not_collected == 5
+    log = {r.dataset: r for r in read_batch_log(spark, lake).where(F.col("stage") == "ingest").collect()}
+    assert {d: (r.rows_read, r.rows_quarantined, r.rows_not_collected) for d, r in log.items() if r.rows_read} == {
+        "patient": (1, 0, 0), "lab_result": (3, 0, 1), "bundle": (1, 1, 2)}
+    assert (log["not_collected"].rows_read, log["not_collected"].rows_not_collected) == (0, 2)
+    assert "3 rows in bronze from 2 entries (1 more rows from Observation components)" in log["lab_result"].message
+    assert "2 entries not collected (Organization 1, Procedure 1)" in log["bundle"].message
+    assert "Estuaire" not in " ".join(r.message or "" for r in log.values())
+    # The batch adds up: manifest rows = rows read + not collected - the extra component rows.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sum(f["rows"] for f in manifest["files"]) == 9 == 5 + 5 - 1
+    refs = {r.lab_result_ref for r in spark.read.format("delta").load(lake.bronze("lab_result")).collect()}
+    assert refs == {"bp1/component/0", "bp1/component/1", "o2"}
+    # The legacy entry reads the new column as null, in Spark and through delta-rs.
+    entries = {e["batch_id"] + (e["dataset"] or ""): e for e in batch_log_entries(lake, "cisss_estuaire")}
+    assert entries["20260101-001"]["rows_not_collected"] is None
+    assert entries["20260105-001bundle"]["rows_not_collected"] == 2

@@ -19,26 +19,60 @@ Bundles and single resources are read as whole files (``binaryFile``), so the
 same strict UTF-8 check applies to them as to NDJSON lines, and a file that is
 not JSON is quarantined instead of being read as nulls.
 
-Every line or entry read becomes exactly one bronze row or one quarantine row:
-``rows_read = bronze rows + quarantined rows`` per file
-(:meth:`FhirReadResult.rows_read`). Quarantine rows carry no identifier: the
-rule, a reason naming what is missing, the SHA-256 of the resource id, and the
-resource's structure (its type and which R4 elements it carried), never a value.
+Every line or entry read is landed (one bronze row, or one per component of
+an Observation, all with the entry's ``_source_line``), quarantined (one
+row), or not collected (counted only): ``entries = landed + quarantined +
+not collected`` per file (:meth:`FhirReadResult.file_reads`). Quarantine rows
+carry no identifier: the rule, a reason naming what is missing, the SHA-256 of
+the resource id, and the resource's structure (its type and which R4 elements
+it carried), never a value.
 
 Mapping decisions the landing contract leaves open:
 
+- Resources not collected: a well-formed resource (a JSON object whose
+  ``resourceType`` is an R4 type, :data:`NOT_COLLECTED_TYPES`) of a type that
+  maps to no dataset (DiagnosticReport, Procedure, Organization, Practitioner,
+  Medication, Provenance, …), and a ``DELETE`` of such a type, is counted as
+  not collected: no bronze row, no quarantine row, nothing of its content kept.
+  This holds in an NDJSON file too (a collected type in another type's file
+  stays quarantined). Quarantined instead: a ``resourceType`` that is not R4,
+  and a Bundle inside a Bundle entry or NDJSON line (it may hold collected
+  resources).
 - Any resource whose ``status`` (Condition: ``verificationStatus``) is
   ``entered-in-error`` becomes a ``delete`` row: the source retracts it.
 - Observation: the first ``http://loinc.org`` coding gives ``loinc_code``.
   ``value`` is ``valueQuantity.value`` as written (unit: the UCUM ``code``,
   else ``unit``; a non-UCUM ``code`` is not a unit), or the first code of
   ``valueCodeableConcept``, or the text of ``valueBoolean``/``valueInteger``/
-  ``valueDateTime``/``valueTime`` (unit null). Quarantined: no LOINC coding;
-  results only in ``component`` (a panel such as blood pressure: one entry
-  must stay one row); ``valueString`` (free text, which must not reach silver);
+  ``valueDateTime``/``valueTime`` (unit null). Quarantined: ``valueString``
+  (free text, which must not reach silver);
   ``valueRange``/``valueRatio``/``valueSampledData``/``valuePeriod``. A LOINC
   Observation with no value at all (an ordered panel, a cancelled test with a
   ``dataAbsentReason``) lands with a null value.
+- Observation components (a blood pressure panel, 85354-9: 8480-6 systolic,
+  8462-4 diastolic): each component with a LOINC coding is one more
+  ``lab_result`` row, its ``loinc_code`` and value mapped as above (a
+  component with a ``dataAbsentReason`` lands with a null value), its
+  subject, encounter and time the Observation's. Its ``lab_result_ref`` is
+  ``<Observation id>/component/<index>``, the 0-based position in
+  ``Observation.component`` (as in FHIRPath ``component[0]``), so a new
+  version of the resource updates the same rows. The Observation's own row
+  (ref ``<id>``) exists when it has a value of its own or no component; a
+  panel with only components lands its components. Components without a
+  LOINC coding are not lab results and are not landed (like the elements the
+  reader does not map); an Observation that leaves no row at all is
+  quarantined (no LOINC coding on the Observation, or on none of its
+  components), and so is one whose LOINC component carries free text or an
+  unmapped value[x]: the entry is landed or quarantined whole.
+- Retracting an Observation with components: ``entered-in-error`` deletes the
+  Observation's row and one row per component of the retracted version
+  (``<id>/component/0`` … whatever their coding). Limitation: a Bundle
+  ``DELETE`` entry names ``Observation/<id>`` only, so it deletes the row
+  ``<id>`` and cannot reach the component rows; nor does a new version with
+  fewer components delete the rows of the components it dropped. Silver keys
+  records by a keyed hash of the ref, so land cannot match ``<id>/component/*``
+  from the parent; establishments must retract panels with ``entered-in-error``
+  (or send every component again) until silver carries the parent's key.
 - Condition: the first coding of a known system (ICD-10-CA, ICD-10, SNOMED),
   else the first coding; a Condition coded only as text is quarantined.
   ``condition_date`` is ``onsetDateTime``, ``onsetPeriod.start``, else
@@ -77,6 +111,7 @@ from jobs.readers.fhir_schema import (
     KNOWN_ELEMENTS,
     OBSERVATION_VALUE_TEXT,
     OBSERVATION_VALUE_UNMAPPED,
+    R4_RESOURCE_TYPES,
     RESOURCE_ENVELOPE,
     RESOURCE_SCHEMAS,
 )
@@ -87,6 +122,7 @@ from jobs.schemas import (
     ACTION_UPSERT,
     BRONZE_COLUMNS,
     DATASETS,
+    PERSON_IDENTIFIERS,
     QUARANTINE_SCHEMA,
     RECORD_REF,
     bronze_schema,
@@ -100,6 +136,8 @@ DATASET_RESOURCE = "resource"
 
 BUNDLE_TYPES = ("transaction", "batch", "collection", "searchset")
 METHOD_DELETE = "DELETE"
+# A component's row: ``lab_result_ref`` is ``<Observation id>/component/<0-based index>``.
+COMPONENT_PART = "/component/"
 STATUS_ENTERED_IN_ERROR = "entered-in-error"
 
 RESOURCE_DATASETS = {
@@ -111,6 +149,12 @@ RESOURCE_DATASETS = {
     "Consent": "consent",
 }
 DATASET_RESOURCES = {dataset: rtype for rtype, dataset in RESOURCE_DATASETS.items()}
+BUNDLE_TYPE = "Bundle"
+# R4 resource types the consortium does not collect. A Bundle is not among them: a
+# nested Bundle may hold collected resources, so it is quarantined rather than skipped.
+NOT_COLLECTED_TYPES = frozenset(R4_RESOURCE_TYPES - set(RESOURCE_DATASETS) - {BUNDLE_TYPE})
+# Marks, inside the classification, an entry that is counted as not collected.
+_NOT_COLLECTED = "not_collected"
 
 LOINC_URI = BY_VOCABULARY["LOINC"].uris[0]
 MRN_TYPE_CODE = "MR"  # v2-0203 identifier type: medical record number
@@ -131,13 +175,34 @@ class FhirInputError(ValueError):
 
 
 @dataclass(frozen=True)
-class FhirReadResult:
-    """A read FHIR file: bronze rows per dataset, ingest quarantine rows, rows read per file.
+class FileReads:
+    """How the entries of one file were read: ``entries = landed + quarantined + not_collected``.
 
-    ``reads`` has one row per source file, ``(source_file, rows_read)``, where
-    ``rows_read`` counts NDJSON lines (blank lines excepted, as in the
-    manifest), Bundle entries or single-resource files. By construction
-    ``rows_read = bronze rows + quarantined rows`` for each file.
+    ``entries`` counts NDJSON lines (blank lines excepted, as in the manifest),
+    Bundle entries or single-resource files. ``bronze_rows`` is at least
+    ``landed``: an Observation with components lands several rows.
+    ``not_collected_types`` counts the not-collected entries by resource type.
+    """
+
+    entries: int = 0
+    landed: int = 0
+    quarantined: int = 0
+    not_collected: int = 0
+    bronze_rows: int = 0
+    not_collected_types: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FhirReadResult:
+    """A read FHIR file: bronze rows per dataset, ingest quarantine rows, what was read per file.
+
+    ``reads`` has one row per source file and not-collected resource type
+    (null for the collected and quarantined entries): ``(source_file,
+    not_collected_type, entries, landed, quarantined, not_collected,
+    bronze_rows)``; :meth:`file_reads` sums it per file. By construction, per
+    file, ``entries = landed + quarantined + not_collected``, where ``landed``
+    counts the entries that reached bronze: the distinct ``(_source_file,
+    _source_line)`` of the bronze rows.
     """
 
     bronze: dict[str, DataFrame]
@@ -145,9 +210,26 @@ class FhirReadResult:
     reads: DataFrame
     _cached: DataFrame | None = field(default=None, repr=False, compare=False)
 
+    def file_reads(self) -> dict[str, FileReads]:
+        """What was read per source file (runs one small Spark job)."""
+        totals: dict[str, dict] = {}
+        for r in self.reads.collect():
+            t = totals.setdefault(r["source_file"], {"entries": 0, "landed": 0, "quarantined": 0,
+                                                     "not_collected": 0, "bronze_rows": 0,
+                                                     "not_collected_types": {}})
+            for name in ("entries", "landed", "quarantined", "not_collected", "bronze_rows"):
+                t[name] += r[name] or 0
+            if r["not_collected_type"] is not None:
+                t["not_collected_types"][r["not_collected_type"]] = r["not_collected"]
+        return {source: FileReads(**t) for source, t in totals.items()}
+
     def rows_read(self) -> dict[str, int]:
-        """Rows read per source file (runs one small Spark job)."""
-        return {r["source_file"]: r["rows_read"] for r in self.reads.collect()}
+        """Entries read per source file: the manifest's ``rows`` (runs one small Spark job)."""
+        return {source: reads.entries for source, reads in self.file_reads().items()}
+
+    def not_collected(self) -> dict[str, int]:
+        """Entries not collected per source file (runs one small Spark job)."""
+        return {source: reads.not_collected for source, reads in self.file_reads().items()}
 
     def unpersist(self) -> None:
         """Release the parsed rows cached for bronze, quarantine and counts; call once all are written."""
@@ -221,6 +303,10 @@ class _Mapping:
     columns: dict[str, Column]
     checks: list[tuple[Column, Column]]
     retracted: Column
+    # Several rows from one resource: an array of structs ``(_part, <columns>)``
+    # whose ``_part`` is appended to the record ref (null: the resource's own
+    # row). ``None``: one row, of ``columns``.
+    rows: Column | None = None
 
 
 def _patient_checks(reference: Column, patient_ref: Column, element: str) -> list[tuple[Column, Column]]:
@@ -236,12 +322,26 @@ def _patient_checks(reference: Column, patient_ref: Column, element: str) -> lis
     ]
 
 
+def _of_system(uris: list[str]) -> Callable[[Column], Column]:
+    """An identifier of one of ``uris`` with a value. A one-argument function: Spark passes a
+    second argument (the element's index) to a two-argument one."""
+    return lambda i: i["system"].isin(uris) & i["value"].isNotNull()
+
+
 def _map_patient(r: Column, profile: FhirProfile, resolve) -> _Mapping:
     nam_systems = list(profile.nam_systems)
     identifiers = r["identifier"]
     nam = _first_where(identifiers, lambda i: i["system"].isin(nam_systems) & i["value"].isNotNull())
     mrn = _first_where(identifiers, lambda i: F.exists(
         i["type"]["coding"], lambda c: c["code"] == MRN_TYPE_CODE) & i["value"].isNotNull())
+    # Other linkage identifiers, {system: value} (the first value of each system's URIs), as JSON.
+    systems = [(system, list(uris)) for system, uris in profile.identifier_systems.items()]
+    linkage = F.map_from_arrays(
+        F.array(*[F.lit(system) for system, _ in systems]),
+        F.array(*[_first_where(identifiers, _of_system(uris))["value"] for _, uris in systems])) if systems else None
+    person_identifiers = (F.when(F.size(F.map_filter(linkage, lambda k, v: v.isNotNull())) > 0,
+                                 F.to_json(F.map_filter(linkage, lambda k, v: v.isNotNull())))
+                          if systems else F.lit(None).cast("string"))
     name = F.coalesce(_first_where(r["name"], lambda n: n["use"] == "official"), _first(r["name"]))
     address = F.coalesce(_first_where(r["address"], lambda a: a["use"] == "home"), _first(r["address"]))
 
@@ -263,6 +363,7 @@ def _map_patient(r: Column, profile: FhirProfile, resolve) -> _Mapping:
             "phone": telecom("phone"),
             "email": telecom("email"),
             "deceased_date": r["deceasedDateTime"],
+            PERSON_IDENTIFIERS: person_identifiers,
         },
         checks=[],
         retracted=F.lit(False),
@@ -307,9 +408,12 @@ def _map_condition(r: Column, profile: FhirProfile, resolve) -> _Mapping:
     )
 
 
-def _map_observation(r: Column, profile: FhirProfile, resolve) -> _Mapping:
-    patient_ref = _reference_id(resolve(r["subject"]["reference"]), "Patient")
-    loinc = _first_where(r["code"]["coding"], lambda c: (c["system"] == LOINC_URI) & c["code"].isNotNull())
+def _loinc(concept: Column) -> Column:
+    return _first_where(concept["coding"], lambda c: (c["system"] == LOINC_URI) & c["code"].isNotNull())
+
+
+def _observation_value(r: Column) -> tuple[Column, Column, Column, Column]:
+    """``(value, unit, has_value, unmapped value[x] name)`` of an Observation or of one of its components."""
     quantity = r["valueQuantity"]
     value = F.coalesce(
         quantity["value"],
@@ -318,28 +422,70 @@ def _map_observation(r: Column, profile: FhirProfile, resolve) -> _Mapping:
     )
     has_value = quantity.isNotNull() | r["valueCodeableConcept"].isNotNull() | reduce(
         lambda a, b: a | b, [r[n].isNotNull() for n in OBSERVATION_VALUE_TEXT + OBSERVATION_VALUE_UNMAPPED])
-    unmapped_value = F.coalesce(*[F.when(r[n].isNotNull(), F.lit(n)) for n in OBSERVATION_VALUE_UNMAPPED])
+    unmapped = F.coalesce(*[F.when(r[n].isNotNull(), F.lit(n)) for n in OBSERVATION_VALUE_UNMAPPED])
+    return value, F.when(quantity.isNotNull(), _unit(quantity)), has_value, unmapped
+
+
+def _map_observation(r: Column, profile: FhirProfile, resolve) -> _Mapping:
+    patient_ref = _reference_id(resolve(r["subject"]["reference"]), "Patient")
+    loinc = _loinc(r["code"])
+    value, unit, has_value, unmapped_value = _observation_value(r)
+    shared = {
+        "encounter_ref": _reference_id(resolve(r["encounter"]["reference"]), "Encounter"),
+        "patient_ref": patient_ref,
+    }
+    measured_at = F.coalesce(r["effectiveDateTime"], r["effectivePeriod"]["start"],
+                             r["effectiveInstant"], r["issued"])
+    columns = {**shared, "loinc_code": loinc["code"], "value": value, "unit": unit, "measured_at": measured_at}
+
+    # Components, with their 0-based position in Observation.component (the ref suffix).
+    components = F.transform(F.coalesce(r["component"], F.array()), lambda c, i: F.struct(c.alias("c"), i.alias("i")))
+    coded = F.filter(components, lambda x: _loinc(x["c"]["code"]).isNotNull())
+
+    def part(suffix: Column, cols: dict[str, Column]) -> Column:
+        return F.struct(suffix.cast("string").alias("_part"), *[c.alias(n) for n, c in cols.items()])
+
+    def component_row(x: Column) -> Column:
+        c_value, c_unit, _, _ = _observation_value(x["c"])
+        return part(F.concat(F.lit(COMPONENT_PART), x["i"].cast("string")),
+                    {**shared, "loinc_code": _loinc(x["c"]["code"])["code"], "value": c_value, "unit": c_unit,
+                     "measured_at": measured_at})
+
+    own = F.array(part(F.lit(None), columns))
+    # The Observation's own row: its value, or the Observation itself when it has no component
+    # (a LOINC Observation with no value at all lands with a null value).
+    has_own = has_value | (F.size(components) == 0)
+    retracted = r["status"] == STATUS_ENTERED_IN_ERROR
+    rows = (
+        # A retraction deletes the Observation's row and every component's, LOINC-coded or not.
+        F.when(retracted, F.concat(own, F.transform(components, component_row)))
+        .otherwise(F.concat(F.filter(own, lambda _: has_own), F.transform(coded, component_row)))
+    )
+
+    def component_reason(x: Column, what: Column, why: str) -> Column:
+        return F.concat(F.lit("Observation.component["), x["i"].cast("string"), F.lit("]."), what, F.lit(why))
+
+    free_text = _first(F.filter(coded, lambda x: x["c"]["valueString"].isNotNull()))
+    unmapped_component = _first(F.filter(coded, lambda x: _observation_value(x["c"])[3].isNotNull()))
     return _Mapping(
-        columns={
-            "encounter_ref": _reference_id(resolve(r["encounter"]["reference"]), "Encounter"),
-            "patient_ref": patient_ref,
-            "loinc_code": loinc["code"],
-            "value": value,
-            "unit": F.when(quantity.isNotNull(), _unit(quantity)),
-            "measured_at": F.coalesce(r["effectiveDateTime"], r["effectivePeriod"]["start"],
-                                      r["effectiveInstant"], r["issued"]),
-        },
+        columns=columns,
         checks=[
             *_patient_checks(r["subject"]["reference"], patient_ref, "subject"),
-            (loinc.isNull(), F.lit(f"Observation.code has no LOINC coding (system {LOINC_URI})")),
-            (r["component"].isNotNull() & ~has_value,
-             F.lit("Observation carries its results in component only; one resource cannot land as "
-                   "several lab_result rows")),
+            (has_own & loinc.isNull(), F.lit(f"Observation.code has no LOINC coding (system {LOINC_URI})")),
+            (~has_own & (F.size(coded) == 0),
+             F.lit(f"Observation carries its results in component only, and no component has a LOINC coding "
+                   f"(system {LOINC_URI})")),
             (r["valueString"].isNotNull(), F.lit("Observation.valueString is free text and is not landed")),
             (unmapped_value.isNotNull(), F.concat(F.lit("Observation."), unmapped_value,
                                                   F.lit(" has no lab_result mapping"))),
+            (free_text.isNotNull(),
+             component_reason(free_text, F.lit("valueString"), " is free text and is not landed")),
+            (unmapped_component.isNotNull(),
+             component_reason(unmapped_component, _observation_value(unmapped_component["c"])[3],
+                              " has no lab_result mapping")),
         ],
-        retracted=r["status"] == STATUS_ENTERED_IN_ERROR,
+        retracted=retracted,
+        rows=rows,
     )
 
 
@@ -497,13 +643,13 @@ def _bundle_units(spark: SparkSession, path: str, source_file: str) -> DataFrame
     file_rule = (
         F.when(~F.col("_valid"), F.lit(RULE_ENCODING))
         .when(_not_json_object(F.col("_text")), F.lit(RULE_MALFORMED))
-        .when(rtype.isNull() | (rtype != "Bundle"), F.lit(RULE_UNMAPPED))
+        .when(rtype.isNull() | (rtype != BUNDLE_TYPE), F.lit(RULE_UNMAPPED))
         .when(bundle[CORRUPT_FIELD].isNotNull(), F.lit(RULE_MALFORMED))
     )
     file_reason = (
         F.when(~F.col("_valid"), F.lit("bytes are not valid UTF-8 (or are control characters)"))
         .when(_not_json_object(F.col("_text")), F.lit("not a JSON object: truncated or malformed JSON"))
-        .when(rtype.isNull() | (rtype != "Bundle"),
+        .when(rtype.isNull() | (rtype != BUNDLE_TYPE),
               F.concat(F.lit("the file holds "),
                        F.coalesce(_safe_token(rtype, _TYPE_NAME, "an invalid resourceType"),
                                   F.lit("no resourceType")),
@@ -602,7 +748,7 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
         (F.col("_pre_rule").isNotNull(), "", F.col("_pre_reason")),
         (is_delete & F.col("_id").isNull(), RULE_UNMAPPED,
          F.lit("DELETE request.url is not Type/id (conditional deletes are not applied)")),
-        (is_delete & F.col("_dataset").isNull(), RULE_UNMAPPED,
+        (is_delete & F.col("_dataset").isNull() & ~F.col("_type").isin(list(NOT_COLLECTED_TYPES)), RULE_UNMAPPED,
          F.concat(F.lit("DELETE of "), safe_type, F.lit(", which maps to no dataset"))),
         (F.col("_method").isin("GET", "HEAD", "PATCH"), RULE_UNMAPPED,
          F.concat(F.lit("request.method "), F.col("_method"), F.lit(" carries no record to land"))),
@@ -611,14 +757,18 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
         (~is_delete & F.col("_env")[CORRUPT_FIELD].isNotNull(), RULE_MALFORMED,
          F.lit("not a JSON object: truncated or malformed JSON")),
         (F.col("_type").isNull(), RULE_UNMAPPED, F.lit("no resourceType: not a FHIR resource")),
+        # A resource the consortium does not collect: counted, never read further.
+        (F.col("_type").isin(list(NOT_COLLECTED_TYPES)), _NOT_COLLECTED, F.lit(None).cast("string")),
     ]
     if expected is not None:
         rule_reason.append((F.col("_type") != expected, RULE_UNMAPPED,
                             F.concat(F.lit("a "), safe_type,
                                      F.lit(f" in a {RESOURCE_DATASETS[expected]} file (one resource type per "
                                            f"file: {expected})"))))
+    rule_reason.append((F.col("_type") == BUNDLE_TYPE, RULE_UNMAPPED,
+                        F.lit("a Bundle inside a Bundle entry or NDJSON line is not read; deliver its entries")))
     rule_reason.append((F.col("_dataset").isNull() | ~F.col("_dataset").isin(list(datasets)), RULE_UNMAPPED,
-                        F.concat(F.lit("resource type "), safe_type, F.lit(" maps to no dataset"))))
+                        F.concat(F.lit("resource type "), safe_type, F.lit(" is not a FHIR R4 resource type"))))
     action = F.lit(ACTION_UPSERT)
     for dataset, mapping in mappings.items():
         r = F.col(f"_r_{dataset}")
@@ -640,15 +790,27 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
         value = F.col("_pre_rule") if rule_name == "" else F.lit(rule_name)
         rule = F.when(condition, value) if rule is None else rule.when(condition, value)
         reason = F.when(condition, why) if reason is None else reason.when(condition, why)
-    checked = parsed.select("*", rule.alias("_rule"), reason.alias("_reason"), action.alias("_action"))
-    # Keep only what the outputs need: the mapped columns of the row's dataset, the
+    not_collected = F.coalesce(rule == _NOT_COLLECTED, F.lit(False))
+    checked = parsed.select("*", F.when(~not_collected, rule).alias("_rule"), reason.alias("_reason"),
+                            action.alias("_action"), not_collected.alias("_not_collected"))
+
+    def rows(mapping: _Mapping) -> Column:
+        if mapping.rows is None:
+            return F.array(F.struct(F.lit(None).cast("string").alias("_part"),
+                                    *[c.alias(n) for n, c in mapping.columns.items()]))
+        # A DELETE entry carries no resource: its one row names the record of request.url.
+        return F.when(is_delete, F.array(F.struct(F.lit(None).cast("string").alias("_part"),
+                                                  *[F.lit(None).cast("string").alias(n) for n in mapping.columns])))\
+            .otherwise(mapping.rows)
+
+    # Keep only what the outputs need: the mapped rows of the entry's dataset, the
     # structure of a rejected record. The resource text and the Bundle's reference
     # map stay out of the cache.
     return checked.select(
-        "_source_file", "_line", "_where", "_id", "_dataset", "_rule", "_reason", "_action",
+        "_source_file", "_line", "_where", "_id", "_dataset", "_rule", "_reason", "_action", "_not_collected",
+        F.when(F.col("_not_collected"), F.col("_type")).alias("_not_collected_type"),
         F.when(F.col("_rule").isNotNull(), _record_safe(KNOWN_ELEMENTS)).alias("_record_safe"),
-        *[F.when(F.col("_dataset") == d, F.struct(*[c.alias(n) for n, c in mappings[d].columns.items()]))
-          .alias(f"_cols_{d}") for d in datasets],
+        *[F.when(F.col("_dataset") == d, rows(mappings[d])).alias(f"_rows_{d}") for d in datasets],
     )
 
 
@@ -685,20 +847,21 @@ def _split(classified: DataFrame, datasets: Sequence[str], file_dataset: str,
     # pushes the quarantine/bronze filters below the parse and repeats from_json
     # inside every condition.
     classified = classified.cache()
-    landed = classified.where(F.col("_rule").isNull())
+    landed = classified.where(F.col("_rule").isNull() & ~F.col("_not_collected"))
     bronze: dict[str, DataFrame] = {}
     for dataset in datasets:
-        mapped = F.col(f"_cols_{dataset}")
+        mapped = F.col("_row")
         upsert = F.col("_action") == ACTION_UPSERT
 
         def column(name: str) -> Column:
             if name == RECORD_REF[dataset]:
-                return F.col("_id")
+                return F.concat(F.col("_id"), F.coalesce(mapped["_part"], F.lit("")))
             if name == "record_action":
                 return F.col("_action")
             return F.when(upsert, mapped[name])
 
         frame = landed.where(F.col("_dataset") == dataset).select(
+            "*", F.explode(F.col(f"_rows_{dataset}")).alias("_row")).select(
             *[column(c).cast("string").alias(c) for c in BRONZE_COLUMNS[dataset]],
             *_lineage_columns(lineage),
         )
@@ -720,8 +883,16 @@ def _split(classified: DataFrame, datasets: Sequence[str], file_dataset: str,
         F.lit(lineage.ingested_at).cast("timestamp").alias("quarantined_at"),
     ).select(*QUARANTINE_SCHEMA.fieldNames())
 
-    reads = classified.groupBy(F.col("_source_file").alias("source_file")).agg(
-        F.count(F.lit(1)).alias("rows_read"))
+    is_landed = F.col("_rule").isNull() & ~F.col("_not_collected")
+    bronze_rows = reduce(lambda a, b: a + b, [
+        F.when(is_landed & (F.col("_dataset") == d), F.size(f"_rows_{d}")).otherwise(F.lit(0)) for d in datasets])
+    reads = classified.groupBy(F.col("_source_file").alias("source_file"),
+                               F.col("_not_collected_type").alias("not_collected_type")).agg(
+        F.count(F.lit(1)).alias("entries"),
+        F.count(F.when(is_landed, F.lit(1))).alias("landed"),
+        F.count(F.when(F.col("_rule").isNotNull(), F.lit(1))).alias("quarantined"),
+        F.count(F.when(F.col("_not_collected"), F.lit(1))).alias("not_collected"),
+        F.sum(bronze_rows).cast("long").alias("bronze_rows"))
     return FhirReadResult(bronze=bronze, quarantine=quarantine, reads=reads, _cached=classified)
 
 
@@ -730,7 +901,7 @@ def _split(classified: DataFrame, datasets: Sequence[str], file_dataset: str,
 
 def read_fhir_file(spark: SparkSession, path: str, dataset: str, profile: FhirProfile,
                    lineage: FileLineage) -> FhirReadResult:
-    """Read one landed FHIR file; every line or entry ends in bronze or in quarantine.
+    """Read one landed FHIR file; every line or entry ends in bronze, in quarantine or is counted not collected.
 
     ``dataset`` is a canonical dataset (Bulk Data NDJSON of that dataset's
     resource type), ``"bundle"`` (one Bundle, entries routed by type) or
@@ -740,7 +911,7 @@ def read_fhir_file(spark: SparkSession, path: str, dataset: str, profile: FhirPr
 
         result = read_fhir_file(spark, "/lake/landing/cisss_estuaire/b1/Patient.ndjson", "patient",
                                 profile, lineage)
-        result.bronze["patient"].show(); result.quarantine.show(); result.rows_read()
+        result.bronze["patient"].show(); result.quarantine.show(); result.file_reads()
     """
     if dataset in DATASETS:
         units = _ndjson_units(spark, path, lineage.source_file)
@@ -780,6 +951,7 @@ def read_fhir_resources(spark: SparkSession, paths: Iterable[str], profile: Fhir
 
 
 __all__ = [
-    "DATASET_BUNDLE", "DATASET_RESOURCE", "FhirInputError", "FhirReadResult", "FileLineage",
+    "COMPONENT_PART", "DATASET_BUNDLE", "DATASET_RESOURCE", "FhirInputError", "FhirReadResult", "FileLineage",
+    "FileReads", "NOT_COLLECTED_TYPES",
     "RULE_ENCODING", "RULE_MALFORMED", "RULE_UNMAPPED", "read_fhir_file", "read_fhir_resources",
 ]

@@ -10,7 +10,7 @@ Conventions:
 - Numbers are read as ``StringType``: Spark keeps the JSON token as written
   (``66.89999999999999``, ``1e-3``), and bronze holds text.
 - An element declared ``StringType`` but delivered as an object or array is
-  kept as its JSON text: presence checks (``valueString``, ``component``) and
+  kept as its JSON text: presence checks (``valueString``, ``valueRange``) and
   contained resources use that, so a contained resource of any shape never
   makes its container unreadable.
 - Every schema ends with :data:`CORRUPT_FIELD`: ``from_json`` fills it when the
@@ -100,6 +100,15 @@ CONDITION = _with_corrupt([
 # value[x]: the mapped choices are typed; the others are only detected.
 OBSERVATION_VALUE_TEXT = ("valueBoolean", "valueInteger", "valueDateTime", "valueTime")
 OBSERVATION_VALUE_UNMAPPED = ("valueString", "valueRange", "valueRatio", "valueSampledData", "valuePeriod")
+_OBSERVATION_VALUE = [
+    _f("valueQuantity", QUANTITY),
+    _f("valueCodeableConcept", CODEABLE_CONCEPT),
+    *[_s(name) for name in OBSERVATION_VALUE_TEXT],
+    *[_s(name) for name in OBSERVATION_VALUE_UNMAPPED],
+]
+# Observation.component: a code and a value[x] each, read with the same fields as the
+# Observation's own value so that both map alike.
+OBSERVATION_COMPONENT = StructType([_f("code", CODEABLE_CONCEPT), *_OBSERVATION_VALUE])
 OBSERVATION = _with_corrupt([
     _s("status"),
     _f("code", CODEABLE_CONCEPT),
@@ -109,11 +118,8 @@ OBSERVATION = _with_corrupt([
     _f("effectivePeriod", PERIOD),
     _s("effectiveInstant"),
     _s("issued"),
-    _f("valueQuantity", QUANTITY),
-    _f("valueCodeableConcept", CODEABLE_CONCEPT),
-    *[_s(name) for name in OBSERVATION_VALUE_TEXT],
-    *[_s(name) for name in OBSERVATION_VALUE_UNMAPPED],
-    _s("component"),
+    *_OBSERVATION_VALUE,
+    _f("component", ArrayType(OBSERVATION_COMPONENT)),
 ])
 
 DOSAGE = StructType([
@@ -189,3 +195,38 @@ R4_ELEMENTS: dict[str, tuple[str, ...]] = {
                 "sourceReference", "policy", "policyRule", "verification", "provision"),
 }
 KNOWN_ELEMENTS = tuple(sorted({*_COMMON_ELEMENTS, *(e for names in R4_ELEMENTS.values() for e in names)}))
+
+
+# Every resource type of FHIR R4 (4.0.1). A well-formed resource of one of these types
+# that maps to no dataset is not collected (counted, not read); any other
+# ``resourceType`` is not FHIR R4 and is quarantined.
+R4_RESOURCE_TYPES = frozenset({
+    "Account", "ActivityDefinition", "AdverseEvent", "AllergyIntolerance", "Appointment", "AppointmentResponse",
+    "AuditEvent", "Basic", "Binary", "BiologicallyDerivedProduct", "BodyStructure", "Bundle",
+    "CapabilityStatement", "CarePlan", "CareTeam", "CatalogEntry", "ChargeItem", "ChargeItemDefinition", "Claim",
+    "ClaimResponse", "ClinicalImpression", "CodeSystem", "Communication", "CommunicationRequest",
+    "CompartmentDefinition", "Composition", "ConceptMap", "Condition", "Consent", "Contract", "Coverage",
+    "CoverageEligibilityRequest", "CoverageEligibilityResponse", "DetectedIssue", "Device", "DeviceDefinition",
+    "DeviceMetric", "DeviceRequest", "DeviceUseStatement", "DiagnosticReport", "DocumentManifest",
+    "DocumentReference", "EffectEvidenceSynthesis", "Encounter", "Endpoint", "EnrollmentRequest",
+    "EnrollmentResponse", "EpisodeOfCare", "EventDefinition", "Evidence", "EvidenceVariable", "ExampleScenario",
+    "ExplanationOfBenefit", "FamilyMemberHistory", "Flag", "Goal", "GraphDefinition", "Group", "GuidanceResponse",
+    "HealthcareService", "ImagingStudy", "Immunization", "ImmunizationEvaluation", "ImmunizationRecommendation",
+    "ImplementationGuide", "InsurancePlan", "Invoice", "Library", "Linkage", "List", "Location", "Measure",
+    "MeasureReport", "Media", "Medication", "MedicationAdministration", "MedicationDispense",
+    "MedicationKnowledge", "MedicationRequest", "MedicationStatement", "MedicinalProduct",
+    "MedicinalProductAuthorization", "MedicinalProductContraindication", "MedicinalProductIndication",
+    "MedicinalProductIngredient", "MedicinalProductInteraction", "MedicinalProductManufactured",
+    "MedicinalProductPackaged", "MedicinalProductPharmaceutical", "MedicinalProductUndesirableEffect",
+    "MessageDefinition", "MessageHeader", "MolecularSequence", "NamingSystem", "NutritionOrder", "Observation",
+    "ObservationDefinition", "OperationDefinition", "OperationOutcome", "Organization",
+    "OrganizationAffiliation", "Parameters", "Patient", "PaymentNotice", "PaymentReconciliation", "Person",
+    "PlanDefinition", "Practitioner", "PractitionerRole", "Procedure", "Provenance", "Questionnaire",
+    "QuestionnaireResponse", "RelatedPerson", "RequestGroup", "ResearchDefinition", "ResearchElementDefinition",
+    "ResearchStudy", "ResearchSubject", "RiskAssessment", "RiskEvidenceSynthesis", "Schedule", "SearchParameter",
+    "ServiceRequest", "Slot", "Specimen", "SpecimenDefinition", "StructureDefinition", "StructureMap",
+    "Subscription", "Substance", "SubstanceNucleicAcid", "SubstancePolymer", "SubstanceProtein",
+    "SubstanceReferenceInformation", "SubstanceSourceMaterial", "SubstanceSpecification", "SupplyDelivery",
+    "SupplyRequest", "Task", "TerminologyCapabilities", "TestReport", "TestScript", "ValueSet",
+    "VerificationResult", "VisionPrescription",
+})
