@@ -457,7 +457,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
             if not table_exists(spark, lake.silver(dataset)):
                 continue
             if f.quarantined_ingest or f.read == 0:
-                snapshot_notes[dataset] = (f"; full snapshot: records absent from it were not deleted ("
+                snapshot_notes[dataset] = ("; full snapshot: records absent from it were not deleted ("
                                            + ("an empty file" if f.read == 0 else
                                               f"{f.quarantined_ingest} line(s) quarantined at ingest may be "
                                               "some of them") + ")")
