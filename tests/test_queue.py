@@ -83,6 +83,33 @@ def test_a_path_with_dot_slash_is_the_same_file(tmp_path, consortium):
     assert [f.path for f in batch.files] == ["patients.csv"]
 
 
+def _with_file_patterns(consortium, patterns: dict[str, list[str]]):
+    import dataclasses
+
+    est = consortium.establishments[EST]
+    changed = est.model_copy(update={"input": est.input.model_copy(update={"files": patterns})})
+    return dataclasses.replace(consortium, establishments={**consortium.establishments, EST: changed})
+
+
+@pytest.mark.parametrize("patterns, dataset, reason", [
+    ({"patient": ["patient*.csv"], "encounter": ["encounter*.csv"]}, "patient", None),
+    ({"patient": ["*.csv"], "encounter": ["patients.*"]}, None, r"matches several datasets \['encounter', 'patient'\]"),
+    ({"encounter": ["encounter*.csv"]}, None, "matches no dataset of the profile's files patterns"),
+    ({}, None, "declares no files patterns"),
+])
+def test_a_manifest_entry_without_dataset_takes_it_from_the_profiles_file_patterns(tmp_path, consortium, patterns,
+                                                                                  dataset, reason):
+    folder = deliver(tmp_path, "20260105-001")
+    edit_manifest(folder, lambda m: m["files"][0].pop("dataset"))
+    consortium = _with_file_patterns(consortium, patterns)
+    if reason is None:
+        assert [f.dataset for f in check_batch(tmp_path, consortium, EST, "20260105-001").files] == [dataset]
+        return
+    with pytest.raises(BatchRejected, match=reason) as rejected:
+        check_batch(tmp_path, consortium, EST, "20260105-001")
+    assert rejected.value.file == "20260105-001#0" and "patients.csv" not in str(rejected.value)
+
+
 # ----------------------------------------------------------- queue rules ----
 
 def test_a_batch_stopped_at_validate_blocks_the_later_ones_until_a_steward_acts():
