@@ -9,6 +9,7 @@ the same people. See ``tests/fixtures/foreign/build.py`` for what they hold.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -139,5 +140,17 @@ def test_fhir_exports_land_components_and_count_what_is_not_collected(foreign, e
     # Each encounter: a blood-pressure panel in components (systolic, diastolic) and a haemoglobin.
     assert codes.get("8480-6") == codes.get("8462-4") == codes.get("718-7") == encounters
     assert _quarantine(ctx, est).count() == 0
-    ingest = outcomes[est]["ingest"]
-    assert ingest["not_collected"] == 2 * encounters if est == BUNDLE_EST else encounters
+    ingest, land = outcomes[est]["ingest"], outcomes[est]["land"]
+    # Bundles: a Procedure and a DiagnosticReport per encounter; Bulk: a Procedure file.
+    assert ingest["not_collected"] == (2 if est == BUNDLE_EST else 1) * encounters
+
+    # Every entry delivered is accounted for: landed + quarantined + duplicates + not collected, where a
+    # component panel is one entry and several rows.
+    manifest_dir = next((FOREIGN / ("fhir_bundles" if est == BUNDLE_EST else "fhir_bulk") / "batch").iterdir())
+    delivered = sum(f["rows"] for f in json.loads((manifest_dir / "manifest.json").read_text())["files"])
+    bronze = ctx.spark.read.format("delta").load(ctx.lake.bronze("lab_result")).where(F.col("_establishment") == est)
+    extra_rows = bronze.count() - bronze.select("_source_file", "_source_line").distinct().count()
+    assert extra_rows == encounters  # each blood-pressure panel: one entry, two rows
+    accounted = sum(land[k].get(d, 0) for k in ("landed", "quarantined", "duplicates") for d in land["landed"])
+    assert delivered == accounted - extra_rows + ingest["not_collected"]
+    assert sum(land["landed"].values()) >= 0.95 * (accounted - sum(land["duplicates"].values()))
