@@ -12,7 +12,9 @@ Per silver table, keyed by ``(establishment_id, <record key>)``:
   establishment's records of each dataset it carries that it no longer holds
   are deleted, with their tombstones (:func:`delete_absent_records`) — unless
   lines of that dataset were quarantined at ingest (their keys are unknown, so
-  absence cannot be told) or its file is empty; the batch log says which;
+  absence cannot be told) or its file is empty; the batch log says which.
+  Consent decisions are never deleted by absence (a refusal left out of a
+  truncated export would become the purpose's default);
 - re-landing a batch changes nothing: the batch log says it is landed, each
   MERGE carries Delta's idempotent transaction id (scoped to that one write),
   and equal extraction instants never update.
@@ -304,6 +306,11 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
          .execute())
 
 
+# Consent decisions are never deleted because a snapshot left them out: a refusal missing from a
+# truncated export would turn into the purpose's default. They change by later decisions or deletes.
+NOT_BY_ABSENCE = frozenset({"consent"})
+
+
 def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establishment_id: str, batch_id: str,
                           extracted_at) -> int:
     """A full snapshot's deletions: the establishment's silver records of ``dataset`` that the snapshot
@@ -454,7 +461,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     kind, extracted_at = _snapshot(spark, lake, establishment_id, batch_id)
     if kind == BatchKind.FULL:
         for dataset, f in figures.items():
-            if not table_exists(spark, lake.silver(dataset)):
+            if dataset in NOT_BY_ABSENCE or not table_exists(spark, lake.silver(dataset)):
                 continue
             if f.quarantined_ingest or f.read == 0:
                 snapshot_notes[dataset] = ("; full snapshot: records absent from it were not deleted ("

@@ -10,7 +10,7 @@ from pyspark.sql import functions as F
 from jobs.lake import Lake
 from jobs.schemas import silver_columns
 from jobs.tables import table_version
-from tests.test_validate import DAY, EST, EXTRACTED, FP, enc, stage_batch
+from tests.test_validate import DAY, EST, EXTRACTED, FP, consent, enc, stage_batch
 
 D = dt.datetime
 
@@ -86,13 +86,18 @@ def test_a_full_batch_is_a_snapshot_whose_absent_records_are_deleted(spark, lake
     from jobs.ops import read_batch_log
 
     t1, t3, t4 = EXTRACTED, EXTRACTED + 2 * DAY, EXTRACTED + 3 * DAY
-    run_batch(spark, lake, consortium, "b1", {"encounter": [enc(f"v{i}") for i in range(1, 5)]}, t1, kind="full")
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc(f"v{i}") for i in range(1, 5)],
+                                              "consent": [consent("c1", decision="deny"), consent("c2")]},
+              t1, kind="full")
     # v3 is still sent but invalid now (no start): quarantined, its landed version stays. v4 is gone.
+    # The refusal c1 is left out of the snapshot: a consent decision is never deleted by absence.
     run_batch(spark, lake, consortium, "b3", {"encounter": [enc("v1"), enc("v2", visit_source_value="outpatient"),
-                                                           enc("v3", start=None)]}, t3, kind="full")
+                                                           enc("v3", start=None)],
+                                              "consent": [consent("c2")]}, t3, kind="full")
     silver = lambda: {r.visit_occurrence_id: r.visit_source_value  # noqa: E731
                       for r in spark.read.format("delta").load(lake.silver("encounter")).collect()}
     assert silver() == {"v1": "inpatient", "v2": "outpatient", "v3": "inpatient"}
+    assert spark.read.format("delta").load(lake.silver("consent")).count() == 2
     deletions = spark.read.format("delta").load(lake.ops("silver_deletions")).collect()
     assert [(r.record_id, r.deleted_at, r.batch_id) for r in deletions] == [("v4", t3, "b3")]
     message = (read_batch_log(spark, lake).where("batch_id = 'b3' AND stage = 'land'").first().message)
