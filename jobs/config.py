@@ -114,7 +114,8 @@ class CsvProfile(_Strict):
         for dataset, mapping in value.items():
             if dataset not in DATASETS:
                 raise ValueError(f"unknown dataset {dataset!r}; datasets are {', '.join(DATASETS)}")
-            unknown = sorted(set(mapping.values()) - set(BRONZE_COLUMNS[dataset]) | {PERSON_IDENTIFIERS} & set(mapping.values()))
+            # person_identifiers is built from input.person_identifiers, never mapped from one header.
+            unknown = sorted(set(mapping.values()) - (set(BRONZE_COLUMNS[dataset]) - {PERSON_IDENTIFIERS}))
             if unknown:
                 raise ValueError(f"{dataset}: unknown canonical column(s) {unknown}; "
                                  f"expected some of {', '.join(BRONZE_COLUMNS[dataset])}")
@@ -369,9 +370,6 @@ class Pipeline(_Strict):
         if dupes:
             raise ValueError(f"person-identifier system(s) {dupes} declared twice")
         return value
-
-    def person_identifier(self, system: str) -> PersonIdentifierSystem | None:
-        return next((s for s in self.person_identifiers if s.id == system), None)
 
     @model_validator(mode="after")
     def _transient_within_bronze(self) -> "Pipeline":

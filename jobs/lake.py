@@ -26,7 +26,7 @@ DIRECT_IDENTIFIERS = "direct_identifiers"    # names, NAM, MRN, addresses, free 
 PATIENT_REFERENCES = "patient_references"    # an establishment's patient reference, in clear
 PATIENT_KEYS = "patient_keys"                # keyed patient references (``patient_key``)
 PERSON_IDS = "person_ids"                    # the consortium pseudonym ``person_id``
-PROJECT_PSEUDONYMS = "project_pseudonyms"    # ``person_id`` keyed again per project
+PROJECT_PERSON_IDS = "project_person_ids"    # ``person_id`` keyed again per project
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ ZONES = {z.name: z for z in (
     # ops holds erasure requests (patient keys, kept so that a re-delivery can be checked) and counts.
     Zone(OPS, frozenset({PATIENT_KEYS})),
     Zone(GOLD, frozenset()),
-    Zone(PROJECTS, frozenset({PROJECT_PSEUDONYMS})),
+    Zone(PROJECTS, frozenset({PROJECT_PERSON_IDS})),
 )}
 
 # Zones that may hold direct identifiers; nothing else may ever contain one.

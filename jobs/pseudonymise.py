@@ -66,7 +66,7 @@ def _blank_to_null(col: Column) -> Column:
 
 def normalise_nam(col: Column) -> Column:
     """Upper case, without spaces or separators (``trem 8552 1512`` → ``TREM85521512``)."""
-    return _blank_to_null(F.upper(F.regexp_replace(col, r"[^A-Za-z0-9]", "")))
+    return normalise_identifier(DEFAULT_SYSTEM, col)
 
 
 def is_valid_nam(nam: Column, birth_date: Column, sex: Column) -> Column:

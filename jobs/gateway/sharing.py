@@ -27,6 +27,7 @@ is revoked or its user leaves the project.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -247,8 +248,10 @@ def add_routes(app: FastAPI, gateway) -> None:
 CHUNK_BYTES = 1 << 20
 
 
+@functools.cache
 def object_store():
-    """The object store of an ``s3a://`` lake, from the standard ``AWS_*`` variables (the gateway's own user)."""
+    """The object store of an ``s3a://`` lake, from the standard ``AWS_*`` variables (the gateway's own user),
+    made once per process."""
     from pyarrow.fs import S3FileSystem
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")

@@ -142,9 +142,8 @@ def header_drift(header: list[str], expected: list[str]) -> str:
     a renamed source column (``unite`` → ``ward``) keeps every staged column
     and would land as NULL.
     """
-    mapping = expected
-    missing = [h for h in mapping if h not in header]
-    unexpected = [h for h in header if h not in mapping]
+    missing = [h for h in expected if h not in header]
+    unexpected = [h for h in header if h not in expected]
     parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else [])
     return ", ".join(parts)
 
@@ -223,6 +222,15 @@ def _longest_field(text: Column, profile: CsvProfile) -> Column:
                         F.when(last, acc["idx"]).otherwise(acc["at"]).alias("field"))
 
     return F.aggregate(tokens, start, step, finish)
+
+
+def identifiers_json(values: dict[str, Column]) -> Column:
+    """The bronze ``person_identifiers`` column: ``{system: value}`` of the values present, as JSON; null when none is."""
+    if not values:
+        return F.lit(None).cast("string")
+    present = F.map_filter(F.map_from_arrays(F.array(*[F.lit(s) for s in values]), F.array(*values.values())),
+                           lambda k, v: v.isNotNull())
+    return F.when(F.size(present) > 0, F.to_json(present))
 
 
 def _re(ch: str) -> str:
@@ -305,12 +313,7 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
         if canonical == "record_action" and "record_action" not in positions:
             return F.lit(profile.default_action)
         if canonical == PERSON_IDENTIFIERS:
-            if not identifiers:
-                return F.lit(None).cast("string")
-            pairs = F.map_from_arrays(F.array(*[F.lit(s) for s in identifiers]),
-                                      F.array(*[source(i) for i in identifiers.values()]))
-            present = F.map_filter(pairs, lambda k, v: v.isNotNull())
-            return F.when(F.size(present) > 0, F.to_json(present))
+            return identifiers_json({system: source(i) for system, i in identifiers.items()})
         if canonical not in positions:
             return F.lit(None).cast("string")
         value = source(positions[canonical])

@@ -102,7 +102,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.config import FhirProfile
-from jobs.readers.csv import RULE_ENCODING, RULE_MALFORMED, STAGE_INGEST, FileLineage
+from jobs.readers.csv import RULE_ENCODING, RULE_MALFORMED, STAGE_INGEST, FileLineage, identifiers_json
 from jobs.readers.fhir_schema import (
     BUNDLE,
     CODEABLE_CONCEPT,
@@ -335,13 +335,8 @@ def _map_patient(r: Column, profile: FhirProfile, resolve) -> _Mapping:
     mrn = _first_where(identifiers, lambda i: F.exists(
         i["type"]["coding"], lambda c: c["code"] == MRN_TYPE_CODE) & i["value"].isNotNull())
     # Other linkage identifiers, {system: value} (the first value of each system's URIs), as JSON.
-    systems = [(system, list(uris)) for system, uris in profile.identifier_systems.items()]
-    linkage = F.map_from_arrays(
-        F.array(*[F.lit(system) for system, _ in systems]),
-        F.array(*[_first_where(identifiers, _of_system(uris))["value"] for _, uris in systems])) if systems else None
-    person_identifiers = (F.when(F.size(F.map_filter(linkage, lambda k, v: v.isNotNull())) > 0,
-                                 F.to_json(F.map_filter(linkage, lambda k, v: v.isNotNull())))
-                          if systems else F.lit(None).cast("string"))
+    person_identifiers = identifiers_json({system: _first_where(identifiers, _of_system(list(uris)))["value"]
+                                           for system, uris in profile.identifier_systems.items()})
     name = F.coalesce(_first_where(r["name"], lambda n: n["use"] == "official"), _first(r["name"]))
     address = F.coalesce(_first_where(r["address"], lambda a: a["use"] == "home"), _first(r["address"]))
 
