@@ -52,23 +52,25 @@ no table. A failure names the establishment, the batch and the rule; see
 
 RERUN = ("\n\n**Re-run**: clear this task (or run `affluent {stage} --establishment <id> --batch <batch>`); "
          "the stage is idempotent, a batch already done changes nothing.")
+# Task names: the four stages and the task that picks the batch.
+SELECT_BATCH = "select_batch"
 TASK_DOCS = {
-    "select_batch": "Chooses the batch: the run's `batch_id` parameter, or the oldest pending batch of the "
-                    "establishment's queue, read from `ops/batch_log` with delta-rs (no Spark). Skips when nothing is "
-                    "pending; fails, naming the batch and the reason, when a stopped batch blocks the queue "
-                    "(`affluent batch retry|skip`).",
-    "ingest": "**Reads** `landing/<establishment>/<batch>/` (manifest, files). **Writes** `bronze/<dataset>` "
-              "(parsed, still identifying) and `quarantine/rows` (malformed lines, encoding errors). Logs one line "
-              "per dataset: rows parsed and quarantined." + RERUN.format(stage="ingest"),
-    "pseudonymise": "**Reads** `bronze/<dataset>` for the batch and the key. **Writes** `staged/<dataset>`: "
-                    "person_id and record ids keyed, quasi-identifiers generalised, free text dropped, exact "
-                    "duplicates counted." + RERUN.format(stage="pseudonymise"),
-    "validate": "**Reads** `staged/<dataset>`. **Writes** `validated/<dataset>`, failing rows to `quarantine/rows`, "
-                "results to `ops/validation_results` and an HTML report (its path is logged). A batch-level rule "
-                "broken stops the batch here." + RERUN.format(stage="validate"),
-    "land": "**Reads** `validated/<dataset>`. **Writes** `silver/<dataset>` (MERGE) and `ops/batch_log`; checks "
-            "read = landed + quarantined + duplicates; emits the silver Assets that trigger publish. Runs in the "
-            "one-slot `affluent_lake_writers` pool." + RERUN.format(stage="land"),
+    SELECT_BATCH: "Chooses the batch: the run's `batch_id` parameter, or the oldest pending batch of the "
+        "establishment's queue, read from `ops/batch_log` with delta-rs (no Spark). Skips when nothing is "
+        "pending; fails, naming the batch and the reason, when a stopped batch blocks the queue "
+        "(`affluent batch retry|skip`).",
+    Stage.INGEST: "**Reads** `landing/<establishment>/<batch>/` (manifest, files). **Writes** `bronze/<dataset>` "
+        "(parsed, still identifying) and `quarantine/rows` (malformed lines, encoding errors). Logs one line "
+        "per dataset: rows parsed and quarantined." + RERUN.format(stage=Stage.INGEST),
+    Stage.PSEUDONYMISE: "**Reads** `bronze/<dataset>` for the batch and the key. **Writes** `staged/<dataset>`: "
+        "person_id and record ids keyed, quasi-identifiers generalised, free text dropped, exact "
+        "duplicates counted." + RERUN.format(stage=Stage.PSEUDONYMISE),
+    Stage.VALIDATE: "**Reads** `staged/<dataset>`. **Writes** `validated/<dataset>`, failing rows to `quarantine/rows`, "
+        "results to `ops/validation_results` and an HTML report (its path is logged). A batch-level rule "
+        "broken stops the batch here." + RERUN.format(stage=Stage.VALIDATE),
+    Stage.LAND: "**Reads** `validated/<dataset>`. **Writes** `silver/<dataset>` (MERGE) and `ops/batch_log`; checks "
+        "read = landed + quarantined + duplicates; emits the silver Assets that trigger publish. Runs in the "
+        "one-slot `affluent_lake_writers` pool." + RERUN.format(stage=Stage.LAND),
 }
 
 
@@ -122,7 +124,7 @@ def build_ingest_dag(establishment_id: str, name: str):
         doc_md=DOC.format(id=establishment_id, name=name),
     )
     def ingest_establishment():
-        @task(doc_md=TASK_DOCS["select_batch"])
+        @task(doc_md=TASK_DOCS[SELECT_BATCH])
         def select_batch() -> str:
             from jobs import pipeline
 
@@ -139,19 +141,19 @@ def build_ingest_dag(establishment_id: str, name: str):
                 raise AirflowFailException(queue.explain())  # a steward must act: no retry can help
             raise AirflowSkipException(queue.explain())
 
-        @task(doc_md=TASK_DOCS["ingest"])
+        @task(doc_md=TASK_DOCS[Stage.INGEST])
         def ingest(batch_id: str) -> dict:
             return _run_stage(Stage.INGEST, establishment_id, batch_id)
 
-        @task(doc_md=TASK_DOCS["pseudonymise"])
+        @task(doc_md=TASK_DOCS[Stage.PSEUDONYMISE])
         def pseudonymise(batch_id: str) -> dict:
             return _run_stage(Stage.PSEUDONYMISE, establishment_id, batch_id)
 
-        @task(doc_md=TASK_DOCS["validate"])
+        @task(doc_md=TASK_DOCS[Stage.VALIDATE])
         def validate(batch_id: str) -> dict:
             return _run_stage(Stage.VALIDATE, establishment_id, batch_id)
 
-        @task(outlets=silver_assets(), pool=LAKE_WRITERS_POOL, doc_md=TASK_DOCS["land"])
+        @task(outlets=silver_assets(), pool=LAKE_WRITERS_POOL, doc_md=TASK_DOCS[Stage.LAND])
         def land(batch_id: str) -> dict:
             return _run_stage(Stage.LAND, establishment_id, batch_id)
 

@@ -35,9 +35,9 @@ def figure_lines(stage: str, establishment_id: str, batch_id: str, summary: dict
         if summary.get("report"):
             lines.append(f"{where}: validation report {summary['report']}")
         return lines
-    counters = [(name, summary[name]) for name in ("bronze", "staged", "landed", "quarantined", "duplicates",
-                                                   "not_collected")
-                if isinstance(summary.get(name), dict)]
+    # Per-dataset counters are the outcome's dict fields (bronze, staged, landed, quarantined, ...), in field order.
+    counters = [(name, values) for name, values in summary.items()
+                if isinstance(values, dict) and all(isinstance(v, int) for v in values.values())]
     datasets = sorted({d for _, values in counters for d in values})
     for dataset in datasets:
         figures = ", ".join(f"{name} {values.get(dataset, 0)}" for name, values in counters)

@@ -427,9 +427,9 @@ def test_bundle_components_deletes_and_resources_not_collected(spark, tmp_path):
     assert "Frobnicate is not a FHIR R4 resource type" in quarantine[11]["reason"]
     # Every entry is accounted for once: landed (whatever its rows), quarantined or not collected.
     (reads,) = result.file_reads().values()
-    assert (reads.entries, reads.landed, reads.quarantined, reads.not_collected, reads.bronze_rows) == (12, 4, 4, 4, 9)
+    assert (reads.entries, reads.to_bronze, reads.quarantined, reads.not_collected, reads.bronze_rows) == (12, 4, 4, 4, 9)
     assert reads.not_collected_types == {"DiagnosticReport": 1, "Procedure": 1, "Practitioner": 1, "Medication": 1}
-    assert len({(r["_source_file"], r["_source_line"]) for r in rows.values()}) == reads.landed
+    assert len({(r["_source_file"], r["_source_line"]) for r in rows.values()}) == reads.to_bronze
     # Nothing of a resource not collected, nor of a component's free text, is kept anywhere.
     everything = _quarantine_text(quarantine.values()) + str([f.collect() for f in result.bronze.values()])
     for value in ("Tremblay", "Bouchard", "Zyrtec", "dr7", "pra9", "m12"):

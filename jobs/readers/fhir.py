@@ -19,9 +19,9 @@ Bundles and single resources are read as whole files (``binaryFile``), so the
 same strict UTF-8 check applies to them as to NDJSON lines, and a file that is
 not JSON is quarantined instead of being read as nulls.
 
-Every line or entry read is landed (one bronze row, or one per component of
-an Observation, all with the entry's ``_source_line``), quarantined (one
-row), or not collected (counted only): ``entries = landed + quarantined +
+Every line or entry read goes to bronze (one row, or one per component of
+an Observation, all with the entry's ``_source_line``), to quarantine (one
+row), or is not collected (counted only): ``entries = to_bronze + quarantined +
 not collected`` per file (:meth:`FhirReadResult.file_reads`). Quarantine rows
 carry no identifier: the rule, a reason naming what is missing, the SHA-256 of
 the resource id, and the resource's structure (its type and which R4 elements
@@ -176,16 +176,16 @@ class FhirInputError(ValueError):
 
 @dataclass(frozen=True)
 class FileReads:
-    """How the entries of one file were read: ``entries = landed + quarantined + not_collected``.
+    """How the entries of one file were read: ``entries = to_bronze + quarantined + not_collected``.
 
     ``entries`` counts NDJSON lines (blank lines excepted, as in the manifest),
     Bundle entries or single-resource files. ``bronze_rows`` is at least
-    ``landed``: an Observation with components lands several rows.
+    ``to_bronze``: an Observation with components gives several rows.
     ``not_collected_types`` counts the not-collected entries by resource type.
     """
 
     entries: int = 0
-    landed: int = 0
+    to_bronze: int = 0
     quarantined: int = 0
     not_collected: int = 0
     bronze_rows: int = 0
@@ -198,9 +198,9 @@ class FhirReadResult:
 
     ``reads`` has one row per source file and not-collected resource type
     (null for the collected and quarantined entries): ``(source_file,
-    not_collected_type, entries, landed, quarantined, not_collected,
+    not_collected_type, entries, to_bronze, quarantined, not_collected,
     bronze_rows)``; :meth:`file_reads` sums it per file. By construction, per
-    file, ``entries = landed + quarantined + not_collected``, where ``landed``
+    file, ``entries = to_bronze + quarantined + not_collected``, where ``to_bronze``
     counts the entries that reached bronze: the distinct ``(_source_file,
     _source_line)`` of the bronze rows.
     """
@@ -214,10 +214,10 @@ class FhirReadResult:
         """What was read per source file (runs one small Spark job)."""
         totals: dict[str, dict] = {}
         for r in self.reads.collect():
-            t = totals.setdefault(r["source_file"], {"entries": 0, "landed": 0, "quarantined": 0,
+            t = totals.setdefault(r["source_file"], {"entries": 0, "to_bronze": 0, "quarantined": 0,
                                                      "not_collected": 0, "bronze_rows": 0,
                                                      "not_collected_types": {}})
-            for name in ("entries", "landed", "quarantined", "not_collected", "bronze_rows"):
+            for name in ("entries", "to_bronze", "quarantined", "not_collected", "bronze_rows"):
                 t[name] += r[name] or 0
             if r["not_collected_type"] is not None:
                 t["not_collected_types"][r["not_collected_type"]] = r["not_collected"]
@@ -842,7 +842,7 @@ def _split(classified: DataFrame, datasets: Sequence[str], file_dataset: str,
     # pushes the quarantine/bronze filters below the parse and repeats from_json
     # inside every condition.
     classified = classified.cache()
-    landed = classified.where(F.col("_rule").isNull() & ~F.col("_not_collected"))
+    kept = classified.where(F.col("_rule").isNull() & ~F.col("_not_collected"))
     bronze: dict[str, DataFrame] = {}
     for dataset in datasets:
         mapped = F.col("_row")
@@ -855,7 +855,7 @@ def _split(classified: DataFrame, datasets: Sequence[str], file_dataset: str,
                 return F.col("_action")
             return F.when(upsert, mapped[name])
 
-        frame = landed.where(F.col("_dataset") == dataset).select(
+        frame = kept.where(F.col("_dataset") == dataset).select(
             "*", F.explode(F.col(f"_rows_{dataset}")).alias("_row")).select(
             *[column(c).cast("string").alias(c) for c in BRONZE_COLUMNS[dataset]],
             *_lineage_columns(lineage),
@@ -878,13 +878,13 @@ def _split(classified: DataFrame, datasets: Sequence[str], file_dataset: str,
         F.lit(lineage.ingested_at).cast("timestamp").alias("quarantined_at"),
     ).select(*QUARANTINE_SCHEMA.fieldNames())
 
-    is_landed = F.col("_rule").isNull() & ~F.col("_not_collected")
+    to_bronze = F.col("_rule").isNull() & ~F.col("_not_collected")
     bronze_rows = reduce(lambda a, b: a + b, [
-        F.when(is_landed & (F.col("_dataset") == d), F.size(f"_rows_{d}")).otherwise(F.lit(0)) for d in datasets])
+        F.when(to_bronze & (F.col("_dataset") == d), F.size(f"_rows_{d}")).otherwise(F.lit(0)) for d in datasets])
     reads = classified.groupBy(F.col("_source_file").alias("source_file"),
                                F.col("_not_collected_type").alias("not_collected_type")).agg(
         F.count(F.lit(1)).alias("entries"),
-        F.count(F.when(is_landed, F.lit(1))).alias("landed"),
+        F.count(F.when(to_bronze, F.lit(1))).alias("to_bronze"),
         F.count(F.when(F.col("_rule").isNotNull(), F.lit(1))).alias("quarantined"),
         F.count(F.when(F.col("_not_collected"), F.lit(1))).alias("not_collected"),
         F.sum(bronze_rows).cast("long").alias("bronze_rows"))
