@@ -19,11 +19,16 @@ def table_exists(spark: SparkSession, path: str) -> bool:
     return DeltaTable.isDeltaTable(spark, path)
 
 
+def table_properties(spark: SparkSession, path: str) -> dict[str, str]:
+    """The table's properties, read from its metadata (``DESCRIBE DETAIL`` would also size every file)."""
+    return {r.key: r.value for r in spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect()}
+
+
 def check_fingerprint(spark: SparkSession, path: str, fingerprint: str) -> None:
     """Refuse to write pseudonyms made with another key into an existing table."""
     if not table_exists(spark, path):
         return
-    props = DeltaTable.forPath(spark, path).detail().select("properties").first().properties or {}
+    props = table_properties(spark, path)
     stored = props.get(FINGERPRINT_PROPERTY)
     if stored is not None and stored != fingerprint:
         raise KeyMismatchError(
@@ -39,7 +44,7 @@ def purge_deletion_vectors(spark: SparkSession, path: str) -> bool:
     A DELETE, UPDATE or MERGE on a table with deletion vectors only marks rows
     as gone; their bytes stay in the Parquet file. True when a purge ran.
     """
-    props = DeltaTable.forPath(spark, path).detail().select("properties").first().properties or {}
+    props = table_properties(spark, path)
     if str(props.get(DELETION_VECTORS, "false")).lower() != "true":
         return False
     spark.sql(f"REORG TABLE delta.`{path}` APPLY (PURGE)")

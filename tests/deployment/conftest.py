@@ -3,7 +3,7 @@
 * ``spark_cluster``: a Spark standalone master and one worker (1 core, 1g) from
   the pyspark distribution, for the whole test session;
 * ``s3_server``: s3proxy with a filesystem backend and a test access key;
-* ``run_in_cluster``: runs ``fn(ctx) -> dict`` (a function of an importable
+* :func:`run_spark_app` runs ``fn(ctx) -> dict`` (a function of an importable
   module) as its own Spark application, through the ``spark_default`` Airflow
   connection, exactly as a task of the deployed DAGs builds its session.
 
@@ -95,24 +95,6 @@ def spark_cluster(tmp_path_factory):
                                   worker_cores=1, worker_memory="1g") as cluster:
         print(f"Spark standalone master: {cluster.master_url} (UI {cluster.webui_url})")
         yield cluster
-
-
-@pytest.fixture()
-def run_in_cluster(spark_cluster, tmp_path) -> Callable[..., dict]:
-    """``run_in_cluster(fn, lake_root=None, **kw)``: run ``fn(ctx)`` on the loopback cluster.
-
-    The lake defaults to a fresh folder of the test's ``tmp_path`` (the worker
-    shares this machine's filesystem, as workers share a volume in production).
-    """
-    runs = iter(range(1_000))
-
-    def run(target: str | Callable, lake_root: str | None = None, **kwargs) -> dict:
-        index = next(runs)
-        return run_spark_app(target, connection_uri=spark_cluster.connection_uri,
-                             lake_root=lake_root or str(tmp_path / "lake"),
-                             work_dir=tmp_path / f"app-{index}", **kwargs)
-
-    return run
 
 
 @pytest.fixture(scope="session")

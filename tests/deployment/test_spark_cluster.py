@@ -11,41 +11,49 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deployment.workloads import delta_write_read_merge
-
 pytestmark = pytest.mark.integration
 
 
-def test_delta_write_read_merge_on_a_standalone_cluster(spark_cluster, run_in_cluster, tmp_path):
-    lake_root = str(tmp_path / "lake")
+@pytest.fixture(scope="module")
+def cluster_run(spark_cluster, tmp_path_factory):
+    """One Spark application on the cluster runs a batch through every stage, then a Delta write/read/MERGE."""
+    from tests.deployment.conftest import run_spark_app
+    from tests.deployment.workloads import batch_then_delta_checks
 
-    result = run_in_cluster(delta_write_read_merge, lake_root=lake_root)
-
+    work = tmp_path_factory.mktemp("cluster-app")
+    lake_root = str(work / "lake")
+    result = run_spark_app(batch_then_delta_checks, connection_uri=spark_cluster.connection_uri,
+                           lake_root=lake_root, work_dir=work / "app")
     print(f"master used: {result['master']} (application {result['application_id']})")
+    return result, lake_root
+
+
+def test_delta_write_read_merge_on_a_standalone_cluster(spark_cluster, cluster_run):
+    result, lake_root = cluster_run
+    delta = result["delta"]
+
     assert spark_cluster.connection_uri.startswith("spark://127.0.0.1:")
     assert result["master"] == spark_cluster.master_url
     assert result["executors"] == 1
-    assert result["table"].startswith(lake_root)
-    assert result["rows_written"] == 10
-    assert result["rows_after_merge"] == {"first": 5, "merged": 10}
-    assert result["history"] == ["WRITE", "MERGE"]
+    assert delta["table"].startswith(lake_root)
+    assert delta["rows_written"] == 10
+    assert delta["rows_after_merge"] == {"first": 5, "merged": 10}
+    assert delta["history"] == ["WRITE", "MERGE"]
     # The master's own record: the application ran there, with the worker's executor.
     apps = {app["id"]: app for app in spark_cluster.state()["completedapps"]}
     assert result["application_id"] in apps
     assert apps[result["application_id"]]["state"] == "FINISHED"
 
 
-def test_a_batch_runs_end_to_end_on_the_cluster(spark_cluster, run_in_cluster, tmp_path):
-    from tests.deployment.workloads import one_batch_end_to_end
+def test_a_batch_runs_end_to_end_on_the_cluster(spark_cluster, cluster_run):
+    result, _ = cluster_run
+    batch = result["batch"]
 
-    result = run_in_cluster(one_batch_end_to_end, lake_root=str(tmp_path / "lake"))
-
-    print(f"master used: {result['master']} (application {result['application_id']})")
     assert result["master"] == spark_cluster.master_url
-    assert result["executors"] == 1
-    assert result["stages"] == ["ingest", "land", "pseudonymise", "validate"]
-    assert result["silver_rows"]["patient"] > 0 and result["silver_rows"]["encounter"] > 0
-    checks = result["reconciliation"]
+    assert batch["executors"] == 1
+    assert batch["stages"] == ["ingest", "land", "pseudonymise", "validate"]
+    assert batch["silver_rows"]["patient"] > 0 and batch["silver_rows"]["encounter"] > 0
+    checks = batch["reconciliation"]
     assert {c["dataset"] for c in checks} >= {"patient", "encounter", "diagnosis", "lab_result", "medication"}
     assert all(c["holds"] for c in checks), checks
-    assert all(c["batch_id"] == result["batch_id"] for c in checks)
+    assert all(c["batch_id"] == batch["batch_id"] for c in checks)

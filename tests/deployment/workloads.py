@@ -54,3 +54,9 @@ def one_batch_end_to_end(ctx: Context) -> dict:
     return {"batch_id": batch_id, "stages": sorted(ran) if isinstance(ran, dict) else str(ran),
             "silver_rows": silver, "reconciliation": checks, "executors": executors,
             "rows_delivered": summary.rows[establishment][batch_id]}
+
+
+def batch_then_delta_checks(ctx: Context) -> dict:
+    """Both checks in one application (one driver and executor start-up): the batch, then the table's MERGE."""
+    batch = one_batch_end_to_end(ctx)
+    return {"batch": batch, "delta": delta_write_read_merge(ctx), "executors": batch["executors"]}
