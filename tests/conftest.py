@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def spark(tmp_path_factory):
     # An uncompressed event log, so that tests can check what plans print (no key, no identifier).
     event_log = warehouse / "event-log"
     event_log.mkdir()
+    # Adaptive execution re-plans every shuffle stage as a Spark job of its own; on test-sized data there is
+    # nothing to adapt, and the tests' hundreds of small queries run about a tenth faster without it.
     session = get_spark(settings, app_name="affluent-tests",
                         extra_conf={"spark.sql.warehouse.dir": str(warehouse / "spark-warehouse"),
                                     "spark.eventLog.enabled": "true", "spark.eventLog.dir": str(event_log),
-                                    "spark.eventLog.compress": "false"})
+                                    "spark.eventLog.compress": "false", "spark.sql.adaptive.enabled": "false"})
     yield session
     session.stop()
 
@@ -146,3 +149,96 @@ def erased_history(spark, tmp_path_factory):
     return {"lake": lake, "key": key, "victim": victim, "pseudonyms": pseudonyms, "before": before,
             "request_id": request_id, "unknown_id": unknown_id, "outcome": outcome, "root": Path(lake.root),
             "consortium": consortium}
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="session")
+def erased_during_land(spark, consortium, planted_lake, tmp_path_factory):
+    """A copy of the planted lake where one person (L001) is erased while a second batch lands; built once, read only.
+
+    The second batch (one new patient, L004) is ingested, pseudonymised and
+    validated first; then erasure (DELETE, log clean-up, VACUUM RETAIN 0) runs
+    in one thread and, once it holds the lake's exclusive writer lock, the
+    batch's land in another. Before the erasure, the zones whose files hold the
+    person are recorded, so that tests can check the scan finds them.
+    """
+    import threading
+    import time
+
+    from pyspark.sql import functions as F
+
+    from jobs.erasure import patient_key_of, process_erasures, request_erasure
+    from jobs.ingest import ingest_batch
+    from jobs.keys import load_key
+    from jobs.lake import LANDING, Lake
+    from jobs.land import land_batch
+    from jobs.pseudonymise import pseudonymise_batch
+    from jobs.validate import validate_batch
+    from jobs.writer_lock import holders, lock_path
+    from tests.landing_helpers import LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
+    from tests.privacy_helpers import EST, file_text, hmac_hex, lake_files
+
+    key = load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
+    tmp = tmp_path_factory.mktemp("erased-during-land")
+    root = copy_lake(planted_lake / "lake", tmp / "lake")  # staged/ and validated/ still hold the planted batch
+    lake = Lake(str(root))
+    second = "20260112-002"
+    write_batch(tmp / "landing", EST, second, {"patients.csv": ("patient", latin1_csv(
+        LAURENTIDES_PATIENT_HEADER, ["L004;BEAL80010112;Beaulieu;Max;01/01/1980;M;1 rue A;Laval;H7N 2B3;;;;A"]))},
+        extracted_at="2026-01-12T02:00:00Z", kind="incremental")
+    kind = ingest_batch(spark, lake, tmp / "landing", consortium, EST, second).kind
+    pseudonymise_batch(spark, lake, consortium, key, EST, second)
+    validate_batch(spark, lake, consortium, EST, second, kind)
+
+    patient_key = patient_key_of(key, EST, "L001")
+    person_id = (spark.read.format("delta").load(lake.silver("patient"))
+                 .where(F.col("patient_key") == patient_key).first().person_id)
+    pseudonyms = [hmac_hex(key.project_key(p), person_id) for p in consortium.projects]
+    in_clear = ["TREM85521201", "Quintalbert"]
+    searched = [person_id, patient_key, *pseudonyms, *in_clear]
+    holding_before = sorted({str(p.relative_to(root)).split("/")[0]
+                             for p in lake_files(root, skip_zones=(LANDING,))
+                             if any(i in file_text(p, spark) for i in searched)})
+    request_erasure(spark, lake, key, EST, "L001")
+
+    log = _Collect()
+    logger = logging.getLogger("jobs.writer_lock")
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(log)
+    errors: list[BaseException] = []
+    outcomes: dict[str, object] = {}
+
+    def run(name, fn):
+        def body():
+            try:
+                outcomes[name] = fn()
+            except BaseException as exc:  # noqa: BLE001 - reported to the tests
+                errors.append(exc)
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    try:
+        eraser = run("erasure", lambda: process_erasures(spark, lake, consortium, key))
+        deadline = time.monotonic() + 60
+        while not any(h["mode"] == "exclusive" for h in holders(lock_path(lake.root))):
+            assert time.monotonic() < deadline and eraser.is_alive(), errors
+            time.sleep(0.05)
+        lander = run("land", lambda: land_batch(spark, lake, EST, second, key.fingerprint))
+        eraser.join(600)
+        lander.join(600)
+    finally:
+        logger.removeHandler(log)
+        logger.setLevel(previous_level)
+    return {"lake": lake, "root": root, "second": second, "errors": errors, "outcomes": outcomes,
+            "lock_log": "\n".join(log.lines), "holding_before": holding_before, "person_id": person_id,
+            "patient_key": patient_key, "pseudonyms": pseudonyms, "in_clear": in_clear}

@@ -1,4 +1,6 @@
 import datetime as dt
+from pathlib import Path
+
 import pytest
 from pyspark.sql import functions as F
 
@@ -6,7 +8,7 @@ from jobs.ingest import ingest_batch
 from jobs.keys import KeyMismatchError, MissingKeyError, WeakKeyError, load_key
 from jobs.lake import Lake
 from jobs.pseudonymise import is_valid_nam, normalise_nam, pseudonymise_batch
-from tests.conftest import OTHER_TEST_KEY, TEST_KEY
+from tests.conftest import OTHER_TEST_KEY, TEST_KEY, copy_lake
 from tests.landing_helpers import (LAURENTIDES_ENCOUNTER_HEADER, LAURENTIDES_PATIENT_HEADER, RIVIERE_PATIENT_HEADER,
                                    latin1_csv, utf8_bom_csv, write_batch)
 
@@ -23,15 +25,19 @@ ENCOUNTERS = [
 RIVIERE = ["R-77,trem 8552 1201,TREMBLAY,Eloise,1985-02-12,F,12 rue des Erables,Montreal,H2X1Y4,5145550101,e@x.ca,,I"]
 
 
-def _run(spark, consortium, lake, landing, key):
-    for est, batch in [("chu_laurentides", "20260105-001"), ("hopital_riviere", "20260105-001")]:
-        ingest_batch(spark, lake, landing, consortium, est, batch)
+BATCHES = [("chu_laurentides", "20260105-001"), ("hopital_riviere", "20260105-001")]
+
+
+def _pseudonymise(spark, consortium, lake, key):
+    for est, batch in BATCHES:
         pseudonymise_batch(spark, lake, consortium, key, est, batch)
 
 
-@pytest.fixture()
-def landing(tmp_path):
-    landing = tmp_path / "landing"
+@pytest.fixture(scope="module")
+def ingested(spark, consortium, tmp_path_factory):
+    """Both batches ingested into bronze (no key involved yet); tests pseudonymise copies of it."""
+    root = tmp_path_factory.mktemp("pseudonymise")
+    landing = root / "landing"
     write_batch(landing, "chu_laurentides", "20260105-001", {
         "patients.csv": ("patient", latin1_csv(LAURENTIDES_PATIENT_HEADER, LAURENTIDES)),
         "sejours.csv": ("encounter", latin1_csv(LAURENTIDES_ENCOUNTER_HEADER, ENCOUNTERS)),
@@ -39,7 +45,18 @@ def landing(tmp_path):
     write_batch(landing, "hopital_riviere", "20260105-001", {
         "patients.csv": ("patient", utf8_bom_csv(RIVIERE_PATIENT_HEADER, RIVIERE)),
     })
-    return landing
+    lake = Lake(str(root / "lake"))
+    for est, batch in BATCHES:
+        ingest_batch(spark, lake, landing, consortium, est, batch)
+    return root / "lake"
+
+
+@pytest.fixture(scope="module")
+def keyed(spark, consortium, ingested, tmp_path_factory):
+    """The ingested batches pseudonymised with the test key; read only."""
+    lake = Lake(str(copy_lake(ingested, tmp_path_factory.mktemp("keyed") / "lake")))
+    _pseudonymise(spark, consortium, lake, load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False))
+    return lake
 
 
 def _patients(spark, lake):
@@ -47,9 +64,8 @@ def _patients(spark, lake):
             for r in spark.read.format("delta").load(lake.staged("patient")).collect()}
 
 
-def test_one_person_across_establishments_and_fallback_flagged(spark, consortium, landing, tmp_path, pseudonym_key):
-    lake = Lake(str(tmp_path / "lake"))
-    _run(spark, consortium, lake, landing, pseudonym_key)
+def test_one_person_across_establishments_and_fallback_flagged(spark, keyed):
+    lake = keyed
     patients = _patients(spark, lake)
     tremblay_l, gagnon, tremblay_r = patients["chu_laurentides/2"], patients["chu_laurentides/3"], patients["hopital_riviere/2"]
     assert (tremblay_l.person_id_source, tremblay_r.person_id_source) == ("nam", "nam")
@@ -67,20 +83,20 @@ def test_one_person_across_establishments_and_fallback_flagged(spark, consortium
     assert "date:visit_start_date" not in encounters[2]._parse_errors
 
 
-def test_same_key_same_pseudonyms_other_key_other_pseudonyms(spark, consortium, landing, tmp_path, pseudonym_key):
-    ids = []
-    for name, key in [("a", pseudonym_key), ("b", pseudonym_key),
-                      ("c", load_key({"AFFLUENT_PSEUDONYM_KEY": OTHER_TEST_KEY}, use_airflow=False))]:
-        lake = Lake(str(tmp_path / name))
-        _run(spark, consortium, lake, landing, key)
+def test_same_key_same_pseudonyms_other_key_other_pseudonyms(spark, consortium, ingested, keyed, tmp_path,
+                                                             pseudonym_key):
+    ids = [sorted(r.person_id for r in _patients(spark, keyed).values())]
+    for name, key in [("same", pseudonym_key),
+                      ("other", load_key({"AFFLUENT_PSEUDONYM_KEY": OTHER_TEST_KEY}, use_airflow=False))]:
+        lake = Lake(str(copy_lake(ingested, tmp_path / name)))
+        _pseudonymise(spark, consortium, lake, key)
         ids.append(sorted(r.person_id for r in _patients(spark, lake).values()))
     assert ids[0] == ids[1]
     assert not set(ids[0]) & set(ids[2])
 
 
-def test_a_table_keyed_with_another_key_refuses_the_write(spark, consortium, landing, tmp_path, pseudonym_key):
-    lake = Lake(str(tmp_path / "lake"))
-    _run(spark, consortium, lake, landing, pseudonym_key)
+def test_a_table_keyed_with_another_key_refuses_the_write(spark, consortium, keyed, tmp_path):
+    lake = Lake(str(copy_lake(Path(keyed.root), tmp_path / "lake")))
     other = load_key({"AFFLUENT_PSEUDONYM_KEY": OTHER_TEST_KEY}, use_airflow=False)
     spark.sql(f"DELETE FROM delta.`{lake.ops('batch_log')}` WHERE stage = 'pseudonymise'")
     with pytest.raises(KeyMismatchError, match="fingerprint"):

@@ -143,64 +143,28 @@ def test_every_lake_writing_job_holds_the_lock():
         assert getattr(fn, "lake_lock_mode", None) == mode, fn.__qualname__
 
 
-def test_erasure_and_a_land_run_concurrently_and_lose_nothing(spark, consortium, tmp_path, pseudonym_key,
-                                                              planted_lake, caplog):
+def test_erasure_and_a_land_run_concurrently_and_lose_nothing(spark, erased_during_land):
     """Erasure (DELETE, log clean-up, VACUUM RETAIN 0) and a land MERGE at once, on one lake: one waits."""
     from pyspark.sql import functions as F
 
-    from jobs.erasure import patient_key_of, process_erasures, request_erasure
-    from jobs.ingest import ingest_batch
-    from jobs.land import batch_figures, land_batch
-    from jobs.lake import Lake
-    from jobs.pseudonymise import pseudonymise_batch
-    from jobs.validate import validate_batch
-    from tests.conftest import copy_lake
-    from tests.landing_helpers import LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
+    from jobs.erasure import patient_key_of
+    from jobs.keys import load_key
+    from jobs.land import batch_figures
+    from tests.conftest import TEST_KEY
     from tests.privacy_helpers import EST
 
-    lake = Lake(str(copy_lake(planted_lake / "lake", tmp_path / "lake")))
-    second = "20260112-002"
-    write_batch(tmp_path / "landing", EST, second, {"patients.csv": ("patient", latin1_csv(
-        LAURENTIDES_PATIENT_HEADER, ["L004;BEAL80010112;Beaulieu;Max;01/01/1980;M;1 rue A;Laval;H7N 2B3;;;;A"]))},
-        extracted_at="2026-01-12T02:00:00Z", kind="incremental")
-    kind = ingest_batch(spark, lake, tmp_path / "landing", consortium, EST, second).kind
-    pseudonymise_batch(spark, lake, consortium, pseudonym_key, EST, second)
-    validate_batch(spark, lake, consortium, EST, second, kind)
-    request_erasure(spark, lake, pseudonym_key, EST, "L001")
-
-    caplog.set_level(logging.INFO, logger="jobs.writer_lock")
-    errors: list[BaseException] = []
-    outcomes: dict[str, object] = {}
-
-    def run(name, fn):
-        def body():
-            try:
-                outcomes[name] = fn()
-            except BaseException as exc:  # noqa: BLE001 - reported to the test
-                errors.append(exc)
-        thread = threading.Thread(target=body, name=name, daemon=True)
-        thread.start()
-        return thread
-
-    eraser = run("erasure", lambda: process_erasures(spark, lake, consortium, pseudonym_key))
-    deadline = time.monotonic() + 60
-    while not any(h["mode"] == "exclusive" for h in holders(lock_path(lake.root))):
-        assert time.monotonic() < deadline and eraser.is_alive(), errors
-        time.sleep(0.05)
-    lander = run("land", lambda: land_batch(spark, lake, EST, second, pseudonym_key.fingerprint))
-    eraser.join(600)
-    lander.join(600)
-    assert not errors, errors
+    run = erased_during_land
+    lake, key = run["lake"], load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
+    assert not run["errors"], run["errors"]
     assert "jobs.land.land_batch waits for the lake writer lock (shared) held by jobs.erasure.process_erasures" \
-        in caplog.text
-
-    assert outcomes["erasure"].processed
+        in run["lock_log"]
+    assert run["outcomes"]["erasure"].processed
     silver = spark.read.format("delta").load(lake.silver("patient"))
     keys = {r.patient_key for r in silver.select("patient_key").collect()}
-    assert patient_key_of(pseudonym_key, EST, "L004") in keys  # the land is whole
-    assert patient_key_of(pseudonym_key, EST, "L002") in keys
-    assert patient_key_of(pseudonym_key, EST, "L001") not in keys  # the erasure too
-    figures = batch_figures(spark, lake, EST, second)["patient"]
+    assert patient_key_of(key, EST, "L004") in keys  # the land is whole
+    assert patient_key_of(key, EST, "L002") in keys
+    assert patient_key_of(key, EST, "L001") not in keys  # the erasure too
+    figures = batch_figures(spark, lake, EST, run["second"])["patient"]
     assert (figures.read, figures.landed) == (1, 1)
     for dataset in ("patient", "encounter", "lab_result", "consent"):  # every file each table lists is there
         spark.read.format("delta").load(lake.silver(dataset)).where(F.lit(True)).count()
