@@ -25,6 +25,10 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PLOT = "throughput.png"
 # Steps drawn in the plot, in flow order.
 PLOTTED = ("bare_copy", "full.ingest", "full.pseudonymise", "full.validate", "full.land", "publish")
+# Results written before the bare copy and ratios 4, 5 and 6 were corrected carry no ``method`` (or a lower one).
+METHOD = 2
+EARLIER_METHOD = ("measured with the earlier method: bare copy with JSON schema inference, erasure on silver-only "
+                  "copies, one DAG with dag.test() in the warm session, queries timed with the recorder's overhead")
 
 
 def load_results(folder: Path) -> list[dict]:
@@ -43,7 +47,8 @@ def _n(value, digits: int = 0) -> str:
 def stage_table(result: dict) -> list[str]:
     lines = [f"#### {result['size']} — {result['parameters']['patients']:,} patients, "
              f"{result['parameters']['batches']} batches"
-             + ("" if result.get("complete") else " (partial: the run did not finish)"), "",
+             + ("" if result.get("complete") else " (partial: the run did not finish)")
+             + (" (earlier method)" if earlier(result) else ""), "",
              "| step | rows | seconds | rows/s | peak memory MB (Python + JVM) | Spark jobs | in Spark jobs (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     profile = result.get("profile") or {}
@@ -73,8 +78,13 @@ RATIOS = (
 )
 
 
+def earlier(result: dict) -> bool:
+    return result.get("method", 1) < METHOD
+
+
 def ratio_table(results: list[dict]) -> list[str]:
-    lines = ["| ratio | " + " | ".join(r["size"] for r in results) + " |",
+    lines = ["| ratio | " + " | ".join(r["size"] + (" (earlier method)" if earlier(r) else "") for r in results)
+             + " |",
              "|---|" + "---:|" * len(results)]
     for name, key, label in RATIOS:
         values = []
@@ -85,6 +95,12 @@ def ratio_table(results: list[dict]) -> list[str]:
                 value = _ratio(r, name, key)
             values.append("–" if value is None else f"{value:g}")
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    old = [r["size"] for r in results if earlier(r)]
+    if old:
+        which = "Every column" if len(old) == len(results) else "Column(s) " + ", ".join(old)
+        lines += ["", f"{which}: {EARLIER_METHOD}. Ratios 1, 4, 5 and 6 there do not measure what *What each ratio "
+                      "compares* now describes, and are not comparable with figures of the corrected method "
+                      "(see *What changed* under Findings)."]
     return lines + [""]
 
 

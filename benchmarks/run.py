@@ -12,13 +12,16 @@ runs, in one warm Spark session:
 1. a bare Spark copy of the first (full) batch's files into Delta, then the
    four stages on the same batch — *pipeline overhead*;
 2. the second batch (incremental) — *incremental* versus full;
-3. the third batch through the first establishment's ingest DAG with ``dag.test()``
-   — *orchestration*: DAG wall time versus the stage functions inside it;
+3. the third batch through every establishment's ingest DAG, each task in a
+   process of its own (``airflow tasks test`` per task, in DAG order, as the
+   LocalExecutor gives each task a process) — *orchestration*: DAG wall time
+   versus the stage functions inside it;
 4. publish, then a researcher query on both engines — *researcher query*;
 5. GX versus the single-pass Spark translation of the same suites
    (:func:`jobs.validate.measure_engines`) — *validation*;
-6. one person erased from silver copies of N and 10×N rows, as landed and
-   clustered by ``person_id`` — *erasure*.
+6. one person erased from copies of the whole lake (every zone an erasure
+   walks) with N and 10×N persons, as a plain write lays the files out and
+   clustered by person — *erasure*.
 
 Each measured step records rows, seconds, rows per second and peak memory
 (Python + driver JVM resident memory). Results go to ``<out>/<size>.json``
@@ -48,6 +51,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.probe import Clock, MemorySampler, spark_jobs_by_group  # noqa: E402
+from benchmarks.report import METHOD  # noqa: E402
 from jobs.settings import PROJECT_ROOT  # noqa: E402
 
 
@@ -56,7 +60,7 @@ class Size:
     patients: int
     batches: int
     driver_memory: str
-    # Erasure is measured on silver copies of N × factor rows (factors applied to the landed silver).
+    # Erasure is measured on lake copies of N × factor persons (factors applied to the landed lake's tables).
     erasure_factors: tuple[float, float]
     repeats: int
     # How many establishments go through the measured stages (0: all); the test suite's smoke run takes one.
@@ -129,6 +133,18 @@ class Recorder:
             say(f"{name}: {box['rows'] if box['rows'] is not None else '-'} rows in {seconds:.2f} s "
                 f"(peak {peak['total_mb']} MB)", self.clock)
             self.on_step()
+
+    def add(self, name: str, rows: int, seconds: float, peak: dict[str, int]) -> None:
+        """A step measured elsewhere (in another process): its rows, seconds and peak memory."""
+        entry = self.steps.setdefault(name, {"rows": 0, "seconds": 0.0, "calls": 0, "peak_memory": dict(peak)})
+        entry["rows"] += int(rows or 0)
+        entry["seconds"] += seconds
+        entry["calls"] += 1
+        entry["peak_memory"] = {k: max(entry["peak_memory"][k], v) for k, v in peak.items()}
+        entry["rows_per_second"] = round(entry["rows"] / entry["seconds"]) if entry["seconds"] else None
+        say(f"{name}: {rows} rows in {seconds:.2f} s (peak {peak['total_mb']} MB, measured in its own process)",
+            self.clock)
+        self.on_step()
 
     def seconds(self, *names: str) -> float:
         return sum(self.steps[n]["seconds"] for n in names if n in self.steps)
@@ -204,11 +220,30 @@ def measured_establishments(consortium, size: Size) -> list[str]:
     return ids[:size.sites] if size.sites else ids
 
 
+def csv_header(path: Path, profile) -> list[str]:
+    """The file's header line, split as the CSV reader splits it (the reader reads it in Python too)."""
+    import csv
+
+    with path.open(encoding=profile.encoding, newline="") as handle:
+        return [name.strip() for name in next(csv.reader(handle, delimiter=profile.delimiter,
+                                                          quotechar=profile.quote))]
+
+
 def bare_copy(spark, landing: Path, consortium, batch_id: str, target: Path, establishments: list[str]) -> int:
-    """The batch's files read by Spark and written to Delta, nothing else; rows written."""
+    """The batch's files read by Spark with the pipeline's explicit schemas and written to Delta; rows written.
+
+    No schema is inferred, as in the readers: a CSV file is read with its
+    header's columns as strings (``jobs.readers.csv`` parses each line into
+    ``c0 … cN string`` from the header), an NDJSON file with the explicit
+    schema of its resource type (``jobs.readers.fhir_schema.RESOURCE_SCHEMAS``,
+    permissive, corrupt records kept in ``_corrupt_record``).
+    """
     from delta.tables import DeltaTable
+    from pyspark.sql.types import StringType, StructField, StructType
 
     from jobs.config import CsvProfile
+    from jobs.readers.fhir import DATASET_RESOURCES
+    from jobs.readers.fhir_schema import JSON_OPTIONS, RESOURCE_SCHEMAS
 
     rows = 0
     for est_id in establishments:
@@ -217,13 +252,16 @@ def bare_copy(spark, landing: Path, consortium, batch_id: str, target: Path, est
         for entry in manifest["files"]:
             if entry["dataset"] == "bundle":
                 continue
-            path = str(landing / est.landing_folder / batch_id / entry["path"])
+            file = landing / est.landing_folder / batch_id / entry["path"]
             profile = est.input
             if isinstance(profile, CsvProfile):
-                frame = (spark.read.option("header", "true").option("sep", profile.delimiter)
-                         .option("quote", profile.quote).option("encoding", SPARK_CHARSETS.get(profile.encoding, profile.encoding)).csv(path))
+                schema = StructType([StructField(name, StringType(), True) for name in csv_header(file, profile)])
+                frame = (spark.read.schema(schema).option("header", "true").option("sep", profile.delimiter)
+                         .option("quote", profile.quote).option("escape", profile.quote)
+                         .option("encoding", SPARK_CHARSETS.get(profile.encoding, profile.encoding)).csv(str(file)))
             else:
-                frame = spark.read.json(path)
+                frame = (spark.read.schema(RESOURCE_SCHEMAS[DATASET_RESOURCES[entry["dataset"]]])
+                         .options(**JSON_OPTIONS).json(str(file)))
             destination = str(target / est_id / entry["dataset"])
             frame.write.format("delta").mode("overwrite").save(destination)
             metrics = DeltaTable.forPath(spark, destination).history(1).select("operationMetrics").first()[0]
@@ -233,8 +271,17 @@ def bare_copy(spark, landing: Path, consortium, batch_id: str, target: Path, est
 
 # -------------------------------------------------------------- erasure ----
 
-def erasure_target(spark, ctx, truth: Path, attempts: int = 200) -> tuple[str, str, str]:
-    """(establishment, patient reference, person_id) of a patient present in silver."""
+@dataclass(frozen=True)
+class ErasureTarget:
+    establishment_id: str
+    patient_ref: str
+    person_id: str
+    patient_refs: tuple[str, ...]      # the person's patient references at every establishment (bronze, in clear)
+    patient_keys: tuple[str, ...]      # their keyed patient keys (staged, validated, silver)
+
+
+def erasure_target(spark, ctx, truth: Path, attempts: int = 200) -> ErasureTarget:
+    """A person present in silver: the reference an erasure request names, and every id of theirs in the lake."""
     from pyspark.sql import functions as F
 
     from jobs.erasure import patient_key_of
@@ -242,59 +289,147 @@ def erasure_target(spark, ctx, truth: Path, attempts: int = 200) -> tuple[str, s
     patients = spark.read.format("delta").load(ctx.lake.silver("patient"))
     with truth.open(encoding="utf-8") as handle:
         for _, line in zip(range(attempts), handle):
-            for site in json.loads(line)["establishments"]:
+            sites = json.loads(line)["establishments"]
+            for site in sites:
                 key = patient_key_of(ctx.key, site["establishment"], site["patient_ref"])
                 found = (patients.where((F.col("establishment_id") == site["establishment"])
                                         & (F.col("patient_key") == key) & F.col("person_id").isNotNull())
                          .select("person_id").first())
                 if found is not None:
-                    return site["establishment"], site["patient_ref"], found.person_id
+                    keys = [r.patient_key for r in patients.where(F.col("person_id") == found.person_id)
+                            .select("patient_key").distinct().collect()]
+                    return ErasureTarget(site["establishment"], site["patient_ref"], found.person_id,
+                                         tuple(sorted({s["patient_ref"] for s in sites})),
+                                         tuple(sorted(set(keys) | {key})))
     raise RuntimeError(f"none of the first {attempts} persons of {truth} is in silver; is silver empty?")
 
 
-def build_erasure_lake(spark, ctx, root: Path, factor: float, clustered: bool, person_id: str) -> int:
-    """Silver copied ``factor`` times (other persons renamed per copy) into a lake of its own; rows written.
+# The columns that name a person, by the zone's own identifier, in the order a table is clustered by.
+PERSON_COLUMNS = ("person_id", "patient_key", "patient_ref")
 
-    A factor under 1 keeps that share of persons (always the one to erase).
-    ``clustered`` writes each establishment's rows range-partitioned and sorted
-    by ``person_id``, so each file holds a narrow range of persons and Delta's
-    min/max statistics can skip the others.
+
+def person_tables(spark, lake) -> dict[str, tuple[str, str]]:
+    """Every table of the lake holding persons, ``name -> (zone, path)``: what an erasure walks.
+
+    The zones are :data:`jobs.lake.ZONES` that hold persons (landing is files,
+    ops is only read by erasure; gold holds no person and is recomputed from
+    silver by the erasure itself), and of each zone the tables with a person
+    column.
     """
+    from jobs.lake import GOLD, LANDING, OPS, ZONES
+    from jobs.maintenance import zone_tables
+
+    found = {}
+    for zone in ZONES.values():
+        if zone.name in (LANDING, OPS, GOLD):
+            continue
+        for name, path in zone_tables(spark, lake, zone.name).items():
+            columns = spark.read.format("delta").load(path).columns
+            if any(c in columns for c in PERSON_COLUMNS):
+                found[name] = (zone.name, path)
+    return found
+
+
+def _local(path: str) -> Path:
+    return Path(path.removeprefix("file:"))
+
+
+def _create_like(spark, source: str, target: str, schema) -> None:
+    """An empty table at ``target`` with the schema, partitioning, properties and comment of ``source``."""
+    from delta.tables import DeltaTable
+
+    detail = DeltaTable.forPath(spark, source).detail().first()
+    builder = DeltaTable.create(spark).location(target)
+    if detail.description:
+        builder = builder.comment(detail.description)
+    for f in schema.fields:
+        builder = builder.addColumn(f.name, f.dataType, nullable=f.nullable, comment=f.metadata.get("comment"))
+    if detail.partitionColumns:
+        builder = builder.partitionedBy(*detail.partitionColumns)
+    for name, value in (detail.properties or {}).items():
+        builder = builder.property(name, value)
+    builder.execute()
+
+
+def build_erasure_lake(spark, ctx, root: Path, factor: float, clustered: bool, target: ErasureTarget) -> dict:
+    """A copy of the benchmark's lake (after publish) with every person-holding table at ``factor`` × its persons.
+
+    The lake folder is copied whole (ops, gold, reports, every table), then each
+    table that holds persons — bronze, staged, validated, silver, quarantine,
+    the project extracts — is recreated empty with the source table's schema,
+    partitioning and properties (silver through ``jobs.land.ensure_silver_table``,
+    as land creates it: deletion vectors, Change Data Feed, key fingerprint) and
+    filled in one append:
+
+    - ``factor`` ≥ 1: the table's rows plus ``factor - 1`` copies whose person
+      columns (``person_id``, ``patient_key``, ``patient_ref``) are renamed
+      per copy, so each copy is other persons;
+    - ``factor`` < 1: that share of the table's persons (by a hash of its own
+      person column), always keeping the person to erase.
+
+    ``clustered`` writes each table range-partitioned and sorted by its person
+    column, so each file holds a narrow range of persons and Delta's min/max
+    statistics can skip the others. Either way the copies start without the
+    landed tables' history or pending deletion vectors.
+    """
+    from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
-    from jobs.lake import Lake
-    from jobs.schemas import DATASETS
+    from jobs.erasure import _hex_hmac
+    from jobs.land import ensure_silver_table
+    from jobs.lake import PROJECTS, SILVER, Lake
 
+    source_root = _local(ctx.lake.root)
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(source_root, root)
     lake = Lake(str(root))
-    total = 0
     copies = max(1, round(factor))
-    for dataset in DATASETS:
-        source = ctx.lake.silver(dataset)
-        silver = spark.read.format("delta").load(source)
+    rows: dict[str, int] = {}
+    files = 0
+    silver_properties_match = True
+    for name, (zone, path) in person_tables(spark, ctx.lake).items():
+        destination = str(root / _local(path).relative_to(source_root))
+        table = spark.read.format("delta").load(path)
+        ids = [c for c in PERSON_COLUMNS if c in table.columns]
         if factor < 1:
             keep = int(round(1 / factor))
-            silver = silver.where((F.abs(F.hash("person_id")) % keep == 0) | (F.col("person_id") == person_id))
-        parts = [silver]
+            wanted = {"person_id": [target.person_id], "patient_key": list(target.patient_keys),
+                      "patient_ref": list(target.patient_refs)}
+            if zone == PROJECTS:  # extracts hold the person_id keyed again per project
+                wanted["person_id"] = [_hex_hmac(ctx.key.project_key(name.split(".")[1]), target.person_id)]
+            table = table.where((F.abs(F.hash(ids[0])) % keep == 0) | F.col(ids[0]).isin(wanted[ids[0]]))
+        parts = [table]
         for copy in range(1, copies):
-            renamed = silver.withColumn("person_id", F.concat(F.col("person_id"), F.lit(f"~{copy}")))
-            if "patient_key" in silver.columns:
-                renamed = renamed.withColumn("patient_key", F.concat(F.col("patient_key"), F.lit(f"~{copy}")))
+            renamed = table
+            for column in ids:
+                renamed = renamed.withColumn(column, F.concat(F.col(column), F.lit(f"~{copy}")))
             parts.append(renamed)
         frame = parts[0]
         for part in parts[1:]:
             frame = frame.unionByName(part)
         if clustered:
-            files = max(1, spark.sparkContext.defaultParallelism * copies)
-            frame = frame.repartitionByRange(files, "person_id").sortWithinPartitions("person_id")
-        (frame.write.format("delta").mode("overwrite").partitionBy("establishment_id")
-         .save(lake.silver(dataset)))
-        total += int(spark.sql(f"DESCRIBE HISTORY delta.`{lake.silver(dataset)}` LIMIT 1")
-                     .select("operationMetrics").first()[0].get("numOutputRows", 0))
-    return total
+            n_files = max(1, spark.sparkContext.defaultParallelism * copies)
+            frame = frame.repartitionByRange(n_files, ids[0]).sortWithinPartitions(ids[0])
+        shutil.rmtree(_local(destination))
+        if zone == SILVER:
+            ensure_silver_table(spark, lake, name.split(".", 1)[1], ctx.key.fingerprint)
+            silver_properties_match &= (DeltaTable.forPath(spark, destination).detail().first().properties
+                                        == DeltaTable.forPath(spark, path).detail().first().properties)
+        else:
+            _create_like(spark, path, destination, table.schema)
+        frame.write.format("delta").mode("append").save(destination)
+        written = DeltaTable.forPath(spark, destination)
+        rows[name] = int(written.history(1).select("operationMetrics").first()[0].get("numOutputRows", 0))
+        files += int(written.detail().select("numFiles").first()[0] or 0)
+    by_zone: dict[str, int] = {}
+    for name, n in rows.items():
+        by_zone[name.split(".")[0]] = by_zone.get(name.split(".")[0], 0) + n
+    return {"rows": sum(rows.values()), "silver_rows": by_zone.get(SILVER, 0), "rows_by_zone": by_zone,
+            "files": files, "tables": len(rows), "silver_properties_match": silver_properties_match}
 
 
 def erasure_metrics(spark, root: Path, rows_removed: dict[str, int]) -> dict[str, int]:
-    """Files of every silver table of an erasure lake after the erasure, and the silver rows it removed.
+    """Files of every silver table of an erasure lake after the erasure, and the rows it removed.
 
     The rows come from the erasure's own outcome: erasure forgets each touched
     table's log history (the MERGE commit's metrics with it), so that no old
@@ -309,7 +444,7 @@ def erasure_metrics(spark, root: Path, rows_removed: dict[str, int]) -> dict[str
     files = sum(int(DeltaTable.forPath(spark, lake.silver(d)).detail().select("numFiles").first()[0] or 0)
                 for d in DATASETS)
     deleted = sum(n for table, n in rows_removed.items() if table.startswith("silver."))
-    return {"files_in_tables": files, "rows_deleted": deleted}
+    return {"files_in_tables": files, "rows_deleted": deleted, "rows_deleted_all_zones": sum(rows_removed.values())}
 
 
 # ------------------------------------------------------------ the run ----
@@ -345,7 +480,7 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
 
     ctx = pipeline.Context.from_env()
     results: dict = {
-        "size": size_name, "complete": False, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "size": size_name, "method": METHOD, "complete": False, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "parameters": {"patients": size.patients, "batches": size.batches, "seed": SEED, "defect_rate": DEFECT_RATE},
         "environment": {"cpus": os.cpu_count(), "memory_gb": round(__import__("psutil").virtual_memory().total / 2**30, 1),
                         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -417,7 +552,8 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
         save()
 
         # 3. Orchestration: the third batch through one establishment's DAG.
-        results["ratios"]["orchestration"] = orchestrate(env, ctx, rec, batch_dag, clock)
+        results["ratios"]["orchestration"] = orchestrate(env, ctx, rec, batch_dag,
+                                                         measured_establishments(ctx.consortium, size), clock)
         results["stages"] = rec.table()
         save()
 
@@ -451,79 +587,138 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
     return results
 
 
-def orchestrate(env: dict[str, str], ctx, rec: Recorder, batch_id: str, clock: Clock) -> dict:
-    """The first establishment's ingest DAG on one batch (``dag.test()``), its stage functions timed inside."""
-    from jobs import pipeline
+DAG_TASKS = ("select_batch", *STAGES)
 
+
+def _run_sampled(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, dict[str, int], int]:
+    """Run ``cmd`` to its end; its wall seconds, its tree's peak resident memory (MB) and its return code."""
+    import psutil
+
+    peak = {"python_mb": 0, "jvm_mb": 0, "total_mb": 0}
+    with log.open("ab") as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        while True:
+            try:
+                process.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                root = psutil.Process(process.pid)
+                tree = [root, *root.children(recursive=True)]
+                jvm = sum(p.memory_info().rss for p in tree if p.name().startswith("java"))
+                python = sum(p.memory_info().rss for p in tree if not p.name().startswith("java"))
+            except psutil.Error:
+                continue
+            peak = {"python_mb": max(peak["python_mb"], python >> 20), "jvm_mb": max(peak["jvm_mb"], jvm >> 20),
+                    "total_mb": max(peak["total_mb"], (python + jvm) >> 20)}
+        wall = time.perf_counter() - started
+    return wall, peak, process.returncode
+
+
+def orchestrate(env: dict[str, str], ctx, rec: Recorder, batch_id: str, establishments: list[str],
+                clock: Clock) -> dict:
+    """Every measured establishment's ingest DAG on one batch, one process per task, in DAG order.
+
+    Each task runs in a fresh process (``python -m benchmarks.airflow_task``:
+    Airflow's own ``airflow tasks test`` CLI with the stage functions timed
+    inside), as the LocalExecutor runs each task in a process of its own: the
+    interpreter, Airflow, the DAG file and the task's own Spark driver start
+    for every task, and the task reads its upstream XCom from the metadata
+    database. The run is created first with ``airflow dags trigger`` (its DAG
+    stays paused, so no scheduler picks it up). Wall time is the sum of the
+    task processes' wall times; the stage seconds are the stage functions'
+    own time inside them, Spark start-up excluded (it is recorded apart).
+    """
+    airflow = str(Path(sys.executable).parent / "airflow")
+    logs = Path(env["AIRFLOW_HOME"]) / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
     migrate_seconds = time.perf_counter() - started
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=env["AIRFLOW__CORE__DAGS_FOLDER"])
-    if bag.import_errors:
-        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
-
-    originals = {stage: getattr(pipeline, stage) for stage in STAGES}
-
-    def timed(stage):
-        def call(ctx_, establishment_id, batch):
-            with rec.step(f"dag.{stage}") as box:
-                summary = originals[stage](ctx_, establishment_id, batch)
-                box["rows"] = stage_rows(stage, summary)
-            return summary
-        return call
+    started = time.perf_counter()
+    subprocess.run([airflow, "dags", "reserialize"], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    reserialize_seconds = time.perf_counter() - started
 
     walls: dict[str, float] = {}
-    try:
-        for stage in STAGES:
-            setattr(pipeline, stage, timed(stage))
-        # One establishment's DAG is enough: the ratio is per run, and the others' third batch stays pending.
-        for est in sorted(ctx.consortium.establishments)[:1]:
-            dag = bag.dags[f"affluent_ingest_{est}"]
-            started = time.perf_counter()
-            run = dag.test(run_conf={"batch_id": batch_id})
-            walls[est] = time.perf_counter() - started
-            if not str(run.state).endswith("success"):
-                raise RuntimeError(f"{dag.dag_id} on batch {batch_id} ended {run.state}; see the task logs above")
-            say(f"{dag.dag_id}: batch {batch_id} {run.state} in {walls[est]:.1f} s", clock)
-    finally:
-        for stage, fn in originals.items():
-            setattr(pipeline, stage, fn)
+    tasks: dict[str, dict[str, dict]] = {}
+    trigger_seconds: dict[str, float] = {}
+    conf = json.dumps({"batch_id": batch_id})
+    for est in establishments:
+        dag_id = f"affluent_ingest_{est}"
+        run_id = f"bench__{batch_id}"
+        log = logs / f"{dag_id}.log"
+        seconds, _, code = _run_sampled([airflow, "dags", "trigger", dag_id, "--run-id", run_id, "--conf", conf],
+                                        env, log)
+        if code:
+            raise RuntimeError(f"airflow dags trigger {dag_id} failed ({code}); see {log}")
+        trigger_seconds[est] = round(seconds, 2)
+        tasks[est] = {}
+        for task_id in DAG_TASKS:
+            record = logs / f"{dag_id}.{task_id}.json"
+            task_env = dict(env, AFFLUENT_BENCH_TASK_RECORD=str(record))
+            wall, peak, code = _run_sampled(
+                [sys.executable, "-m", "benchmarks.airflow_task", dag_id, task_id, run_id, "-t", conf],
+                task_env, log)
+            if code:
+                raise RuntimeError(f"{dag_id}.{task_id} on batch {batch_id} failed ({code}); see {log}")
+            entry = {"wall_seconds": round(wall, 2), "peak_memory": peak}
+            if task_id in STAGES:
+                done = json.loads(record.read_text(encoding="utf-8"))
+                if done["summary"].get("skipped"):
+                    raise RuntimeError(f"{dag_id}.{task_id} skipped batch {batch_id}: {done['summary']}")
+                rows = stage_rows(task_id, done["summary"])
+                rec.add(f"dag.{task_id}", rows, done["stage_seconds"], peak)
+                entry |= {"spark_start_seconds": round(done["spark_start_seconds"], 2),
+                          "stage_seconds": round(done["stage_seconds"], 2), "rows": rows}
+            rec.add(f"dag_task.{task_id}", entry.get("rows", 0), wall, peak)
+            tasks[est][task_id] = entry
+        walls[est] = sum(t["wall_seconds"] for t in tasks[est].values())
+        say(f"{dag_id}: batch {batch_id} in {walls[est]:.1f} s over {len(DAG_TASKS)} task processes "
+            f"(stages {sum(t.get('stage_seconds', 0) for t in tasks[est].values()):.1f} s)", clock)
     stage_seconds = rec.seconds(*(f"dag.{s}" for s in STAGES))
+    spark_start = sum(t.get("spark_start_seconds", 0) for per in tasks.values() for t in per.values())
     dag_seconds = sum(walls.values())
-    return {"dag_wall_seconds": round(dag_seconds, 2), "stage_seconds": round(stage_seconds, 2),
-            "per_dag_seconds": {e: round(s, 2) for e, s in walls.items()},
-            "airflow_db_migrate_seconds": round(migrate_seconds, 1),
+    return {"method": "airflow tasks test, one process per task", "dag_wall_seconds": round(dag_seconds, 2),
+            "stage_seconds": round(stage_seconds, 2), "spark_start_seconds": round(spark_start, 2),
+            "process_overhead_seconds": round(dag_seconds - stage_seconds - spark_start, 2),
+            "per_dag_seconds": {e: round(s, 2) for e, s in walls.items()}, "tasks": tasks,
+            "trigger_seconds": trigger_seconds, "airflow_db_migrate_seconds": round(migrate_seconds, 1),
+            "airflow_dags_reserialize_seconds": round(reserialize_seconds, 1),
             "ratio": ratio(dag_seconds, stage_seconds)}
 
 
 def researcher_queries(ctx, rec: Recorder, repeats: int) -> dict:
-    """Each query on DuckDB/delta-rs and on Spark SQL: one warm-up, then the median of ``repeats`` runs.
+    """Each query on DuckDB/delta-rs and on Spark SQL: one warm-up of each, then ``repeats`` alternating runs.
 
     An engine measurement, not the researcher path: researchers reach DuckDB
     only through the gateway (with output checking and audit), never Spark.
     Here the same checked SQL runs on the gateway's locked-down DuckDB and, for
-    comparison, on Spark temporary views of the extracts.
+    comparison, on Spark temporary views of the extracts. Each engine runs the
+    query exactly once per repetition; the timer wraps that call alone (the
+    engine's set-up for the query included: DuckDB's connection and extract
+    registration, Spark's views), not the recorder's own bookkeeping.
     """
     project = ctx.consortium.projects[RESEARCHER[0]]
+    engines = {"duckdb": _duckdb_rows, "spark": _spark_rows}
     out: dict[str, dict] = {}
     for name, sql in QUERIES.items():
-        timings: dict[str, list[float]] = {"duckdb": [], "spark": []}
+        timings: dict[str, list[float]] = {engine: [] for engine in engines}
         rows: dict[str, int] = {}
-        for engine in ("duckdb", "spark"):
-            for attempt in range(repeats + 1):
-                started = time.perf_counter()
-                with rec.step(f"query.{name}.{engine}") if attempt else _nothing():
+        for engine, run_query in engines.items():  # the same warm-up for both, untimed
+            rows[engine] = run_query(ctx, project, sql)
+        for _ in range(repeats):
+            for engine, run_query in engines.items():
+                with rec.step(f"query.{name}.{engine}") as box:
+                    started = time.perf_counter()
                     # Aggregated result (a few dozen rows at most): fetching it is what a researcher waits for.
-                    rows[engine] = (_duckdb_rows(ctx, project, sql) if engine == "duckdb"
-                                    else _spark_rows(ctx, project, sql))
-                if attempt:
+                    rows[engine] = box["rows"] = run_query(ctx, project, sql)
                     timings[engine].append(time.perf_counter() - started)
         duck, spark_s = statistics.median(timings["duckdb"]), statistics.median(timings["spark"])
         out[name] = {"duckdb_seconds": round(duck, 3), "spark_seconds": round(spark_s, 3), "rows": rows,
-                     "ratio_spark_over_duckdb": ratio(spark_s, duck)}
+                     "runs": repeats, "ratio_spark_over_duckdb": ratio(spark_s, duck)}
     out["ratio"] = out["join_distinct"]["ratio_spark_over_duckdb"]
     return out
 
@@ -549,11 +744,6 @@ def _spark_rows(ctx, project, sql: str) -> int:
         if DeltaTable.isDeltaTable(ctx.spark, path):
             ctx.spark.read.format("delta").load(path).createOrReplaceTempView(dataset)
     return len(ctx.spark.sql(sqlglot.transpile(sql, read="duckdb", write="spark")[0]).collect())
-
-
-@contextmanager
-def _nothing():
-    yield {}
 
 
 def validation_engines(spark, ctx, rec: Recorder, batch_id: str) -> dict:
@@ -583,27 +773,29 @@ def validation_engines(spark, ctx, rec: Recorder, batch_id: str) -> dict:
 
 
 def erasure(spark, ctx, rec: Recorder, work: Path, size: Size, clock: Clock) -> dict:
-    """One person erased (request + process, with VACUUM) from silver copies at two sizes and two layouts."""
+    """One person erased (request + process) from copies of the whole lake at two sizes and two layouts."""
     from jobs.erasure import process_erasures, request_erasure
     from jobs.lake import Lake
 
-    est, patient_ref, person_id = erasure_target(spark, ctx, work / "consortium" / "ground_truth" / "persons.jsonl")
+    target = erasure_target(spark, ctx, work / "consortium" / "ground_truth" / "persons.jsonl")
     out: dict[str, dict] = {}
     for layout, clustered in (("as_landed", False), ("clustered_by_person", True)):
         for factor in size.erasure_factors:
             label = f"{layout}.x{factor:g}"
             root = work / "erasure" / label
             with rec.step(f"erasure_setup.{label}") as box:
-                box["rows"] = rows = build_erasure_lake(spark, ctx, root, factor, clustered, person_id)
+                built = build_erasure_lake(spark, ctx, root, factor, clustered, target)
+                box["rows"] = built["rows"]
             lake = Lake(str(root))
-            with rec.step(f"erasure.{label}", rows=rows):
-                request_erasure(spark, lake, ctx.key, est, patient_ref)
+            with rec.step(f"erasure.{label}", rows=built["rows"]):
+                request_erasure(spark, lake, ctx.key, target.establishment_id, target.patient_ref)
                 outcome = process_erasures(spark, lake, ctx.consortium, ctx.key)
             if not outcome.processed:
                 raise RuntimeError(f"erasure on {root} did not resolve the person: {outcome}")
-            out[label] = {"silver_rows": rows, "seconds": round(rec.steps[f"erasure.{label}"]["seconds"], 2),
+            out[label] = {**built, "seconds": round(rec.steps[f"erasure.{label}"]["seconds"], 2),
+                          "tables_vacuumed": len(outcome.vacuumed),
                           **erasure_metrics(spark, root, outcome.rows_removed)}
-            shutil.rmtree(root / "silver", ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
     low, high = (f"x{f:g}" for f in size.erasure_factors)
     for layout in ("as_landed", "clustered_by_person"):
         a, b = out[f"{layout}.{low}"], out[f"{layout}.{high}"]
