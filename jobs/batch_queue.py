@@ -190,6 +190,15 @@ def batch_log_entries(lake: Lake, establishment_id: str | None = None) -> list[d
     return sorted(entries, key=lambda e: _utc(e["recorded_at"]))
 
 
+def latest_batch_entries(lake: Lake, establishment_id: str, batch_id: str) -> dict[tuple[str | None, str], dict]:
+    """The latest batch-log entry of one batch per ``(dataset, stage)`` (delta-rs, no Spark session)."""
+    latest: dict[tuple[str | None, str], dict] = {}
+    for entry in batch_log_entries(lake, establishment_id):  # oldest first: later entries replace earlier ones
+        if entry["batch_id"] == batch_id:
+            latest[(entry["dataset"], entry["stage"])] = entry
+    return latest
+
+
 def _storage_options() -> dict[str, str] | None:
     # A MinIO on plain HTTP must be allowed explicitly; everything else object_store reads from AWS_* itself.
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")

@@ -94,7 +94,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                                         "stage": STAGE, "status": Status.CONFLICT, "message": reason,
                                         "manifest_sha256": conflict, "source_file": MANIFEST}])
         raise BatchRejected(establishment_id, batch_id, reason, file=MANIFEST)
-    if batch_id in batches_with_status(spark, lake, establishment_id, STAGE, Status.INGESTED):
+    if batch_id in batches_with_status(lake, establishment_id, STAGE, Status.INGESTED):
         return IngestOutcome(establishment_id, batch_id, skipped=True)
     try:
         batch = check_batch(landing_root, consortium, establishment_id, batch_id)
@@ -248,14 +248,12 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                          not_collected=sum(not_collected.values()))
 
 
-def batch_kind(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> BatchKind:
-    """``full`` or ``incremental``, as the manifest said when the batch was ingested."""
-    from jobs.ops import read_batch_log
+def batch_kind(lake: Lake, establishment_id: str, batch_id: str) -> BatchKind:
+    """``full`` or ``incremental``, as the manifest said when the batch was ingested (batch log, via delta-rs)."""
+    from jobs.batch_queue import batch_log_entries
 
-    row = (read_batch_log(spark, lake)
-           .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                  & (F.col("stage") == STAGE) & (F.col("status") == Status.INGESTED))
-           .select("kind").first())
-    if row is None:
+    kinds = [e["kind"] for e in batch_log_entries(lake, establishment_id)
+             if e["batch_id"] == batch_id and e["stage"] == STAGE and e["status"] == Status.INGESTED]
+    if not kinds:
         raise LookupError(f"batch {establishment_id}/{batch_id} has not been ingested")
-    return BatchKind(row.kind)
+    return BatchKind(kinds[0])

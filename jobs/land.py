@@ -47,8 +47,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 from pyspark.sql.window import Window
 
-from jobs.lake import Lake
+from jobs.batch_queue import batch_log_entries, latest_batch_entries
 from jobs.batchlog import BatchKind, Stage, Status
+from jobs.lake import Lake
 from jobs.ops import append_batch_log, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
 from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
@@ -352,13 +353,12 @@ def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establi
     return gone
 
 
-def _snapshot(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str):
+def _snapshot(lake: Lake, establishment_id: str, batch_id: str):
     """``(kind, extracted_at)`` of a batch, as its ingest entries say."""
-    row = (read_batch_log(spark, lake)
-           .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                  & (F.col("stage") == Stage.INGEST.value) & (F.col("status") == Status.INGESTED.value))
-           .select("kind", "extracted_at").first())
-    return (row.kind, row.extracted_at) if row is not None else (None, None)
+    for (_, stage), entry in latest_batch_entries(lake, establishment_id, batch_id).items():
+        if stage == Stage.INGEST and entry["status"] == Status.INGESTED:
+            return entry["kind"], entry["extracted_at"]
+    return None, None
 
 
 # ------------------------------------------------------------- figures ----
@@ -399,17 +399,14 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
     return figures
 
 
-def _landed_before(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> bool:
-    return (read_batch_log(spark, lake)
-            .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                   & (F.col("stage") == STAGE.value) & (F.col("status") == Status.LANDED.value))
-            .limit(1).count() > 0)
+def _landed_before(lake: Lake, establishment_id: str, batch_id: str) -> bool:
+    return any(e["stage"] == STAGE and e["status"] == Status.LANDED
+               for e in batch_log_entries(lake, establishment_id) if e["batch_id"] == batch_id)
 
 
-def _require_validated(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> None:
-    statuses = {r.status for r in _latest_entries(read_batch_log(spark, lake).where(
-        (F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-        & (F.col("stage") == Stage.VALIDATE.value))).select("status").distinct().collect()}
+def _require_validated(lake: Lake, establishment_id: str, batch_id: str) -> None:
+    statuses = {e["status"] for (_, stage), e in latest_batch_entries(lake, establishment_id, batch_id).items()
+                if stage == Stage.VALIDATE}
     if statuses != {Status.VALIDATED}:
         found = ", ".join(sorted(statuses)) or "no validation"
         raise BatchNotValidated(f"batch {establishment_id}/{batch_id} cannot land: validation status is {found}. "
@@ -428,9 +425,9 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     another key; in both cases nothing is written to silver. Landing a batch
     already landed changes nothing.
     """
-    if _landed_before(spark, lake, establishment_id, batch_id):
+    if _landed_before(lake, establishment_id, batch_id):
         return LandOutcome(establishment_id, batch_id, skipped=True)
-    _require_validated(spark, lake, establishment_id, batch_id)
+    _require_validated(lake, establishment_id, batch_id)
     figures = batch_figures(spark, lake, establishment_id, batch_id)
 
     broken = {d: f for d, f in figures.items() if not f.holds}
@@ -458,7 +455,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     # A full batch is a snapshot: what it no longer holds was deleted at the source. Not when a row's
     # key is unknown (a line quarantined at ingest may be one of the records) or the file is empty.
     snapshot_notes: dict[str, str] = {}
-    kind, extracted_at = _snapshot(spark, lake, establishment_id, batch_id)
+    kind, extracted_at = _snapshot(lake, establishment_id, batch_id)
     if kind == BatchKind.FULL:
         for dataset, f in figures.items():
             if dataset in NOT_BY_ABSENCE or not table_exists(spark, lake.silver(dataset)):

@@ -99,16 +99,16 @@ def read_batch_log(spark: SparkSession, lake: Lake) -> DataFrame:
     return log.withColumn("kind", F.coalesce(F.col("kind"), legacy_kind)).select(BATCH_LOG_SCHEMA.fieldNames())
 
 
-def batches_with_status(spark: SparkSession, lake: Lake, establishment_id: str, stage: Stage,
-                        status: Status) -> set[str]:
-    """Batch ids of one establishment that reached ``status`` at ``stage``."""
-    rows = (
-        read_batch_log(spark, lake)
-        .where((F.col("establishment_id") == establishment_id) & (F.col("stage") == stage.value)
-               & (F.col("status") == status.value))
-        .select("batch_id").distinct().collect()
-    )
-    return {r.batch_id for r in rows}
+def batches_with_status(lake: Lake, establishment_id: str, stage: Stage, status: Status) -> set[str]:
+    """Batch ids of one establishment that reached ``status`` at ``stage``.
+
+    Read with delta-rs, as the queue reads it: every stage asks this before
+    any work, and a few hundred log entries do not need Spark jobs.
+    """
+    from jobs.batch_queue import batch_log_entries
+
+    return {e["batch_id"] for e in batch_log_entries(lake, establishment_id)
+            if e["stage"] == stage.value and e["status"] == status.value}
 
 
 def append_quarantine(df: DataFrame, lake: Lake) -> None:

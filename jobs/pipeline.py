@@ -93,7 +93,7 @@ def pseudonymise(ctx: Context, establishment_id: str, batch_id: str) -> dict:
 def _landed(ctx: Context, establishment_id: str, batch_id: str) -> bool:
     from jobs.ops import batches_with_status
 
-    return batch_id in batches_with_status(ctx.spark, ctx.lake, establishment_id, Stage.LAND, Status.LANDED)
+    return batch_id in batches_with_status(ctx.lake, establishment_id, Stage.LAND, Status.LANDED)
 
 
 def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
@@ -104,7 +104,7 @@ def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     require_key(ctx)
     if _landed(ctx, establishment_id, batch_id):
         return {"skipped": True, "reason": "batch already landed"}
-    kind = batch_kind(ctx.spark, ctx.lake, establishment_id, batch_id)
+    kind = batch_kind(ctx.lake, establishment_id, batch_id)
     return _summary(validate_batch(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id, kind))
 
 

@@ -548,11 +548,13 @@ def previous_full_rows(spark: SparkSession, lake: Lake, establishment_id: str, b
     return None if row is None else (row.batch_id, int(row.rows_read))
 
 
-def _ingest_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, tuple[int, int]]:
+def _ingest_figures(lake: Lake, establishment_id: str, batch_id: str) -> dict[str, tuple[int, int]]:
     """(rows read, rows quarantined at ingest) per dataset of the batch."""
-    rows = (_latest_log(spark, lake, establishment_id, Stage.INGEST).where(F.col("batch_id") == batch_id)
-            .select("dataset", "rows_read", "rows_quarantined").collect())
-    return {r.dataset: (int(r.rows_read or 0), int(r.rows_quarantined or 0)) for r in rows if r.dataset}
+    from jobs.batch_queue import latest_batch_entries
+
+    return {dataset: (int(e["rows_read"] or 0), int(e["rows_quarantined"] or 0))
+            for (dataset, stage), e in latest_batch_entries(lake, establishment_id, batch_id).items()
+            if stage == Stage.INGEST and dataset}
 
 
 def _expected_columns(spark: SparkSession, lake: Lake, dataset: str, observed: list[str], allow_changes: bool) -> list[str]:
@@ -606,7 +608,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     """
     batch_kind = BatchKind(batch_kind)
     run_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
-    ingest = _ingest_figures(spark, lake, establishment_id, batch_id)
+    ingest = _ingest_figures(lake, establishment_id, batch_id)
     source = gx_spark_source()
     predicate = f"establishment_id = '{establishment_id}' AND _batch_id = '{batch_id}'"
 
