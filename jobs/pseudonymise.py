@@ -394,7 +394,7 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
     run that failed half-way left no log entry and is redone whole (each
     staged write replaces the batch's rows).
     """
-    if batch_id in batches_with_status(spark, lake, establishment_id, STAGE, Status.PSEUDONYMISED):
+    if batch_id in batches_with_status(lake, establishment_id, STAGE, Status.PSEUDONYMISED):
         return PseudonymiseOutcome(establishment_id, batch_id, {}, {}, skipped=True)
     est = consortium.establishment(establishment_id)
     keys = Keyring.for_establishment(spark, key, establishment_id)
