@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("ingest", "pseudonymise", "validate", "land")
+from jobs.batchlog import PIPELINE_STAGES
+
+STAGES = tuple(stage.value for stage in PIPELINE_STAGES)
 RECORD_VARIABLE = "AFFLUENT_BENCH_TASK_RECORD"
 
 

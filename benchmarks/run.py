@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from benchmarks.probe import Clock, MemorySampler, spark_jobs_by_group  # noqa: E402
 from benchmarks.report import METHOD  # noqa: E402
+from jobs.batchlog import PIPELINE_STAGES, Stage  # noqa: E402
 from jobs.settings import PROJECT_ROOT  # noqa: E402
 
 
@@ -81,7 +82,7 @@ DEFAULT_DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 BENCH_ROOT = PROJECT_ROOT / ".cache" / "bench"
 GENERATION_RECORD = "generation.json"
 
-STAGES = ("ingest", "pseudonymise", "validate", "land")
+STAGES = tuple(stage.value for stage in PIPELINE_STAGES)
 RESEARCHER = ("diabetes_outcomes", "alice.tremblay")
 QUERIES = {
     # The demo's query: a join and a distinct count.
@@ -160,13 +161,13 @@ def stage_rows(stage: str, summary: dict) -> int:
     """Rows a stage read, from its JSON-able summary (0 when it skipped)."""
     if summary.get("skipped"):
         return 0
-    if stage == "ingest":
+    if stage == Stage.INGEST:
         return sum(summary["bronze"].values()) + sum(summary["quarantined"].values())
-    if stage == "pseudonymise":
+    if stage == Stage.PSEUDONYMISE:
         return sum(summary["staged"].values()) + sum(summary["duplicates"].values())
-    if stage == "validate":
+    if stage == Stage.VALIDATE:
         return sum(d["rows"] for d in summary["datasets"].values())
-    if stage == "land":
+    if stage == Stage.LAND:
         return sum(summary["landed"].values())
     if stage == "publish":
         return sum(sum(counts.values()) for counts in summary["extracts"].values())
