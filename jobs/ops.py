@@ -1,4 +1,4 @@
-"""Operational tables (the ops zone): batch log and quarantine writers.
+"""Operational tables (the ops zone): the batch log, its writer and its readers.
 
 The batch log is append-only: each stage of each batch appends what it read,
 landed, quarantined and dropped, so that ``read = landed + quarantined +
@@ -39,7 +39,6 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType, Tim
 
 from jobs.batchlog import BATCH_LOG, BATCH_LOG_COLUMNS, LEGACY_KIND_PATTERN, Stage, Status
 from jobs.lake import Lake
-from jobs.schemas import QUARANTINE_SCHEMA
 from jobs.tables import APPEND
 
 BATCH_LOG_SCHEMA = StructType([
@@ -109,9 +108,3 @@ def batches_with_status(lake: Lake, establishment_id: str, stage: Stage, status:
 
     return {e["batch_id"] for e in batch_log_entries(lake, establishment_id)
             if e["stage"] == stage.value and e["status"] == status.value}
-
-
-def append_quarantine(df: DataFrame, lake: Lake) -> None:
-    """Append rejected rows (already in :data:`QUARANTINE_SCHEMA` form, no identifier)."""
-    df.select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields]).write.format(
-        "delta").mode(APPEND).save(lake.quarantine())

@@ -80,11 +80,6 @@ def check_policy(consortium: Consortium) -> None:
         raise PolicyError("The policy has no version; load it with jobs.config.load_consortium.")
 
 
-def active_projects(consortium: Consortium, on_date: dt.date) -> list[Project]:
-    """Projects whose validity window covers ``on_date`` and that are not revoked."""
-    return [p for p in consortium.projects.values() if p.is_active(on_date)]
-
-
 def shared_establishments(consortium: Consortium, project: Project, dataset: str) -> list[str]:
     """Establishments of ``project`` whose sharing agreement covers ``dataset`` for its purpose."""
     allowed = []

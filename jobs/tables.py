@@ -51,10 +51,6 @@ def purge_deletion_vectors(spark: SparkSession, path: str) -> bool:
     return True
 
 
-def set_fingerprint(spark: SparkSession, path: str, fingerprint: str) -> None:
-    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{FINGERPRINT_PROPERTY}' = '{fingerprint}')")
-
-
 def table_version(spark: SparkSession, path: str) -> int | None:
     if not table_exists(spark, path):
         return None
