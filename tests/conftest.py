@@ -53,12 +53,10 @@ def spark(tmp_path_factory):
     # An uncompressed event log, so that tests can check what plans print (no key, no identifier).
     event_log = warehouse / "event-log"
     event_log.mkdir()
-    # Adaptive execution re-plans every shuffle stage as a Spark job of its own; on test-sized data there is
-    # nothing to adapt, and the tests' hundreds of small queries run about a tenth faster without it.
     session = get_spark(settings, app_name="affluent-tests",
                         extra_conf={"spark.sql.warehouse.dir": str(warehouse / "spark-warehouse"),
                                     "spark.eventLog.enabled": "true", "spark.eventLog.dir": str(event_log),
-                                    "spark.eventLog.compress": "false", "spark.sql.adaptive.enabled": "false"})
+                                    "spark.eventLog.compress": "false"})
     yield session
     session.stop()
 
