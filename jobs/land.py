@@ -47,10 +47,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 from pyspark.sql.window import Window
 
-from jobs.batch_queue import batch_log_entries, latest_batch_entries
+from jobs.batch_queue import latest_batch_entries
 from jobs.batchlog import BatchKind, Stage, Status
 from jobs.lake import Lake
-from jobs.ops import append_batch_log, read_batch_log
+from jobs.ops import append_batch_log, batches_with_status, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
 from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
 from jobs.validate import validated_path
@@ -399,11 +399,6 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
     return figures
 
 
-def _landed_before(lake: Lake, establishment_id: str, batch_id: str) -> bool:
-    return any(e["stage"] == STAGE and e["status"] == Status.LANDED
-               for e in batch_log_entries(lake, establishment_id) if e["batch_id"] == batch_id)
-
-
 def _require_validated(lake: Lake, establishment_id: str, batch_id: str) -> None:
     statuses = {e["status"] for (_, stage), e in latest_batch_entries(lake, establishment_id, batch_id).items()
                 if stage == Stage.VALIDATE}
@@ -425,7 +420,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     another key; in both cases nothing is written to silver. Landing a batch
     already landed changes nothing.
     """
-    if _landed_before(lake, establishment_id, batch_id):
+    if batch_id in batches_with_status(lake, establishment_id, STAGE, Status.LANDED):
         return LandOutcome(establishment_id, batch_id, skipped=True)
     _require_validated(lake, establishment_id, batch_id)
     figures = batch_figures(spark, lake, establishment_id, batch_id)
