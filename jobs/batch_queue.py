@@ -187,7 +187,7 @@ def batch_log_entries(lake: Lake, establishment_id: str | None = None) -> list[d
             legacy = re.match(LEGACY_KIND_PATTERN, entry["message"])
             entry["kind"] = legacy.group(1) if legacy else None
         entries.append(entry)
-    return sorted(entries, key=lambda e: _utc(e["recorded_at"]))
+    return sorted(entries, key=lambda e: utc(e["recorded_at"]))
 
 
 def latest_batch_entries(lake: Lake, establishment_id: str, batch_id: str) -> dict[tuple[str | None, str], dict]:
@@ -205,7 +205,7 @@ def _storage_options() -> dict[str, str] | None:
     return {"AWS_ALLOW_HTTP": "true"} if endpoint.startswith("http://") else None
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime:
+def utc(value: dt.datetime | None) -> dt.datetime:
     if value is None:
         return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
@@ -239,7 +239,7 @@ def batch_state(batch_id: str, entries: list[dict], manifest: str | None) -> Que
         return QueuedBatch(batch_id, QueueState.SKIPPED, steward[-1]["message"] or "", Stage.STEWARD)
     if manifest is None:
         return QueuedBatch(batch_id, QueueState.INCOMPLETE, f"no {MANIFEST} yet: the delivery is not complete")
-    retried_at = _utc(steward[-1]["recorded_at"]) if steward else None
+    retried_at = utc(steward[-1]["recorded_at"]) if steward else None
     flow = [e for e in entries if e["stage"] != Stage.STEWARD]
     ingested = [e for e in flow if e["stage"] == Stage.INGEST and e["status"] == Status.INGESTED]
     landed = any(e["stage"] == Stage.LAND and e["status"] == Status.LANDED for e in flow)
@@ -252,10 +252,10 @@ def batch_state(batch_id: str, entries: list[dict], manifest: str | None) -> Que
     if landed:
         return QueuedBatch(batch_id, QueueState.LANDED)
 
-    recent = [e for e in flow if retried_at is None or _utc(e["recorded_at"]) > retried_at]
+    recent = [e for e in flow if retried_at is None or utc(e["recorded_at"]) > retried_at]
     if recent:
-        last_at = _utc(recent[-1]["recorded_at"])
-        last = [e for e in recent if _utc(e["recorded_at"]) == last_at]
+        last_at = utc(recent[-1]["recorded_at"])
+        last = [e for e in recent if utc(e["recorded_at"]) == last_at]
         stops = [e for e in last if e["status"] in BLOCKING_STATUSES]
         if stops:
             stop = stops[0]

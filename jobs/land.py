@@ -370,11 +370,7 @@ def _latest_entries(log: DataFrame) -> DataFrame:
 
 def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, Figures]:
     """Per dataset: rows read, valid, quarantined (ingest, validate) and duplicates of one batch."""
-    entries = _latest_entries(read_batch_log(spark, lake).where(
-        (F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-        & F.col("dataset").isNotNull()))
-    # Bounded collects: one row per dataset and stage.
-    log = {(r.dataset, r.stage): r for r in entries.collect()}
+    log = {key: entry for key, entry in latest_batch_entries(lake, establishment_id, batch_id).items() if key[0]}
     validate_q: dict[str, int] = {}
     if table_exists(spark, lake.quarantine()):
         validate_q = {r.dataset: r["count"] for r in spark.read.format("delta").load(lake.quarantine())
@@ -394,8 +390,8 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
             raise ReconciliationError(
                 f"batch {establishment_id}/{batch_id}, dataset {dataset}: no ingest entry in the batch log, so the "
                 "rows read are unknown. Ingest the batch through the pipeline before landing it.")
-        figures[dataset] = Figures(int(ingest.rows_read or 0), landed, int(ingest.rows_quarantined or 0),
-                                   int(validate_q.get(dataset, 0)), int((dedup.rows_duplicates if dedup else 0) or 0))
+        figures[dataset] = Figures(int(ingest["rows_read"] or 0), landed, int(ingest["rows_quarantined"] or 0),
+                                   int(validate_q.get(dataset, 0)), int((dedup["rows_duplicates"] if dedup else 0) or 0))
     return figures
 
 

@@ -23,8 +23,13 @@ S3A_PACKAGES = ["org.apache.hadoop:hadoop-aws:3.5.0"]
 # Spark's verbosity: WARN by default (quiet), INFO or DEBUG to investigate.
 ENV_SPARK_LOG_LEVEL = "AFFLUENT_SPARK_LOG_LEVEL"
 DEFAULT_SPARK_LOG_LEVEL = "WARN"
-# Extra options for the driver JVM (e.g. ``-XX:TieredStopAtLevel=1`` for short runs on small data).
+# Extra options for the driver JVM (e.g. ``-XX:MaxRAMPercentage=…``).
 ENV_JAVA_OPTIONS = "AFFLUENT_JAVA_OPTIONS"
+# Spark compiles each query's expressions and stages to Java bytecode ("on", the default). On
+# tiny data (the test suite, a few hundred rows per batch) compiling, loading and JIT-compiling
+# that code costs more than it saves: "off" evaluates the same plans interpreted.
+ENV_CODEGEN = "AFFLUENT_SPARK_CODEGEN"
+CODEGEN_OFF = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
 LOG4J_CONFIG = Path(__file__).resolve().parent / "log4j2.properties"
 JVM_LOGGER = logging.getLogger("affluent.spark")
 _LOG4J_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (TRACE|DEBUG|INFO|WARN|ERROR|FATAL) ")
@@ -37,6 +42,14 @@ def spark_log_level() -> str:
     if level not in _LEVELS:
         raise ValueError(f"{ENV_SPARK_LOG_LEVEL}={level!r}: use one of {', '.join(_LEVELS)}")
     return level
+
+
+def codegen_conf() -> dict[str, str]:
+    """The Spark settings :data:`ENV_CODEGEN` asks for; an unknown value is refused, not ignored."""
+    value = os.environ.get(ENV_CODEGEN, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{ENV_CODEGEN}={value!r}: use on (the default) or off")
+    return dict(CODEGEN_OFF) if value == "off" else {}
 
 
 def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession.Builder:
@@ -75,7 +88,7 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
     extra_packages: list[str] = []
     if settings.lake_root.startswith("s3a://"):
         extra_packages.extend(S3A_PACKAGES)
-    for key, value in (extra_conf or {}).items():
+    for key, value in (codegen_conf() | (extra_conf or {})).items():
         builder = builder.config(key, value)
     return configure_spark_with_delta_pip(builder, extra_packages=extra_packages)
 

@@ -74,7 +74,7 @@ from jobs.reference import units, vocabularies
 from jobs.config import Consortium
 from jobs.lake import Lake
 from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
-from jobs.ops import append_batch_log, read_batch_log
+from jobs.ops import append_batch_log
 from jobs.schemas import (
     DATASETS,
     QUARANTINE_SCHEMA,
@@ -526,26 +526,24 @@ def _batch_filter(establishment_id: str, batch_id: str) -> Column:
     return (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)
 
 
-def _latest_log(spark: SparkSession, lake: Lake, establishment_id: str, stage: str) -> DataFrame:
-    """The latest batch log entry per (batch, dataset) of one establishment at one stage."""
-    latest = Window.partitionBy("batch_id", "dataset").orderBy(F.col("recorded_at").desc())
-    return (read_batch_log(spark, lake)
-            .where((F.col("establishment_id") == establishment_id) & (F.col("stage") == stage))
-            .withColumn("_n", F.row_number().over(latest)).where(F.col("_n") == 1).drop("_n"))
+def previous_full_rows(lake: Lake, establishment_id: str, batch_id: str, dataset: str) -> tuple[str, int] | None:
+    """Batch id and staged rows of the establishment's latest landed ``full`` batch of ``dataset``.
 
+    Read from the batch log with delta-rs: the latest entry per batch, dataset and stage counts.
+    """
+    from jobs.batch_queue import batch_log_entries, utc
 
-def previous_full_rows(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
-                       dataset: str) -> tuple[str, int] | None:
-    """Batch id and staged rows of the establishment's latest landed ``full`` batch of ``dataset``."""
-    landed = (_latest_log(spark, lake, establishment_id, Stage.LAND)
-              .where((F.col("status") == Status.LANDED.value) & (F.col("dataset") == dataset)).select("batch_id"))
-    validated = (_latest_log(spark, lake, establishment_id, STAGE)
-                 .where((F.col("dataset") == dataset) & (F.col("batch_id") != batch_id)
-                        & (F.col("kind") == BatchKind.FULL.value))
-                 .select("batch_id", "rows_read", "extracted_at"))
-    row = (validated.join(landed, on="batch_id", how="inner")
-           .orderBy(F.col("extracted_at").desc(), F.col("batch_id").desc()).first())
-    return None if row is None else (row.batch_id, int(row.rows_read))
+    latest: dict[tuple[str, str, str], dict] = {}
+    for entry in batch_log_entries(lake, establishment_id):  # oldest first: later entries replace earlier ones
+        if entry["dataset"] == dataset:
+            latest[(entry["batch_id"], entry["stage"])] = entry
+    candidates = [e for (batch, stage), e in latest.items()
+                  if stage == STAGE and batch != batch_id and e["kind"] == BatchKind.FULL
+                  and latest.get((batch, Stage.LAND), {}).get("status") == Status.LANDED]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda e: (e["extracted_at"] is not None, utc(e["extracted_at"]), e["batch_id"]))
+    return best["batch_id"], int(best["rows_read"] or 0)
 
 
 def _ingest_figures(lake: Lake, establishment_id: str, batch_id: str) -> dict[str, tuple[int, int]]:
@@ -637,7 +635,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
             if rows == 0:
                 continue
 
-            previous = previous_full_rows(spark, lake, establishment_id, batch_id, dataset) \
+            previous = previous_full_rows(lake, establishment_id, batch_id, dataset) \
                 if batch_kind == BatchKind.FULL else None
             min_rows = previous[1] * (1 - rules.max_row_count_drop_pct / 100) if previous else 0
             params = suite_parameters(consortium, **{

@@ -19,6 +19,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 # inherited by the demo and benchmark subprocesses the tests start.
 FIXED_TODAY = "2026-06-15"
 os.environ["AFFLUENT_TODAY"] = FIXED_TODAY
+# Tests run on a few hundred rows, where compiling Spark's generated code (and JIT-compiling it)
+# costs more than it saves: the suite and the subprocesses it starts run Spark interpreted
+# (jobs.session.ENV_CODEGEN). Checks whose result must not depend on it run both ways
+# (tests/test_session.py). AFFLUENT_SPARK_CODEGEN=on runs the suite compiled.
+os.environ.setdefault("AFFLUENT_SPARK_CODEGEN", "off")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,7 +1,26 @@
 import hashlib
 import hmac
 
+import pytest
 from pyspark.sql import Row
+
+# The suite runs Spark interpreted (tests/conftest.py); production compiles. Checks whose
+# result must not depend on it run both ways.
+EXECUTION_MODES = {"compiled": {"spark.sql.codegen.wholeStage": "true", "spark.sql.codegen.factoryMode": "CODEGEN_ONLY"},
+                   "interpreted": {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}}
+
+
+@pytest.fixture(params=sorted(EXECUTION_MODES))
+def execution_mode(request, spark):
+    previous = {k: spark.conf.get(k, None) for k in EXECUTION_MODES[request.param]}
+    for key, value in EXECUTION_MODES[request.param].items():
+        spark.conf.set(key, value)
+    yield request.param
+    for key, value in previous.items():
+        if value is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, value)
 
 
 def test_delta_round_trip_through_the_session_factory(spark, tmp_path):
@@ -14,7 +33,7 @@ def test_delta_round_trip_through_the_session_factory(spark, tmp_path):
     assert len(history) == 1
 
 
-def test_hmac_from_builtins_equals_python_hmac(spark):
+def test_hmac_from_builtins_equals_python_hmac(spark, execution_mode):
     from jobs.crypto import SparkKey, hmac_sha256_hex
 
     values = ["ABCD12345678", "é-accentué", "x" * 200, None, ""]
@@ -23,3 +42,24 @@ def test_hmac_from_builtins_equals_python_hmac(spark):
         got = [r.h for r in df.select(hmac_sha256_hex(SparkKey(spark, key), "v").alias("h")).collect()]
         expected = [hmac.new(key, v.encode(), hashlib.sha256).hexdigest() if v else None for v in values]
         assert got == expected
+
+
+def test_code_generation_switch(monkeypatch):
+    from jobs.session import ENV_CODEGEN, codegen_conf
+
+    monkeypatch.delenv(ENV_CODEGEN, raising=False)
+    assert codegen_conf() == {}
+    monkeypatch.setenv(ENV_CODEGEN, "off")
+    assert codegen_conf() == {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+    monkeypatch.setenv(ENV_CODEGEN, "maybe")
+    with pytest.raises(ValueError, match="AFFLUENT_SPARK_CODEGEN='maybe'"):
+        codegen_conf()
+
+
+def test_the_suite_session_runs_as_its_environment_says(spark):
+    import os
+
+    from jobs.session import ENV_CODEGEN
+
+    interpreted = os.environ.get(ENV_CODEGEN) == "off"
+    assert spark.conf.get("spark.sql.codegen.factoryMode") == ("NO_CODEGEN" if interpreted else "FALLBACK")
