@@ -403,11 +403,19 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
     duplicates: dict[str, int] = {}
     bronze_rows: dict[str, int] = {}
 
+    # Bronze rows per dataset as ingest counted them after writing (rows read - quarantined), from the
+    # batch log; a dataset the log does not account for is counted in bronze.
+    from jobs.batch_queue import latest_batch_entries
+
+    counted = {dataset: int(e["rows_read"] or 0) - int(e["rows_quarantined"] or 0)
+               for (dataset, stage), e in latest_batch_entries(lake, establishment_id, batch_id).items()
+               if dataset and stage == Stage.INGEST and e["status"] == Status.INGESTED}
+
     def deduped(dataset: str) -> DataFrame | None:
         bronze = _bronze_batch(spark, lake, dataset, establishment_id, batch_id)
         if bronze is None:
             return None
-        bronze_rows[dataset] = bronze.count()
+        bronze_rows[dataset] = counted[dataset] if dataset in counted else bronze.count()
         if bronze_rows[dataset] == 0:
             return None
         return drop_exact_duplicates(bronze, dataset)
