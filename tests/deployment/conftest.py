@@ -64,6 +64,8 @@ def run_spark_app(target: str | Callable, *, connection_uri: str, lake_root: str
         "AFFLUENT_PSEUDONYM_KEY": TEST_KEY,
         "AFFLUENT_DRIVER_MEMORY": "1g",
         "AFFLUENT_SHUFFLE_PARTITIONS": "2",
+        # The suite's Spark execution mode (tests/conftest.py), on the cluster's executors too.
+        "AFFLUENT_SPARK_CODEGEN": os.environ.get("AFFLUENT_SPARK_CODEGEN", "on"),
         "SPARK_CONF_DIR": str(loopback_spark_conf(work_dir / "spark-conf", s3_endpoint)),
         "SPARK_LOCAL_IP": "127.0.0.1",
         "PYSPARK_PYTHON": sys.executable,
