@@ -199,6 +199,13 @@ def latest_batch_entries(lake: Lake, establishment_id: str, batch_id: str) -> di
     return latest
 
 
+def ingested_entries(lake: Lake, establishment_id: str, batch_id: str) -> dict[str, dict]:
+    """Per dataset, the batch's latest ingest entry when it says ``ingested``: the rows ingest counted
+    after writing (``rows_read``, ``rows_quarantined``), the batch's ``kind`` and ``extracted_at``."""
+    return {dataset: entry for (dataset, stage), entry in latest_batch_entries(lake, establishment_id, batch_id).items()
+            if dataset and stage == Stage.INGEST and entry["status"] == Status.INGESTED}
+
+
 def _storage_options() -> dict[str, str] | None:
     # A MinIO on plain HTTP must be allowed explicitly; everything else object_store reads from AWS_* itself.
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")

@@ -250,10 +250,9 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
 
 def batch_kind(lake: Lake, establishment_id: str, batch_id: str) -> BatchKind:
     """``full`` or ``incremental``, as the manifest said when the batch was ingested (batch log, via delta-rs)."""
-    from jobs.batch_queue import batch_log_entries
+    from jobs.batch_queue import ingested_entries
 
-    kinds = [e["kind"] for e in batch_log_entries(lake, establishment_id)
-             if e["batch_id"] == batch_id and e["stage"] == STAGE and e["status"] == Status.INGESTED]
+    kinds = [e["kind"] for e in ingested_entries(lake, establishment_id, batch_id).values()]
     if not kinds:
         raise LookupError(f"batch {establishment_id}/{batch_id} has not been ingested")
     return BatchKind(kinds[0])

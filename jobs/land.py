@@ -47,7 +47,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 from pyspark.sql.window import Window
 
-from jobs.batch_queue import latest_batch_entries
+from jobs.batch_queue import ingested_entries, latest_batch_entries
 from jobs.batchlog import BatchKind, Stage, Status
 from jobs.lake import Lake
 from jobs.ops import append_batch_log, batches_with_status, read_batch_log
@@ -355,9 +355,8 @@ def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establi
 
 def _snapshot(lake: Lake, establishment_id: str, batch_id: str):
     """``(kind, extracted_at)`` of a batch, as its ingest entries say."""
-    for (_, stage), entry in latest_batch_entries(lake, establishment_id, batch_id).items():
-        if stage == Stage.INGEST and entry["status"] == Status.INGESTED:
-            return entry["kind"], entry["extracted_at"]
+    for entry in ingested_entries(lake, establishment_id, batch_id).values():
+        return entry["kind"], entry["extracted_at"]
     return None, None
 
 

@@ -405,11 +405,10 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
 
     # Bronze rows per dataset as ingest counted them after writing (rows read - quarantined), from the
     # batch log; a dataset the log does not account for is counted in bronze.
-    from jobs.batch_queue import latest_batch_entries
+    from jobs.batch_queue import ingested_entries
 
     counted = {dataset: int(e["rows_read"] or 0) - int(e["rows_quarantined"] or 0)
-               for (dataset, stage), e in latest_batch_entries(lake, establishment_id, batch_id).items()
-               if dataset and stage == Stage.INGEST and e["status"] == Status.INGESTED}
+               for dataset, e in ingested_entries(lake, establishment_id, batch_id).items()}
 
     def deduped(dataset: str) -> DataFrame | None:
         bronze = _bronze_batch(spark, lake, dataset, establishment_id, batch_id)

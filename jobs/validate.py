@@ -546,15 +546,6 @@ def previous_full_rows(lake: Lake, establishment_id: str, batch_id: str, dataset
     return best["batch_id"], int(best["rows_read"] or 0)
 
 
-def _ingest_figures(lake: Lake, establishment_id: str, batch_id: str) -> dict[str, tuple[int, int]]:
-    """(rows read, rows quarantined at ingest) per dataset of the batch."""
-    from jobs.batch_queue import latest_batch_entries
-
-    return {dataset: (int(e["rows_read"] or 0), int(e["rows_quarantined"] or 0))
-            for (dataset, stage), e in latest_batch_entries(lake, establishment_id, batch_id).items()
-            if stage == Stage.INGEST and dataset}
-
-
 def _expected_columns(spark: SparkSession, lake: Lake, dataset: str, observed: list[str], allow_changes: bool) -> list[str]:
     if allow_changes:
         return sorted(observed)
@@ -606,7 +597,11 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     """
     batch_kind = BatchKind(batch_kind)
     run_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
-    ingest = _ingest_figures(lake, establishment_id, batch_id)
+    from jobs.batch_queue import ingested_entries
+
+    # (rows read, rows quarantined at ingest) per dataset of the batch.
+    ingest = {dataset: (int(e["rows_read"] or 0), int(e["rows_quarantined"] or 0))
+              for dataset, e in ingested_entries(lake, establishment_id, batch_id).items()}
     source = gx_spark_source()
     predicate = f"establishment_id = '{establishment_id}' AND _batch_id = '{batch_id}'"
 
