@@ -141,75 +141,76 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                     "columns NULL)."))
             if change:
                 column_changes[entry.dataset] = change
-    for index, entry in enumerate(batch.files):
-        lineage = FileLineage(establishment_id, batch_id, file_reference(batch_id, index),
-                              batch.extracted_at, ingested_at)
-        if entry.dataset == NOT_COLLECTED:
-            # A whole file of resources not collected: checked and counted by the landing checks, never read.
-            not_collected_files[lineage.source_file] = entry.rows
-            not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + entry.rows
-            continue
-        try:
-            result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
-                                consortium.pipeline.max_field_bytes)
-        except HeaderError as exc:
-            raise reject(index, str(exc)) from None
-        notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
-        file_reads = getattr(result, "file_reads", None)
-        for reads in (file_reads() if file_reads else {}).values():
-            if reads.not_collected:
-                source = lineage.source_file
-                not_collected_files[source] = not_collected_files.get(source, 0) + reads.not_collected
-                not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + reads.not_collected
-                types = not_collected_types.setdefault(entry.dataset, {})
-                for rtype, n in reads.not_collected_types.items():
-                    types[rtype] = types.get(rtype, 0) + n
-        for dataset, frame in result.bronze.items():
-            bronze_parts.setdefault(dataset, []).append(frame)
-        quarantine_parts.append(result.quarantine)
-        results.append(result)
+    try:
+        for index, entry in enumerate(batch.files):
+            lineage = FileLineage(establishment_id, batch_id, file_reference(batch_id, index),
+                                  batch.extracted_at, ingested_at)
+            if entry.dataset == NOT_COLLECTED:
+                # A whole file of resources not collected: checked and counted by the landing checks, never read.
+                not_collected_files[lineage.source_file] = entry.rows
+                not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + entry.rows
+                continue
+            try:
+                result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
+                                    consortium.pipeline.max_field_bytes)
+            except HeaderError as exc:
+                raise reject(index, str(exc)) from None
+            notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
+            file_reads = getattr(result, "file_reads", None)
+            for reads in (file_reads() if file_reads else {}).values():
+                if reads.not_collected:
+                    source = lineage.source_file
+                    not_collected_files[source] = not_collected_files.get(source, 0) + reads.not_collected
+                    not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + reads.not_collected
+                    types = not_collected_types.setdefault(entry.dataset, {})
+                    for rtype, n in reads.not_collected_types.items():
+                        types[rtype] = types.get(rtype, 0) + n
+            for dataset, frame in result.bronze.items():
+                bronze_parts.setdefault(dataset, []).append(frame)
+            quarantine_parts.append(result.quarantine)
+            results.append(result)
 
-    batch_filter = (F.col("_establishment") == establishment_id) & (F.col("_batch_id") == batch_id)
-    bronze_counts: dict[str, int] = {}
-    bronze_entries: dict[str, int] = {}
-    per_file: dict[str, int] = dict(not_collected_files)
-    for dataset, frames in bronze_parts.items():
-        path = lake.bronze(dataset)
-        ensure_table(spark, path, bronze_schema(dataset), partition_by=("_establishment", "_batch_id"),
-                     comment=f"Bronze {dataset}: parsed, still identifying. Pipeline only; purged after retention.")
-        frame = reduce(DataFrame.unionByName, frames)
-        (frame.write.format("delta").mode(OVERWRITE)
-         .option("replaceWhere", f"_establishment = '{establishment_id}' AND _batch_id = '{batch_id}'").save(path))
-        # An entry may land several rows (an Observation's components): entries are distinct lines.
-        counts = (spark.read.format("delta").load(path).where(batch_filter)
-                  .groupBy("_source_file").agg(F.count(F.lit(1)).alias("rows"),
-                                               F.count_distinct("_source_line").alias("entries")).collect())
-        bronze_counts[dataset] = sum(r["rows"] for r in counts)
-        bronze_entries[dataset] = sum(r["entries"] for r in counts)
-        for r in counts:
-            per_file[r["_source_file"]] = per_file.get(r["_source_file"], 0) + r["entries"]
+        batch_filter = (F.col("_establishment") == establishment_id) & (F.col("_batch_id") == batch_id)
+        bronze_counts: dict[str, int] = {}
+        bronze_entries: dict[str, int] = {}
+        per_file: dict[str, int] = dict(not_collected_files)
+        for dataset, frames in bronze_parts.items():
+            path = lake.bronze(dataset)
+            ensure_table(spark, path, bronze_schema(dataset), partition_by=("_establishment", "_batch_id"),
+                         comment=f"Bronze {dataset}: parsed, still identifying. Pipeline only; purged after retention.")
+            frame = reduce(DataFrame.unionByName, frames)
+            (frame.write.format("delta").mode(OVERWRITE)
+             .option("replaceWhere", f"_establishment = '{establishment_id}' AND _batch_id = '{batch_id}'").save(path))
+            # An entry may land several rows (an Observation's components): entries are distinct lines.
+            counts = (spark.read.format("delta").load(path).where(batch_filter)
+                      .groupBy("_source_file").agg(F.count(F.lit(1)).alias("rows"),
+                                                   F.count_distinct("_source_line").alias("entries")).collect())
+            bronze_counts[dataset] = sum(r["rows"] for r in counts)
+            bronze_entries[dataset] = sum(r["entries"] for r in counts)
+            for r in counts:
+                per_file[r["_source_file"]] = per_file.get(r["_source_file"], 0) + r["entries"]
 
-    quarantine = reduce(DataFrame.unionByName, quarantine_parts)
-    qpath = lake.quarantine()
-    ensure_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",),
-                 comment="Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
-    (quarantine.select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
-     .write.format("delta").mode(OVERWRITE)
-     .option("replaceWhere", f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
-     .save(qpath))
-    qrows = (spark.read.format("delta").load(qpath)
-             .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                    & (F.col("stage") == STAGE))
-             .groupBy("dataset", "source_file").count().collect())
-    quarantined: dict[str, int] = {}
-    for r in qrows:
-        quarantined[r["dataset"]] = quarantined.get(r["dataset"], 0) + r["count"]
-        per_file[r["source_file"]] = per_file.get(r["source_file"], 0) + r["count"]
+        quarantine = reduce(DataFrame.unionByName, quarantine_parts)
+        qpath = lake.quarantine()
+        ensure_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",),
+                     comment="Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
+        (quarantine.select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
+         .write.format("delta").mode(OVERWRITE)
+         .option("replaceWhere", f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
+         .save(qpath))
+        qrows = (spark.read.format("delta").load(qpath)
+                 .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                        & (F.col("stage") == STAGE))
+                 .groupBy("dataset", "source_file").count().collect())
+        quarantined: dict[str, int] = {}
+        for r in qrows:
+            quarantined[r["dataset"]] = quarantined.get(r["dataset"], 0) + r["count"]
+            per_file[r["source_file"]] = per_file.get(r["source_file"], 0) + r["count"]
+    finally:
+        # The readers' cached parses, released even when a write or a count fails.
+        for result in results:
+            result.unpersist()
 
-    for result in results:
-        release = getattr(result, "unpersist", None)
-        if release:
-            release()
     for index, entry in enumerate(batch.files):
         source = file_reference(batch_id, index)
         if per_file.get(source, 0) != entry.rows:

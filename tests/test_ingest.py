@@ -53,6 +53,19 @@ def test_ingest_accounts_for_every_row_and_is_skipped_the_second_time(spark, con
     assert pending_batches(lake, landing, consortium, "chu_laurentides") == ["20260105-001"]
 
 
+def _cached_plans(spark) -> bool:
+    """Whether the session's cache manager holds any cached plan (each one is compared with every later query)."""
+    return not spark._jsparkSession.sharedState().cacheManager().isEmpty()
+
+
+def test_ingest_leaves_nothing_cached_in_the_session(spark, consortium, landed):
+    lake, landing = landed
+    spark.catalog.clearCache()
+    outcome = ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")
+    assert outcome.bronze == {"patient": 2, "encounter": 2}
+    assert not _cached_plans(spark)
+
+
 @pytest.mark.parametrize("breakage, reason", [
     (lambda folder: (folder / "sejours.csv").unlink(), "the file is missing"),
     (lambda folder: (folder / "sejours.csv").write_bytes(b"changed"), "the file's sha256 does not match"),
@@ -191,7 +204,9 @@ def test_fhir_components_and_resources_not_collected_reconcile_per_file_and_reac
     }, has_header=False)
     _edit_manifest(folder, lambda m: m["files"][0].update(rows=len(bundle["entry"])))
 
+    spark.catalog.clearCache()
     outcome = ingest_batch(spark, lake, landing, consortium, "cisss_estuaire", "20260105-001")
+    assert not _cached_plans(spark)  # the parsed entries, cached for bronze, quarantine and counts, are released
     assert {d: n for d, n in outcome.bronze.items() if n} == {"patient": 1, "lab_result": 3}
     assert outcome.quarantined == {"bundle": 1}
     assert outcome.not_collected == 5

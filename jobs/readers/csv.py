@@ -17,12 +17,14 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.batchlog import Stage
 from jobs.config import CsvProfile
-from jobs.readers.lines import decode_strict, join_quoted_lines, quote_count, read_lines, utf8_in_single_byte
+from jobs.readers.lines import (decode_strict, in_one_partition, join_quoted_lines, quote_count, read_lines,
+                                utf8_in_single_byte)
 from jobs.schemas import BRONZE_COLUMNS, PERSON_IDENTIFIERS, RECORD_REF, bronze_schema
 
 STAGE_INGEST = Stage.INGEST.value
@@ -78,6 +80,13 @@ class ReadResult:
     quarantine: DataFrame
     # What the batch log should say about the file (a byte-order mark removed…).
     notes: tuple[str, ...] = ()
+    # The checked records bronze and quarantine are both taken from, cached once parsed.
+    cached: DataFrame | None = None
+
+    def unpersist(self) -> None:
+        """Release the checked records; call once bronze and quarantine are written."""
+        if self.cached is not None:
+            self.cached.unpersist()
 
 
 BOM_UTF8 = b"\xef\xbb\xbf"
@@ -257,7 +266,7 @@ def read_records(spark: SparkSession, path: Path, profile: CsvProfile) -> DataFr
         # Counted on the raw bytes so an undecodable line still opens or closes its quote.
         (quote_count(F.col("raw").cast("string"), profile.quote) % 2 == 1).alias("odd"),
     )
-    return (join_quoted_lines(lines)
+    return (join_quoted_lines(lines, small=in_one_partition(spark, str(path)))
             .where(F.col("line_no") > 1)
             .where(~F.col("valid") | (F.trim(F.col("text")) != "")))
 
@@ -368,6 +377,9 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
                           F.concat(F.lit("action value not in the profile's action_values: "),
                                    F.coalesce(F.substring(raw_action, 1, 3), F.lit("(empty)"))))
         .otherwise(F.col("_reason")))
+    # One parse feeds bronze and quarantine: without the cache, each write would read, number,
+    # join and check the file's lines again.
+    checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
 
     bronze = checked.where(F.col("_rule").isNull()).select(
         *[field(c).alias(c) for c in BRONZE_COLUMNS[dataset]],
@@ -390,7 +402,7 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
         F.current_timestamp().alias("quarantined_at"),
     )
     return ReadResult(bronze={dataset: bronze.select(*bronze_schema(dataset).fieldNames())},
-                      quarantine=quarantine, notes=notes)
+                      quarantine=quarantine, notes=notes, cached=checked)
 
 
 __all__ = ["FileLineage", "ReadResult", "HeaderError", "read_csv_file", "read_header", "read_records",

@@ -16,21 +16,39 @@ from pyspark.sql.window import Window
 _INDEX_BITS = (1 << 33) - 1
 
 
+def in_one_partition(spark: SparkSession, path: str) -> bool:
+    """Whether Spark's text source reads the file in one partition (planning only, no job)."""
+    return spark.read.format("text").load(path).rdd.getNumPartitions() == 1
+
+
 def read_lines(spark: SparkSession, path: str) -> DataFrame:
     """Lines of one file as ``(line_no, raw)``: 1-based number, bytes as delivered.
 
     ``raw`` is binary: Spark's text source keeps the file's bytes unchanged
     (the cast to binary does not decode), so charset checks see what the
     establishment sent. A trailing ``\\r`` of a CRLF file is removed.
+
+    A file Spark reads in one partition (any file smaller than a split) is
+    numbered by its position in that partition, with no aggregate; should
+    the scan be split after all when it runs, the read fails rather than
+    misnumber a line.
     """
     text = spark.read.format("text").load(path)
-    tagged = (
-        text.select(
-            F.col("value").cast("binary").alias("raw"),
-            F.spark_partition_id().alias("_pid"),
-            F.monotonically_increasing_id().alias("_mid"),
-        )
-        .cache()
+    without_cr = (F.when(F.expr("right(raw, 1) = X'0D'"), F.expr("substring(raw, 1, length(raw) - 1)"))
+                  .otherwise(F.col("raw")).alias("raw"))
+    if in_one_partition(spark, path):
+        position = F.when(F.spark_partition_id() == 0, F.monotonically_increasing_id() + 1).otherwise(
+            # No file name in the message: a delivered name may hold identifiers (and plans print literals).
+            F.raise_error(F.lit("a file planned as one partition was read as several; read it again")))
+        return (text.select(position.cast("long").alias("line_no"), F.col("value").cast("binary").alias("raw"))
+                .select("line_no", without_cr))
+    # Not cached: a file scan's partitions are the same in both branches (the offsets and the
+    # numbered lines), and each reader caches what it parsed from the lines, released after its
+    # writes. A cache here would outlive the read (nothing could release it).
+    tagged = text.select(
+        F.col("value").cast("binary").alias("raw"),
+        F.spark_partition_id().alias("_pid"),
+        F.monotonically_increasing_id().alias("_mid"),
     )
     offsets = (
         tagged.groupBy("_pid").agg(F.count(F.lit(1)).alias("_n"))
@@ -41,12 +59,10 @@ def read_lines(spark: SparkSession, path: str) -> DataFrame:
         )
         .fillna(0, subset=["_offset"])
     )
-    numbered = tagged.join(F.broadcast(offsets), on="_pid", how="inner").select(
+    return tagged.join(F.broadcast(offsets), on="_pid", how="inner").select(
         (F.col("_offset") + F.expr(f"_mid & {_INDEX_BITS}") + F.lit(1)).cast("long").alias("line_no"),
-        F.when(F.expr("right(raw, 1) = X'0D'"), F.expr("substring(raw, 1, length(raw) - 1)"))
-        .otherwise(F.col("raw")).alias("raw"),
+        without_cr,
     )
-    return numbered
 
 
 # Control characters that never belong in a text extract (C0 except tab, C1 block).
@@ -112,7 +128,7 @@ def quote_count(text: F.Column, quote: str) -> F.Column:
     return F.length(text) - F.length(F.replace(text, F.lit(quote), F.lit("")))
 
 
-def join_quoted_lines(lines: DataFrame) -> DataFrame:
+def join_quoted_lines(lines: DataFrame, small: bool = False) -> DataFrame:
     """Physical lines → logical records: a line that starts inside an open quote continues a record.
 
     ``lines`` has ``line_no``, ``text`` (null where undecodable), ``valid``,
@@ -126,24 +142,35 @@ def join_quoted_lines(lines: DataFrame) -> DataFrame:
     and nothing is matched with a regular expression (a quoted field of any
     length costs a linear scan). A quote never closed runs to the end of the
     file: that record is unbalanced and its shape says so.
+
+    ``small`` (a file read in one partition) runs the count in one window over
+    all its lines instead: the same result, without the per-bucket aggregate.
     """
-    tagged = lines.withColumn("_bucket", F.floor((F.col("line_no") - 1) / F.lit(_BUCKET_LINES)))
     odd_line = F.when(F.col("odd"), F.col("line_no"))
-    before = Window.orderBy("_bucket").rowsBetween(Window.unboundedPreceding, -1)
-    carried = (
-        tagged.groupBy("_bucket")
-        .agg(F.sum(F.col("odd").cast("long")).alias("_odd"), F.max(odd_line).alias("_last_odd"))
-        .select("_bucket",
-                F.coalesce(F.sum("_odd").over(before), F.lit(0)).alias("_odd_carried"),
-                F.max("_last_odd").over(before).alias("_opener_carried"))
-    )
-    preceding = Window.partitionBy("_bucket").orderBy("line_no").rowsBetween(Window.unboundedPreceding, -1)
-    state = tagged.join(F.broadcast(carried), on="_bucket", how="inner").select(
-        "line_no", "text", "valid", "mismatch", "odd",
-        (F.coalesce(F.sum(F.col("odd").cast("long")).over(preceding), F.lit(0)) + F.col("_odd_carried"))
-        .alias("_odd_before"),
-        F.coalesce(F.max(odd_line).over(preceding), F.col("_opener_carried")).alias("_opener"),
-    )
+    if small:
+        preceding = Window.orderBy("line_no").rowsBetween(Window.unboundedPreceding, -1)
+        state = lines.select(
+            "line_no", "text", "valid", "mismatch", "odd",
+            F.coalesce(F.sum(F.col("odd").cast("long")).over(preceding), F.lit(0)).alias("_odd_before"),
+            F.max(odd_line).over(preceding).alias("_opener"),
+        )
+    else:
+        tagged = lines.withColumn("_bucket", F.floor((F.col("line_no") - 1) / F.lit(_BUCKET_LINES)))
+        before = Window.orderBy("_bucket").rowsBetween(Window.unboundedPreceding, -1)
+        carried = (
+            tagged.groupBy("_bucket")
+            .agg(F.sum(F.col("odd").cast("long")).alias("_odd"), F.max(odd_line).alias("_last_odd"))
+            .select("_bucket",
+                    F.coalesce(F.sum("_odd").over(before), F.lit(0)).alias("_odd_carried"),
+                    F.max("_last_odd").over(before).alias("_opener_carried"))
+        )
+        preceding = Window.partitionBy("_bucket").orderBy("line_no").rowsBetween(Window.unboundedPreceding, -1)
+        state = tagged.join(F.broadcast(carried), on="_bucket", how="inner").select(
+            "line_no", "text", "valid", "mismatch", "odd",
+            (F.coalesce(F.sum(F.col("odd").cast("long")).over(preceding), F.lit(0)) + F.col("_odd_carried"))
+            .alias("_odd_before"),
+            F.coalesce(F.max(odd_line).over(preceding), F.col("_opener_carried")).alias("_opener"),
+        )
     continued = F.col("_odd_before") % 2 == 1
     single = state.where(~continued & ~F.col("odd")).select(
         "line_no", F.col("line_no").alias("last_line"), "text", "valid", "mismatch")
