@@ -47,7 +47,8 @@ from sqlglot.errors import SqlglotError
 
 from jobs import clock
 from jobs.config import Consortium, Project
-from jobs.gateway.audit import ACCESS_AUDIT, AUDIT_SCHEMA, delta_uri, read_audit, write_audit  # noqa: F401
+from jobs.arrow_tables import delta_uri
+from jobs.gateway.audit import ACCESS_AUDIT, AUDIT_SCHEMA, read_audit, write_audit  # noqa: F401
 from jobs.lake import Lake
 from jobs.policy import AccessDenied, check_access
 

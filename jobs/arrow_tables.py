@@ -18,12 +18,36 @@ stream instead (``duckdb.sql("SELECT … FROM t")`` over ``read_table(uri)``).
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 
 
 def delta_uri(path: str) -> str:
-    """delta-rs spells S3 ``s3://``; Spark's ``s3a://`` paths are translated."""
+    """The URI delta-rs reads: it speaks ``s3://`` where Spark's Hadoop file system speaks ``s3a://``.
+
+    Object-storage credentials and endpoint come from the environment
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``,
+    ``AWS_ALLOW_HTTP`` for a plain-HTTP MinIO), as for every AWS client.
+    """
     return "s3://" + path.removeprefix("s3a://") if path.startswith("s3a://") else path
+
+
+def storage_options() -> dict[str, str] | None:
+    """A MinIO on plain HTTP must be allowed explicitly; everything else object_store reads from ``AWS_*`` itself."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    return {"AWS_ALLOW_HTTP": "true"} if endpoint.startswith("http://") else None
+
+
+def open_delta(path: str):
+    """A lake table through delta-rs (local disk or object storage), or ``None`` when it does not exist yet."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(delta_uri(path), storage_options=storage_options())
+    except TableNotFoundError:
+        return None
 
 
 def has_deletion_vectors(path: str) -> bool:

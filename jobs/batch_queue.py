@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.arrow_tables import open_delta
 from jobs.batchlog import (
     BATCH_LOG,
     BATCH_LOG_COLUMNS,
@@ -149,27 +149,6 @@ class EstablishmentQueue:
 
 # ------------------------------------------------------------- batch log ----
 
-def delta_rs_uri(path: str) -> str:
-    """The URI delta-rs reads: it speaks ``s3://`` where Spark's Hadoop file system speaks ``s3a://``.
-
-    Object-storage credentials and endpoint come from the environment
-    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``,
-    ``AWS_ALLOW_HTTP`` for a plain-HTTP MinIO), as for every AWS client.
-    """
-    return "s3://" + path.removeprefix("s3a://") if path.startswith("s3a://") else path
-
-
-def open_delta(path: str):
-    """A lake table through delta-rs (local disk or object storage), or ``None`` when it does not exist yet."""
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        return DeltaTable(delta_rs_uri(path), storage_options=_storage_options())
-    except TableNotFoundError:
-        return None
-
-
 def batch_log_entries(lake: Lake, establishment_id: str | None = None) -> list[dict]:
     """The batch log as plain dicts (one per entry, oldest first), read with delta-rs: no Spark session.
 
@@ -204,12 +183,6 @@ def ingested_entries(lake: Lake, establishment_id: str, batch_id: str) -> dict[s
     after writing (``rows_read``, ``rows_quarantined``), the batch's ``kind`` and ``extracted_at``."""
     return {dataset: entry for (dataset, stage), entry in latest_batch_entries(lake, establishment_id, batch_id).items()
             if dataset and stage == Stage.INGEST and entry["status"] == Status.INGESTED}
-
-
-def _storage_options() -> dict[str, str] | None:
-    # A MinIO on plain HTTP must be allowed explicitly; everything else object_store reads from AWS_* itself.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-    return {"AWS_ALLOW_HTTP": "true"} if endpoint.startswith("http://") else None
 
 
 def utc(value: dt.datetime | None) -> dt.datetime:

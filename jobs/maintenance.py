@@ -56,8 +56,12 @@ def keys_frame(spark: SparkSession, schema: str, rows: list[tuple]) -> DataFrame
 def delete_matching(spark: SparkSession, path: str, keys: DataFrame, columns: list[str]) -> int:
     """Delete the rows whose ``columns`` match a row of ``keys``; the number of rows removed.
 
-    A MERGE, not a DELETE: the commit log then records ``t.c = s.c``, never the ids.
+    A MERGE, not a DELETE: the commit log then records ``t.c = s.c``, never the ids. A table
+    holding none of the keys is left alone (no MERGE, no commit): a semi-join finds that in a
+    fraction of a MERGE's jobs, and an erasure walks every table of the lake.
     """
+    if spark.read.format("delta").load(path).join(keys, on=columns, how="left_semi").isEmpty():
+        return 0
     condition = " AND ".join(f"t.`{c}` = s.`{c}`" for c in columns)
     # The MERGE returns its own metrics: no history read, and no other writer's commit mistaken for it.
     metrics = (DeltaTable.forPath(spark, path).alias("t").merge(keys.alias("s"), condition)
@@ -160,16 +164,29 @@ def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.d
 def purge_transient(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, int]:
     """Remove one batch from every transient zone (staged, validated) once it has landed; rows removed per table.
 
-    The batch is matched as data (a one-row key table), so no commit records a predicate on it.
+    A DELETE on the establishment and batch: the commit records that predicate, as the
+    stages' own ``replaceWhere`` writes of these tables already do. Neither names a person
+    (persons are only ever matched as data, :func:`delete_matching`).
     """
-    batch = keys_frame(spark, "establishment_id string, _batch_id string", [(establishment_id, batch_id)])
     removed = {}
     for zone in ZONES.values():
         if not zone.transient:
             continue
         for name, path in zone_tables(spark, lake, zone.name).items():
-            removed[name] = delete_matching(spark, path, batch, ["establishment_id", "_batch_id"])
+            removed[name] = delete_batch(spark, path, establishment_id, batch_id)
     return removed
+
+
+def delete_batch(spark: SparkSession, path: str, establishment_id: str, batch_id: str) -> int:
+    """Delete one batch's rows from a transient table; the number of rows removed (the DELETE's own result)."""
+    deleted = spark.sql(f"DELETE FROM delta.`{path}` WHERE establishment_id = {_sql_text(establishment_id)} "
+                        f"AND _batch_id = {_sql_text(batch_id)}").first()
+    return int(deleted.num_affected_rows or 0) if deleted is not None else 0
+
+
+def _sql_text(value: str) -> str:
+    """A SQL string literal; establishment and batch ids are checked names, escaped all the same."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 @writes_lake(Mode.EXCLUSIVE)

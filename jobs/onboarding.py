@@ -43,7 +43,7 @@ def profile_sha256(consortium: Consortium, establishment_id: str) -> str:
 
 def acceptances(lake: Lake, establishment_id: str) -> list[dict]:
     """Every recorded acceptance of the establishment's profiles, oldest first (delta-rs: no Spark)."""
-    from jobs.batch_queue import open_delta
+    from jobs.arrow_tables import open_delta
 
     table = open_delta(lake.ops(ONBOARDING_TABLE))
     if table is None:

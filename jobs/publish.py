@@ -77,7 +77,7 @@ from jobs.lake import PROJECTS, Lake
 from jobs.maintenance import _fs, list_folders
 from jobs.policy import check_policy, shared_establishments
 from jobs.schemas import DATASETS, SILVER_SCHEMAS
-from jobs.tables import APPEND, OVERWRITE, check_fingerprint, table_exists
+from jobs.tables import APPEND, OVERWRITE, check_fingerprint, table_exists, table_version
 from jobs.writer_lock import Mode, writes_lake
 
 MANIFEST = "_manifest"
@@ -152,8 +152,11 @@ def remove_extract(spark: SparkSession, lake: Lake, project_id: str) -> None:
 
 
 def last_write_rows(spark: SparkSession, path: str) -> int:
-    metrics = DeltaTable.forPath(spark, path).history(1).select("operationMetrics").first().operationMetrics
-    return int((metrics or {}).get("numOutputRows", 0))
+    """Rows the table's latest commit wrote (its own metrics, read from the log with delta-rs)."""
+    from jobs.arrow_tables import open_delta
+
+    (latest,) = open_delta(path).history(1)
+    return int((latest.get("operationMetrics") or {}).get("numOutputRows", 0))
 
 
 # ------------------------------------------------------- transforms ----
@@ -215,7 +218,7 @@ def read_silver(spark: SparkSession, lake: Lake) -> tuple[dict[str, DataFrame], 
     for dataset in DATASETS:
         path = lake.silver(dataset)
         if table_exists(spark, path):
-            version = DeltaTable.forPath(spark, path).history(1).select("version").first().version
+            version = table_version(spark, path)
             frames[dataset] = spark.read.format("delta").option("versionAsOf", version).load(path)
             versions[dataset] = int(version)
         else:

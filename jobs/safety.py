@@ -14,7 +14,7 @@ import datetime as dt
 import os
 from collections.abc import Iterable
 
-from jobs.batch_queue import open_delta
+from jobs.arrow_tables import open_delta
 from jobs.lake import Lake
 from jobs.registry import CANONICAL_DATASETS
 

@@ -52,9 +52,11 @@ def purge_deletion_vectors(spark: SparkSession, path: str) -> bool:
 
 
 def table_version(spark: SparkSession, path: str) -> int | None:
-    if not table_exists(spark, path):
-        return None
-    return DeltaTable.forPath(spark, path).history(1).select("version").first().version
+    """The table's current version, ``None`` when there is no table; read from its log with delta-rs (no Spark job)."""
+    from jobs.arrow_tables import open_delta
+
+    table = open_delta(path)
+    return None if table is None else table.version()
 
 
 def ensure_table(spark: SparkSession, path: str, schema, fingerprint: str | None = None,

@@ -1,4 +1,5 @@
 import datetime as dt
+import json
 
 import pytest
 from pyspark.sql import Row
@@ -100,3 +101,23 @@ def test_stopped_batches_never_outlive_their_bronze_rows():
     assert Pipeline().transient_retention_days <= Pipeline().bronze_retention_days
     with pytest.raises(ValueError, match="exceeds bronze_retention_days"):
         Pipeline(bronze_retention_days=7, transient_retention_days=14)
+
+
+def test_rows_matching_keys_are_deleted_and_a_table_without_them_gets_no_commit(spark, tmp_path):
+    from jobs.maintenance import delete_matching, keys_frame
+    from jobs.tables import table_version
+
+    path = str(tmp_path / "t")
+    spark.createDataFrame([("p1", "a"), ("p2", "b"), ("p1", "c")], "person_id string, v string") \
+        .write.format("delta").save(path)
+
+    absent = keys_frame(spark, "person_id string", [("p9",)])
+    assert delete_matching(spark, path, absent, ["person_id"]) == 0
+    assert table_version(spark, path) == 0  # nothing held the key: no MERGE, no commit
+
+    assert delete_matching(spark, path, keys_frame(spark, "person_id string", [("p1",)]), ["person_id"]) == 2
+    assert [r.v for r in spark.read.format("delta").load(path).collect()] == ["b"]
+    log = (tmp_path / "t" / "_delta_log" / "00000000000000000001.json").read_text().splitlines()
+    (info,) = [json.loads(line)["commitInfo"] for line in log if '"commitInfo"' in line]
+    # The commit records the condition, never the id.
+    assert info["operation"] == "MERGE" and "p1" not in json.dumps(info["operationParameters"])

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from jobs.arrow_tables import delta_uri
 from jobs.gateway import ACCESS_AUDIT
 from jobs.lake import Lake
 
@@ -72,11 +73,6 @@ _REQUIRED_TEXT = ("user", "project_id", "action", "engine", "outcome", "policy_v
 
 class AuditError(RuntimeError):
     """The audit cannot be written or read as a chain; nothing is returned to the researcher."""
-
-
-def delta_uri(path: str) -> str:
-    """delta-rs spells ``s3a://`` as ``s3://``."""
-    return "s3://" + path.removeprefix("s3a://") if path.startswith("s3a://") else path
 
 
 def audit_path(lake: Lake) -> str:

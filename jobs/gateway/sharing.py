@@ -41,7 +41,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from pyarrow.fs import FileType
 
 from jobs import access, clock
-from jobs.gateway.audit import delta_uri
+from jobs.arrow_tables import delta_uri
 from jobs.policy import AccessDenied, check_access
 
 PREFIX = "/delta-sharing"

@@ -96,7 +96,8 @@ def test_delta_sharing_serves_an_object_store_lake_through_the_gateway(s3_server
     from deltalake import write_deltalake
 
     import delta_sharing
-    from jobs.gateway.audit import delta_uri, read_audit
+    from jobs.arrow_tables import delta_uri
+    from jobs.gateway.audit import read_audit
     from jobs.gateway.tokens import TokenStore
     from jobs.lake import Lake
     from tests.conftest import CONFIG_DIR
