@@ -147,8 +147,11 @@ def k_anonymise(patients: DataFrame, quasi_identifiers: list[str], k: int) -> tu
         joining = classes.where(F.coalesce(F.col("_before"), F.lit(0)) < F.lit(k - suppressed)).select(*qis)
         persons = _mark_joining(persons, joining, qis).localCheckpoint()
         suppressed = persons.where(F.col(_SUPPRESSED)).count()
-    decided = persons.select("person_id", _SUPPRESSED, *[F.col(q).alias(f"_g_{q}") for q in qis])
-    out = patients.join(decided, on="person_id", how="left").select(*[
+    # Every column of the decision is renamed: ``persons`` derives from ``patients``, and a join of
+    # two plans sharing attributes is refused when Spark plans without adaptive execution.
+    decided = persons.select(F.col("person_id").alias("_k_person"), F.col(_SUPPRESSED).alias(_SUPPRESSED),
+                             *[F.col(q).alias(f"_g_{q}") for q in qis])
+    out = patients.join(decided, F.col("person_id") == F.col("_k_person"), how="left").select(*[
         F.when(F.col(_SUPPRESSED), F.lit(None)).otherwise(F.col(f"_g_{c}")).cast(patients.schema[c].dataType).alias(c)
         if c in qis else F.col(c) for c in patients.columns])
     # Every person left with quasi-identifiers has them at the level reached.

@@ -30,6 +30,11 @@ ENV_JAVA_OPTIONS = "AFFLUENT_JAVA_OPTIONS"
 # that code costs more than it saves: "off" evaluates the same plans interpreted.
 ENV_CODEGEN = "AFFLUENT_SPARK_CODEGEN"
 CODEGEN_OFF = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+# Adaptive query execution ("on", Spark's default) re-plans a query after each of its shuffle
+# stages, each stage a job of its own. On tiny data there is nothing to adapt to and the
+# re-planning is driver time: "off" plans each query once.
+ENV_ADAPTIVE = "AFFLUENT_SPARK_ADAPTIVE"
+ADAPTIVE_OFF = {"spark.sql.adaptive.enabled": "false"}
 LOG4J_CONFIG = Path(__file__).resolve().parent / "log4j2.properties"
 JVM_LOGGER = logging.getLogger("affluent.spark")
 _LOG4J_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (TRACE|DEBUG|INFO|WARN|ERROR|FATAL) ")
@@ -44,12 +49,26 @@ def spark_log_level() -> str:
     return level
 
 
+def _switch(name: str, off: dict[str, str]) -> dict[str, str]:
+    value = os.environ.get(name, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{name}={value!r}: use on (the default) or off")
+    return dict(off) if value == "off" else {}
+
+
 def codegen_conf() -> dict[str, str]:
     """The Spark settings :data:`ENV_CODEGEN` asks for; an unknown value is refused, not ignored."""
-    value = os.environ.get(ENV_CODEGEN, "on").strip().lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"{ENV_CODEGEN}={value!r}: use on (the default) or off")
-    return dict(CODEGEN_OFF) if value == "off" else {}
+    return _switch(ENV_CODEGEN, CODEGEN_OFF)
+
+
+def adaptive_conf() -> dict[str, str]:
+    """The Spark settings :data:`ENV_ADAPTIVE` asks for; an unknown value is refused, not ignored."""
+    return _switch(ENV_ADAPTIVE, ADAPTIVE_OFF)
+
+
+def execution_mode_conf() -> dict[str, str]:
+    """Code generation and adaptive execution as the environment asks (both on unless said otherwise)."""
+    return codegen_conf() | adaptive_conf()
 
 
 def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession.Builder:
@@ -88,7 +107,7 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
     extra_packages: list[str] = []
     if settings.lake_root.startswith("s3a://"):
         extra_packages.extend(S3A_PACKAGES)
-    for key, value in (codegen_conf() | (extra_conf or {})).items():
+    for key, value in (execution_mode_conf() | (extra_conf or {})).items():
         builder = builder.config(key, value)
     return configure_spark_with_delta_pip(builder, extra_packages=extra_packages)
 

@@ -56,10 +56,25 @@ def test_code_generation_switch(monkeypatch):
         codegen_conf()
 
 
+def test_adaptive_execution_switch(monkeypatch):
+    from jobs.session import ENV_ADAPTIVE, ENV_CODEGEN, adaptive_conf, execution_mode_conf
+
+    monkeypatch.delenv(ENV_ADAPTIVE, raising=False)
+    monkeypatch.delenv(ENV_CODEGEN, raising=False)
+    assert adaptive_conf() == {} and execution_mode_conf() == {}
+    monkeypatch.setenv(ENV_ADAPTIVE, "off")
+    assert execution_mode_conf() == {"spark.sql.adaptive.enabled": "false"}
+    monkeypatch.setenv(ENV_ADAPTIVE, "sometimes")
+    with pytest.raises(ValueError, match="AFFLUENT_SPARK_ADAPTIVE='sometimes'"):
+        adaptive_conf()
+
+
 def test_the_suite_session_runs_as_its_environment_says(spark):
     import os
 
-    from jobs.session import ENV_CODEGEN
+    from jobs.session import ENV_ADAPTIVE, ENV_CODEGEN
 
     interpreted = os.environ.get(ENV_CODEGEN) == "off"
     assert spark.conf.get("spark.sql.codegen.factoryMode") == ("NO_CODEGEN" if interpreted else "FALLBACK")
+    adaptive = os.environ.get(ENV_ADAPTIVE, "on") == "on"
+    assert spark.conf.get("spark.sql.adaptive.enabled") == str(adaptive).lower()
