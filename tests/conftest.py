@@ -20,31 +20,55 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 FIXED_TODAY = "2026-06-15"
 os.environ["AFFLUENT_TODAY"] = FIXED_TODAY
 # Tests run on a few hundred rows, where compiling Spark's generated code (and JIT-compiling it)
-# costs more than it saves: the suite and the subprocesses it starts run Spark interpreted
-# (jobs.session.ENV_CODEGEN). Checks whose result must not depend on it run both ways
-# (tests/test_session.py). AFFLUENT_SPARK_CODEGEN=on runs the suite compiled.
+# costs more than it saves, and where adaptive execution has nothing to adapt to but re-plans
+# every query after each of its shuffle stages: the suite and the subprocesses it starts run
+# Spark interpreted and planned once (jobs.session.ENV_CODEGEN, ENV_ADAPTIVE). Checks whose
+# result must not depend on them run both ways (tests/test_session.py, tests/test_kanonymity.py).
+# AFFLUENT_SPARK_CODEGEN=on AFFLUENT_SPARK_ADAPTIVE=on runs the suite as production runs.
 os.environ.setdefault("AFFLUENT_SPARK_CODEGEN", "off")
+os.environ.setdefault("AFFLUENT_SPARK_ADAPTIVE", "off")
+
+
+# Fixtures whose work runs in subprocesses started when collection ends; their tests run last.
+BACKGROUND_FIXTURES = ("cluster_run", "demo")
+
+
+def _background_rank(item) -> int:
+    names = getattr(item, "fixturenames", ())
+    return next((rank for rank, name in enumerate(BACKGROUND_FIXTURES, 1) if name in names), 0)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that read the demo run last: the demo runs in the background meanwhile."""
-    items.sort(key=lambda item: "demo" in getattr(item, "fixturenames", ()))
+    """Tests that read the cluster application or the demo run last: both run in the background meanwhile."""
+    items.sort(key=_background_rank)
 
 
 def pytest_collection_finish(session):
-    """Start the demo subprocess at once when a selected test needs it (tests/integration/conftest.py)."""
-    if session.config.option.collectonly or not any("demo" in getattr(item, "fixturenames", ())
-                                                    for item in session.items):
+    """Start the demo and the cluster application at once when a selected test needs them."""
+    if session.config.option.collectonly:
         return
-    from tests.integration.conftest import start_demo
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    factory = session.config._tmp_path_factory  # noqa: SLF001 - pytest's own tmp_path_factory
+    if "demo" in used:
+        from tests.integration.conftest import start_demo
 
-    start_demo(session.config._tmp_path_factory.mktemp("demo"))  # noqa: SLF001 - pytest's own tmp_path_factory
+        start_demo(factory.mktemp("demo"))
+    if "cluster_run" in used:
+        from tests.deployment.cluster import ServiceStartError
+        from tests.deployment.conftest import start_cluster_app_early
+
+        try:
+            start_cluster_app_early(factory)
+        except ServiceStartError:
+            pass  # the fixtures start it again in the foreground and report the failure there
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from tests.deployment.conftest import stop_early
     from tests.integration.conftest import stop_demo
 
     stop_demo()
+    stop_early()
 
 
 @pytest.fixture(scope="session")

@@ -144,10 +144,17 @@ def _alive_workers(cluster: StandaloneCluster) -> int:
 
 
 def start_standalone_cluster(work_dir: Path, workers: int = 1, worker_cores: int = 1,
-                             worker_memory: str = "1g", timeout: float = 90) -> StandaloneCluster:
-    """Start ``spark-class`` Master and Worker processes bound to loopback and wait for the workers."""
+                             worker_memory: str = "1g", timeout: float = 90,
+                             background: bool = False) -> StandaloneCluster:
+    """Start ``spark-class`` Master and Worker processes bound to loopback and wait for the workers.
+
+    ``background`` runs them (and so the executors a worker starts) at a lower CPU priority.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     spark_class = str(spark_home() / "bin" / "spark-class")
+    from tests.background import lower_priority
+
+    prefix = lower_priority([]) if background else []
     env = _loopback_env()
     port, webui_port = free_port(), free_port()
     master_url = f"spark://{LOOPBACK}:{port}"
@@ -155,7 +162,7 @@ def start_standalone_cluster(work_dir: Path, workers: int = 1, worker_cores: int
     try:
         master_log = work_dir / "master.log"
         processes.append(subprocess.Popen(
-            [spark_class, "org.apache.spark.deploy.master.Master",
+            [*prefix, spark_class, "org.apache.spark.deploy.master.Master",
              "--host", LOOPBACK, "--port", str(port), "--webui-port", str(webui_port)],
             stdout=master_log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=work_dir))
         _wait_for_port(port, processes[0], master_log, timeout)
@@ -164,7 +171,7 @@ def start_standalone_cluster(work_dir: Path, workers: int = 1, worker_cores: int
             worker_dir = work_dir / f"worker-{index}"
             worker_dir.mkdir(exist_ok=True)
             processes.append(subprocess.Popen(
-                [spark_class, "org.apache.spark.deploy.worker.Worker",
+                [*prefix, spark_class, "org.apache.spark.deploy.worker.Worker",
                  "--host", LOOPBACK, "--cores", str(worker_cores), "--memory", worker_memory,
                  "--webui-port", str(free_port()), "--work-dir", str(worker_dir), master_url],
                 stdout=(work_dir / f"worker-{index}.log").open("w"), stderr=subprocess.STDOUT,

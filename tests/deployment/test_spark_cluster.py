@@ -16,14 +16,20 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def cluster_run(spark_cluster, tmp_path_factory):
-    """One Spark application on the cluster runs a batch through every stage, then a Delta write/read/MERGE."""
-    from tests.deployment.conftest import run_spark_app
+    """One Spark application on the cluster runs a batch through every stage, then a Delta write/read/MERGE.
+
+    Started when collection ended if the session selected these tests (tests/deployment/conftest.py).
+    """
+    from tests.deployment.conftest import _early, run_spark_app
     from tests.deployment.workloads import batch_then_delta_checks
 
-    work = tmp_path_factory.mktemp("cluster-app")
-    lake_root = str(work / "lake")
-    result = run_spark_app(batch_then_delta_checks, connection_uri=spark_cluster.connection_uri,
-                           lake_root=lake_root, work_dir=work / "app")
+    if "app" in _early:
+        result, lake_root = _early["app"].result(), _early["lake_root"]
+    else:
+        work = tmp_path_factory.mktemp("cluster-app")
+        lake_root = str(work / "lake")
+        result = run_spark_app(batch_then_delta_checks, connection_uri=spark_cluster.connection_uri,
+                               lake_root=lake_root, work_dir=work / "app")
     print(f"master used: {result['master']} (application {result['application_id']})")
     return result, lake_root
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.background import lower_priority
 from tests.conftest import TEST_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,8 +68,9 @@ class DemoLaunch:
         self.stderr_path = workdir / "demo.stderr"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "jobs.cli", "demo", "--patients", str(PATIENTS), "--batches", str(BATCHES),
-                 "--seed", str(SEED), "--defect-rate", str(DEFECT_RATE), "--workdir", str(workdir)],
+                lower_priority([sys.executable, "-m", "jobs.cli", "demo", "--patients", str(PATIENTS),
+                                "--batches", str(BATCHES), "--seed", str(SEED), "--defect-rate", str(DEFECT_RATE),
+                                "--workdir", str(workdir)]),
                 cwd=ROOT, env=demo_env(), stdout=out, stderr=err)
 
     def result(self, timeout: float = 2400) -> DemoRun:
