@@ -95,6 +95,11 @@ def ratio_table(results: list[dict]) -> list[str]:
                 value = _ratio(r, name, key)
             values.append("–" if value is None else f"{value:g}")
         lines.append(f"| {label} | " + " | ".join(values) + " |")
+    for r in results:
+        for name, again in sorted((r.get("remeasured") or {}).items()):
+            lines += ["", f"{r['size']}: the {name} ratios (2a, 2b) and the `{name}_engines.*` steps were re-measured "
+                          f"in a run of their own on {again['at'][:10]} (commit {again['commit']}): {again['why']}. "
+                          "Every other figure of that column is the complete run's."]
     old = [r["size"] for r in results if earlier(r)]
     if old:
         which = "Every column" if len(old) == len(results) else "Column(s) " + ", ".join(old)
