@@ -804,11 +804,11 @@ def _spark_rows(ctx, project, sql: str) -> int:
 
 def staged_table_versions(ctx) -> dict[str, int]:
     """The current version of each staged table (delta-rs: no Spark job, nothing added to a timed step)."""
+    from jobs.arrow_tables import open_delta
     from jobs.schemas import DATASETS
-    from jobs.tables import table_version
 
-    versions = {dataset: table_version(None, ctx.lake.staged(dataset)) for dataset in DATASETS}
-    return {dataset: v for dataset, v in versions.items() if v is not None}
+    tables = {dataset: open_delta(ctx.lake.staged(dataset)) for dataset in DATASETS}
+    return {dataset: table.version() for dataset, table in tables.items() if table is not None}
 
 
 def validation_engines(spark, ctx, rec: Recorder, batch_id: str, staged_versions: dict[str, dict[str, int]]) -> dict:

@@ -260,13 +260,14 @@ def read_records(spark: SparkSession, path: Path, profile: CsvProfile) -> DataFr
     records are not records.
     """
     text, valid = decode_strict("raw", profile.encoding)
-    lines = read_lines(spark, str(path)).select(
+    small = in_one_partition(spark, str(path))
+    lines = read_lines(spark, str(path), one_partition=small).select(
         "line_no", text.alias("text"), valid.alias("valid"),
         utf8_in_single_byte("raw", profile.encoding).alias("mismatch"),
         # Counted on the raw bytes so an undecodable line still opens or closes its quote.
         (quote_count(F.col("raw").cast("string"), profile.quote) % 2 == 1).alias("odd"),
     )
-    return (join_quoted_lines(lines, small=in_one_partition(spark, str(path)))
+    return (join_quoted_lines(lines, small=small)
             .where(F.col("line_no") > 1)
             .where(~F.col("valid") | (F.trim(F.col("text")) != "")))
 

@@ -21,7 +21,7 @@ def in_one_partition(spark: SparkSession, path: str) -> bool:
     return spark.read.format("text").load(path).rdd.getNumPartitions() == 1
 
 
-def read_lines(spark: SparkSession, path: str) -> DataFrame:
+def read_lines(spark: SparkSession, path: str, one_partition: bool | None = None) -> DataFrame:
     """Lines of one file as ``(line_no, raw)``: 1-based number, bytes as delivered.
 
     ``raw`` is binary: Spark's text source keeps the file's bytes unchanged
@@ -31,12 +31,13 @@ def read_lines(spark: SparkSession, path: str) -> DataFrame:
     A file Spark reads in one partition (any file smaller than a split) is
     numbered by its position in that partition, with no aggregate; should
     the scan be split after all when it runs, the read fails rather than
-    misnumber a line.
+    misnumber a line. ``one_partition`` is :func:`in_one_partition`'s answer when
+    the caller already asked it (so that it decides once per file).
     """
     text = spark.read.format("text").load(path)
     without_cr = (F.when(F.expr("right(raw, 1) = X'0D'"), F.expr("substring(raw, 1, length(raw) - 1)"))
                   .otherwise(F.col("raw")).alias("raw"))
-    if in_one_partition(spark, path):
+    if in_one_partition(spark, path) if one_partition is None else one_partition:
         position = F.when(F.spark_partition_id() == 0, F.monotonically_increasing_id() + 1).otherwise(
             # No file name in the message: a delivered name may hold identifiers (and plans print literals).
             F.raise_error(F.lit("a file planned as one partition was read as several; read it again")))

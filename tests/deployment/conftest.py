@@ -130,21 +130,34 @@ def run_spark_app(target: str | Callable, **kwargs) -> dict:
 # The cluster application (tests/deployment/test_spark_cluster.py) is the suite's slowest single
 # step and needs nothing from the other tests: when the session selects it, the cluster and the
 # application start as soon as collection ends (tests/conftest.py), and its tests run near the end.
-CLUSTER_APP_FIXTURE = "cluster_run"
 _early: dict = {}
+
+
+def _launch_cluster_app(cluster, tmp_path_factory, background: bool) -> tuple[SparkApp, str]:
+    """The application that runs a batch through every stage on ``cluster``, then a Delta write/read/MERGE."""
+    from tests.deployment.workloads import batch_then_delta_checks
+
+    work = tmp_path_factory.mktemp("cluster-app")
+    lake_root = str(work / "lake")
+    app = launch_spark_app(batch_then_delta_checks, connection_uri=cluster.connection_uri, lake_root=lake_root,
+                           work_dir=work / "app", background=background)
+    return app, lake_root
 
 
 def start_cluster_app_early(tmp_path_factory) -> None:
     from tests.deployment.cluster import start_standalone_cluster
-    from tests.deployment.workloads import batch_then_delta_checks
 
-    cluster = start_standalone_cluster(tmp_path_factory.mktemp("spark-cluster"), workers=1,
-                                       worker_cores=1, worker_memory="1g", background=True)
-    _early["cluster"] = cluster
-    work = tmp_path_factory.mktemp("cluster-app")
-    _early["lake_root"] = str(work / "lake")
-    _early["app"] = launch_spark_app(batch_then_delta_checks, connection_uri=cluster.connection_uri,
-                                     lake_root=_early["lake_root"], work_dir=work / "app", background=True)
+    _early["cluster"] = start_standalone_cluster(tmp_path_factory.mktemp("spark-cluster"), workers=1,
+                                                 worker_cores=1, worker_memory="1g", background=True)
+    _early["app"], _early["lake_root"] = _launch_cluster_app(_early["cluster"], tmp_path_factory, background=True)
+
+
+def cluster_app_result(cluster, tmp_path_factory) -> tuple[dict, str]:
+    """The cluster application's result and lake root: the one started early, else one run now."""
+    if "app" in _early:
+        return _early["app"].result(), _early["lake_root"]
+    app, lake_root = _launch_cluster_app(cluster, tmp_path_factory, background=False)
+    return app.result(), lake_root
 
 
 def stop_early() -> None:

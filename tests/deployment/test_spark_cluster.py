@@ -20,16 +20,9 @@ def cluster_run(spark_cluster, tmp_path_factory):
 
     Started when collection ended if the session selected these tests (tests/deployment/conftest.py).
     """
-    from tests.deployment.conftest import _early, run_spark_app
-    from tests.deployment.workloads import batch_then_delta_checks
+    from tests.deployment.conftest import cluster_app_result
 
-    if "app" in _early:
-        result, lake_root = _early["app"].result(), _early["lake_root"]
-    else:
-        work = tmp_path_factory.mktemp("cluster-app")
-        lake_root = str(work / "lake")
-        result = run_spark_app(batch_then_delta_checks, connection_uri=spark_cluster.connection_uri,
-                               lake_root=lake_root, work_dir=work / "app")
+    result, lake_root = cluster_app_result(spark_cluster, tmp_path_factory)
     print(f"master used: {result['master']} (application {result['application_id']})")
     return result, lake_root
 
