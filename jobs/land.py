@@ -377,14 +377,12 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
                              & (F.col("stage") == Stage.VALIDATE.value))
                       .groupBy("dataset").count().collect()}
     datasets = sorted({d for d, stage in log if stage in (Stage.INGEST, Stage.VALIDATE)} | set(validate_q))
+    valid = _validated_rows(spark, lake, establishment_id, batch_id, datasets)
     figures = {}
     for dataset in datasets:
         ingest = log.get((dataset, Stage.INGEST.value))
         dedup = log.get((dataset, Stage.PSEUDONYMISE.value))
-        vpath = validated_path(lake, dataset)
-        landed = (spark.read.format("delta").load(vpath)
-                  .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)).count()
-                  if table_exists(spark, vpath) else 0)
+        landed = valid.get(dataset, 0)
         if ingest is None:
             raise ReconciliationError(
                 f"batch {establishment_id}/{batch_id}, dataset {dataset}: no ingest entry in the batch log, so the "
@@ -392,6 +390,21 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
         figures[dataset] = Figures(int(ingest["rows_read"] or 0), landed, int(ingest["rows_quarantined"] or 0),
                                    int(validate_q.get(dataset, 0)), int((dedup["rows_duplicates"] if dedup else 0) or 0))
     return figures
+
+
+def _validated_rows(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
+                    datasets: list[str]) -> dict[str, int]:
+    """Rows of the batch waiting in ``validated/``, per dataset: one query over every dataset's table."""
+    parts = [spark.read.format("delta").load(validated_path(lake, d))
+             .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
+             .select(F.lit(d).alias("dataset"))
+             for d in datasets if table_exists(spark, validated_path(lake, d))]
+    if not parts:
+        return {}
+    union = parts[0]
+    for part in parts[1:]:
+        union = union.unionByName(part)
+    return {r.dataset: r["count"] for r in union.groupBy("dataset").count().collect()}
 
 
 def _require_validated(lake: Lake, establishment_id: str, batch_id: str) -> None:

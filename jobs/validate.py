@@ -136,6 +136,7 @@ CODED = {
 KIND_INFO = "info"
 INFO_NOT_IN_REFERENCE = "code.not_in_reference_list"
 INFO_BOUND_NOT_APPLIED = "value.bound_not_applied"
+INFORMATION_NAMES = (INFO_NOT_IN_REFERENCE, INFO_BOUND_NOT_APPLIED)
 
 # Suite parameters filled at run time (reference lists and configuration).
 PARAM_MIN_ROW_COUNT = "min_row_count"
@@ -323,19 +324,18 @@ def _listed_codes(spark: SparkSession, dataset: str) -> DataFrame:
     return spark.createDataFrame([(c, v, True) for c, v in pairs], "_l0 string, _l1 string, _listed boolean")
 
 
-def information_counts(flagged: DataFrame, dataset: str) -> dict[str, int]:
+def _information_aggs(dataset: str) -> list[Column]:
     """Rows that landed with something to know: a well-formed code missing from the reference
     list, a lab value whose unit has no conversion to its test's bounds (bound not applied)."""
     if dataset not in CODED:
-        return {}
+        return []
     kept = F.col("_rule").isNull()
     aggs = [F.sum((kept & (F.col("_code_in_reference") == F.lit(False))).cast("long")).alias(INFO_NOT_IN_REFERENCE)]
     if dataset == "lab_result":
         listed = F.col("_code_in_reference") & F.col("value_as_number").isNotNull()
         aggs.append(F.sum((kept & listed & F.col("_ref_plausible_low").isNull()).cast("long"))
                     .alias(INFO_BOUND_NOT_APPLIED))
-    row = flagged.agg(*aggs).first()
-    return {name: int(row[name] or 0) for name in row.asDict()}
+    return aggs
 
 
 def _no_birth_years(spark: SparkSession) -> DataFrame:
@@ -441,13 +441,34 @@ def flag_rows(df: DataFrame, checks: list[Check], params: dict) -> DataFrame:
         "*", F.col("_first.rule").alias("_rule"), F.col("_first.reason").alias("_reason")).drop("_first")
 
 
-def count_failures(flagged: DataFrame, checks: list[Check]) -> tuple[int, dict[str, int], dt.datetime | None]:
-    """Rows of the batch, failing rows per row-level check and the extraction instant, in one aggregation."""
+@dataclass(frozen=True)
+class BatchCounts:
+    """What one aggregation over a dataset's flagged rows tells."""
+
+    rows: int
+    failures: dict[str, int]  # rows failing each row-level check, each check counted on its own
+    by_rule: dict[str, int]  # rows quarantined under each rule (their first failing check's), rules with none left out
+    information: dict[str, int]  # see _information_aggs
+    extracted_at: dt.datetime | None
+
+
+def count_batch(flagged: DataFrame, checks: list[Check], dataset: str) -> BatchCounts:
+    """Rows, failures per check, quarantined rows per rule, information counts and extraction instant: one pass."""
     row_checks = [c for c in checks if c.kind == KIND_ROW]
+    rules = sorted({c.rule for c in row_checks})
+    information = _information_aggs(dataset)
     aggs = [F.count(F.lit(1)).alias("_rows"), F.max("_extracted_at").alias("_extracted_at")]
-    aggs += [F.sum(F.col(f"_fail_{c.position}").cast("long")).alias(c.name) for c in row_checks]
-    totals = flagged.agg(*aggs).first()
-    return (totals["_rows"], {c.name: int(totals[c.name] or 0) for c in row_checks}, totals["_extracted_at"])
+    aggs += [F.sum(F.col(f"_fail_{c.position}").cast("long")).alias(f"_check_{c.position}") for c in row_checks]
+    aggs += [F.sum((F.col("_rule") == F.lit(rule)).cast("long")).alias(f"_rule_{i}") for i, rule in enumerate(rules)]
+    totals = flagged.agg(*aggs, *information).first()
+    by_rule = {rule: int(totals[f"_rule_{i}"] or 0) for i, rule in enumerate(rules)}
+    return BatchCounts(
+        rows=totals["_rows"],
+        failures={c.name: int(totals[f"_check_{c.position}"] or 0) for c in row_checks},
+        by_rule={rule: n for rule, n in by_rule.items() if n},
+        information={name: int(totals[name] or 0) for name in INFORMATION_NAMES if name in totals.asDict()},
+        extracted_at=totals["_extracted_at"],
+    )
 
 
 # -------------------------------------------------------------- GX run ----
@@ -626,7 +647,8 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
                                               if dataset == "encounter" else None).persist(StorageLevel.MEMORY_AND_DISK)
             flagged = flag_rows(enriched, checks, suite_parameters(consortium)).persist(StorageLevel.MEMORY_AND_DISK)
             persisted += [enriched, flagged]
-            rows, spark_counts, extracted[dataset] = count_failures(flagged, checks)
+            counts = count_batch(flagged, checks, dataset)
+            rows, spark_counts, extracted[dataset] = counts.rows, counts.failures, counts.extracted_at
             if rows == 0:
                 continue
 
@@ -657,13 +679,11 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
                         figures = f"columns {r.observed} vs silver {sorted(params[PARAM_EXPECTED_COLUMNS])}"
                     failures.append(BatchRuleFailure(dataset, r.rule, figures))
 
-            for name, count in information_counts(flagged, dataset).items():
+            for name, count in counts.information.items():
                 results.append((establishment_id, batch_id, dataset, name, name, KIND_INFO, True, count, rows,
                                 None, run_at))
 
-            # One row per rule: a bounded collect, whatever the batch's size.
-            by_rule = {r["_rule"]: r["count"] for r in
-                       flagged.where(F.col("_rule").isNotNull()).groupBy("_rule").count().collect()}
+            by_rule = counts.by_rule
             quarantined = sum(by_rule.values())
             outcomes[dataset] = DatasetValidation(rows, rows - quarantined, quarantined, dict(sorted(by_rule.items())))
 
@@ -751,9 +771,7 @@ def measure_engines(spark: SparkSession, staged: DataFrame, dataset: str,
         run_gx_suite(source, df, dataset, row_suite, params)
         gx_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        flagged = flag_rows(df, checks, params)
-        count_failures(flagged, checks)
-        flagged.groupBy("_rule").count().collect()
+        count_batch(flag_rows(df, checks, params), checks, dataset)
         spark_seconds = time.perf_counter() - started
     finally:
         df.unpersist()
