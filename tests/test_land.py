@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
@@ -10,6 +11,7 @@ from pyspark.sql import functions as F
 from jobs.lake import Lake
 from jobs.schemas import silver_columns
 from jobs.tables import table_version
+from tests.conftest import copy_lake
 from tests.test_validate import DAY, EST, EXTRACTED, FP, consent, enc, stage_batch
 
 D = dt.datetime
@@ -18,6 +20,20 @@ D = dt.datetime
 @pytest.fixture()
 def lake(lake_root) -> Lake:
     return Lake(lake_root)
+
+
+@pytest.fixture(scope="module")
+def first_full_batch(spark, consortium, tmp_path_factory) -> Path:
+    """A lake where b1 (encounters v1 and v2, a full batch) has landed; built once for the module."""
+    lake = Lake(str(tmp_path_factory.mktemp("land-b1") / "lake"))
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1"), enc("v2")]}, EXTRACTED, kind="full")
+    return Path(lake.root)
+
+
+@pytest.fixture()
+def landed(first_full_batch, tmp_path) -> Lake:
+    """A copy of :func:`first_full_batch`'s lake for one test to change."""
+    return Lake(str(copy_lake(first_full_batch, tmp_path / "lake")))
 
 
 def run_batch(spark, lake, consortium, batch_id, rows, extracted_at, kind="incremental", **figures):
@@ -111,11 +127,11 @@ def test_a_full_batch_is_a_snapshot_whose_absent_records_are_deleted(spark, lake
     assert "records absent from it were not deleted (1 line(s) quarantined at ingest" in message
 
 
-def test_landing_twice_changes_nothing(spark, lake, consortium):
+def test_landing_twice_changes_nothing(spark, landed, consortium):
     from jobs.land import land_batch, merge_into_silver
     from jobs.validate import validated_path
 
-    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1"), enc("v2")]}, EXTRACTED, kind="full")
+    lake = landed  # b1 landed
     version = table_version(spark, lake.silver("encounter"))
     assert land_batch(spark, lake, EST, "b1", FP).skipped
     assert table_version(spark, lake.silver("encounter")) == version
@@ -130,14 +146,14 @@ def test_landing_twice_changes_nothing(spark, lake, consortium):
     assert table_version(spark, lake.silver("encounter")) == version + 1
 
 
-def test_a_batch_that_does_not_add_up_lands_nothing(spark, lake, consortium):
+def test_a_batch_that_does_not_add_up_lands_nothing(spark, landed, consortium):
     from jobs.land import ReconciliationError, land_batch
     from jobs.ops import append_batch_log
     from jobs.validate import validate_batch
 
-    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1")]}, EXTRACTED, kind="full")
+    lake = landed  # b1 landed
     version = table_version(spark, lake.silver("encounter"))
-    stage_batch(spark, lake, "b2", {"encounter": [enc("v2"), enc("v3")]}, extracted_at=EXTRACTED + DAY,
+    stage_batch(spark, lake, "b2", {"encounter": [enc("v3"), enc("v4")]}, extracted_at=EXTRACTED + DAY,
                 kind="incremental")
     validate_batch(spark, lake, consortium, EST, "b2", "incremental")
     # A later ingest entry announcing one row more than what went on (a row lost between stages).
@@ -149,28 +165,28 @@ def test_a_batch_that_does_not_add_up_lands_nothing(spark, lake, consortium):
     assert table_version(spark, lake.silver("encounter")) == version
 
 
-def test_a_silver_table_written_with_another_key_is_refused(spark, lake, consortium):
+def test_a_silver_table_written_with_another_key_is_refused(spark, landed, consortium):
     from jobs.keys import KeyMismatchError
     from jobs.land import land_batch
     from jobs.tables import FINGERPRINT_PROPERTY
     from jobs.validate import validate_batch
 
-    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1")]}, EXTRACTED, kind="full")
+    lake = landed  # b1 landed
     props = spark.sql(f"SHOW TBLPROPERTIES delta.`{lake.silver('encounter')}`").collect()
     assert {r.key: r.value for r in props}[FINGERPRINT_PROPERTY] == FP
     version = table_version(spark, lake.silver("encounter"))
 
-    stage_batch(spark, lake, "b2", {"encounter": [enc("v2")]}, extracted_at=EXTRACTED + DAY, kind="incremental")
+    stage_batch(spark, lake, "b2", {"encounter": [enc("v3")]}, extracted_at=EXTRACTED + DAY, kind="incremental")
     validate_batch(spark, lake, consortium, EST, "b2", "incremental")
     with pytest.raises(KeyMismatchError):
         land_batch(spark, lake, EST, "b2", "another-fingerprint")
     assert table_version(spark, lake.silver("encounter")) == version
 
 
-def test_silver_tables_are_registered_documented_and_feed_their_changes(spark, lake, consortium):
+def test_silver_tables_are_registered_documented_and_feed_their_changes(spark, landed, consortium):
     from jobs.land import register_silver_tables
 
-    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1"), enc("v2")]}, EXTRACTED, kind="full")
+    lake = landed  # b1 landed (and registered where the module's lake was built)
     assert register_silver_tables(spark, lake) == ["silver.encounter"]
     assert register_silver_tables(spark, lake) == ["silver.encounter"]  # idempotent
     assert spark.sql("SELECT * FROM silver.encounter").count() == 2

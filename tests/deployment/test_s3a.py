@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 
 from tests.deployment.conftest import run_spark_app
-from tests.deployment.workloads import delta_write_read_merge
+from tests.deployment.workloads import DENIED_BUCKET_ENV, delta_checks_then_a_wrong_secret
 
 BUCKET = "affluent-lake-test"
+DENIED_BUCKET = "affluent-lake-denied"
 
 
 def test_hadoop_aws_matches_the_hadoop_bundled_with_pyspark():
@@ -27,17 +28,25 @@ def test_hadoop_aws_matches_the_hadoop_bundled_with_pyspark():
     assert S3A_PACKAGES == [f"org.apache.hadoop:hadoop-aws:{bundled_hadoop_version()}"]
 
 
-@pytest.mark.integration
-def test_delta_write_read_merge_on_s3a(s3_server, tmp_path):
+@pytest.fixture(scope="module")
+def s3a_run(s3_server, tmp_path_factory) -> dict:
+    """One application on the S3 server: Delta write, read and MERGE, then a write signed with a wrong secret."""
     s3_server.create_bucket(BUCKET)
+    s3_server.create_bucket(DENIED_BUCKET)
     lake_root = f"s3a://{BUCKET}/lake"
     print(f"bucket used: {BUCKET} at {s3_server.endpoint}; lake root {lake_root}")
-
+    work_dir = tmp_path_factory.mktemp("s3a-app")
     result = run_spark_app(
-        delta_write_read_merge, connection_uri="spark://local%5B2%5D", lake_root=lake_root,
-        work_dir=tmp_path / "app", s3_endpoint=s3_server.endpoint,
-        extra_env={"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key})
+        delta_checks_then_a_wrong_secret, connection_uri="spark://local%5B2%5D", lake_root=lake_root,
+        work_dir=work_dir, s3_endpoint=s3_server.endpoint,
+        extra_env={"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+                   DENIED_BUCKET_ENV: DENIED_BUCKET})
+    return {"lake_root": lake_root, "server": s3_server, **result}
 
+
+@pytest.mark.integration
+def test_delta_write_read_merge_on_s3a(s3a_run):
+    lake_root, s3_server, result = s3a_run["lake_root"], s3a_run["server"], s3a_run["delta"]
     assert result["table"] == f"{lake_root}/silver/deployment_check"
     assert result["rows_written"] == 10
     assert result["rows_after_merge"] == {"first": 5, "merged": 10}
@@ -49,13 +58,8 @@ def test_delta_write_read_merge_on_s3a(s3_server, tmp_path):
 
 
 @pytest.mark.integration
-def test_s3_server_rejects_a_wrong_key(s3_server, tmp_path):
-    s3_server.create_bucket(BUCKET)
-    with pytest.raises(AssertionError, match="failed"):
-        run_spark_app(
-            delta_write_read_merge, connection_uri="spark://local%5B1%5D", lake_root=f"s3a://{BUCKET}/denied",
-            work_dir=tmp_path / "app", s3_endpoint=s3_server.endpoint,
-            extra_env={"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
-    log = (tmp_path / "app" / "app.log").read_text()
-    assert "AccessDeniedException" in log and "Status Code: 403" in log
-    assert not (s3_server.data_dir / BUCKET / "denied").exists()
+def test_s3_server_rejects_a_wrong_secret(s3a_run):
+    denied = s3a_run["denied"]
+    assert denied is not None, "a write signed with a wrong secret was accepted"
+    assert "AccessDeniedException" in denied and "Status Code: 403" in denied
+    assert not (s3a_run["server"].data_dir / DENIED_BUCKET / "denied").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pyspark.sql import functions as F
 
 from jobs.pipeline import Context
@@ -60,3 +62,31 @@ def batch_then_delta_checks(ctx: Context) -> dict:
     """Both checks in one application (one driver and executor start-up): the batch, then the table's MERGE."""
     batch = one_batch_end_to_end(ctx)
     return {"batch": batch, "delta": delta_write_read_merge(ctx), "executors": batch["executors"]}
+
+
+DENIED_BUCKET_ENV = "AFFLUENT_TEST_DENIED_BUCKET"
+
+
+def delta_checks_then_a_wrong_secret(ctx: Context) -> dict:
+    """:func:`delta_write_read_merge` on the lake, then the same write to a second bucket signed with a wrong secret.
+
+    One application for both (one driver start-up). The second bucket's requests carry the
+    right access key id with another secret (S3A's per-bucket settings); the server must
+    refuse them. The refusal's message is returned, and written to stderr for the log.
+    """
+    import sys
+
+    result = {"delta": delta_write_read_merge(ctx)}
+    bucket = os.environ[DENIED_BUCKET_ENV]
+    hadoop = ctx.spark.sparkContext._jsc.hadoopConfiguration()
+    prefix = f"fs.s3a.bucket.{bucket}."
+    hadoop.set(prefix + "aws.credentials.provider", "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider")
+    hadoop.set(prefix + "access.key", os.environ["AWS_ACCESS_KEY_ID"])
+    hadoop.set(prefix + "secret.key", "not-the-secret")
+    try:
+        ctx.spark.range(0, 3).write.format("delta").save(f"s3a://{bucket}/denied/silver/deployment_check")
+        result["denied"] = None
+    except Exception as error:  # noqa: BLE001 - the refusal is the result
+        result["denied"] = str(error)
+        print(result["denied"], file=sys.stderr, flush=True)
+    return result
