@@ -18,7 +18,6 @@ import html
 from collections import defaultdict
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from jobs.lake import Lake
 from jobs.tables import table_exists
@@ -99,21 +98,42 @@ def render_validation_report(establishment_id: str, batch_id: str, batch_kind: s
 
 
 def write_index(spark: SparkSession, lake: Lake) -> str:
-    """Rewrite ``index.html`` from ``ops/validation_results`` (latest runs first)."""
+    """Rewrite ``index.html`` from ``ops/validation_results`` (latest runs first).
+
+    The results are read with delta-rs and summed with Arrow: a refresh after each
+    validation needs no Spark job.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from jobs.arrow_tables import read_table
+
     path = f"{lake.reports()}/index.html"
     rows = []
     results_path = lake.ops("validation_results")
     if table_exists(spark, results_path):
-        rows = (spark.read.format("delta").load(results_path)
-                .groupBy("establishment_id", "batch_id", "run_at")
-                .agg(F.min(F.col("success").cast("int")).alias("ok"),
-                     F.sum(F.when(F.col("kind") == "row", F.col("unexpected_count"))).alias("failures"))
-                .orderBy(F.col("run_at").desc()).limit(INDEX_RUNS).collect())
+        results = read_table(results_path, ["establishment_id", "batch_id", "run_at", "success", "kind",
+                                            "unexpected_count"])
+        # delta-rs reads strings as string views, which Arrow's grouping and comparisons do not all take.
+        results = pa.table({name: pc.cast(results[name], pa.string()) if name in ("establishment_id", "batch_id", "kind")
+                            else results[name] for name in results.column_names})
+        row_failures = pc.if_else(pc.equal(results["kind"], "row"), results["unexpected_count"],
+                                  pa.scalar(None, pa.int64()))
+        runs = (results.select(["establishment_id", "batch_id", "run_at"])
+                .append_column("ok", pc.cast(results["success"], pa.int8()))
+                .append_column("failures", pc.cast(row_failures, pa.int64()))
+                .group_by(["establishment_id", "batch_id", "run_at"])
+                .aggregate([("ok", "min"), ("failures", "sum")])
+                .sort_by([("run_at", "descending")])
+                .slice(0, INDEX_RUNS))
+        rows = runs.to_pylist()
     lines = []
     for r in rows:
-        link = f"{r.establishment_id}/{r.batch_id}/validation-{r.run_at:%Y%m%dT%H%M%S}.html"
-        lines.append([html.escape(r.establishment_id), f"<a href='{html.escape(link)}'>{html.escape(r.batch_id)}</a>",
-                      f"{r.run_at:%Y-%m-%d %H:%M:%S}", _verdict(bool(r.ok)), str(r.failures or 0)])
+        run_at = r["run_at"]
+        link = f"{r['establishment_id']}/{r['batch_id']}/validation-{run_at:%Y%m%dT%H%M%S}.html"
+        lines.append([html.escape(r["establishment_id"]),
+                      f"<a href='{html.escape(link)}'>{html.escape(r['batch_id'])}</a>",
+                      f"{run_at:%Y-%m-%d %H:%M:%S}", _verdict(bool(r["ok_min"])), str(r["failures_sum"] or 0)])
     body = ("<h1>Affluent validation reports</h1>"
             + _table(["establishment", "batch", "run (UTC)", "all expectations", "row-level failures"], lines))
     write_text(spark, path, _page("Affluent validation reports", body))

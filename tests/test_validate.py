@@ -230,7 +230,11 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
     not_listed = {r.dataset: r.unexpected_count for r in results.where(F.col("rule") == "code.not_in_reference_list").collect()}
     assert not_listed == {"diagnosis": 4, "lab_result": 1, "medication": 1}  # d2, d3, d9, d10; l8; m7
     assert Path(outcome.report).is_file() and "integrity.unique_key" in Path(outcome.report).read_text()
-    assert (Path(lake.reports()) / "index.html").is_file()
+    index = (Path(lake.reports()) / "index.html").read_text(encoding="utf-8")
+    page = Path(outcome.report).relative_to(lake.reports()).as_posix()
+    row_failures = results.where(F.col("kind") == "row").agg(F.sum("unexpected_count")).first()[0]
+    run = re.search(rf"<tr><td>{EST}</td><td><a href='{re.escape(page)}'>b1</a></td>(.*?)</tr>", index)
+    assert run and "failed" in run.group(1) and f"<td>{row_failures}</td>" in run.group(1), index
 
 
 def test_a_row_gets_the_first_failing_rule_in_order(spark, lake, consortium):
