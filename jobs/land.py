@@ -395,10 +395,11 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
 def _validated_rows(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
                     datasets: list[str]) -> dict[str, int]:
     """Rows of the batch waiting in ``validated/``, per dataset: one query over every dataset's table."""
-    parts = [spark.read.format("delta").load(validated_path(lake, d))
+    paths = {d: validated_path(lake, d) for d in datasets}
+    parts = [spark.read.format("delta").load(path)
              .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
              .select(F.lit(d).alias("dataset"))
-             for d in datasets if table_exists(spark, validated_path(lake, d))]
+             for d, path in paths.items() if table_exists(spark, path)]
     if not parts:
         return {}
     union = parts[0]

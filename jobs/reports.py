@@ -115,8 +115,9 @@ def write_index(spark: SparkSession, lake: Lake) -> str:
         results = read_table(results_path, ["establishment_id", "batch_id", "run_at", "success", "kind",
                                             "unexpected_count"])
         # delta-rs reads strings as string views, which Arrow's grouping and comparisons do not all take.
-        results = pa.table({name: pc.cast(results[name], pa.string()) if name in ("establishment_id", "batch_id", "kind")
-                            else results[name] for name in results.column_names})
+        text = ("establishment_id", "batch_id", "kind")
+        results = pa.table({name: pc.cast(results[name], pa.string()) if name in text else results[name]
+                            for name in results.column_names})
         row_failures = pc.if_else(pc.equal(results["kind"], "row"), results["unexpected_count"],
                                   pa.scalar(None, pa.int64()))
         runs = (results.select(["establishment_id", "batch_id", "run_at"])

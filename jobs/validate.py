@@ -460,13 +460,13 @@ def count_batch(flagged: DataFrame, checks: list[Check], dataset: str) -> BatchC
     aggs = [F.count(F.lit(1)).alias("_rows"), F.max("_extracted_at").alias("_extracted_at")]
     aggs += [F.sum(F.col(f"_fail_{c.position}").cast("long")).alias(f"_check_{c.position}") for c in row_checks]
     aggs += [F.sum((F.col("_rule") == F.lit(rule)).cast("long")).alias(f"_rule_{i}") for i, rule in enumerate(rules)]
-    totals = flagged.agg(*aggs, *information).first()
+    totals = flagged.agg(*aggs, *information).first().asDict()
     by_rule = {rule: int(totals[f"_rule_{i}"] or 0) for i, rule in enumerate(rules)}
     return BatchCounts(
         rows=totals["_rows"],
         failures={c.name: int(totals[f"_check_{c.position}"] or 0) for c in row_checks},
         by_rule={rule: n for rule, n in by_rule.items() if n},
-        information={name: int(totals[name] or 0) for name in INFORMATION_NAMES if name in totals.asDict()},
+        information={name: int(totals[name] or 0) for name in INFORMATION_NAMES if name in totals},
         extracted_at=totals["_extracted_at"],
     )
 

@@ -68,7 +68,7 @@ DENIED_BUCKET_ENV = "AFFLUENT_TEST_DENIED_BUCKET"
 
 
 def delta_checks_then_a_wrong_secret(ctx: Context) -> dict:
-    """:func:`delta_write_read_merge` on the lake, then the same write to a second bucket signed with a wrong secret.
+    """:func:`delta_write_read_merge` on the lake, then a Delta write to a second bucket signed with a wrong secret.
 
     One application for both (one driver start-up). The second bucket's requests carry the
     right access key id with another secret (S3A's per-bucket settings); the server must
