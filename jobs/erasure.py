@@ -16,16 +16,29 @@
    whose keys are data, never a literal predicate: Delta's commit log records
    DELETE predicates in clear, which would keep the very ids erased. Only the
    files holding the person are rewritten.
-4. Every table touched, and every table whose log still mentions the person
-   (statistics of old files), is then purged of deletion vectors, VACUUMed
-   with a retention of 0 hours and its log history forgotten
-   (:func:`forget_history`: a checkpoint of the current version, the older
-   commits deleted), so that neither old files, old log statistics nor time
-   travel can bring the person back.
-5. A receipt per request goes to ``ops/erasure_receipts``: request id, tables
-   touched, rows removed per table, table versions after, when. It holds no
-   ``person_id`` nor any hash of it: a receipt must not keep the very
-   pseudonym the erasure removed. The request id links the receipt to the request.
+4. Every table of every zone that may hold a person (bronze, staged,
+   validated, silver, quarantine, the extracts, and gold once recomputed) is
+   then purged of deletion vectors, VACUUMed with a retention of 0 hours and
+   its log history forgotten (:func:`forget_history`: a checkpoint of the
+   current version, the older commits deleted), whatever this erasure removed
+   from it: a retried batch, a transient purge or an earlier MERGE may have left
+   the person in files that only an old version names, where a DELETE on the
+   current version finds nothing. Neither old files, old log statistics nor
+   time travel can bring the person back.
+5. The proof (:func:`prove_erased`) reads the contents of every file of every
+   table of every zone but landing (Parquet decoded row by row, every commit,
+   checksum and checkpoint) for the person's ``person_id``, patient keys and
+   project pseudonyms, and keys bronze's references in clear to compare them.
+   Min/max statistics are not a proof: an id between a file's min and max is
+   invisible to them. A find raises :class:`ErasureIncomplete`: no receipt, and
+   the request stays pending. The only find allowed is the request's own
+   patient key in ``ops/erasure_requests``.
+6. A receipt per request goes to ``ops/erasure_receipts``: request id, tables
+   cleaned, rows removed per table, table versions after, the tables, data
+   files and log files the proof scanned, how many ids of each kind it
+   searched, and that it found none, when. It holds no ``person_id`` nor any
+   hash of it: a receipt must not keep the very pseudonym the erasure removed.
+   The request id links the receipt to the request.
 
 What remains: landing keeps the delivered files as they came until the
 landing retention removes them (a delivered file is evidence and cannot be
@@ -53,9 +66,10 @@ from jobs import clock
 from jobs.config import Consortium
 from jobs.gold import PATIENTS_BY_CONDITION, build_patients_by_condition
 from jobs.keys import PseudonymKey
-from jobs.lake import (DIRECT_IDENTIFIERS, LANDING, OPS, PATIENT_KEYS, PATIENT_REFERENCES, PERSON_IDS, PROJECTS,
+from jobs.lake import (BRONZE, DIRECT_IDENTIFIERS, GOLD, LANDING, OPS, PATIENT_KEYS, PATIENT_REFERENCES, PERSON_IDS, PROJECTS,
                        ZONES, Lake, Zone)
-from jobs.maintenance import delete_matching, forget_history, keys_frame, log_mentions, vacuum_now, zone_tables
+from jobs.maintenance import (delete_matching, forget_history, keys_frame, mentions, table_contents, table_files,
+                              vacuum_now, zone_tables)
 from jobs.tables import APPEND, purge_deletion_vectors, table_exists, table_version
 from jobs.writer_lock import Mode, writes_lake
 
@@ -83,11 +97,29 @@ RECEIPT_SCHEMA = StructType([
     StructField("versions_after", MapType(StringType(), LongType()), False),
     StructField("key_fingerprint", StringType(), False),
     StructField("processed_at", TimestampType(), False),
+    # The proof: what the content scan read after the erasure, and what it found (nothing, or no receipt).
+    StructField("scanned_tables", ArrayType(StringType()), True),
+    StructField("scanned_data_files", LongType(), True),
+    StructField("scanned_log_files", LongType(), True),
+    StructField("ids_searched", MapType(StringType(), LongType()), True),
+    StructField("mentions_found", LongType(), True),
 ])
+
+# What the proof searches for, by kind.
+ID_PERSON = "person_id"
+ID_PATIENT_KEY = "patient_key"
+ID_PROJECT_PSEUDONYM = "project_person_id"
+# What the lake keeps of an erased person on purpose: the request itself (its patient key, so that a
+# steward can recognise a re-delivery). Anything else the scan finds fails the erasure.
+RETAINED = frozenset({(f"{OPS}.{ERASURE_REQUESTS}", ID_PATIENT_KEY)})
 
 
 class ErasureError(Exception):
     """An erasure request cannot be recorded or processed as asked."""
+
+
+class ErasureIncomplete(ErasureError):
+    """The content scan after an erasure still finds the person: no receipt, the requests stay pending."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +128,9 @@ class ErasureOutcome:
     pending: tuple[str, ...] = ()
     rows_removed: dict[str, int] = field(default_factory=dict)
     vacuumed: tuple[str, ...] = ()
+    scanned_tables: tuple[str, ...] = ()
+    scanned_data_files: int = 0
+    scanned_log_files: int = 0
 
 
 def _now() -> dt.datetime:
@@ -167,21 +202,17 @@ def _resolve(spark: SparkSession, lake: Lake, establishment_id: str, patient_key
 
 
 def _erase_from_zone(spark: SparkSession, lake: Lake, zone: Zone, key: PseudonymKey, person: _Person
-                     ) -> tuple[dict[str, int], dict[str, str], list[tuple[str, ...]]]:
-    """Rows removed per table, the tables' paths, and the ids their logs may still hold."""
+                     ) -> tuple[dict[str, int], dict[str, str]]:
+    """Rows removed per table, and the tables' paths."""
     removed: dict[str, int] = {}
     tables = zone_tables(spark, lake, zone.name) if zone.name != LANDING else {}
-    ids: list[tuple[str, ...]] = []
     person_keys = keys_frame(spark, "person_id string", [(p,) for p in person.person_ids])
     patient_keys = keys_frame(spark, "establishment_id string, patient_key string", list(person.patient_keys))
     for name, path in tables.items():
         columns = set(spark.read.format("delta").load(path).columns)
         n = 0
         if zone.name == PROJECTS:
-            project_id = name.split(".")[1]
-            project_key = key.project_key(project_id)
-            pseudonyms = [(_hex_hmac(project_key, p),) for p in person.person_ids]
-            ids += pseudonyms
+            pseudonyms = [(p,) for p in _project_pseudonyms(key, name.split(".")[1], person)]
             if "person_id" in columns:
                 n += delete_matching(spark, path, keys_frame(spark, "person_id string", pseudonyms), ["person_id"])
         elif PATIENT_REFERENCES in zone.holds and {"_establishment", "patient_ref"} <= columns:
@@ -192,11 +223,12 @@ def _erase_from_zone(spark: SparkSession, lake: Lake, zone: Zone, key: Pseudonym
             if PATIENT_KEYS in zone.holds and {"establishment_id", "patient_key"} <= columns and zone.name != OPS:
                 n += delete_matching(spark, path, patient_keys, ["establishment_id", "patient_key"])
         removed[name] = n
-    if PERSON_IDS in zone.holds:
-        ids += [(p,) for p in person.person_ids]
-    if PATIENT_KEYS in zone.holds and zone.name != OPS:
-        ids += [(k,) for _, k in person.patient_keys]
-    return removed, tables, ids
+    return removed, tables
+
+
+def _project_pseudonyms(key: PseudonymKey, project_id: str, person: _Person) -> list[str]:
+    project_key = key.project_key(project_id)
+    return [_hex_hmac(project_key, p) for p in person.person_ids]
 
 
 def _erase_patient_references(spark: SparkSession, path: str, key: PseudonymKey, person: _Person) -> int:
@@ -218,9 +250,102 @@ def _erase_patient_references(spark: SparkSession, path: str, key: PseudonymKey,
     return removed
 
 
+@dataclass(frozen=True)
+class ContentProof:
+    """What the content scan after an erasure read, and what it found (table, kind of id) → rows or lines."""
+
+    tables: tuple[str, ...]
+    data_files: int
+    log_files: int
+    ids_searched: dict[str, int]
+    found: dict[tuple[str, str], int]
+
+
+def _bronze_keyed_references(spark: SparkSession, name: str, path: str, key: PseudonymKey,
+                             establishments: set[str]):
+    """Bronze holds references in clear: every data file's references, keyed as pseudonymisation keys them."""
+    from jobs.pseudonymise import Keyring
+
+    data, _ = table_files(spark, path)
+    if not data or not establishments:
+        return None
+    rows = spark.read.option("mergeSchema", "true").parquet(*data)
+    if not {"_establishment", "patient_ref"} <= set(rows.columns):
+        return None
+    ref = F.nullif(F.trim(F.col("patient_ref")), F.lit(""))
+    keyed = F.lit(None).cast("string")
+    for establishment_id in sorted(establishments):
+        keyring = Keyring.for_establishment(spark, key, establishment_id)
+        keyed = F.when(F.col("_establishment") == establishment_id,
+                       keyring.record_id("patient", ref)).otherwise(keyed)
+    return rows.select(F.lit(name).alias("table"), keyed.alias("value")).where(F.col("value").isNotNull())
+
+
+def _cleaned(zone: Zone) -> bool:
+    """Whether erasure deletes from, rewrites and vacuums the zone's tables (gold: recomputed from silver)."""
+    return zone.name == GOLD or (bool(zone.holds - {DIRECT_IDENTIFIERS}) and zone.name not in (OPS, LANDING))
+
+
+def prove_erased(spark: SparkSession, lake: Lake, key: PseudonymKey, persons: list[_Person],
+                 zones: tuple[str, ...] | None = None) -> ContentProof:
+    """Scan the contents of every table of every zone but landing for the persons' ids and keyed references.
+
+    Every Parquet data file on disk is decoded row by row, every commit,
+    checksum and checkpoint of every ``_delta_log`` read whole; bronze's
+    references in clear are keyed and compared. Landing keeps the files as
+    delivered (see the module's docstring). One Spark job for the whole lake;
+    ``zones`` narrows it.
+    """
+    zones = zones or tuple(name for name in ZONES if name != LANDING)
+    tables = {name: path for zone in zones for name, path in zone_tables(spark, lake, zone).items()}
+    projects = sorted({name.split(".")[1] for name in tables if name.startswith(f"{PROJECTS}.")})
+    ids = [(p, ID_PERSON) for person in persons for p in person.person_ids]
+    ids += [(k, ID_PATIENT_KEY) for person in persons for _, k in person.patient_keys]
+    ids += [(s, ID_PROJECT_PSEUDONYM) for person in persons for project_id in projects
+            for s in _project_pseudonyms(key, project_id, person)]
+    ids = sorted(set(ids))
+    establishments = {e for person in persons for e, _ in person.patient_keys}
+    contents, data_files, log_files = None, 0, 0
+    for name, path in sorted(tables.items()):
+        table = table_contents(spark, name, path)
+        data_files += table.data_files
+        log_files += table.log_files
+        frames = [table.values]
+        if name.startswith(f"{BRONZE}."):
+            frames.append(_bronze_keyed_references(spark, name, path, key, establishments))
+        for frame in frames:
+            if frame is not None:
+                contents = frame if contents is None else contents.unionByName(frame)
+    found: dict[tuple[str, str], int] = {}
+    if contents is not None and ids:
+        found = {k: n for k, n in mentions(contents, keys_frame(spark, "id string, kind string", ids)).items()
+                 if k not in RETAINED}
+    searched: dict[str, int] = {}
+    for _, kind in ids:
+        searched[kind] = searched.get(kind, 0) + 1
+    return ContentProof(tuple(sorted(tables)), data_files, log_files, searched, found)
+
+
+def _refuse_if_found(proof: ContentProof, then: str) -> None:
+    if proof.found:
+        where = ", ".join(f"{table} ({kind}: {n})" for (table, kind), n in sorted(proof.found.items()))
+        raise ErasureIncomplete(
+            f"a content scan of {len(proof.tables)} tables finds the person to erase in: {where}, which "
+            f"erasure does not clean (or a writer changed outside the lake's lock). {then}; no receipt was "
+            "written. Remove the person from those tables, then run the erasure again.")
+
+
 @writes_lake(Mode.EXCLUSIVE)
 def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, key: PseudonymKey) -> ErasureOutcome:
-    """Apply every pending erasure request, in every zone; write one receipt per request processed."""
+    """Apply every pending erasure request, in every zone; prove it by content; write one receipt per request.
+
+    Every table of every zone that may hold a person is purged of deletion
+    vectors, vacuumed and its history dropped, whatever this erasure removed
+    from it: a retried batch, a transient purge or an earlier MERGE may have
+    left the person in files only an old version names. Then
+    :func:`prove_erased` reads every file; a find raises
+    :class:`ErasureIncomplete` and no request is marked done.
+    """
     requests_path = lake.ops(ERASURE_REQUESTS)
     if not table_exists(spark, requests_path):
         return ErasureOutcome()
@@ -235,47 +360,48 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
         raise ErasureError(f"pending requests were recorded with key(s) {wrong_key}, not the current key "
                            f"{key.fingerprint}; their patient keys cannot be resolved with it")
 
-    done, still_pending, touched = [], [], set()
-    receipts_rows: list[dict] = []
-    totals: dict[str, int] = {}
-    all_paths: dict[str, str] = {}
-    mentioned: dict[str, list[tuple[str, ...]]] = {}
+    resolved, still_pending = [], []
     for request in pending:
         person = _resolve(spark, lake, request.establishment_id, request.patient_key)
         if person is None:
             still_pending.append(request.request_id)
-            continue
+        else:
+            resolved.append((request, person))
+    if not resolved:
+        return ErasureOutcome(pending=tuple(still_pending))
+    persons = [person for _, person in resolved]
+    # The zones erasure does not clean must not hold the person: checked before anything is deleted, since
+    # the person can no longer be resolved once silver has lost them.
+    kept = prove_erased(spark, lake, key, persons, zones=tuple(z.name for z in ZONES.values()
+                                                               if z.name != LANDING and not _cleaned(z)))
+    _refuse_if_found(kept, "Nothing was deleted")
+
+    done: list[str] = []
+    receipts_rows: list[dict] = []
+    totals: dict[str, int] = {}
+    all_paths: dict[str, str] = {}
+    for request, person in resolved:
         removed: dict[str, int] = {}
         for zone in ZONES.values():
             if not zone.holds - {DIRECT_IDENTIFIERS}:
                 continue
-            zone_removed, paths, ids = _erase_from_zone(spark, lake, zone, key, person)
+            zone_removed, paths = _erase_from_zone(spark, lake, zone, key, person)
             removed |= zone_removed
-            all_paths |= paths
-            for name in paths:
-                mentioned.setdefault(name, []).extend(ids)
-        touched |= {name for name, n in removed.items() if n > 0}
+            if _cleaned(zone):
+                all_paths |= paths
         for name, n in removed.items():
             totals[name] = totals.get(name, 0) + n
         done.append(request.request_id)
         receipts_rows.append({"request_id": request.request_id, "establishment_id": request.establishment_id,
                               "persons_resolved": len(person.person_ids), "rows_removed": removed})
 
-    if not done:
-        return ErasureOutcome(pending=tuple(still_pending))
-
-    # Tables whose log still holds the person (statistics of files replaced earlier) are cleaned too.
-    for name, ids in mentioned.items():
-        if name not in touched and ids and log_mentions(spark, all_paths[name], keys_frame(spark, "id string", ids)):
-            touched.add(name)
     gold_path = lake.gold(PATIENTS_BY_CONDITION)
     if table_exists(spark, gold_path):
         as_of = spark.read.format("delta").load(gold_path).select(F.max("as_of").alias("as_of")).first().as_of
         build_patients_by_condition(spark, lake, consortium, as_of or clock.today())
         all_paths[f"gold.{PATIENTS_BY_CONDITION}"] = gold_path
-        touched.add(f"gold.{PATIENTS_BY_CONDITION}")
     vacuumed = []
-    for name in sorted(touched):
+    for name in sorted(all_paths):
         path = all_paths[name]
         purge_deletion_vectors(spark, path)
         vacuum_now(spark, path)
@@ -283,16 +409,23 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
         vacuumed.append(name)
     versions_after = {name: int(table_version(spark, all_paths[name])) for name in vacuumed}
 
+    proof = prove_erased(spark, lake, key, persons)
+    _refuse_if_found(proof, "The requests stay pending, but the person can no longer be resolved from silver: "
+                            "remove what the scan names by hand")
+
     processed_at = _now()
     receipts = [
-        (r["request_id"], r["establishment_id"], r["persons_resolved"], sorted(touched), r["rows_removed"],
-         versions_after, key.fingerprint, processed_at)
+        (r["request_id"], r["establishment_id"], r["persons_resolved"], vacuumed, r["rows_removed"],
+         versions_after, key.fingerprint, processed_at, list(proof.tables), proof.data_files, proof.log_files,
+         proof.ids_searched, 0)
         for r in receipts_rows
     ]
-    spark.createDataFrame(receipts, RECEIPT_SCHEMA).write.format("delta").mode(APPEND).save(
-        lake.ops(ERASURE_RECEIPTS))
+    # mergeSchema: receipts written before the proof's columns existed gain them.
+    spark.createDataFrame(receipts, RECEIPT_SCHEMA).write.format("delta").mode(APPEND).option(
+        "mergeSchema", "true").save(lake.ops(ERASURE_RECEIPTS))
     done_ids = keys_frame(spark, "request_id string", [(r,) for r in done])
     (DeltaTable.forPath(spark, requests_path).alias("t").merge(done_ids.alias("s"), "t.request_id = s.request_id")
      .whenMatchedUpdate(set={"status": F.lit(STATUS_DONE), "processed_at": F.lit(processed_at)}).execute())
     return ErasureOutcome(processed=tuple(done), pending=tuple(still_pending), rows_removed=totals,
-                          vacuumed=tuple(vacuumed))
+                          vacuumed=tuple(vacuumed), scanned_tables=proof.tables,
+                          scanned_data_files=proof.data_files, scanned_log_files=proof.log_files)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -108,16 +109,76 @@ def forget_history(spark: SparkSession, path: str) -> int:
     return deleted
 
 
-def log_mentions(spark: SparkSession, path: str, ids: DataFrame) -> bool:
-    """Whether the table's log (statistics of any version) still holds one of ``ids`` (column ``id``)."""
-    _, files = _log_files(spark, path)
-    names = [f.toString() for f in files if not f.getName().startswith((".", "_"))]
-    texts = [f for f in names if f.endswith((".json", ".crc"))]
-    frames = [spark.read.text(texts)] if texts else []
-    frames += [spark.read.parquet(f).select(F.to_json(F.struct("*")).alias("value"))
-               for f in names if f.endswith(".parquet")]
-    return any(frame.join(ids, F.instr(F.col("value"), F.col("id")) > 0, how="left_semi").limit(1).count() > 0
-               for frame in frames)
+def table_files(spark: SparkSession, path: str) -> tuple[list[str], list[str]]:
+    """Every Parquet data file under a table's folder (in its current version or not) and every file of its log.
+
+    Files on disk, not the table's file list: an orphan file, or one only an
+    old version names, holds rows all the same. Hadoop's hidden ``.<name>.crc``
+    sidecars only checksum the files listed here, and deletion vectors hold row
+    numbers only.
+    """
+    fs, root = _fs(spark, path)
+    data, log = [], []
+    if not fs.exists(root):
+        return data, log
+    files = fs.listFiles(root, True)
+    prefix = root.toUri().getPath().rstrip("/") + "/"
+    while files.hasNext():
+        status = files.next()
+        file = status.getPath()
+        relative = file.toUri().getPath().removeprefix(prefix)
+        if file.getName().startswith("."):
+            continue
+        if relative.startswith("_delta_log/"):
+            log.append(file.toString())
+        elif file.getName().endswith(".parquet") and not any(p.startswith("_") for p in relative.split("/")):
+            data.append(file.toString())
+    return sorted(data), sorted(log)
+
+
+@dataclass(frozen=True)
+class TableContents:
+    """A table's files as text, one row per data row (decoded Parquet, as JSON) or log line, and how many files."""
+
+    values: DataFrame | None  # columns ``table``, ``value``
+    data_files: int
+    log_files: int
+
+
+def table_contents(spark: SparkSession, name: str, path: str) -> TableContents:
+    """Every data row of every data file, and every line or row of every commit, checksum and checkpoint, as text.
+
+    Min/max statistics are not a content scan: an id between a file's min and
+    max is invisible to them. Values here are whole rows, decoded.
+    """
+    data, log = table_files(spark, path)
+    frames = []
+    as_text = F.to_json(F.struct("*"))
+    if data:
+        # mergeSchema: files written before a column was added still decode, with nulls for it.
+        frames.append(spark.read.option("mergeSchema", "true").parquet(*data).select(as_text.alias("value")))
+    log_parquet = [f for f in log if f.endswith(".parquet")]
+    log_text = [f for f in log if not f.endswith(".parquet")]
+    if log_text:
+        frames.append(spark.read.text(log_text).select("value"))
+    if log_parquet:
+        frames.append(spark.read.option("mergeSchema", "true").parquet(*log_parquet).select(as_text.alias("value")))
+    values = None
+    for frame in frames:
+        frame = frame.select(F.lit(name).alias("table"), "value")
+        values = frame if values is None else values.unionByName(frame)
+    return TableContents(values, len(data), len(log))
+
+
+def mentions(contents: DataFrame, ids: DataFrame) -> dict[tuple[str, str], int]:
+    """Rows of ``contents`` (``table``, ``value``) holding one of ``ids`` (``id``, ``kind``), by table and kind.
+
+    A substring search, so that an id inside a JSON document, a predicate or
+    a statistic is found too; ``ids`` is small and broadcast.
+    """
+    found = (contents.join(F.broadcast(ids), F.instr(F.col("value"), F.col("id")) > 0, how="inner")
+             .groupBy("table", "kind").count().collect())
+    return {(r.table, r.kind): int(r["count"]) for r in found}
 
 
 def zone_tables(spark: SparkSession, lake: Lake, zone: str) -> dict[str, str]:
