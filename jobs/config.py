@@ -252,6 +252,24 @@ class Agreement(_Strict):
     purposes: list[str] = Field(min_length=1)
 
 
+class RelinkRisk(_Strict):
+    """A bound on re-link risk through code sets (k^m-anonymity, :mod:`jobs.relink`); a field left out keeps
+    the consortium's (``relink_risk`` in ``pipeline.yaml``)."""
+
+    # No person shared by fewer than k persons on demographics plus any m codes, nor re-linked to
+    # fewer than k persons of another active extract.
+    k: int | None = Field(default=None, ge=2)
+    m: int | None = Field(default=None, ge=1, le=3)
+    # Share of the extract's (person, code) items that may be suppressed to meet the bound.
+    max_suppressed: float | None = Field(default=None, ge=0, le=1)
+
+
+class RelinkRiskDefaults(RelinkRisk):
+    k: int = Field(default=5, ge=2)
+    m: int = Field(default=2, ge=1, le=3)
+    max_suppressed: float = Field(default=1.0, ge=0, le=1)
+
+
 class Project(_Strict):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
     title: str
@@ -276,6 +294,8 @@ class Project(_Strict):
     # (columns of ``patient``; those the project does not take are ignored).
     k_anonymity: int = Field(default=5, ge=2)
     quasi_identifiers: list[str] = ["year_of_birth", "gender_source_value", "postal_prefix"]
+    # Diagnosis and drug code sets are quasi-identifiers too: the bound their extract meets.
+    relink_risk: RelinkRisk = RelinkRisk()
 
     @field_validator("quasi_identifiers")
     @classmethod
@@ -361,6 +381,8 @@ class Pipeline(_Strict):
     # A CSV field longer than this (bytes) quarantines its record; a profile may override it.
     # At most 8 MiB: records over 16 MiB are never parsed (jobs.readers.csv.RECORD_HARD_LIMIT_BYTES).
     max_field_bytes: int = Field(default=1 << 20, ge=1, le=8 << 20)
+    # The consortium's bound on re-link risk through code sets; a project's relink_risk overrides it.
+    relink_risk: RelinkRiskDefaults = RelinkRiskDefaults()
 
     @field_validator("person_identifiers")
     @classmethod

@@ -33,6 +33,12 @@ The patient extract is k-anonymous on the project's ``quasi_identifiers``
 (:mod:`jobs.kanonymity`): year of birth and postal prefix generalised along
 one ladder, then the quasi-identifiers of persons still in a class smaller
 than ``k_anonymity`` suppressed (null); those persons keep their rows.
+Diagnosis and drug codes are quasi-identifiers too (:mod:`jobs.relink`):
+generalised and suppressed until the extract meets the project's bound on
+re-link risk (k^m-anonymity, on its own and against every other active
+extract as published); a project that cannot meet it is not published, its
+previous extract removed, and publish raises
+:class:`jobs.relink.RelinkRiskExceeded` once the others are published.
 
 A ``_manifest`` Delta table in each project folder gets one row per publish:
 policy version, key fingerprint, the silver table versions read, the row
@@ -40,7 +46,9 @@ count of each extract, the publish time, what k-anonymisation did (``k``,
 level reached, year band, postal characters kept, persons generalised and
 suppressed, smallest class) and the re-identification risk: the share of
 persons unique on the published quasi-identifiers, and on them plus their
-set of diagnosis codes when the project takes diagnoses.
+set of diagnosis codes when the project takes diagnoses, and the re-link
+risk through code sets (``relink_risk``: the bound, the code level, and the
+figures before and after).
 
 An expired or revoked project (or one no longer declared) loses its extract:
 every table is emptied (DELETE), then its folder is removed with every data
@@ -50,6 +58,7 @@ and log file in it.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass, field
 
 from delta.tables import DeltaTable
@@ -76,11 +85,13 @@ from jobs.keys import PseudonymKey
 from jobs.lake import PROJECTS, Lake
 from jobs.maintenance import _fs, list_folders
 from jobs.policy import check_policy, shared_establishments
+from jobs.relink import RelinkRiskExceeded, enforce_relink_bound, published_codes
 from jobs.schemas import DATASETS, SILVER_SCHEMAS
 from jobs.tables import APPEND, OVERWRITE, check_fingerprint, table_exists, table_version
 from jobs.writer_lock import Mode, writes_lake
 
 MANIFEST = "_manifest"
+log = logging.getLogger(__name__)
 
 # Columns that identify a person or a record: rekeyed per project.
 IDENTIFIER_COLUMNS = frozenset({
@@ -107,6 +118,8 @@ MANIFEST_SCHEMA = StructType([
     StructField("establishments", MapType(StringType(), ArrayType(StringType())), False),
     StructField("k_anonymity", MapType(StringType(), LongType()), True),
     StructField("reidentification_risk", MapType(StringType(), DoubleType()), True),
+    # Re-link risk through code sets (jobs.relink): the bound, the code level, figures before and after.
+    StructField("relink_risk", MapType(StringType(), DoubleType()), True),
 ])
 
 
@@ -122,6 +135,7 @@ class PublishOutcome:
     extracts: dict[str, dict[str, int]] = field(default_factory=dict)
     removed: tuple[str, ...] = ()
     gold_cells: int = 0
+    refused: dict[str, str] = field(default_factory=dict)  # project -> why its extract was not published
 
 
 # ------------------------------------------------------------ files ----
@@ -236,7 +250,8 @@ def read_extract(spark: SparkSession, lake: Lake, project_id: str, dataset: str)
 
 def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, project: Project,
                      key: PseudonymKey, on_date: dt.date, silver: dict[str, DataFrame],
-                     versions: dict[str, int | None], published_at: dt.datetime) -> dict[str, int]:
+                     versions: dict[str, int | None], published_at: dt.datetime, others: list[Project]
+                     ) -> dict[str, int]:
     regime = consortium.purposes[project.purpose].regime
     persons = consented_persons(spark, silver["patient"], silver["consent"], project.purpose, regime, on_date)
     persons = persons.localCheckpoint()  # computed once, used by every dataset
@@ -247,12 +262,19 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
             drop_table_physically(spark, lake.project(project.id, stale))
     counts: dict[str, int] = {}
     shared: dict[str, list[str]] = {}
+    extracts: dict[str, DataFrame] = {}
+    anonymity = None
     for dataset in project.datasets:
         shared[dataset] = shared_establishments(consortium, project, dataset)
         extract = project_extract(silver[dataset], dataset, project, shared[dataset], persons,
                                   project_key, shift_key)
         if dataset == "patient":
             extract, anonymity = k_anonymise(extract, project.quasi_identifiers, project.k_anonymity)
+        extracts[dataset] = extract
+    # Code sets are quasi-identifiers too: generalised and suppressed to the project's bound, or refused.
+    relink = enforce_relink_bound(spark, lake, consortium, project, extracts, anonymity, others, MANIFEST)
+    for dataset, extract in extracts.items():
+        extract = published_codes(extract, dataset, relink)
         path = lake.project(project.id, dataset)
         extract.write.format("delta").mode(OVERWRITE).option("overwriteSchema", "true").save(path)
         counts[dataset] = last_write_rows(spark, path)
@@ -265,7 +287,7 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
     manifest = spark.createDataFrame([(
         published_at, on_date, project.id, project.purpose, consortium.policy_version, key.fingerprint,
         project.date_precision, {d: v for d, v in versions.items() if v is not None}, counts, shared,
-        anonymity_figures, risk,
+        anonymity_figures, risk, relink.figures,
     )], MANIFEST_SCHEMA)
     # mergeSchema: manifests written before the k-anonymity figures existed gain the new columns.
     manifest.write.format("delta").mode(APPEND).option("mergeSchema", "true").save(
@@ -295,13 +317,24 @@ def publish(spark: SparkSession, lake: Lake, consortium: Consortium, key: Pseudo
     extracts: dict[str, dict[str, int]] = {}
     removed: list[str] = []
     active = {p.id for p in consortium.projects.values() if p.is_active(on_date)}
+    refused: dict[str, str] = {}
     for project_id in sorted(active):
-        extracts[project_id] = _publish_project(spark, lake, consortium, consortium.projects[project_id], key,
-                                                on_date, silver, versions, published_at)
+        others = [consortium.projects[o] for o in sorted(active - {project_id} - set(refused))]
+        try:
+            extracts[project_id] = _publish_project(spark, lake, consortium, consortium.projects[project_id], key,
+                                                    on_date, silver, versions, published_at, others)
+        except RelinkRiskExceeded as exc:
+            # Fail closed: the previous extract met an older bound on older data, so it goes too.
+            log.error("%s", exc)
+            refused[project_id] = str(exc)
+            remove_extract(spark, lake, project_id)
     for project_id in list_folders(spark, lake.zone(PROJECTS)):
         if project_id not in active:
             remove_extract(spark, lake, project_id)
             removed.append(project_id)
-    return PublishOutcome(on_date=on_date, published_at=published_at, policy_version=consortium.policy_version,
-                          key_fingerprint=key.fingerprint, silver_versions=versions, extracts=extracts,
-                          removed=tuple(removed), gold_cells=gold_cells)
+    outcome = PublishOutcome(on_date=on_date, published_at=published_at, policy_version=consortium.policy_version,
+                             key_fingerprint=key.fingerprint, silver_versions=versions, extracts=extracts,
+                             removed=tuple(removed), gold_cells=gold_cells, refused=refused)
+    if refused:
+        raise RelinkRiskExceeded("\n".join(refused.values()), outcome)
+    return outcome

@@ -275,6 +275,86 @@ def test_cross_project_linkage_on_demographics_and_diagnoses(spark, world):
     assert with_diagnoses < before
 
 
+def _published_sets(spark, lake, project: Project, level: int, kinds: set[str]):
+    """Per project pseudonym: demographics and the set of published codes (of ``kinds``) taken to ``level``."""
+    from jobs.relink import CODE_LEVELS
+
+    icd, atc = CODE_LEVELS[level]
+    sets = defaultdict(set)
+    for dataset, column, kind, keep in (("diagnosis", "condition_source_value", "dx", icd),
+                                        ("medication", "drug_source_value", "rx", atc)):
+        if kind in kinds and dataset in project.datasets:
+            for r in read(spark, lake.project(project.id, dataset)).collect():
+                code = r[column]
+                if code is not None:
+                    sets[r.person_id].add(f"{kind}:{code if keep is None else code.replace('.', '')[:keep]}")
+    return sets
+
+
+def test_no_person_is_re_linked_to_fewer_than_k_of_another_extract(spark, world):
+    lake, projects = world["lake"], world["consortium"].projects
+    manifests = {p: read(spark, lake.project(p, MANIFEST)).orderBy("published_at").collect()[-1] for p in projects}
+    for p, m in manifests.items():
+        f = m.relink_risk
+        assert f["k"] == 5 and f["m"] == 2, p  # the consortium's defaults (config/pipeline.yaml)
+        assert f["unique_on_m_codes_after"] == 0 and f["relinked_under_k_after"] == 0, (p, f)
+        assert {"unique_on_m_codes_before", "relinked_unique_before", "items", "items_suppressed"} <= set(f), p
+    # C50.9 and J45.9 are held by three persons each: rare at k = 5, suppressed (their rows stay, code null).
+    onc = manifests["oncology_cohort"].relink_risk
+    assert onc["unique_on_m_codes_before"] > 0 and onc["items_suppressed"] > 0
+    codes = {r.condition_source_value for r in read(spark, lake.project("oncology_cohort", "diagnosis")).collect()}
+    assert "C50.9" not in codes and None in codes
+
+    dia, onc_p = projects["diabetes_outcomes"], projects["oncology_cohort"]
+    level = max(int(manifests[p].relink_risk["code_level"]) for p in projects)
+    band = max(manifests[p].k_anonymity["year_band"] for p in projects)
+    demo = {p.id: {r.person_id: (r.gender_source_value, r.year_of_birth)
+                   for r in read(spark, lake.project(p.id, "patient")).collect()} for p in (dia, onc_p)}
+    sets = {p.id: _published_sets(spark, lake, p, level, {"dx"}) for p in (dia, onc_p)}
+
+    def compatible(a, b):
+        return all(x is None or y is None or x == y
+                   for x, y in ((a[0], b[0]), (a[1] and a[1] // band, b[1] and b[1] // band)))
+
+    for mine, theirs in ((onc_p.id, dia.id), (dia.id, onc_p.id)):
+        for person, codes in sets[mine].items():
+            n = sum(1 for other, their in sets[theirs].items()
+                    if their == codes and compatible(demo[mine][person], demo[theirs][other]))
+            assert n == 0 or n >= 5, (mine, person, n)
+
+
+def test_a_project_whose_bound_cannot_be_met_is_refused_at_publish(spark, world, tmp_path):
+    from jobs.relink import RelinkRiskExceeded
+
+    def strict(root):
+        onc = root / "projects" / "oncology_cohort.yaml"
+        data = yaml.safe_load(onc.read_text())
+        data["relink_risk"] = {"k": 40, "max_suppressed": 0.0}
+        onc.write_text(yaml.safe_dump(data))
+
+    consortium = load_consortium(config_copy(tmp_path, strict))
+    assert consortium.projects["oncology_cohort"].relink_risk.k == 40
+    lake = Lake(str(tmp_path / "lake"))
+    shutil.copytree(world["lake"].root, lake.root)  # oncology_cohort has an extract from an earlier publish
+    with pytest.raises(RelinkRiskExceeded, match="project oncology_cohort: its extract cannot meet its bound") as exc:
+        publish(spark, lake, consortium, world["key"], FIRST)
+    assert "k=40" in str(exc.value) and "relink_risk" in str(exc.value)  # the steward sees why and what to change
+    assert set(exc.value.outcome.refused) == {"oncology_cohort"}
+    assert not Path(lake.project("oncology_cohort")).exists()  # not published, the earlier extract removed
+    assert set(exc.value.outcome.extracts) == {"diabetes_outcomes"}
+
+
+def test_a_bound_out_of_range_stops_loading(tmp_path):
+    def bad(root):
+        onc = root / "projects" / "oncology_cohort.yaml"
+        data = yaml.safe_load(onc.read_text())
+        data["relink_risk"] = {"k": 1, "m": 7}
+        onc.write_text(yaml.safe_dump(data))
+
+    with pytest.raises(ConfigError, match="relink_risk"):
+        load_consortium(config_copy(tmp_path, bad))
+
+
 def assert_suppression_holds(cells, dims, threshold):
     for cell in cells:
         assert cell["suppressed"] or cell["n"] >= threshold
