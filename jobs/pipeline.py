@@ -150,9 +150,12 @@ def permanent_failures() -> tuple[type[Exception], ...]:
     from jobs.batch_queue import QueueBlocked
     from jobs.batchlog import BatchRejected
     from jobs.validate import EngineDisagreement, SuiteError
+    from jobs.erasure import ErasureIncomplete
+    from jobs.relink import RelinkRiskExceeded
 
     return (BatchRejected, QueueBlocked, ConfigError, IngestReconciliationError, KeyMismatchError, MissingKeyError,
-            WeakKeyError, BatchNotValidated, ReconciliationError, EngineDisagreement, SuiteError)
+            WeakKeyError, BatchNotValidated, ReconciliationError, EngineDisagreement, SuiteError,
+            ErasureIncomplete, RelinkRiskExceeded)
 
 
 def spark_master_from_connection(conn_id: str = "spark_default") -> str | None:
