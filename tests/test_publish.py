@@ -300,9 +300,9 @@ def test_no_person_is_re_linked_to_fewer_than_k_of_another_extract(spark, world)
         assert f["unique_on_m_codes_after"] == 0 and f["relinked_under_k_after"] == 0, (p, f)
         assert {"unique_on_m_codes_before", "relinked_unique_before", "items", "items_suppressed"} <= set(f), p
     # C50.9 and J45.9 are held by three persons each: rare at k = 5, suppressed (their rows stay, code null).
-    onc = manifests["oncology_cohort"].relink_risk
-    assert onc["unique_on_m_codes_before"] > 0 and onc["items_suppressed"] > 0
-    codes = {r.condition_source_value for r in read(spark, lake.project("oncology_cohort", "diagnosis")).collect()}
+    diabetes = manifests["diabetes_outcomes"].relink_risk
+    assert diabetes["unique_on_m_codes_before"] > 0 and diabetes["items_suppressed"] > 0
+    codes = {r.condition_source_value for r in read(spark, lake.project("diabetes_outcomes", "diagnosis")).collect()}
     assert "C50.9" not in codes and None in codes
 
     dia, onc_p = projects["diabetes_outcomes"], projects["oncology_cohort"]
