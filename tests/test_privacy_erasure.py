@@ -181,5 +181,5 @@ def test_content_scan_finds_an_id_the_statistics_do_not_show(spark, tmp_path):
     assert mentions(table_contents(spark, "t", path).values, ids) == {("t", "person_id"): 1}
     spark.createDataFrame([("other",)], "person_id string").write.format("delta").mode("overwrite").save(path)
     contents = table_contents(spark, "t", path)  # the old file is no longer in the current version
-    assert contents.data_files == 2 and contents.log_files >= 2
+    assert contents.data_files >= 2 and contents.log_files >= 2
     assert mentions(contents.values, ids) == {("t", "person_id"): 1}
