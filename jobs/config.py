@@ -252,6 +252,51 @@ class Agreement(_Strict):
     purposes: list[str] = Field(min_length=1)
 
 
+class PrivacyBudget(_Strict):
+    """Differential privacy of an aggregate-only project's answers (computed by OpenDP).
+
+    Every answer spends ``epsilon_per_query`` (and ``delta_per_query`` when
+    its group keys are chosen by DP partition selection) of the member's
+    ``epsilon`` / ``delta`` for the current ``period``, and of the project's
+    ``project_epsilon`` when one is set; a query that would go over is refused.
+    A person adds at most ``max_rows_per_person`` rows to a query (more are
+    dropped at random before counting), so one person moves a count by at most
+    that much before noise. Group keys are the values listed in
+    ``public_keys`` (never read from the data) or, for the columns listed in
+    ``partition_selection``, those that pass OpenDP's noisy threshold. Sums
+    and means read only columns with ``bounds``; values are clipped to them.
+    """
+
+    epsilon: float = Field(default=1.0, gt=0, le=20)
+    delta: float = Field(default=1e-6, ge=0, le=1e-3)
+    period: Literal["day", "month", "year", "project"] = "month"
+    project_epsilon: float | None = Field(default=None, gt=0)
+    epsilon_per_query: float = Field(default=0.1, gt=0, le=5)
+    delta_per_query: float = Field(default=1e-8, ge=0, le=1e-4)
+    max_rows_per_person: int = Field(default=10, ge=1, le=1000)
+    public_keys: dict[str, list[str | int | float]] = {}
+    partition_selection: list[str] = []
+    bounds: dict[str, tuple[float, float]] = {}
+
+    @field_validator("public_keys", mode="before")
+    @classmethod
+    def _ranges(cls, value):
+        # ``year_of_birth: {from: 1920, to: 2026}`` stands for every year in between.
+        if isinstance(value, dict):
+            return {k: list(range(int(v["from"]), int(v["to"]) + 1)) if isinstance(v, dict) else v
+                    for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "PrivacyBudget":
+        if self.epsilon_per_query > self.epsilon:
+            raise ValueError(f"epsilon_per_query {self.epsilon_per_query} is above the budget epsilon {self.epsilon}")
+        for column, (low, high) in self.bounds.items():
+            if not low < high:
+                raise ValueError(f"bounds of {column}: {low} is not below {high}")
+        return self
+
+
 class Project(_Strict):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
     title: str
@@ -276,6 +321,8 @@ class Project(_Strict):
     # (columns of ``patient``; those the project does not take are ignored).
     k_anonymity: int = Field(default=5, ge=2)
     quasi_identifiers: list[str] = ["year_of_birth", "gender_source_value", "postal_prefix"]
+    # Aggregate-only projects answer with differentially private statistics under this budget.
+    privacy: PrivacyBudget = PrivacyBudget()
 
     @field_validator("quasi_identifiers")
     @classmethod
