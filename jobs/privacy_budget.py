@@ -56,8 +56,8 @@ class Balance:
                                                                              self.project_epsilon)
 
     def describe(self) -> str:
-        text = f"epsilon {max(self.epsilon, 0):.4g} and delta {max(self.member_delta, 0):.3g} left for {self.period}"
-        return text
+        epsilon, delta = max(round(self.epsilon, 9), 0.0) + 0.0, max(round(self.member_delta, 15), 0.0) + 0.0
+        return f"epsilon {epsilon:.4g} and delta {delta:.3g} left for {self.period}"
 
 
 def ledger_path(lake: Lake) -> Path:

@@ -64,6 +64,7 @@ MAX_CELLS = 20_000
 # A public upper bound on the rows of any table, needed by OpenDP to bound float sums.
 MAX_ROWS = 100_000_000
 ALPHA = 0.05  # 95 % intervals
+ROWS = "__rows"  # a hidden noisy row count, for suppression only
 
 # The only SQL nodes the language has.
 _ALLOWED_NODES = (exp.Select, exp.From, exp.Join, exp.Table, exp.TableAlias, exp.Identifier, exp.Column,
@@ -499,6 +500,9 @@ def release(lake: Lake, project: Project, plan_: Plan, epsilon: float, delta: fl
                 count = f"__count_{len(hidden)}"
                 expressions.append(pl.col(aggregate.column).dp.count(signed=True).alias(count))
                 hidden[aggregate.name] = (total, count, float(low), float(high))
+    if not any(a.kind in ("count", "persons", "count_col") for a in plan_.aggregates):
+        # Sums alone: a noisy row count too, so that the second layer can suppress small cells.
+        expressions.append(dp.len(signed=True).alias(ROWS))
     query = query.group_by(by).agg(*expressions) if by else query.select(*expressions)
     if by and plan_.public:
         query = query.with_keys(_keys_frame(project, plan_, schema))
@@ -565,6 +569,7 @@ def _second_layer(project: Project, plan_: Plan, released, accuracy: dict, hidde
     for row in rows:
         small = any((row[c] if row[c] is not None else 0) < project.min_cell_size for c in counts)
         small = small or any((row[h[1]] or 0) < project.min_cell_size for h in hidden.values())
+        small = small or (ROWS in row and (row[ROWS] or 0) < project.min_cell_size)
         for name, internal in plan_.keys:
             out[name].append(row[internal])
         for aggregate in plan_.aggregates:
@@ -593,10 +598,10 @@ def _second_layer(project: Project, plan_: Plan, released, accuracy: dict, hidde
 
 def _cell(aggregate: Aggregate, row: dict, accuracy: dict, hidden: dict, base: int):
     if aggregate.kind in ("count", "count_col", "persons"):
-        value = row[aggregate.name]
-        error = accuracy.get(aggregate.name, 0.0)
-        rounded = int(base * math.floor(max(value, 0) / base + 0.5))
-        return rounded, max(value - error, 0.0), value + error
+        # The interval is around the released (rounded) count, widened by the rounding.
+        error = accuracy.get(aggregate.name, 0.0) + base / 2
+        rounded = int(base * math.floor(max(row[aggregate.name], 0) / base + 0.5))
+        return rounded, max(rounded - error, 0.0), rounded + error
     if aggregate.kind == "sum":
         value, error = row[aggregate.name], accuracy.get(aggregate.name, 0.0)
         return value, value - error, value + error
