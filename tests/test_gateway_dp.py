@@ -233,3 +233,46 @@ def test_budget_is_spent_refused_at_exhaustion_survives_a_restart_and_is_audited
     assert all("epsilon 0.1" in r["reason"] for r in rows if r["outcome"] == "requested")
     assert all("epsilon 0.1" in r["reason"] for r in rows if r["outcome"] == "allowed")
     assert not verify_ledger(lake)
+
+
+def test_anchor_detects_truncation_and_a_rewritten_chain(tmp_path, monkeypatch):
+    import shutil
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from jobs.gateway.audit import ENV_ANCHOR_KEY, anchor, anchors_path, row_hash, verify, write_audit
+    from jobs.lake import Lake
+
+    monkeypatch.setenv(ENV_ANCHOR_KEY, "steward-anchor-key")
+    lake = Lake(str(tmp_path / "lake"))
+    event = {"user": MEMBER, "project_id": PROJECT, "action": "query", "engine": "duckdb", "outcome": "allowed",
+             "policy_version": "v1"}
+    for n in range(4):
+        write_audit(lake, event | {"sql": f"SELECT {n}"})
+    head = anchor(lake)
+    assert head["seq"] == 3 and head["signature"] and verify(lake).ok
+    audit = lake.ops("access_audit")
+    rows = read_audit(lake).to_pylist()
+
+    # Truncation: the newest commits removed from the log (no Delta history left to show it).
+    for version in (2, 3):
+        (tmp_path / "lake" / "ops" / "access_audit" / "_delta_log" / f"{version:020d}.json").unlink()
+    problems = verify(lake).problems
+    assert any("truncated" in p for p in problems)
+
+    # Rewriting: the table replaced by an altered chain whose hashes are all recomputed.
+    shutil.rmtree(audit)
+    forged, previous = [dict(r) for r in rows], "0" * 64
+    forged[1]["sql"] = "SELECT 'innocent'"
+    for row in forged:
+        row["prev_hash"] = previous
+        row["row_hash"] = previous = row_hash(row)
+    write_deltalake(audit, pa.Table.from_pylist(forged, schema=read_audit(Lake(str(tmp_path / "none"))).schema))
+    result = verify(lake)
+    assert not result.ok and any("rewritten up to the anchor" in p for p in result.problems)
+
+    # The anchor itself edited to match: its signature no longer does.
+    text = anchors_path(lake).read_text().replace(head["row_hash"], forged[3]["row_hash"])
+    anchors_path(lake).write_text(text)
+    assert any("signature does not match" in p for p in verify(lake).problems)

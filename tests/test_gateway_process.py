@@ -192,3 +192,69 @@ def test_file_urls_are_audited_and_die_with_their_token(running):
     files = [r for r in read_audit(running["lake"]).to_pylist()
              if r["token_id"] == record.token_id and (r["reason"] or "").startswith(("file", "token"))]
     assert [r["outcome"] for r in files] == ["allowed", "refused"] and files[0]["user"] == MEMBER
+
+
+def test_killed_query_leaves_its_requested_row(running, tmp_path):
+    """kill -9 while a query runs: the audit keeps the request, and the chain stays intact."""
+    import threading
+    import time
+
+    import httpx
+
+    from jobs.gateway.audit import read_audit, verify
+
+    port = free_port()
+    process = start_gateway(running["lake"], running["config"], port)
+    wait_healthy(process, port)
+    token, _ = running["store"].issue(PROJECT, MEMBER)
+    sql = "SELECT count(*) AS n FROM " + ", ".join(f"encounter e{i}" for i in range(8))  # 30^8 rows to count
+
+    def ask():
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/v1/projects/{PROJECT}/query", json={"sql": sql},
+                       headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        except httpx.HTTPError:
+            pass  # the gateway dies under it
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(r["sql"] == sql for r in read_audit(running["lake"]).to_pylist()):
+        time.sleep(0.1)
+    process.kill()
+    process.wait(timeout=10)
+    thread.join(timeout=30)
+    rows = [r for r in read_audit(running["lake"]).to_pylist() if r["sql"] == sql]
+    assert [r["outcome"] for r in rows] == ["requested"] and rows[0]["user"] == MEMBER
+    assert verify(running["lake"]).ok
+
+
+def test_confined_gateway_answers_an_aggregate_only_project_and_keeps_its_budget(tmp_path):
+    """The shipped configuration (aggregate-only): OpenDP runs under Landlock, the ledger survives a restart."""
+    import httpx
+
+    from jobs import clock
+    from jobs.config import load_consortium
+    from jobs.privacy_budget import balance
+    from tests.gateway_helpers import make_dp_lake
+
+    lake = make_dp_lake(tmp_path / "lake")
+    store = TokenStore(Path(lake.root) / "access" / "tokens.jsonl")
+    token, _ = store.issue(PROJECT, MEMBER)
+    sql = "SELECT visit_source_value, count(*) AS visits FROM encounter GROUP BY visit_source_value"
+    lefts = []
+    for _ in range(2):  # a second process reads the ledger the first one wrote
+        port = free_port()
+        process = start_gateway(lake, CONFIG_DIR, port)
+        try:
+            wait_healthy(process, port)
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/projects/{PROJECT}/query", json={"sql": sql},
+                                  headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            assert response.status_code == 200, response.text
+            lefts.append(response.json()["privacy"]["budget_left"]["epsilon"])
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    assert lefts == pytest.approx([0.9, 0.8])
+    project = load_consortium(CONFIG_DIR).projects[PROJECT]
+    assert balance(lake, project, MEMBER, clock.today()).member_epsilon == pytest.approx(0.8)
