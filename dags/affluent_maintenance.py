@@ -36,6 +36,10 @@ from jobs.registry import LAKE_WRITERS_POOL, task_context
    `transient_retention_days`, are deleted, their files rewritten and vacuumed,
    their history forgotten (a retry re-runs such a batch from bronze).
 4. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
+5. **audit anchor** — verifies the access audit's hash chain and records its
+   signed head in `ops/audit_anchors/`, where the gateway cannot write, so that
+   `affluent audit verify` detects a later truncation or rewrite; fails loudly
+   when the chain is already broken.
 """,
 )
 def affluent_maintenance():
@@ -66,7 +70,17 @@ def affluent_maintenance():
         ctx = task_context()
         return compact_and_vacuum(ctx.spark, ctx.lake)
 
+    @task
+    def audit_anchor() -> dict:
+        from jobs.gateway.audit import anchor
+        from jobs.lake import Lake
+        from jobs.settings import Settings
+
+        head = anchor(Lake(Settings.from_env().lake_root))
+        return {"seq": head["seq"], "signed": bool(head["signature"])}
+
     erasures() >> bronze_retention() >> transient_retention() >> compaction()
+    audit_anchor()
 
 
 affluent_maintenance()

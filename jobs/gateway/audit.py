@@ -316,6 +316,9 @@ def anchor(lake: Lake, key: bytes | None = None) -> dict:
     """
     from deltalake import DeltaTable
 
+    if "://" in lake.root:
+        raise AuditError("audit anchors are kept in a local ops folder; keep the anchors of a remote lake with a "
+                         "steward (the printed head of `affluent audit verify`)")
     key = key if key is not None else _anchor_key()
     result = verify(lake)
     if not result.ok:
