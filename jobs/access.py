@@ -77,6 +77,8 @@ class Limits:
     memory_limit: str = "512MB"
     threads: int = 2
     timeout_seconds: float = 30.0
+    # DuckDB spills to the gateway's private temp folder; past this it fails the query instead.
+    max_temp_size: str = "1GB"
 
 
 DEFAULT_LIMITS = Limits()
@@ -289,6 +291,7 @@ def locked_connection(limits: Limits = DEFAULT_LIMITS):
                                  "allow_community_extensions": False})
     # Spill to the process's private temp folder (the gateway's, under Landlock); then no file access at all.
     con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/duckdb-spill'")
+    con.execute(f"SET max_temp_directory_size = '{limits.max_temp_size}'")
     con.execute("SET enable_external_access = false")
     con.execute(f"SET memory_limit = '{limits.memory_limit}'")
     con.execute(f"SET threads = {int(limits.threads)}")

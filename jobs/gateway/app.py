@@ -156,8 +156,8 @@ def _event(consortium: Consortium | None, project_id: str, user: str, token_id: 
     return event
 
 
-def _run(gateway: Gateway, event: dict, project, sql: str) -> tuple[access.Answer, dict]:
-    """Answer ``sql`` and audit the outcome; the returned row is durable before the caller responds.
+def _run(gateway: Gateway, event: dict, project, sql: str, render=None) -> tuple[access.Answer, dict, object]:
+    """Answer ``sql``, render it (JSON rows by default) and audit the outcome, durable before the caller responds.
 
     A ``requested`` row (with the budget the query will spend) is durable
     before the query reads data, so a query killed mid-way leaves its request.
@@ -167,6 +167,8 @@ def _run(gateway: Gateway, event: dict, project, sql: str) -> tuple[access.Answe
 
     try:
         result = access.answer(gateway.lake, project, sql, gateway.limits, user=event["user"], on_start=requested)
+        # Rendered before the outcome row, so that a result that cannot be rendered is not audited as allowed.
+        rendered = render(result.table) if render is not None else _json_rows(result.table)
     except AccessDenied as exc:
         gateway.write(event | {"outcome": access.OUTCOME_REFUSED, "reason": str(exc)[:1000]})
         raise GatewayError(400, "QUERY_REFUSED", str(exc)) from None
@@ -188,7 +190,7 @@ def _run(gateway: Gateway, event: dict, project, sql: str) -> tuple[access.Answe
     notes = ([f"{result.suppressed_cells} cell(s) suppressed"] if result.suppressed_cells else []) + result.notes
     row = gateway.write(event | {"outcome": access.OUTCOME_ALLOWED, "rows_returned": result.table.num_rows,
                                  "reason": "; ".join(notes)[:1000] or None})
-    return result, row
+    return result, row, rendered
 
 
 def _compile_error(exc: Exception) -> bool:
@@ -234,8 +236,8 @@ def create_app(settings: GatewaySettings, temp_dir: Path | None = None, confined
     @app.post("/v1/projects/{project_id}/query")
     def query(project_id: str, body: QueryRequest, request: Request):
         _, project, event = gateway.authorise(request, project_id, access.ACTION_QUERY, body.sql)
-        result, row = _run(gateway, event, project, body.sql)
-        body = {"columns": result.table.column_names, "rows": _json_rows(result.table),
+        result, row, rows = _run(gateway, event, project, body.sql)
+        body = {"columns": result.table.column_names, "rows": rows,
                 "suppressed_cells": result.suppressed_cells, "notes": result.notes, "audit_event": row["event_id"]}
         if result.epsilon is not None:
             body["privacy"] = {"epsilon": result.epsilon, "delta": result.delta, "budget_left": result.budget_left,
@@ -250,8 +252,8 @@ def create_app(settings: GatewaySettings, temp_dir: Path | None = None, confined
             reason = f"unknown export format {body.format!r}; use one of {', '.join(access.EXPORT_FORMATS)}"
             gateway.write(event | {"outcome": access.OUTCOME_REFUSED, "reason": reason})
             raise GatewayError(400, "QUERY_REFUSED", reason)
-        result, row = _run(gateway, event, project, body.sql)
-        payload = access.encode(result.table, body.format)
+        result, row, payload = _run(gateway, event, project, body.sql,
+                                    render=lambda table: access.encode(table, body.format))
         media = "text/csv; charset=utf-8" if body.format == "csv" else "application/vnd.apache.parquet"
         return Response(payload, media_type=media, headers={
             "x-affluent-audit-event": row["event_id"], "x-affluent-rows": str(result.table.num_rows),
