@@ -27,6 +27,12 @@ Layers, in order, for every query:
 4. output checking (:func:`jobs.disclosure.check_output`) on every result;
    CSV exports also get :func:`jobs.disclosure.neutralise_csv`.
 
+That is the path of row-level projects. An aggregate-only project's SQL
+never runs in DuckDB: :func:`private_answer` translates it into an OpenDP
+plan (:mod:`jobs.private_aggregates`, refused before any data is read when
+it is outside that language), spends its (ε, δ) from the member's budget
+(:mod:`jobs.privacy_budget`) and releases differentially private statistics.
+
 The audit (:mod:`jobs.gateway.audit`) is written by the caller before the
 result leaves; :func:`query` and :func:`export` here do it for in-process
 callers (the gateway, the demo, benchmarks).
@@ -390,11 +396,20 @@ def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMI
     """
     from jobs import disclosure
 
+    import dataclasses
+    import time
+
     check_size(sql, limits)
     if not project.row_level:
         return private_answer(lake, project, sql, limits, user, today or clock.today(), on_start)
+    started = time.monotonic()
     views = {d: f"q_{d}" for d in project.datasets}
     checked = check_sql(sql, project, ENGINE_DUCKDB, views)
+    # Checking counts in the query's time: what is left is the engine's.
+    left = limits.timeout_seconds - (time.monotonic() - started)
+    if left <= 0:
+        raise QueryRefused(f"checking the query took longer than {limits.timeout_seconds:g} s")
+    limits = dataclasses.replace(limits, timeout_seconds=left)
     con = locked_connection(limits)
     try:
         missing = [d for d in checked.datasets if d not in _published(lake, project)]

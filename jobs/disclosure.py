@@ -1,4 +1,9 @@
-"""Output checking of every result leaving the researcher gateway.
+"""Output checking of results read with SQL (row-level projects), and CSV neutralisation of every export.
+
+Aggregate-only projects no longer reach the rules below through the
+gateway: their answers are differentially private statistics
+(:mod:`jobs.private_aggregates`), whose bound holds whatever the SQL's shape.
+The rules stay for callers that check an aggregate result read with SQL.
 
 The gateway calls :func:`check_output` on every result, and :func:`neutralise_csv`
 before a CSV is written. The checks are decided on the result and on the

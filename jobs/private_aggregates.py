@@ -232,13 +232,15 @@ def _translate(query: exp.Select, project: Project) -> Plan:
     columns: dict[str, set[str]] = {a: {PERSON} for a in aliases}
     for alias, keys in join_keys.items():
         columns[alias] |= set(keys)
-    first = next(iter(aliases))
+    order = list(aliases)
     for alias, keys in join_keys.items():
         for key in keys:
             if key not in project.datasets[aliases[alias]]:
                 raise AggregateRefused(f"{aliases[alias]} has no column {key} to join on")
-            if not any(key in project.datasets[aliases[a]] for a in aliases if a != alias):
-                raise AggregateRefused(f"no other table has {key} to join on")
+            earlier = [a for a in order[:order.index(alias)] if key in project.datasets[aliases[a]]]
+            if not earlier:
+                raise AggregateRefused(f"no table before {alias} has {key} to join on")
+            columns[earlier[0]].add(key)
 
     def use(column: exp.Column) -> str:
         internal = resolve(column)
@@ -335,7 +337,6 @@ def _translate(query: exp.Select, project: Project) -> Plan:
             raise AggregateRefused(f"the keys make {cells} cells; at most {MAX_CELLS} per query")
     sources = [Source(alias=a, dataset=d, columns=tuple(sorted(columns[a])), join_keys=join_keys.get(a, ()))
                for a, d in aliases.items()]
-    del first
     return Plan(sources=sources, where=where_expr, keys=keys, aggregates=aggregates, output=output, public=public,
                 resolved={f"{a}.{c}": (aliases[a], c) for a in aliases for c in columns[a]})
 
@@ -483,7 +484,10 @@ def release(lake: Lake, project: Project, plan_: Plan, epsilon: float, delta: fl
         data=frame, privacy_unit=dp.unit_of(contributions=1, identifier=pl.col(PERSON)), privacy_loss=loss,
         split_evenly_over=1, margins=[dp.polars.Margin(by=by, max_length=MAX_ROWS)]
         + ([dp.polars.Margin(by=[], max_length=MAX_ROWS)] if by else []))
-    query = context.query().truncate_per_group(privacy.max_rows_per_person)
+    persons = any(a.kind == "persons" for a in plan_.aggregates)
+    # After one row per person and group, a person has at most as many rows as there are cells.
+    bound = 1 if persons and not by else privacy.max_rows_per_person
+    query = context.query().truncate_per_group(bound)
     expressions, hidden = [], {}
     for aggregate in plan_.aggregates:
         if aggregate.kind in ("count", "persons"):
@@ -578,7 +582,8 @@ def _second_layer(project: Project, plan_: Plan, released, accuracy: dict, hidde
                 value = low = high = None
                 suppressed += 1
             out[aggregate.name].append(value)
-            bounds_of.setdefault(aggregate.name, []).append((low, high))
+            bounds_of.setdefault(aggregate.name, []).append(
+                (None if low is None else round(low, 2), None if high is None else round(high, 2)))
     columns, arrays = [], []
     for name in plan_.output:
         columns.append(name)

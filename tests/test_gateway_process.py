@@ -164,13 +164,18 @@ def test_delta_sharing_other_project_and_revoked_tokens_get_nothing(running, tmp
     assert unauthenticated.value.response.status_code == 401
 
 
-def test_demo_step_queries_through_its_own_gateway(running, capsys):
+def test_demo_step_queries_through_its_own_gateway(tmp_path, capsys):
+    """The demo's aggregate-only project: a differentially private answer with its epsilon and intervals."""
     from jobs.gateway.demo import show
+    from jobs.gateway.tokens import default_store_path
+    from tests.gateway_helpers import make_dp_lake
 
-    assert show(running["lake"].root, running["config"]) == 0
+    lake = make_dp_lake(tmp_path / "lake")
+    assert show(lake.root, CONFIG_DIR) == 0
     out = capsys.readouterr().out
-    assert "confined by Landlock" in out and "inpatient" in out and "audit event" in out
-    demo_tokens = [r for r in running["store"].records().values() if r.token_id in out]
+    assert "confined by Landlock" in out and "audit event" in out and "hba1c_results_low95" in out
+    assert "female" in out and "spent epsilon 0.1" in out
+    demo_tokens = [r for r in TokenStore(default_store_path(lake.root)).records().values() if r.token_id in out]
     assert len(demo_tokens) == 1 and demo_tokens[0].revoked_at  # the demo's token dies with its gateway
 
 
