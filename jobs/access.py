@@ -343,9 +343,9 @@ def refuse_deletion_vectors(table, what: str) -> None:
 
 
 @contextlib.contextmanager
-def time_limit(con, limits: Limits = DEFAULT_LIMITS):
-    """Interrupt whatever runs on ``con`` past ``limits.timeout_seconds`` (one budget for the whole block)."""
-    timer = threading.Timer(limits.timeout_seconds, con.interrupt)
+def time_limit(con, limits: Limits = DEFAULT_LIMITS, seconds: float | None = None):
+    """Interrupt whatever runs on ``con`` past ``seconds`` (default ``limits.timeout_seconds``)."""
+    timer = threading.Timer(limits.timeout_seconds if seconds is None else seconds, con.interrupt)
     timer.start()
     try:
         yield
@@ -359,9 +359,9 @@ def time_limit(con, limits: Limits = DEFAULT_LIMITS):
         timer.cancel()
 
 
-def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS) -> pa.Table:
-    """Run ``sql`` on ``con`` under the time and row limits; the result as a pyarrow table."""
-    with time_limit(con, limits):
+def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS, seconds: float | None = None) -> pa.Table:
+    """Run ``sql`` on ``con`` under the time (``seconds`` left of it) and row limits; a pyarrow table."""
+    with time_limit(con, limits, seconds):
         reader = con.sql(sql).to_arrow_reader(batch_size=min(limits.max_rows + 1, 10_000))
         batches, rows = [], 0
         for batch in reader:
@@ -396,7 +396,6 @@ def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMI
     """
     from jobs import disclosure
 
-    import dataclasses
     import time
 
     check_size(sql, limits)
@@ -409,7 +408,6 @@ def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMI
     left = limits.timeout_seconds - (time.monotonic() - started)
     if left <= 0:
         raise QueryRefused(f"checking the query took longer than {limits.timeout_seconds:g} s")
-    limits = dataclasses.replace(limits, timeout_seconds=left)
     con = locked_connection(limits)
     try:
         missing = [d for d in checked.datasets if d not in _published(lake, project)]
@@ -418,8 +416,8 @@ def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMI
         registered = register_project(con, lake, project, needed=checked.datasets)
         if on_start is not None:
             on_start("row-level project: no privacy budget")
-        result = fetch(con, checked.sql, limits)
-        with time_limit(con, limits):  # output checking runs queries of its own (support, differencing)
+        result = fetch(con, checked.sql, limits, left)
+        with time_limit(con, limits, left):  # output checking runs queries of its own (support, differencing)
             output = disclosure.check_output(con, checked.sql, result, project, registered)
     finally:
         con.close()

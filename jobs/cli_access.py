@@ -116,9 +116,15 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from jobs.lake import Lake
     from jobs.settings import Settings
 
-    result = verify(Lake(args.lake or Settings.from_env().lake_root))
-    for problem in result.problems:
+    from jobs.privacy_budget import verify_ledger
+
+    lake = Lake(args.lake or Settings.from_env().lake_root)
+    result = verify(lake)
+    ledger = verify_ledger(lake) if "://" not in lake.root else []
+    for problem in result.problems + [f"privacy ledger {p}" for p in ledger]:
         print(f"TAMPERED: {problem}", file=sys.stderr)
+    if ledger:
+        return 1
     if not result.ok:
         print(f"audit chain broken: {len(result.problems)} problem(s) in {result.rows} row(s)", file=sys.stderr)
         return 1

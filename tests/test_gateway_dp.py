@@ -276,3 +276,14 @@ def test_anchor_detects_truncation_and_a_rewritten_chain(tmp_path, monkeypatch):
     text = anchors_path(lake).read_text().replace(head["row_hash"], forged[3]["row_hash"])
     anchors_path(lake).write_text(text)
     assert any("signature does not match" in p for p in verify(lake).problems)
+
+
+def test_policy_refuses_identifiers_and_unknown_columns_as_keys(tmp_path):
+    from jobs.config import load_consortium
+    from jobs.policy import policy_problems
+
+    config = make_dp_config(CONFIG_DIR, tmp_path / "config", public_keys={"person_id": ["p00"]},
+                            partition_selection=["no_such_column"])
+    problems = [p for p in policy_problems(load_consortium(config)) if p.key.startswith("privacy.")]
+    assert {p.key for p in problems} == {"privacy.public_keys", "privacy.partition_selection"}
+    assert any("identifier" in p.reason for p in problems)
