@@ -419,8 +419,6 @@ def _condition(node: exp.Expression, schema):
     if isinstance(node, exp.Or):
         return _condition(node.this, schema) | _condition(node.expression, schema)
     if isinstance(node, exp.Not):
-        if isinstance(node.this, exp.Is):
-            return _condition(node.this, schema).not_()
         return _condition(node.this, schema).not_()
     if isinstance(node, exp.Is):
         if not isinstance(node.this, exp.Column) or not isinstance(node.expression, exp.Null):
@@ -515,12 +513,16 @@ def release(lake: Lake, project: Project, plan_: Plan, epsilon: float, delta: fl
 
         measurement = _measurement(query)
         accuracy = {r["column"]: r["accuracy"] for r in summarize_polars_measurement(measurement, ALPHA).to_dicts()}
-        released = context(measurement).collect()
-    except Exception as exc:  # OpenDP refuses what it cannot bound; its message names the plan, not the data
+    except Exception as exc:  # OpenDP refuses what it cannot bound; built before any row is read, it names the plan
         if type(exc).__name__ != "OpenDPException":
             raise
         raise AggregateRefused(f"the privacy engine cannot bound this query: "
                                f"{str(exc).strip().splitlines()[0][:300]}") from None
+    try:
+        released = context(measurement).collect()
+    except Exception as exc:
+        # An error while reading rows may quote a value: name its kind only.
+        raise AggregateRefused(f"the query failed while running ({type(exc).__name__})") from None
     return _second_layer(project, plan_, released, accuracy, hidden, epsilon, delta)
 
 
