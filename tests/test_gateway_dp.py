@@ -287,3 +287,23 @@ def test_policy_refuses_identifiers_and_unknown_columns_as_keys(tmp_path):
     problems = [p for p in policy_problems(load_consortium(config)) if p.key.startswith("privacy.")]
     assert {p.key for p in problems} == {"privacy.public_keys", "privacy.partition_selection"}
     assert any("identifier" in p.reason for p in problems)
+
+
+def test_project_budget_is_shared_by_members_and_the_ledger_is_tamper_evident(tmp_path, capsys):
+    from jobs.cli import main
+    from jobs.privacy_budget import ledger_path
+
+    lake = make_dp_lake(tmp_path / "lake")
+    client, settings = _app(tmp_path, "project", epsilon=1.0, epsilon_per_query=0.1, project_epsilon=0.2)
+    store = TokenStore(settings.token_store)
+    sql = "SELECT count(*) AS n FROM patient"
+    for user, status in (("alice.tremblay", 200), ("bob.gagnon", 200), ("bob.gagnon", 400)):
+        headers = {"Authorization": f"Bearer {store.issue(PROJECT, user)[0]}"}
+        response = client.post(f"/v1/projects/{PROJECT}/query", json={"sql": sql}, headers=headers)
+        assert response.status_code == status, response.text
+    assert "project's privacy budget" in response.json()["message"]
+    assert main(["audit", "verify", "--lake", lake.root]) == 0
+    path = ledger_path(lake)
+    path.write_text(path.read_text().replace('"epsilon": 0.1', '"epsilon": 0.0', 1))  # refund oneself
+    assert main(["audit", "verify", "--lake", lake.root]) == 1
+    assert "privacy ledger line 1" in capsys.readouterr().err
