@@ -66,11 +66,17 @@ def _stage_command(stage: str):
         ctx = pipeline.Context.from_env()
         pipeline.require_key(ctx)  # fail closed before anything is read or written
         batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
+        from jobs.writer_lock import BatchAlreadyRunning
+
         for batch in batches:
-            if stage == "run":
-                result = pipeline.run_batch(ctx, args.establishment, batch)
-            else:
-                result = getattr(pipeline, stage)(ctx, args.establishment, batch)
+            try:
+                if stage == "run":
+                    result = pipeline.run_batch(ctx, args.establishment, batch)
+                else:
+                    result = getattr(pipeline, stage)(ctx, args.establishment, batch)
+            except BatchAlreadyRunning as refused:  # logged in the batch log; not a fault of the batch
+                print(str(refused), file=sys.stderr)
+                return 1
             print(json.dumps({"establishment": args.establishment, "batch": batch, stage: result}, default=str))
         if not batches:
             print(f"no pending batch for {args.establishment}")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +144,36 @@ def test_an_empty_or_broken_bundle_is_named_as_such(tmp_path, consortium):
                                                    "sha256": hashlib.sha256(content).hexdigest()}]})
         with pytest.raises(BatchRejected, match=reason):
             check_batch(tmp_path, consortium, est, "20260105-001")
+
+
+def test_a_second_run_of_a_running_batch_says_already_running_in_the_log_and_changes_nothing(flow, capsys):
+    import threading
+
+    from jobs import cli, pipeline
+    from jobs.writer_lock import batch_run
+
+    deliver(flow.settings.landing, "20260105-001")
+    holding, leave = threading.Event(), threading.Event()
+
+    def first_run():  # holds the batch as a running `affluent run` or DAG run does
+        with batch_run(flow.lake.root, EST, "20260105-001", "run_batch"):
+            holding.set()
+            leave.wait(60)
+
+    runner = threading.Thread(target=first_run)
+    runner.start()
+    try:
+        assert holding.wait(30)
+        assert cli.main(["run", "--establishment", EST, "--batch", "20260105-001"]) == 1
+        said = capsys.readouterr().err
+        assert "already running (run_batch (exclusive, pid" in said and "changed nothing" in said
+        [entry] = [e for e in batch_log_entries(flow.lake, EST) if e["batch_id"] == "20260105-001"]
+        assert (entry["stage"], entry["status"]) == (Stage.RUN, Status.ALREADY_RUNNING)
+        assert not Path(flow.lake.bronze("patient")).exists()  # the second run wrote nothing
+        seen = steward_sees(capsys)
+        assert "already_running" in seen and "queue moving, next batch 20260105-001" in seen
+    finally:
+        leave.set()
+        runner.join()
+    # Once the first run has ended, the batch is taken as usual.
+    assert pipeline.ingest(flow, EST, "20260105-001")["bronze"] == {"patient": 2}
