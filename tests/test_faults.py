@@ -177,3 +177,28 @@ def test_a_second_run_of_a_running_batch_says_already_running_in_the_log_and_cha
         runner.join()
     # Once the first run has ended, the batch is taken as usual.
     assert pipeline.ingest(flow, EST, "20260105-001")["bronze"] == {"patient": 2}
+
+
+def test_a_death_before_birth_is_quarantined_for_plausibility_and_the_rest_of_the_batch_goes_on(flow, capsys):
+    from pyspark.sql import functions as F
+
+    from jobs import pipeline
+
+    dead_before_born = PATIENTS[1].replace(";;A", ";15/03/1989;A")  # born 01/01/1990
+    dead_after_born = PATIENTS[0].replace(";;A", ";02/02/2024;A")
+    deliver(flow.settings.landing, "20260105-001", latin1_csv(LAURENTIDES_PATIENT_HEADER,
+                                                              [dead_after_born, dead_before_born]))
+    for stage in ("ingest", "pseudonymise", "validate"):
+        getattr(pipeline, stage)(flow, EST, "20260105-001")
+
+    spark = flow.spark
+    [row] = spark.read.format("delta").load(flow.lake.quarantine()).where(F.col("stage") == "validate").collect()
+    assert (row.dataset, row.rule, row.reason) == ("patient", "plausibility.date_order",
+                                                    "deceased_date: death before birth")
+    assert "1989" not in row.record_safe and "Gagnon" not in row.record_safe
+    [kept] = spark.read.format("delta").load(flow.lake.validated("patient")).collect()
+    assert kept.is_deceased and kept.year_of_birth == 1985
+    [entry] = [e for e in batch_log_entries(flow.lake, EST) if e["stage"] == Stage.VALIDATE]
+    assert (entry["status"], entry["rows_read"], entry["rows_quarantined"]) == (Status.VALIDATED, 2, 1)
+    seen = steward_sees(capsys)
+    assert "queue moving, next batch 20260105-001" in seen  # one implausible row does not stop the batch
