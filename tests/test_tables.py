@@ -34,3 +34,15 @@ def test_only_ids_dates_and_numbers_outside_the_partition_columns_are_kept():
     assert {"measurement_id", "person_id", "measurement_date", "value_as_number"} <= set(kept)
     assert not {"establishment_id", "unit_source_value", "value_source_value", "measurement_source_value",
                 "_source_file", "record_action"} & set(kept)
+
+
+def test_silver_tables_keep_statistics_of_ids_dates_and_numbers_only(spark, tmp_path):
+    from jobs.land import ensure_silver_table
+    from jobs.lake import Lake
+    from jobs.schemas import SILVER_SCHEMAS
+
+    lake = Lake(str(tmp_path / "lake"))
+    ensure_silver_table(spark, lake, "encounter", "fingerprint")
+    kept = table_properties(spark, lake.silver("encounter"))[STATS_COLUMNS].split(",")
+    assert kept == stats_columns(SILVER_SCHEMAS["encounter"], ("establishment_id",))
+    assert "care_site_source_value" not in kept and "visit_source_value" not in kept and "person_id" in kept
