@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from jobs.batchlog import (
 )
 from jobs.config import Consortium
 from jobs.lake import Lake
-from jobs.landing import MANIFEST
+from jobs.landing import MANIFEST, MANIFEST_NOT_A_FILE
 
 
 class QueueBlocked(Exception):
@@ -194,12 +195,26 @@ def utc(value: dt.datetime | None) -> dt.datetime:
 # --------------------------------------------------------------- landing ----
 
 def manifest_sha256(folder: Path) -> str | None:
-    """sha256 of a batch's ``manifest.json`` bytes; ``None`` while it is missing."""
+    """sha256 of a batch's ``manifest.json`` bytes; ``None`` while it is missing.
+
+    A manifest that is not a regular file (a directory, a link, a pipe) gives
+    :data:`MANIFEST_NOT_A_FILE`: the batch is delivered but broken, so it takes
+    its turn and ingest rejects it in the batch log; it never stops the queue
+    from being read (earlier batches still land), and reading a pipe would hang.
+    """
     path = folder / MANIFEST
+    try:
+        mode = path.lstat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(mode):
+        return MANIFEST_NOT_A_FILE
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError:  # unreadable (permissions): ingest rejects it with the reason
+        return MANIFEST_NOT_A_FILE
 
 
 def delivered_batches(landing_root: Path, landing_folder: str) -> list[str]:

@@ -31,6 +31,22 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_key_generate(args: argparse.Namespace) -> int:
+    """Write a new pseudonymisation key file; print where and its fingerprint, never the key."""
+    from jobs.keys import ENV_KEY_FILE, generate_key_file
+
+    path = Path(args.out)
+    try:
+        key = generate_key_file(path)
+    except FileExistsError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"wrote a new pseudonymisation key to {path} (owner read/write only; fingerprint {key.fingerprint}). "
+          f"Use it with `export {ENV_KEY_FILE}={path.resolve()}`, keep a copy in the organisation's secret "
+          "store, and never commit it: a lost key means new pseudonyms for everyone.")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from jobs.config import load_consortium
     from jobs.generate import generate_consortium
@@ -50,11 +66,17 @@ def _stage_command(stage: str):
         ctx = pipeline.Context.from_env()
         pipeline.require_key(ctx)  # fail closed before anything is read or written
         batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
+        from jobs.writer_lock import BatchAlreadyRunning
+
         for batch in batches:
-            if stage == "run":
-                result = pipeline.run_batch(ctx, args.establishment, batch)
-            else:
-                result = getattr(pipeline, stage)(ctx, args.establishment, batch)
+            try:
+                if stage == "run":
+                    result = pipeline.run_batch(ctx, args.establishment, batch)
+                else:
+                    result = getattr(pipeline, stage)(ctx, args.establishment, batch)
+            except BatchAlreadyRunning as refused:  # logged in the batch log; not a fault of the batch
+                print(str(refused), file=sys.stderr)
+                return 1
             print(json.dumps({"establishment": args.establishment, "batch": batch, stage: result}, default=str))
         if not batches:
             print(f"no pending batch for {args.establishment}")
@@ -174,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = config.add_parser("check", help="Validate every file under config/; print file, key and reason")
     check.add_argument("--config", help="configuration folder (default: AFFLUENT_CONFIG_DIR or ./config)")
     check.set_defaults(func=_cmd_config_check)
+
+    key = sub.add_parser("key", help="The pseudonymisation key").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    key_generate = key.add_parser("generate", help="Write a new random key (32 bytes, hex) to a file only its "
+                                  "owner can read; never overwrites")
+    key_generate.add_argument("--out", required=True, help="the key file to create (e.g. /run/secrets/affluent)")
+    key_generate.set_defaults(func=_cmd_key_generate)
 
     gen = sub.add_parser("generate", help="Write a synthetic consortium's landing batches and ground truth")
     gen.add_argument("--out", required=True, help="output folder (landing/ and ground_truth/ are created in it)")

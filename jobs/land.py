@@ -53,6 +53,7 @@ from jobs.lake import Lake
 from jobs.ops import append_batch_log, batches_with_status, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
 from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
+from jobs.tables import STATS_COLUMNS, stats_columns
 from jobs.validate import validated_path
 from jobs.writer_lock import Mode, writes_lake
 
@@ -204,7 +205,8 @@ def ensure_silver_table(spark: SparkSession, lake: Lake, dataset: str, key_finge
                .property(CHANGE_DATA_FEED, "true")
                .property(DELETION_VECTORS, str(deletion_vectors).lower())
                .property("delta.setTransactionRetentionDuration", TXN_RETENTION)
-               .property(FINGERPRINT_PROPERTY, key_fingerprint))
+               .property(FINGERPRINT_PROPERTY, key_fingerprint)
+               .property(STATS_COLUMNS, ",".join(stats_columns(SILVER_SCHEMAS[dataset], ("establishment_id",)))))
     for f in SILVER_SCHEMAS[dataset].fields:
         builder = builder.addColumn(f.name, f.dataType, nullable=f.nullable, comment=column_comment(dataset, f.name))
     builder.execute()
