@@ -76,6 +76,7 @@ from jobs.lake import Lake
 from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.ops import append_batch_log
 from jobs.schemas import (
+    CONCEPT_COLUMNS,
     DATASETS,
     QUARANTINE_SCHEMA,
     STAGED_EXTRA_FIELDS,
@@ -573,6 +574,8 @@ def _expected_columns(spark: SparkSession, lake: Lake, dataset: str, observed: l
     silver = lake.silver(dataset)
     columns = (spark.read.format("delta").load(silver).columns if table_exists(spark, silver)
                else list(silver_columns(dataset)))
+    # Standard concepts are derived at land: silver has them, staged rows never do.
+    columns = [c for c in columns if c not in CONCEPT_COLUMNS.get(dataset, ())]
     extra = [f.name for f in STAGED_EXTRA_FIELDS] + list(HELPER_COLUMNS.get(dataset, ()))
     return sorted(set(columns) | set(extra))
 
