@@ -35,7 +35,10 @@ from jobs.registry import LAKE_WRITERS_POOL, task_context
    skipped, and of batches stopped before land with no batch-log entry for
    `transient_retention_days`, are deleted, their files rewritten and vacuumed,
    their history forgotten (a retry re-runs such a batch from bronze).
-4. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
+4. **remap** — re-derives silver's standard concept columns from the concept maps
+   under `config/terminology/` (only rows whose concepts changed; no re-ingest; each
+   commit's `userMetadata` names the maps). A no-op when no map changed.
+5. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
 """,
 )
 def affluent_maintenance():
@@ -60,13 +63,20 @@ def affluent_maintenance():
         return purge_transient_zones(ctx.spark, ctx.lake, ctx.consortium.pipeline.transient_retention_days)
 
     @task
+    def remap() -> dict:
+        from jobs.terminology.remap import remap_silver
+
+        ctx = task_context()
+        return remap_silver(ctx.spark, ctx.lake, ctx.consortium.terminology)
+
+    @task
     def compaction() -> dict:
         from jobs.maintenance import compact_and_vacuum
 
         ctx = task_context()
         return compact_and_vacuum(ctx.spark, ctx.lake)
 
-    erasures() >> bronze_retention() >> transient_retention() >> compaction()
+    erasures() >> bronze_retention() >> transient_retention() >> remap() >> compaction()
 
 
 affluent_maintenance()

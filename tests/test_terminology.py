@@ -118,3 +118,108 @@ def test_config_check_rejects_a_broken_map_with_file_entry_and_reason(tmp_path, 
 def test_the_shipped_maps_pass_the_check():
     terminology, problems = check_terminology(CONFIG_DIR, {"chu_laurentides", "cisss_estuaire", "hopital_riviere"})
     assert problems == [] and {"gender", "visit", "condition", "drug"} <= {e.domain for e in terminology.entries}
+
+
+# ------------------------------------------------------------ through land ----
+
+def _changed_visit_map(tmp_path):
+    """A copy of the shipped configuration whose visit map (version 2) now maps 'telehealth'."""
+    def mutate(resource):
+        resource["version"] = "2"
+        resource["group"][1]["element"].append(
+            {"code": "telehealth", "target": [{"code": "5083", "display": "Telehealth", "equivalence": "equivalent"}]})
+    return _broken_config(tmp_path, mutate)
+
+
+def test_land_derives_concepts_and_a_changed_map_remaps_silver_without_reingest(spark, consortium, tmp_path):
+    from jobs.lake import Lake
+    from jobs.ops import read_batch_log
+    from jobs.terminology.coverage import coverage
+    from jobs.terminology.remap import REMAP_PREFIX, remap_silver
+    from tests.test_land import run_batch
+    from tests.test_validate import EST, EXTRACTED, enc
+
+    lake = Lake(str(tmp_path / "lake"))
+    visits = ([enc(f"o{i}", visit_source_value="outpatient") for i in range(3)]
+              + [enc(f"a{i}", visit_source_value="amb") for i in range(2)]
+              + [enc(f"t{i}", visit_source_value="telehealth") for i in range(2)])
+    run_batch(spark, lake, consortium, "b1", {"encounter": visits}, EXTRACTED, kind="full")
+    silver = spark.read.format("delta").load(lake.silver("encounter"))
+    assert {(r.visit_source_value, r.visit_concept_id, r.visit_concept_map) for r in silver.collect()} == {
+        ("outpatient", 9202, "visit-type|1"), ("amb", 9202, "visit-type|1"), ("telehealth", 0, None)}
+    (before,) = coverage(silver, "encounter", min_cell_size=2)
+    assert (before.rows, before.rows_mapped, before.values, before.values_mapped) == (7, 5, 3, 2)
+    assert before.unmapped == (("telehealth", 2),)
+    extracted = {r.visit_occurrence_id: r._extracted_at for r in silver.collect()}
+    log_rows = read_batch_log(spark, lake).count()
+
+    changed = load_terminology(_changed_visit_map(tmp_path))
+    assert remap_silver(spark, lake, changed, ("encounter",)) == {"encounter": 7}  # the map's version changed
+    silver = spark.read.format("delta").load(lake.silver("encounter"))
+    assert {(r.visit_source_value, r.visit_concept_id, r.visit_concept_map) for r in silver.collect()} == {
+        ("outpatient", 9202, "visit-type|2"), ("amb", 9202, "visit-type|2"), ("telehealth", 5083, "visit-type|2")}
+    # Only the concept columns changed: the records' extraction instants stay, nothing was ingested again.
+    assert {r.visit_occurrence_id: r._extracted_at for r in silver.collect()} == extracted
+    assert read_batch_log(spark, lake).count() == log_rows
+    last = spark.sql(f"DESCRIBE HISTORY delta.`{lake.silver('encounter')}`").orderBy(F.col("version").desc()).first()
+    assert last.operation == "MERGE" and last.userMetadata.startswith(REMAP_PREFIX)
+    assert "visit-type|2" in last.userMetadata and last.operationMetrics["numTargetRowsUpdated"] == "7"
+    # Applied again, the same maps change nothing and commit nothing.
+    version = last.version
+    assert remap_silver(spark, lake, changed, ("encounter",)) == {"encounter": 0}
+    assert spark.sql(f"DESCRIBE HISTORY delta.`{lake.silver('encounter')}`").agg(F.max("version")).first()[0] == version
+
+
+def test_a_batch_whose_mapped_share_is_under_the_threshold_stops(spark, consortium, tmp_path):
+    import dataclasses
+
+    from jobs.batchlog import BatchRejected
+    from jobs.lake import Lake
+    from jobs.validate import validate_batch
+    from tests.test_validate import EST, EXTRACTED, enc, stage_batch
+
+    from jobs.config import BatchRuleOverride
+
+    rules = consortium.pipeline.batch_rules.model_copy(
+        update={"datasets": {"encounter": BatchRuleOverride(min_mapped_pct=90)}})
+    strict = dataclasses.replace(consortium, pipeline=consortium.pipeline.model_copy(update={"batch_rules": rules}))
+    lake = Lake(str(tmp_path / "lake"))
+    visits = [enc(f"o{i}", visit_source_value="outpatient") for i in range(8)] + [
+        enc(f"x{i}", visit_source_value="day_surgery") for i in range(2)]
+    stage_batch(spark, lake, "b1", {"encounter": visits}, EXTRACTED)
+    with pytest.raises(BatchRejected, match="batch.mapped_share"):
+        validate_batch(spark, lake, strict, EST, "b1", "full")
+    results = spark.read.format("delta").load(lake.ops("validation_results")).where(F.col("rule") == "batch.mapped_share")
+    (row,) = results.collect()
+    assert (row.success, row.unexpected_count, row.element_count) == (False, 2, 10)
+    assert json.loads(row.observed)["rows_mapped_pct"] == 80.0
+
+
+def test_the_demo_query_counts_one_row_per_visit_concept_across_establishments(tmp_path):
+    """Through the gateway: the FHIR establishment's AMB and the CSV establishments' words are one row."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    from fastapi.testclient import TestClient
+
+    from jobs.gateway.app import create_app
+    from jobs.gateway.demo import DEMO_PROJECT, DEMO_MEMBER, DEMO_SQL
+    from jobs.gateway.server import GatewaySettings
+    from jobs.gateway.tokens import TokenStore
+    from jobs.lake import Lake
+
+    lake = Lake(str(tmp_path / "lake"))
+    sent = ([("chu_laurentides", "outpatient", 9202)] * 30 + [("centre_fhir", "amb", 9202)] * 20
+            + [("hopital_riviere", "emergency", 9203)] * 15 + [("centre_fhir", "emer", 9203)] * 10)
+    write_deltalake(lake.project(DEMO_PROJECT, "encounter"), pa.table({
+        "visit_occurrence_id": [f"v{i:03d}" for i in range(len(sent))],
+        "person_id": [f"p{i % 40:02d}" for i in range(len(sent))],
+        "establishment_id": [e for e, _, _ in sent], "visit_source_value": [v for _, v, _ in sent],
+        "visit_concept_id": pa.array([c for _, _, c in sent], pa.int32())}))
+    settings = GatewaySettings.from_env(lake_root=lake.root, config_dir=CONFIG_DIR,
+                                        token_store=tmp_path / "tokens.jsonl")
+    token = TokenStore(settings.token_store).issue(DEMO_PROJECT, DEMO_MEMBER)[0]
+    answer = TestClient(create_app(settings)).post(f"/v1/projects/{DEMO_PROJECT}/query", json={"sql": DEMO_SQL},
+                                                   headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.text
+    rows = {r[0]: r[2] for r in answer.json()["rows"]}
+    assert rows == {9202: 50, 9203: 25}

@@ -19,8 +19,10 @@ from jobs.gateway.confine import KEY_VARIABLES, landlock_abi
 
 DEMO_PROJECT = "diabetes_outcomes"
 DEMO_MEMBER = "alice.tremblay"
-DEMO_SQL = ("SELECT visit_source_value, count(DISTINCT person_id) AS persons, count(*) AS visits "
-            "FROM encounter GROUP BY visit_source_value ORDER BY visits DESC")
+# Visits per standard visit concept (OMOP 9201 inpatient, 9202 outpatient, 9203 emergency): one row
+# per concept across establishments, whether they sent FHIR's ActCode (AMB) or words (outpatient).
+DEMO_SQL = ("SELECT visit_concept_id, count(DISTINCT person_id) AS persons, count(*) AS visits "
+            "FROM encounter GROUP BY visit_concept_id ORDER BY visits DESC")
 
 
 def _free_port() -> int:

@@ -90,8 +90,13 @@ def convert_lab_values(df: DataFrame, terminology: Terminology) -> DataFrame:
     ``unit_concept_code = '0'`` and a null ``value_as_number``.
     """
     units = terminology.units
-    source = "value_source_as_number" if "value_source_as_number" in df.columns else "value_as_number"
-    base = df.withColumn("_t_source_number", F.col(source)).drop(*LAB_CONCEPT_COLUMNS)
+    if "value_source_as_number" in df.columns:
+        # Silver: the number as sent; a row landed before the concept columns existed has only value_as_number.
+        source = F.coalesce(F.col("value_source_as_number"),
+                            F.when(F.col("unit_concept_code").isNull(), F.col("value_as_number")))
+    else:
+        source = F.col("value_as_number")  # validated rows: the number as sent
+    base = df.withColumn("_t_source_number", source).drop(*LAB_CONCEPT_COLUMNS)
     pairs = (base.where(F.col("_t_source_number").isNotNull())
              .select("measurement_source_value", "unit_source_value").distinct().collect())
     rows = []
