@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from jobs.registry import LAKE_WRITERS_POOL, task_context
+from jobs.registry import LAKE_WRITERS_POOL, silver_assets, task_context
 
 
 @dag(
@@ -37,7 +37,8 @@ from jobs.registry import LAKE_WRITERS_POOL, task_context
    their history forgotten (a retry re-runs such a batch from bronze).
 4. **remap** — re-derives silver's standard concept columns from the concept maps
    under `config/terminology/` (only rows whose concepts changed; no re-ingest; each
-   commit's `userMetadata` names the maps). A no-op when no map changed.
+   commit's `userMetadata` names the maps). Emits the silver Assets, so publish
+   rebuilds the extracts with the new concepts; skipped when no concept changed.
 5. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
 """,
 )
@@ -62,14 +63,21 @@ def affluent_maintenance():
         ctx = task_context()
         return purge_transient_zones(ctx.spark, ctx.lake, ctx.consortium.pipeline.transient_retention_days)
 
-    @task
+    # Emits the silver Assets like land does, so remapped concepts reach the extracts at the next
+    # publish; skipped (no Asset event, no publish) when no row changed.
+    @task(outlets=silver_assets())
     def remap() -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from jobs.terminology.remap import remap_silver
 
         ctx = task_context()
-        return remap_silver(ctx.spark, ctx.lake, ctx.consortium.terminology)
+        updated = remap_silver(ctx.spark, ctx.lake, ctx.consortium.terminology)
+        if not any(updated.values()):
+            raise AirflowSkipException(f"no concept changed: {updated}")
+        return updated
 
-    @task
+    @task(trigger_rule="none_failed")  # runs after a remap that had nothing to do
     def compaction() -> dict:
         from jobs.maintenance import compact_and_vacuum
 
