@@ -268,11 +268,13 @@ def _deletions(spark: SparkSession, lake: Lake) -> DeltaTable:
 
 
 def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataFrame, establishment_id: str,
-                      batch_id: str) -> None:
+                      batch_id: str, terminology: Terminology | None = None) -> None:
     """MERGE one batch's valid rows of ``dataset`` into silver (see the module's rules).
 
-    ``rows`` have the silver columns plus ``record_action``, one row per record key.
+    ``rows`` have the silver source columns plus ``record_action``, one row per record key;
+    their standard concepts are derived here (``terminology``, or the configuration's maps).
     """
+    rows = with_concepts(rows, dataset, terminology or default_terminology())
     key = SILVER_KEY[dataset]
     columns = list(silver_columns(dataset))
     app_id = f"affluent.land.{establishment_id}.{batch_id}.{dataset}"
@@ -460,9 +462,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
         ensure_silver_table(spark, lake, dataset, key_fingerprint)
         rows = spark.read.format("delta").load(validated_path(lake, dataset)).where(
             (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
-        terminology = terminology or default_terminology()
-        rows = with_concepts(rows, dataset, terminology)
-        merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id)
+        merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id, terminology)
 
     # A full batch is a snapshot: what it no longer holds was deleted at the source. Not when a row's
     # key is unknown (a line quarantined at ingest may be one of the records) or the file is empty.
