@@ -779,7 +779,10 @@ def _mapped_share(kept: DataFrame, dataset: str, consortium: Consortium, rules, 
     (c,) = found
     ok = c.row_share >= rules.min_mapped_pct
     observed = json.dumps({"rows_mapped_pct": round(c.row_share, 2), "values_mapped": c.values_mapped,
-                           "values": c.values, "unmapped": [[v, n] for v, n in c.unmapped]})
+                           "values": c.values,
+                           # Reports hold counts, not row values: an unmapped source value is named only when at
+                           # least min_cell_size rows share it (a code, not something typed once into a field).
+                           "unmapped": [[v, n] for v, n in c.unmapped if n is not None]})
     row = (establishment_id, batch_id, dataset, "mapped_share", RULE_MAPPED_SHARE, KIND_BATCH, ok,
            c.rows - c.rows_mapped, c.rows, observed, run_at)
     failures = [] if ok else [BatchRuleFailure(
