@@ -777,7 +777,8 @@ def _mapped_share(kept: DataFrame, dataset: str, consortium: Consortium, rules, 
     if not found:
         return None
     (c,) = found
-    ok = c.row_share >= rules.min_mapped_pct
+    # Like the quarantined share, a mapped share over a handful of rows says nothing.
+    ok = c.rows < MIN_ROWS_FOR_RATE or c.row_share >= rules.min_mapped_pct
     observed = json.dumps({"rows_mapped_pct": round(c.row_share, 2), "values_mapped": c.values_mapped,
                            "values": c.values,
                            # Reports hold counts, not row values: an unmapped source value is named only when at

@@ -184,14 +184,14 @@ def test_a_batch_whose_mapped_share_is_under_the_threshold_stops(spark, consorti
         update={"datasets": {"encounter": BatchRuleOverride(min_mapped_pct=90)}})
     strict = dataclasses.replace(consortium, pipeline=consortium.pipeline.model_copy(update={"batch_rules": rules}))
     lake = Lake(str(tmp_path / "lake"))
-    visits = [enc(f"o{i}", visit_source_value="outpatient") for i in range(8)] + [
-        enc(f"x{i}", visit_source_value="day_surgery") for i in range(2)]
+    visits = [enc(f"o{i}", visit_source_value="outpatient") for i in range(16)] + [
+        enc(f"x{i}", visit_source_value="day_surgery") for i in range(4)]
     stage_batch(spark, lake, "b1", {"encounter": visits}, EXTRACTED)
     with pytest.raises(BatchRejected, match="batch.mapped_share"):
         validate_batch(spark, lake, strict, EST, "b1", "full")
     results = spark.read.format("delta").load(lake.ops("validation_results")).where(F.col("rule") == "batch.mapped_share")
     (row,) = results.collect()
-    assert (row.success, row.unexpected_count, row.element_count) == (False, 2, 10)
+    assert (row.success, row.unexpected_count, row.element_count) == (False, 4, 20)
     assert json.loads(row.observed)["rows_mapped_pct"] == 80.0
 
 
