@@ -228,7 +228,8 @@ STAGED_EXTRA_FIELDS = [
 def staged_schema(dataset: str) -> StructType:
     """Schema of a staged (pseudonymised, typed, not yet validated) table."""
     silver = SILVER_SCHEMAS[dataset]
-    nullable = [StructField(f.name, f.dataType, True) for f in silver.fields if f.name not in CONCEPT_COLUMNS.get(dataset, ())]
+    derived_at_land = CONCEPT_COLUMNS.get(dataset, ())
+    nullable = [StructField(f.name, f.dataType, True) for f in silver.fields if f.name not in derived_at_land]
     return StructType(nullable + STAGED_EXTRA_FIELDS)
 
 

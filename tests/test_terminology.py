@@ -21,7 +21,8 @@ def terminology():
 def test_fhir_codes_and_csv_words_land_as_one_visit_concept(spark, terminology):
     # Demo-shaped: the FHIR establishment's Encounter.class (AMB, lower-cased at pseudonymise),
     # the CSV establishments' words, one French word through an establishment override.
-    rows = ([("centre_fhir", "amb")] * 3 + [("hopital_riviere", "outpatient")] * 5 + [("cisss_estuaire", "emergency")] * 2
+    rows = ([("centre_fhir", "amb")] * 3 + [("hopital_riviere", "outpatient")] * 5
+            + [("cisss_estuaire", "emergency")] * 2
             + [("centre_fhir", "emer")] * 4 + [("chu_laurentides", "externe")] * 2 + [("hopital_riviere", "externe")]
             + [("hopital_riviere", "telepathy")] + [("hopital_riviere", None)])
     encounters = spark.createDataFrame(rows, "establishment_id string, visit_source_value string")
@@ -95,12 +96,15 @@ def _broken_config(tmp_path, mutate):
     return config
 
 
+OUTPATIENT = {"code": "9202", "equivalence": "equal"}
+
+
 @pytest.mark.parametrize("mutate, entry, reason", [
     (lambda r: r["group"][1]["element"][0]["target"][0].update(equivalence="samey"),
      "group[1].element[0] (code 'inpatient').target[0]", "unknown equivalence 'samey'"),
-    (lambda r: r["group"][1]["element"].append({"code": "Inpatient", "target": [{"code": "9202", "equivalence": "equal"}]}),
+    (lambda r: r["group"][1]["element"].append({"code": "Inpatient", "target": [OUTPATIENT]}),
      "group[1].element[4] (code 'Inpatient')", "conflicting entry"),
-    (lambda r: r["group"][1]["element"].append({"code": "outpatient", "target": [{"code": "9202", "equivalence": "equal"}]}),
+    (lambda r: r["group"][1]["element"].append({"code": "outpatient", "target": [OUTPATIENT]}),
      "group[1].element[4] (code 'outpatient')", "duplicate entry"),
     (lambda r: r["group"][0].update(source="http://example.org/made-up"), "group[0].source", "cannot map to visit"),
     (lambda r: r["group"][0].update(target="http://snomed.info/sct"), "group[0].target", "target system"),
@@ -189,7 +193,8 @@ def test_a_batch_whose_mapped_share_is_under_the_threshold_stops(spark, consorti
     stage_batch(spark, lake, "b1", {"encounter": visits}, EXTRACTED)
     with pytest.raises(BatchRejected, match="batch.mapped_share"):
         validate_batch(spark, lake, strict, EST, "b1", "full")
-    results = spark.read.format("delta").load(lake.ops("validation_results")).where(F.col("rule") == "batch.mapped_share")
+    results = (spark.read.format("delta").load(lake.ops("validation_results"))
+               .where(F.col("rule") == "batch.mapped_share"))
     (row,) = results.collect()
     assert (row.success, row.unexpected_count, row.element_count) == (False, 4, 20)
     assert json.loads(row.observed)["rows_mapped_pct"] == 80.0
