@@ -141,7 +141,7 @@ def test_land_derives_concepts_and_a_changed_map_remaps_silver_without_reingest(
     from jobs.terminology.coverage import coverage
     from jobs.terminology.remap import REMAP_PREFIX, remap_silver
     from tests.test_land import run_batch
-    from tests.test_validate import EST, EXTRACTED, enc
+    from tests.test_validate import EXTRACTED, enc
 
     lake = Lake(str(tmp_path / "lake"))
     visits = ([enc(f"o{i}", visit_source_value="outpatient") for i in range(3)]
