@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch", help="batch id (default: every pending batch, in delivery order)")
         p.set_defaults(func=_stage_command(stage))
 
+    from jobs.terminology.commands import add_mapping_commands
+
+    add_mapping_commands(sub)
+
     batches = sub.add_parser("batches", help="Show the batch log: rows read, landed, quarantined, duplicates")
     batches.add_argument("--establishment")
     batches.add_argument("--limit", type=int, default=200)

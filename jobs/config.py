@@ -359,6 +359,7 @@ class BatchRuleOverride(_Strict):
     max_row_count_drop_pct: float | None = Field(default=None, ge=0, le=100)
     max_quarantined_pct: float | None = Field(default=None, ge=0, le=100)
     allow_column_changes: bool | None = None
+    min_mapped_pct: float | None = Field(default=None, ge=0, le=100)
 
 
 class _PerDataset(_Strict):
@@ -391,6 +392,8 @@ class BatchRules(_PerDataset):
     max_row_count_drop_pct: float = Field(default=50, ge=0, le=100)
     max_quarantined_pct: float = Field(default=20, ge=0, le=100)
     allow_column_changes: bool = False
+    # Share of a dataset's rows with a source value that must map to a standard concept (jobs.terminology).
+    min_mapped_pct: float = Field(default=0, ge=0, le=100)
 
 
 class Pipeline(_Strict):
@@ -408,6 +411,8 @@ class Pipeline(_Strict):
     # A CSV field longer than this (bytes) quarantines its record; a profile may override it.
     # At most 8 MiB: records over 16 MiB are never parsed (jobs.readers.csv.RECORD_HARD_LIMIT_BYTES).
     max_field_bytes: int = Field(default=1 << 20, ge=1, le=8 << 20)
+    # Counts under this many are suppressed where stewards see row counts of source values (coverage).
+    min_cell_size: int = Field(default=11, ge=1)
 
     @field_validator("person_identifiers")
     @classmethod
@@ -438,6 +443,8 @@ class Consortium:
     agreements: list[Agreement]
     projects: dict[str, Project]
     policy_version: str = field(default="")
+    # Concept maps and canonical units (config/terminology/), checked with the rest.
+    terminology: object = field(default=None, compare=False)
 
     def establishment(self, establishment_id: str) -> Establishment:
         try:
@@ -626,7 +633,13 @@ def load_consortium(root: Path | str) -> Consortium:
                                         "person_id is required: consent is applied per person"))
         projects[project.id] = project
 
+    from jobs.terminology.maps import check_terminology
+
+    terminology, map_problems = check_terminology(root, set(establishments))
+    problems += [Problem(file, entry, reason) for file, entry, reason in map_problems]
+
     if problems:
         raise ConfigError(problems)
     return Consortium(root=root, pipeline=pipeline, establishments=establishments, purposes=purposes,
-                      agreements=agreements, projects=projects, policy_version=_policy_version(root))
+                      agreements=agreements, projects=projects, policy_version=_policy_version(root),
+                      terminology=terminology)

@@ -52,6 +52,8 @@ from jobs.batchlog import BatchKind, Stage, Status
 from jobs.lake import Lake
 from jobs.ops import append_batch_log, batches_with_status, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
+from jobs.terminology.concepts import CONCEPT_COMMENTS, with_concepts
+from jobs.terminology.maps import Terminology, default_terminology
 from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
 from jobs.tables import STATS_COLUMNS, stats_columns
 from jobs.validate import validated_path
@@ -158,7 +160,8 @@ COLUMN_COMMENTS = {
     "measurement_datetime": "Date and time the sample was taken.",
     "measurement_source_value": "LOINC code of the test.",
     "measurement_source_vocabulary": "Code system of measurement_source_value (LOINC).",
-    "value_as_number": "Numeric result, within the plausible bounds of its LOINC code; null for qualitative results.",
+    "value_as_number": "Numeric result in the canonical UCUM unit of its LOINC code (unit_concept_code); null for "
+                       "qualitative results and for units that do not convert (value_source_as_number keeps it).",
     "value_source_value": "Result as reported (text), for qualitative results such as 'positive' or '<0.5'.",
     "unit_source_value": "Unit as reported (UCUM where the establishment uses it).",
     "drug_exposure_id": "Pseudonymised medication id, keyed per establishment.",
@@ -181,7 +184,7 @@ COLUMN_COMMENTS = {
 def column_comment(dataset: str, column: str) -> str:
     if column == "visit_occurrence_id" and dataset != "encounter":
         return "Encounter the record belongs to (silver.encounter.visit_occurrence_id); null when none was given."
-    return COLUMN_COMMENTS.get(column, "")
+    return COLUMN_COMMENTS.get(column) or CONCEPT_COMMENTS.get(column, "")
 
 
 # -------------------------------------------------------------- tables ----
@@ -267,11 +270,13 @@ def _deletions(spark: SparkSession, lake: Lake) -> DeltaTable:
 
 
 def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataFrame, establishment_id: str,
-                      batch_id: str) -> None:
+                      batch_id: str, terminology: Terminology | None = None) -> None:
     """MERGE one batch's valid rows of ``dataset`` into silver (see the module's rules).
 
-    ``rows`` have the silver columns plus ``record_action``, one row per record key.
+    ``rows`` have the silver source columns plus ``record_action``, one row per record key;
+    their standard concepts are derived here (``terminology``, or the configuration's maps).
     """
+    rows = with_concepts(rows, dataset, terminology or default_terminology())
     key = SILVER_KEY[dataset]
     columns = list(silver_columns(dataset))
     app_id = f"affluent.land.{establishment_id}.{batch_id}.{dataset}"
@@ -423,8 +428,11 @@ def _require_validated(lake: Lake, establishment_id: str, batch_id: str) -> None
 
 @writes_lake(Mode.SHARED)
 def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
-               key_fingerprint: str) -> LandOutcome:
+               key_fingerprint: str, terminology: Terminology | None = None) -> LandOutcome:
     """MERGE one validated batch into silver and log a 'land' entry per dataset.
+
+    The standard concepts are derived on the way (:func:`jobs.terminology.concepts.with_concepts`,
+    with ``terminology`` or the configuration's maps): an unmapped value lands with concept 0.
 
     Raises :class:`ReconciliationError` when a dataset does not add up and
     :class:`jobs.keys.KeyMismatchError` when a silver table was written with
@@ -456,7 +464,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
         ensure_silver_table(spark, lake, dataset, key_fingerprint)
         rows = spark.read.format("delta").load(validated_path(lake, dataset)).where(
             (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
-        merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id)
+        merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id, terminology)
 
     # A full batch is a snapshot: what it no longer holds was deleted at the source. Not when a row's
     # key is unknown (a line quarantined at ingest may be one of the records) or the file is empty.

@@ -149,7 +149,8 @@ def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.onboarding import hold_unless_accepted
 
     hold_unless_accepted(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id)  # onboarding: held
-    landed = _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint))
+    landed = _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint,
+                                 ctx.consortium.terminology))
     # staged/ and validated/ are transient: a landed batch leaves them (its rows are in silver now).
     purge_transient(ctx.spark, ctx.lake, establishment_id, batch_id)
     return landed

@@ -129,7 +129,9 @@ def make_dp_lake(root: Path, target_has_code: bool = True) -> Lake:
         "visit_start_date": [dt.date(2026, 1, 1 + i % 28) for i in range(len(visits))],
         "visit_end_date": [dt.date(2026, 1, 1 + i % 28) for i in range(len(visits))],
         "visit_source_value": ["=1+1" if i == 0 else "inpatient" if i % 3 else "emergency"
-                               for i in range(len(visits))]}))
+                               for i in range(len(visits))],
+        "visit_concept_id": pa.array([0 if i == 0 else 9201 if i % 3 else 9203 for i in range(len(visits))],
+                                     pa.int32())}))
     codes = [TARGET_CODE if p == TARGET and target_has_code else "E11.9" for _, p in visits]
     write_deltalake(lake.project(PROJECT, "diagnosis"), pa.table({
         "condition_occurrence_id": [f"c{v}" for v, _ in visits], "person_id": [p for _, p in visits],

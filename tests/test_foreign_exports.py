@@ -154,3 +154,35 @@ def test_fhir_exports_land_components_and_count_what_is_not_collected(foreign, e
     accounted = sum(land[k].get(d, 0) for k in ("landed", "quarantined", "duplicates") for d in land["landed"])
     assert delivered == accounted - extra_rows + ingest["not_collected"]
     assert sum(land["landed"].values()) >= 0.95 * (accounted - sum(land["duplicates"].values()))
+
+
+def test_foreign_exports_get_standard_concepts_through_the_shipped_maps(foreign, capsys):
+    from jobs.terminology.coverage import MEASURED_DATASETS, coverage, render
+
+    ctx, _ = foreign
+    for est in (CSV_EST, BUNDLE_EST, BULK_EST):
+        genders = {r[0] for r in _silver(ctx, "patient", est).select("gender_concept_id").distinct().collect()}
+        assert genders == {8507, 8532}, est
+        diagnoses = {(r.condition_source_value, r.condition_concept_code)
+                     for r in _silver(ctx, "diagnosis", est).collect()}
+        assert diagnoses and all(concept != "0" for _, concept in diagnoses), est
+        assert ("44054006", "E11") in diagnoses or est != CSV_EST
+        drugs = {(r.drug_source_value, r.drug_concept_code, r.drug_concept_map)
+                 for r in _silver(ctx, "medication", est).collect()}
+        assert drugs and all(m == "rxnorm-atc|1" for _, _, m in drugs), est
+        haemoglobin = _silver(ctx, "lab_result", est).where(F.col("measurement_source_value") == "718-7").collect()
+        assert haemoglobin and all(r.unit_source_value == "g/dL" and r.unit_concept_code == "g/L"
+                                   and r.value_as_number == pytest.approx(10 * r.value_source_as_number)
+                                   for r in haemoglobin), est
+    for est in (CSV_EST, BUNDLE_EST):  # 'ambulatory' and 'outpatient' words; Encounter.class AMB
+        visits = {r[0] for r in _silver(ctx, "encounter", est).select("visit_concept_id").distinct().collect()}
+        assert visits == {9202}, est
+
+    found = [c for d in MEASURED_DATASETS for c in coverage(
+        ctx.spark.read.format("delta").load(ctx.lake.silver(d)), d, ctx.consortium.pipeline.min_cell_size)]
+    print(render(found, ctx.consortium.pipeline.min_cell_size))
+    out = capsys.readouterr().out
+    assert all(est in out for est in (CSV_EST, BUNDLE_EST, BULK_EST))
+    by_key = {(c.establishment_id, c.dataset): c for c in found}
+    assert by_key[(CSV_EST, "diagnosis")].row_share == 100.0
+    assert by_key[(CSV_EST, "medication")].row_share == 100.0

@@ -173,8 +173,8 @@ def test_demo_step_queries_through_its_own_gateway(tmp_path, capsys):
     lake = make_dp_lake(tmp_path / "lake")
     assert show(lake.root, CONFIG_DIR) == 0
     out = capsys.readouterr().out
-    assert "confined by Landlock" in out and "audit event" in out and "hba1c_results_low95" in out
-    assert "female" in out and "spent epsilon 0.1" in out
+    assert "confined by Landlock" in out and "audit event" in out and "visits_low95" in out
+    assert "9202" in out and "spent epsilon 0.1" in out
     demo_tokens = [r for r in TokenStore(default_store_path(lake.root)).records().values() if r.token_id in out]
     assert len(demo_tokens) == 1 and demo_tokens[0].revoked_at  # the demo's token dies with its gateway
 

@@ -19,10 +19,10 @@ from jobs.gateway.confine import KEY_VARIABLES, landlock_abi
 
 DEMO_PROJECT = "diabetes_outcomes"
 DEMO_MEMBER = "alice.tremblay"
+# Visits per standard visit concept (OMOP 9201 inpatient, 9202 outpatient, 9203 emergency): one row per
+# concept across establishments, whether they sent FHIR's ActCode (AMB) or words (outpatient).
 # diabetes_outcomes is aggregate-only: the answer is differentially private, with a 95 % interval per cell.
-DEMO_SQL = ("SELECT p.gender_source_value, count(*) AS hba1c_results "
-            "FROM lab_result l JOIN patient p ON l.person_id = p.person_id "
-            "WHERE l.measurement_source_value = '4548-4' GROUP BY p.gender_source_value")
+DEMO_SQL = "SELECT visit_concept_id, count(*) AS visits FROM encounter GROUP BY visit_concept_id"
 
 
 def _free_port() -> int:
