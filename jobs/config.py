@@ -342,6 +342,16 @@ class Project(_Strict):
         return not self.revoked and self.valid_from <= on <= self.valid_until
 
 
+def is_record_identifier(column: str) -> bool:
+    """Whether ``column`` holds a pseudonym (``person_id``) or a record id: joined on, never released.
+
+    Standard concepts (``*_concept_id``, public OMOP vocabularies) and ``establishment_id``
+    name no person or record.
+    """
+    return column == "person_id" or (column.endswith("_id") and column != "establishment_id"
+                                     and not column.endswith("_concept_id"))
+
+
 def quasi_identifier_problems(columns: list[str]) -> list[str]:
     """Why ``columns`` cannot be a project's quasi-identifiers (none: they can)."""
     allowed = [c for c in SILVER_SCHEMAS["patient"].fieldNames()

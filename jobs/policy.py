@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 
-from jobs.config import Consortium, ConfigError, Problem, Project, load_consortium, quasi_identifier_problems
+from jobs.config import (
+    Consortium,
+    ConfigError,
+    Problem,
+    Project,
+    is_record_identifier,
+    load_consortium,
+    quasi_identifier_problems,
+)
 from jobs.schemas import DATASETS, SILVER_SCHEMAS
 
 
@@ -66,7 +74,7 @@ def policy_problems(consortium: Consortium) -> list[Problem]:
             problems += [Problem(rel, f"privacy.{field}", f"{c!r} is not a column of the project's datasets")
                          for c in names if c not in readable]
             problems += [Problem(rel, f"privacy.{field}", f"{c!r} is an identifier; it can never be released")
-                         for c in names if c == "person_id" or (c.endswith("_id") and c != "establishment_id")]
+                         for c in names if is_record_identifier(c)]
     return problems
 
 

@@ -50,7 +50,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
-from jobs.config import Project
+from jobs.config import Project, is_record_identifier
 from jobs.lake import Lake
 from jobs.policy import AccessDenied
 
@@ -121,9 +121,6 @@ class Release:
     suppressed_cells: int
     notes: list[str]
 
-
-def _is_identifier(column: str) -> bool:
-    return column == PERSON or column.endswith("_id") and column != "establishment_id"
 
 
 def plan(sql: str, project: Project) -> Plan:
@@ -254,7 +251,7 @@ def _translate(query: exp.Select, project: Project) -> Plan:
     if where is not None:
         where_expr = where.this.copy()
         for column in where_expr.find_all(exp.Column):
-            if _is_identifier(column.name):
+            if is_record_identifier(column.name):
                 raise AggregateRefused(f"{column.name} is an identifier: it may be joined on, not filtered on")
             column.set("this", exp.to_identifier(use(column)))
             column.set("table", None)
@@ -271,7 +268,7 @@ def _translate(query: exp.Select, project: Project) -> Plan:
     public = True
     for internal in grouped:
         name = internal.split(".", 1)[1]
-        if _is_identifier(name):  # even if a project file declared it
+        if is_record_identifier(name):  # even if a project file declared it
             raise AggregateRefused(f"{name} is an identifier: it is never a group key")
         if name in privacy.public_keys:
             continue
@@ -305,7 +302,7 @@ def _translate(query: exp.Select, project: Project) -> Plan:
                 aggregates.append(Aggregate(name, "count", None))
             elif isinstance(arg, exp.Column):
                 internal = use(arg)
-                kind = "count" if _is_identifier(arg.name) else "count_col"
+                kind = "count" if is_record_identifier(arg.name) else "count_col"
                 aggregates.append(Aggregate(name, kind, None if kind == "count" else internal))
             else:
                 raise AggregateRefused("count takes * or one column")
