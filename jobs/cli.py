@@ -85,7 +85,7 @@ def _cmd_batches(args: argparse.Namespace) -> int:
         log = log.where(F.col("establishment_id") == args.establishment)
     log.orderBy("establishment_id", "batch_id", "recorded_at").select(
         "establishment_id", "batch_id", "dataset", "stage", "status", "rows_read", "rows_landed",
-        "rows_quarantined", "rows_duplicates", "rows_not_collected", "kind", "source_file",
+        "rows_quarantined", "rows_duplicates", "rows_unchanged", "rows_not_collected", "kind", "source_file",
         "message").show(args.limit, truncate=False)
     return 0
 

@@ -178,7 +178,8 @@ def test_fhir_components_and_resources_not_collected_reconcile_per_file_and_reac
     lake = Lake(str(tmp_path / "lake"))
     landing = tmp_path / "landing"
     # A batch log written before rows_not_collected existed: ingest appends to it all the same.
-    legacy = StructType([f for f in BATCH_LOG_SCHEMA.fields if f.name != "rows_not_collected"])
+    newer = ("rows_not_collected", "rows_unchanged")
+    legacy = StructType([f for f in BATCH_LOG_SCHEMA.fields if f.name not in newer])
     (spark.createDataFrame([("cisss_estuaire", "20260101-001", None, "steward", "skipped", None, None, None, None,
                              "set aside", None, dt.datetime(2026, 1, 2), None, None, None)], legacy)
      .write.format("delta").save(lake.ops("batch_log")))
