@@ -543,7 +543,8 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
          "rows_duplicates": f.duplicates, "rows_unchanged": unchanged[d],
          "message": f"read {f.read} = landed {f.landed} + quarantined {f.quarantined_ingest} at ingest and "
                     f"{f.quarantined_validate} at validate + {f.duplicates} duplicates"
-                    + _changes_note(counts.get(d, MergeCounts()), unchanged[d]) + snapshot_notes.get(d, "")}
+                    + (_changes_note(counts.get(d, MergeCounts()), unchanged[d]) if f.landed else "")
+                    + snapshot_notes.get(d, "")}
         for d, f in figures.items()])
     register_silver_tables(spark, lake)
     return LandOutcome(establishment_id, batch_id,

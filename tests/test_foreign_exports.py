@@ -156,33 +156,41 @@ def test_fhir_exports_land_components_and_count_what_is_not_collected(foreign, e
     assert sum(land["landed"].values()) >= 0.95 * (accounted - sum(land["duplicates"].values()))
 
 
-def test_the_same_snapshot_delivered_again_changes_no_row(foreign):
+def test_the_same_snapshot_delivered_again_changes_no_row(spark, tmp_path, monkeypatch):
     """The CSV snapshot delivered again a week later, identical but for its manifest: every row lands,
     none is rewritten, the change feed of every silver table shows nothing, the batch log counts them
-    as unchanged. (Last in the module: it adds a batch to the shared lake.)"""
+    as unchanged."""
     from jobs import pipeline
     from jobs.ops import read_batch_log
+    from jobs.settings import Settings
     from jobs.tables import table_version
 
-    ctx, outcomes = foreign
-    first = next((FOREIGN / "us_ehr_snapshot" / "batch").iterdir())
-    again = Path(ctx.settings.landing) / CSV_EST / "20261108-full"
+    config = _onboard(tmp_path)
+    for name, value in {"AFFLUENT_LAKE_ROOT": str(tmp_path / "lake"), "AFFLUENT_LANDING_ROOT": str(tmp_path / "landing"),
+                        "AFFLUENT_CONFIG_DIR": str(config), "AFFLUENT_PSEUDONYM_KEY": TEST_KEY}.items():
+        monkeypatch.setenv(name, value)
+    ctx = pipeline.Context(Settings.from_env())
+    ctx.__dict__["spark"] = spark
+    first = next((tmp_path / "landing" / CSV_EST).iterdir())
+    landed = pipeline.run_batch(ctx, CSV_EST, first.name)["land"]
+
+    again = first.parent / "20261108-full"
     shutil.copytree(first, again)
     manifest = json.loads((again / "manifest.json").read_text())
     manifest |= {"batch_id": again.name, "extracted_at": "2026-11-08T02:00:00Z"}
     (again / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    datasets = [d for d, n in outcomes[CSV_EST]["land"]["landed"].items() if n]
-    before = {d: (table_version(ctx.spark, ctx.lake.silver(d)), _silver(ctx, d, CSV_EST).collect()) for d in datasets}
+    datasets = [d for d, n in landed["landed"].items() if n]
+    before = {d: (table_version(spark, ctx.lake.silver(d)), _silver(ctx, d, CSV_EST).collect()) for d in datasets}
 
     assert pipeline.pending(ctx, CSV_EST) == [again.name]
     land = pipeline.run_batch(ctx, CSV_EST, again.name)["land"]
-    assert land["landed"] == outcomes[CSV_EST]["land"]["landed"] and land["unchanged"] == land["landed"]
+    assert land["landed"] == landed["landed"] and land["unchanged"] == land["landed"]
     for dataset, (version, rows) in before.items():
         assert sorted(_silver(ctx, dataset, CSV_EST).collect()) == sorted(rows), dataset
-        feed = (ctx.spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0)
+        feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0)
                 .load(ctx.lake.silver(dataset)).where(F.col("_commit_version") > version))
         assert feed.count() == 0, dataset
-    log = read_batch_log(ctx.spark, ctx.lake).where((F.col("batch_id") == again.name) & (F.col("stage") == "land"))
+    log = read_batch_log(spark, ctx.lake).where((F.col("batch_id") == again.name) & (F.col("stage") == "land"))
     assert {r.dataset: (r.rows_landed, r.rows_unchanged) for r in log.collect() if r.rows_landed} == {
         d: (n, n) for d, n in land["landed"].items() if n}
 
