@@ -129,6 +129,11 @@ class EstablishmentQueue:
         waiting = f"; {len(self.held_back)} later batch(es) wait: {', '.join(self.held_back)}" if self.held_back else ""
         action = (f"fix it, then `affluent batch retry {est} {blocker.batch_id}`, or "
                   f"`affluent batch skip {est} {blocker.batch_id} --reason …`")
+        if blocker.status == Status.REJECTED and blocker.stage == Stage.INGEST:
+            # A changed manifest.json takes a rejected batch again by itself (batch_state): no retry to run.
+            action = (f"the establishment re-delivers it (corrected files and manifest.json): it is taken again "
+                      f"by itself, no retry needed; if the profile was at fault, fix it and `affluent batch retry "
+                      f"{est} {blocker.batch_id}`; or `affluent batch skip {est} {blocker.batch_id} --reason …`")
         if blocker.status == Status.HELD:
             action = (f"read its validation report and quarantine, then `affluent onboarding accept {est} "
                       "--reason …` (or fix the profile first)")

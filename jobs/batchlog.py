@@ -20,7 +20,7 @@ BATCH_LOG = "batch_log"
 # Columns of the batch log, in order (the Spark schema is ``jobs.ops.BATCH_LOG_SCHEMA``).
 BATCH_LOG_COLUMNS = ("establishment_id", "batch_id", "dataset", "stage", "status", "rows_read", "rows_landed",
                      "rows_quarantined", "rows_duplicates", "message", "extracted_at", "recorded_at", "kind",
-                     "manifest_sha256", "source_file", "rows_not_collected")
+                     "manifest_sha256", "source_file", "rows_not_collected", "rows_unchanged")
 # How entries written before the typed ``kind`` column said it (``kind=full; …``).
 LEGACY_KIND_PATTERN = r"^kind=(\w+)"
 

@@ -59,27 +59,55 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit code of a stage command whose batch was refused, stopped or held: the one line on stderr says
+# what happened and what to do (the line `affluent batches` shows for the establishment's queue).
+EXIT_STOPPED = 3
+
+
+def _stop_line(ctx, establishment_id: str, exc: Exception) -> str:
+    """One line for a batch that cannot go on: its queue's explanation, or the error's first line."""
+    from jobs import pipeline
+
+    try:
+        queue = pipeline.queue(ctx, establishment_id)
+    except (*pipeline.permanent_failures(), OSError):  # the configuration itself may be what failed
+        queue = None
+    if queue is not None and queue.blocked_by is not None:
+        return queue.explain()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{establishment_id}: {first}"
+
+
 def _stage_command(stage: str):
     def run(args: argparse.Namespace) -> int:
         from jobs import pipeline
 
         ctx = pipeline.Context.from_env()
-        pipeline.require_key(ctx)  # fail closed before anything is read or written
-        batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
+        # A rejection, a stop or a hold is the batch's outcome, not a crash: one line, no traceback.
         from jobs.writer_lock import BatchAlreadyRunning
 
-        for batch in batches:
-            try:
-                if stage == "run":
-                    result = pipeline.run_batch(ctx, args.establishment, batch)
-                else:
-                    result = getattr(pipeline, stage)(ctx, args.establishment, batch)
-            except BatchAlreadyRunning as refused:  # logged in the batch log; not a fault of the batch
-                print(str(refused), file=sys.stderr)
-                return 1
-            print(json.dumps({"establishment": args.establishment, "batch": batch, stage: result}, default=str))
-        if not batches:
-            print(f"no pending batch for {args.establishment}")
+        try:
+            pipeline.require_key(ctx)  # fail closed before anything is read or written
+            batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
+            for batch in batches:
+                try:
+                    if stage == "run":
+                        result = pipeline.run_batch(ctx, args.establishment, batch)
+                    else:
+                        result = getattr(pipeline, stage)(ctx, args.establishment, batch)
+                except BatchAlreadyRunning as refused:  # logged in the batch log; not a fault of the batch
+                    print(str(refused), file=sys.stderr)
+                    return 1
+                print(json.dumps({"establishment": args.establishment, "batch": batch, stage: result}, default=str))
+            if not batches:
+                queue = pipeline.queue(ctx, args.establishment)
+                if queue.blocked_by is not None:
+                    print(queue.explain(), file=sys.stderr)
+                    return EXIT_STOPPED
+                print(f"no pending batch for {args.establishment}")
+        except pipeline.permanent_failures() as exc:
+            print(_stop_line(ctx, args.establishment, exc), file=sys.stderr)
+            return EXIT_STOPPED
         return 0
     return run
 
@@ -107,7 +135,7 @@ def _cmd_batches(args: argparse.Namespace) -> int:
         log = log.where(F.col("establishment_id") == args.establishment)
     log.orderBy("establishment_id", "batch_id", "recorded_at").select(
         "establishment_id", "batch_id", "dataset", "stage", "status", "rows_read", "rows_landed",
-        "rows_quarantined", "rows_duplicates", "rows_not_collected", "kind", "source_file",
+        "rows_quarantined", "rows_duplicates", "rows_unchanged", "rows_not_collected", "kind", "source_file",
         "message").show(args.limit, truncate=False)
     return 0
 
@@ -155,6 +183,21 @@ def _cmd_onboarding_accept(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.establishment}: profile {digest[:12]} accepted; batches taken again: {', '.join(held) or 'none'}. "
           f"{pipeline.queue(ctx, args.establishment).explain()}")
+    return 0
+
+
+def _cmd_schema_reference(args: argparse.Namespace) -> int:
+    """Write (or check) the generated reference of the canonical schema and the rules."""
+    from jobs import schema_reference
+
+    path = Path(args.out) if args.out else schema_reference.REFERENCE_PATH
+    if args.check:
+        if schema_reference.is_current(path):
+            print(f"{path}: up to date")
+            return 0
+        print(f"{path}: out of date; regenerate it with `affluent schema reference`", file=sys.stderr)
+        return 1
+    print(f"written {schema_reference.write_reference(path)}")
     return 0
 
 
@@ -249,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     accept.add_argument("establishment")
     accept.add_argument("--reason", required=True, help="what was reviewed (kept in ops/onboarding)")
     accept.set_defaults(func=_cmd_onboarding_accept)
+
+    schema = sub.add_parser("schema", help="The canonical schema").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    reference = schema.add_parser("reference", help="Write docs/schema-reference.md: every dataset, column, type, "
+                                  "source format and rule, generated from the code")
+    reference.add_argument("--out", help="where to write it (default: docs/schema-reference.md)")
+    reference.add_argument("--check", action="store_true",
+                           help="only say whether the page is up to date (exit 1 if not)")
+    reference.set_defaults(func=_cmd_schema_reference)
 
     demo = sub.add_parser("demo", help="Generate a consortium and run every DAG with Airflow, end to end")
     demo.add_argument("--patients", type=int, default=2000)

@@ -58,6 +58,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The ``files`` entry (CSV) and manifest dataset of files the consortium does not collect (a Synthea
+# export's claims.csv, a Bulk export's Procedure.ndjson): checked and counted, never read beyond the header.
+NOT_COLLECTED = "not_collected"
+
+
 class CsvProfile(_Strict):
     """How one establishment writes its CSV extracts."""
 
@@ -81,13 +86,19 @@ class CsvProfile(_Strict):
     # dataset -> source headers whose values, joined, are the record id of a file that has none
     # (keyed like any other id; two different records with one derived id are quarantined).
     derived_ids: dict[str, list[str]] = {}
+    # Datasets of ``derived_ids`` whose rows may share a derived id and still be distinct records (two
+    # oxygen saturations of one patient in the same second): each id gets a sequence number within
+    # the rows sharing it, in the order of their content, so both land. Identical rows share one number
+    # (and stay exact duplicates).
+    derived_id_sequence: list[str] = []
     # dataset -> {canonical column -> value} for columns the export does not carry
     # (the code system of a file whose codes are all SNOMED CT).
     constants: dict[str, dict[str, str]] = {}
     # dataset -> source headers present in the export and deliberately not read.
     ignored_columns: dict[str, list[str]] = {}
     # dataset -> file-name patterns (``conditions*.csv``): the dataset of a manifest entry that
-    # does not name one.
+    # does not name one. ``not_collected`` lists the files the consortium does not collect: their
+    # rows are counted (batch log ``rows_not_collected``, per file) and never read beyond the header.
     files: dict[str, list[str]] = {}
     # person-identifier system (``person_identifiers`` in pipeline.yaml) -> the patient file's
     # source header carrying it; the NAM may instead be mapped to ``nam`` under ``columns``.
@@ -134,8 +145,14 @@ class CsvProfile(_Strict):
         problems: list[tuple[str, str]] = []
         for section in ("derived_ids", "constants", "ignored_columns", "files"):
             for dataset in getattr(self, section):
+                if section == "files" and dataset == NOT_COLLECTED:
+                    continue
                 if dataset not in self.columns:
                     problems.append((f"{section}.{dataset}", "the dataset has no mapping under columns"))
+        for dataset in self.derived_id_sequence:
+            if dataset not in self.derived_ids:
+                problems.append((f"derived_id_sequence.{dataset}", "a sequence numbers derived ids: list the "
+                                 f"headers the record id is built from under derived_ids.{dataset}"))
         for dataset, headers in self.derived_ids.items():
             if not headers:
                 problems.append((f"derived_ids.{dataset}", "list the source headers the record id is built from"))

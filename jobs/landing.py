@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.batchlog import BatchKind, BatchRejected
-from jobs.config import Consortium
+from jobs.config import NOT_COLLECTED, Consortium
 from jobs.lake import file_reference
 from jobs.schemas import DATASETS
 
@@ -28,9 +28,9 @@ MANIFEST = "manifest.json"
 # (a directory, a link, a pipe) or cannot be read: never a sha256, so any proper manifest differs from it.
 MANIFEST_NOT_A_FILE = "not-a-regular-file"
 BUNDLE = "bundle"
-# A FHIR file of resource types the consortium does not collect (a Bulk export's Procedure.ndjson):
-# checked and counted like any file, never read; its rows are "not collected" in the batch log.
-NOT_COLLECTED = "not_collected"
+# NOT_COLLECTED (jobs.config): a file of resource types (FHIR) or a CSV file the consortium does not
+# collect (a Bulk export's Procedure.ndjson, a Synthea export's claims.csv): checked and counted like
+# any file, never read; its rows are "not collected" in the batch log.
 BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 __all__ = ["BatchRejected", "Batch", "ManifestFile", "check_batch", "ready_batches"]
@@ -229,7 +229,7 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
     extracted_at = extracted_at.astimezone(dt.timezone.utc).replace(tzinfo=None)
 
     is_csv = est.input.format == "csv"
-    allowed = set(DATASETS) | ({BUNDLE, NOT_COLLECTED} if not is_csv else set())
+    allowed = set(DATASETS) | {NOT_COLLECTED} | ({BUNDLE} if not is_csv else set())
     files: list[ManifestFile] = []
     seen: dict[str, str] = {}
     # Files are named by their place in the manifest and their reference (<batch>#<index>), never by
@@ -242,7 +242,7 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
                 raise reject(f"{where}: {problem}", ref)
         if dataset not in allowed:
             raise reject(f"{where}: unknown dataset {dataset!r} (expected one of {sorted(allowed)})", ref)
-        if is_csv and dataset not in est.input.columns:
+        if is_csv and dataset not in est.input.columns and dataset != NOT_COLLECTED:
             raise reject(f"{where}: no column mapping for dataset {dataset!r} in the establishment's profile", ref)
         problem = _path_problem(rel)
         if problem:
