@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from jobs.registry import LAKE_WRITERS_POOL, task_context
+from jobs.registry import LAKE_WRITERS_POOL, silver_assets, task_context
 
 
 @dag(
@@ -35,7 +35,15 @@ from jobs.registry import LAKE_WRITERS_POOL, task_context
    skipped, and of batches stopped before land with no batch-log entry for
    `transient_retention_days`, are deleted, their files rewritten and vacuumed,
    their history forgotten (a retry re-runs such a batch from bronze).
-4. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
+4. **remap** — re-derives silver's standard concept columns from the concept maps
+   under `config/terminology/` (only rows whose concepts changed; no re-ingest; each
+   commit's `userMetadata` names the maps). Emits the silver Assets, so publish
+   rebuilds the extracts with the new concepts; skipped when no concept changed.
+5. **compaction** — OPTIMIZE and VACUUM of silver and ops tables.
+6. **audit anchor** — verifies the access audit's hash chain and records its
+   signed head in `ops/audit_anchors/`, where the gateway cannot write, so that
+   `affluent audit verify` detects a later truncation or rewrite; fails loudly
+   when the chain is already broken.
 """,
 )
 def affluent_maintenance():
@@ -59,14 +67,38 @@ def affluent_maintenance():
         ctx = task_context()
         return purge_transient_zones(ctx.spark, ctx.lake, ctx.consortium.pipeline.transient_retention_days)
 
-    @task
+    # Emits the silver Assets like land does, so remapped concepts reach the extracts at the next
+    # publish; skipped (no Asset event, no publish) when no row changed.
+    @task(outlets=silver_assets())
+    def remap() -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from jobs.terminology.remap import remap_silver
+
+        ctx = task_context()
+        updated = remap_silver(ctx.spark, ctx.lake, ctx.consortium.terminology)
+        if not any(updated.values()):
+            raise AirflowSkipException(f"no concept changed: {updated}")
+        return updated
+
+    @task(trigger_rule="none_failed")  # runs after a remap that had nothing to do
     def compaction() -> dict:
         from jobs.maintenance import compact_and_vacuum
 
         ctx = task_context()
         return compact_and_vacuum(ctx.spark, ctx.lake)
 
-    erasures() >> bronze_retention() >> transient_retention() >> compaction()
+    @task
+    def audit_anchor() -> dict:
+        from jobs.gateway.audit import anchor
+        from jobs.lake import Lake
+        from jobs.settings import Settings
+
+        head = anchor(Lake(Settings.from_env().lake_root))
+        return {"seq": head["seq"], "signed": bool(head["signature"])}
+
+    erasures() >> bronze_retention() >> transient_retention() >> remap() >> compaction()
+    audit_anchor()
 
 
 affluent_maintenance()

@@ -27,6 +27,12 @@ Layers, in order, for every query:
 4. output checking (:func:`jobs.disclosure.check_output`) on every result;
    CSV exports also get :func:`jobs.disclosure.neutralise_csv`.
 
+That is the path of row-level projects. An aggregate-only project's SQL
+never runs in DuckDB: :func:`private_answer` translates it into an OpenDP
+plan (:mod:`jobs.private_aggregates`, refused before any data is read when
+it is outside that language), spends its (ε, δ) from the member's budget
+(:mod:`jobs.privacy_budget`) and releases differentially private statistics.
+
 The audit (:mod:`jobs.gateway.audit`) is written by the caller before the
 result leaves; :func:`query` and :func:`export` here do it for in-process
 callers (the gateway, the demo, benchmarks).
@@ -57,6 +63,8 @@ ENGINES = {ENGINE_DUCKDB: "duckdb"}  # engine -> sqlglot dialect
 OUTCOME_ALLOWED = "allowed"
 OUTCOME_REFUSED = "refused"
 OUTCOME_FAILED = "failed"
+# Written once a query passed its checks, before it reads data: a killed query leaves this row.
+OUTCOME_REQUESTED = "requested"
 ACTION_QUERY = "query"
 ACTION_EXPORT = "export"
 EXPORT_FORMATS = ("csv", "parquet")
@@ -75,6 +83,8 @@ class Limits:
     memory_limit: str = "512MB"
     threads: int = 2
     timeout_seconds: float = 30.0
+    # DuckDB spills to the gateway's private temp folder; past this it fails the query instead.
+    max_temp_size: str = "1GB"
 
 
 DEFAULT_LIMITS = Limits()
@@ -120,6 +130,10 @@ class Answer:
     checked: CheckedQuery
     suppressed_cells: int
     notes: list[str] = field(default_factory=list)
+    # Differentially private answers (aggregate-only projects): the loss spent and the budget left.
+    epsilon: float | None = None
+    delta: float | None = None
+    budget_left: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -283,6 +297,7 @@ def locked_connection(limits: Limits = DEFAULT_LIMITS):
                                  "allow_community_extensions": False})
     # Spill to the process's private temp folder (the gateway's, under Landlock); then no file access at all.
     con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/duckdb-spill'")
+    con.execute(f"SET max_temp_directory_size = '{limits.max_temp_size}'")
     con.execute("SET enable_external_access = false")
     con.execute(f"SET memory_limit = '{limits.memory_limit}'")
     con.execute(f"SET threads = {int(limits.threads)}")
@@ -328,9 +343,9 @@ def refuse_deletion_vectors(table, what: str) -> None:
 
 
 @contextlib.contextmanager
-def time_limit(con, limits: Limits = DEFAULT_LIMITS):
-    """Interrupt whatever runs on ``con`` past ``limits.timeout_seconds`` (one budget for the whole block)."""
-    timer = threading.Timer(limits.timeout_seconds, con.interrupt)
+def time_limit(con, limits: Limits = DEFAULT_LIMITS, seconds: float | None = None):
+    """Interrupt whatever runs on ``con`` past ``seconds`` (default ``limits.timeout_seconds``)."""
+    timer = threading.Timer(limits.timeout_seconds if seconds is None else seconds, con.interrupt)
     timer.start()
     try:
         yield
@@ -344,9 +359,9 @@ def time_limit(con, limits: Limits = DEFAULT_LIMITS):
         timer.cancel()
 
 
-def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS) -> pa.Table:
-    """Run ``sql`` on ``con`` under the time and row limits; the result as a pyarrow table."""
-    with time_limit(con, limits):
+def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS, seconds: float | None = None) -> pa.Table:
+    """Run ``sql`` on ``con`` under the time (``seconds`` left of it) and row limits; a pyarrow table."""
+    with time_limit(con, limits, seconds):
         reader = con.sql(sql).to_arrow_reader(batch_size=min(limits.max_rows + 1, 10_000))
         batches, rows = [], 0
         for batch in reader:
@@ -357,29 +372,95 @@ def fetch(con, sql: str, limits: Limits = DEFAULT_LIMITS) -> pa.Table:
         return pa.Table.from_batches(batches, schema=reader.schema)
 
 
-def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMITS) -> Answer:
+def privacy_cost(project: Project) -> tuple[float, float] | None:
+    """The (ε, δ) one query of ``project`` may spend; None for a row-level project (no budget)."""
+    if project.row_level:
+        return None
+    return project.privacy.epsilon_per_query, project.privacy.delta_per_query
+
+
+def answer(lake: Lake, project: Project, sql: str, limits: Limits = DEFAULT_LIMITS, user: str | None = None,
+           today: dt.date | None = None, on_start=None) -> Answer:
     """Check, run and output-check ``sql`` on ``project``'s extract (no audit: the caller writes it).
+
+    A row-level project's SQL runs in DuckDB and is output-checked; an
+    aggregate-only project's SQL is answered with differentially private
+    statistics (:mod:`jobs.private_aggregates`) after its cost is spent from
+    ``user``'s budget (:mod:`jobs.privacy_budget`).
+
+    ``on_start(note)`` is called once the query has passed its checks and
+    before it reads any data (``note`` names the budget it will spend); it
+    writes the audit's ``requested`` row and returns its event id.
 
     Raises :class:`QueryRefused` or :class:`jobs.disclosure.OutputRefused` with the reason.
     """
     from jobs import disclosure
 
+    import time
+
     check_size(sql, limits)
+    if not project.row_level:
+        return private_answer(lake, project, sql, limits, user, today or clock.today(), on_start)
+    started = time.monotonic()
     views = {d: f"q_{d}" for d in project.datasets}
     checked = check_sql(sql, project, ENGINE_DUCKDB, views)
+    # Checking counts in the query's time: what is left is the engine's.
+    left = limits.timeout_seconds - (time.monotonic() - started)
+    if left <= 0:
+        raise QueryRefused(f"checking the query took longer than {limits.timeout_seconds:g} s")
     con = locked_connection(limits)
     try:
         missing = [d for d in checked.datasets if d not in _published(lake, project)]
         if missing:
             raise QueryRefused(f"the {', '.join(missing)} extract of project {project.id} is not published yet")
         registered = register_project(con, lake, project, needed=checked.datasets)
-        result = fetch(con, checked.sql, limits)
-        with time_limit(con, limits):  # output checking runs queries of its own (support, differencing)
+        if on_start is not None:
+            on_start("row-level project: no privacy budget")
+        result = fetch(con, checked.sql, limits, left)
+        with time_limit(con, limits, left):  # output checking runs queries of its own (support, differencing)
             output = disclosure.check_output(con, checked.sql, result, project, registered)
     finally:
         con.close()
     return Answer(table=output.table, checked=checked, suppressed_cells=output.suppressed_cells,
                   notes=list(output.notes))
+
+
+def private_answer(lake: Lake, project: Project, sql: str, limits: Limits, user: str | None, today: dt.date,
+                   on_start=None) -> Answer:
+    """A differentially private answer: plan (no data read), spend the budget, then release under the time limit."""
+    import concurrent.futures
+    import time
+
+    from jobs import privacy_budget, private_aggregates
+
+    started = time.monotonic()
+    plan = private_aggregates.plan(sql, project)
+    if time.monotonic() - started > limits.timeout_seconds:
+        raise QueryRefused(f"checking the query took longer than {limits.timeout_seconds:g} s")
+    if user is None:
+        raise QueryRefused("an aggregate-only project's answers spend a member's privacy budget; ask as a member")
+    epsilon, delta = plan.epsilon(project), plan.delta(project)
+    event_id = on_start(f"budget to spend: epsilon {epsilon:g}, delta {delta:g}") if on_start else None
+    left = privacy_budget.spend(lake, project, user, epsilon, delta, today, event_id)
+    # OpenDP and Polars cannot be interrupted: the release runs in a worker and the caller stops waiting.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dp-release")
+    future = pool.submit(private_aggregates.release, lake, project, plan, epsilon, delta)
+    try:
+        released = future.result(timeout=max(limits.timeout_seconds - (time.monotonic() - started), 0.1))
+    except concurrent.futures.TimeoutError:
+        raise QueryRefused(f"the query ran longer than {limits.timeout_seconds:g} s and was stopped "
+                           "(its budget stays spent)") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    if released.table.num_rows > limits.max_rows:
+        raise QueryRefused(f"the result has more than {limits.max_rows} rows; group by fewer keys")
+    checked = CheckedQuery(sql=sql, datasets=tuple(sorted({s.dataset for s in plan.sources})), output_roles=None,
+                           aggregate=True)
+    budget_left = {"period": left.period, "epsilon": round(max(left.epsilon, 0.0), 12),
+                   "delta": max(left.member_delta, 0.0)}
+    return Answer(table=released.table, checked=checked, suppressed_cells=released.suppressed_cells,
+                  notes=released.notes + [f"privacy budget: {left.describe()}"], epsilon=epsilon,
+                  delta=released.delta, budget_left=budget_left)
 
 
 def encode(table: pa.Table, fmt: str) -> bytes:
@@ -423,7 +504,9 @@ def audited_answer(lake: Lake, consortium: Consortium, project_id: str, user: st
         if export_format is not None and export_format not in EXPORT_FORMATS:
             raise QueryRefused(f"unknown export format {export_format!r}; use one of {', '.join(EXPORT_FORMATS)}")
         project = check_access(consortium, project_id, user, today or clock.today())
-        result = answer(lake, project, sql, limits)
+        result = answer(lake, project, sql, limits, user=user, today=today,
+                        on_start=lambda note: write_audit(lake, event | {"outcome": OUTCOME_REQUESTED,
+                                                                         "reason": note})["event_id"])
     except AccessDenied as exc:
         write_audit(lake, event | {"outcome": OUTCOME_REFUSED, "reason": str(exc)[:1000]})
         raise

@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from jobs.batchlog import (
 )
 from jobs.config import Consortium
 from jobs.lake import Lake
-from jobs.landing import MANIFEST
+from jobs.landing import MANIFEST, MANIFEST_NOT_A_FILE
 
 
 class QueueBlocked(Exception):
@@ -128,6 +129,11 @@ class EstablishmentQueue:
         waiting = f"; {len(self.held_back)} later batch(es) wait: {', '.join(self.held_back)}" if self.held_back else ""
         action = (f"fix it, then `affluent batch retry {est} {blocker.batch_id}`, or "
                   f"`affluent batch skip {est} {blocker.batch_id} --reason …`")
+        if blocker.status == Status.REJECTED and blocker.stage == Stage.INGEST:
+            # A changed manifest.json takes a rejected batch again by itself (batch_state): no retry to run.
+            action = (f"the establishment re-delivers it (corrected files and manifest.json): it is taken again "
+                      f"by itself, no retry needed; if the profile was at fault, fix it and `affluent batch retry "
+                      f"{est} {blocker.batch_id}`; or `affluent batch skip {est} {blocker.batch_id} --reason …`")
         if blocker.status == Status.HELD:
             action = (f"read its validation report and quarantine, then `affluent onboarding accept {est} "
                       "--reason …` (or fix the profile first)")
@@ -194,12 +200,26 @@ def utc(value: dt.datetime | None) -> dt.datetime:
 # --------------------------------------------------------------- landing ----
 
 def manifest_sha256(folder: Path) -> str | None:
-    """sha256 of a batch's ``manifest.json`` bytes; ``None`` while it is missing."""
+    """sha256 of a batch's ``manifest.json`` bytes; ``None`` while it is missing.
+
+    A manifest that is not a regular file (a directory, a link, a pipe) gives
+    :data:`MANIFEST_NOT_A_FILE`: the batch is delivered but broken, so it takes
+    its turn and ingest rejects it in the batch log; it never stops the queue
+    from being read (earlier batches still land), and reading a pipe would hang.
+    """
     path = folder / MANIFEST
+    try:
+        mode = path.lstat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(mode):
+        return MANIFEST_NOT_A_FILE
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError:  # unreadable (permissions): ingest rejects it with the reason
+        return MANIFEST_NOT_A_FILE
 
 
 def delivered_batches(landing_root: Path, landing_folder: str) -> list[str]:

@@ -20,7 +20,7 @@ BATCH_LOG = "batch_log"
 # Columns of the batch log, in order (the Spark schema is ``jobs.ops.BATCH_LOG_SCHEMA``).
 BATCH_LOG_COLUMNS = ("establishment_id", "batch_id", "dataset", "stage", "status", "rows_read", "rows_landed",
                      "rows_quarantined", "rows_duplicates", "message", "extracted_at", "recorded_at", "kind",
-                     "manifest_sha256", "source_file", "rows_not_collected")
+                     "manifest_sha256", "source_file", "rows_not_collected", "rows_unchanged")
 # How entries written before the typed ``kind`` column said it (``kind=full; …``).
 LEGACY_KIND_PATTERN = r"^kind=(\w+)"
 
@@ -34,6 +34,8 @@ class Stage(StrEnum):
     LAND = "land"
     # Not a stage of the flow: a data steward's skip or retry of a batch (``affluent batch skip|retry``).
     STEWARD = "steward"
+    # Not a stage of the flow: a run of a batch refused because another run of it was going on.
+    RUN = "run"
 
 
 # The flow, in order.
@@ -55,6 +57,8 @@ class Status(StrEnum):
     CONFLICT = "conflict"
     # Land waits: the establishment is onboarding and its profile is not accepted yet (jobs.onboarding).
     HELD = "held"
+    # Stage ``run``: another run of the batch held it; this one changed nothing (never blocks the queue).
+    ALREADY_RUNNING = "already_running"
     # Steward decisions (stage ``steward``).
     SKIPPED = "skipped"
     RETRY = "retry"

@@ -31,6 +31,22 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_key_generate(args: argparse.Namespace) -> int:
+    """Write a new pseudonymisation key file; print where and its fingerprint, never the key."""
+    from jobs.keys import ENV_KEY_FILE, generate_key_file
+
+    path = Path(args.out)
+    try:
+        key = generate_key_file(path)
+    except FileExistsError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"wrote a new pseudonymisation key to {path} (owner read/write only; fingerprint {key.fingerprint}). "
+          f"Use it with `export {ENV_KEY_FILE}={path.resolve()}`, keep a copy in the organisation's secret "
+          "store, and never commit it: a lost key means new pseudonyms for everyone.")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from jobs.config import load_consortium
     from jobs.generate import generate_consortium
@@ -43,21 +59,55 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Exit code of a stage command whose batch was refused, stopped or held: the one line on stderr says
+# what happened and what to do (the line `affluent batches` shows for the establishment's queue).
+EXIT_STOPPED = 3
+
+
+def _stop_line(ctx, establishment_id: str, exc: Exception) -> str:
+    """One line for a batch that cannot go on: its queue's explanation, or the error's first line."""
+    from jobs import pipeline
+
+    try:
+        queue = pipeline.queue(ctx, establishment_id)
+    except (*pipeline.permanent_failures(), OSError):  # the configuration itself may be what failed
+        queue = None
+    if queue is not None and queue.blocked_by is not None:
+        return queue.explain()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{establishment_id}: {first}"
+
+
 def _stage_command(stage: str):
     def run(args: argparse.Namespace) -> int:
         from jobs import pipeline
 
         ctx = pipeline.Context.from_env()
-        pipeline.require_key(ctx)  # fail closed before anything is read or written
-        batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
-        for batch in batches:
-            if stage == "run":
-                result = pipeline.run_batch(ctx, args.establishment, batch)
-            else:
-                result = getattr(pipeline, stage)(ctx, args.establishment, batch)
-            print(json.dumps({"establishment": args.establishment, "batch": batch, stage: result}, default=str))
-        if not batches:
-            print(f"no pending batch for {args.establishment}")
+        # A rejection, a stop or a hold is the batch's outcome, not a crash: one line, no traceback.
+        from jobs.writer_lock import BatchAlreadyRunning
+
+        try:
+            pipeline.require_key(ctx)  # fail closed before anything is read or written
+            batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
+            for batch in batches:
+                try:
+                    if stage == "run":
+                        result = pipeline.run_batch(ctx, args.establishment, batch)
+                    else:
+                        result = getattr(pipeline, stage)(ctx, args.establishment, batch)
+                except BatchAlreadyRunning as refused:  # logged in the batch log; not a fault of the batch
+                    print(str(refused), file=sys.stderr)
+                    return 1
+                print(json.dumps({"establishment": args.establishment, "batch": batch, stage: result}, default=str))
+            if not batches:
+                queue = pipeline.queue(ctx, args.establishment)
+                if queue.blocked_by is not None:
+                    print(queue.explain(), file=sys.stderr)
+                    return EXIT_STOPPED
+                print(f"no pending batch for {args.establishment}")
+        except pipeline.permanent_failures() as exc:
+            print(_stop_line(ctx, args.establishment, exc), file=sys.stderr)
+            return EXIT_STOPPED
         return 0
     return run
 
@@ -85,7 +135,7 @@ def _cmd_batches(args: argparse.Namespace) -> int:
         log = log.where(F.col("establishment_id") == args.establishment)
     log.orderBy("establishment_id", "batch_id", "recorded_at").select(
         "establishment_id", "batch_id", "dataset", "stage", "status", "rows_read", "rows_landed",
-        "rows_quarantined", "rows_duplicates", "rows_not_collected", "kind", "source_file",
+        "rows_quarantined", "rows_duplicates", "rows_unchanged", "rows_not_collected", "kind", "source_file",
         "message").show(args.limit, truncate=False)
     return 0
 
@@ -136,6 +186,21 @@ def _cmd_onboarding_accept(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schema_reference(args: argparse.Namespace) -> int:
+    """Write (or check) the generated reference of the canonical schema and the rules."""
+    from jobs import schema_reference
+
+    path = Path(args.out) if args.out else schema_reference.REFERENCE_PATH
+    if args.check:
+        if schema_reference.is_current(path):
+            print(f"{path}: up to date")
+            return 0
+        print(f"{path}: out of date; regenerate it with `affluent schema reference`", file=sys.stderr)
+        return 1
+    print(f"written {schema_reference.write_reference(path)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -175,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="configuration folder (default: AFFLUENT_CONFIG_DIR or ./config)")
     check.set_defaults(func=_cmd_config_check)
 
+    key = sub.add_parser("key", help="The pseudonymisation key").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    key_generate = key.add_parser("generate", help="Write a new random key (32 bytes, hex) to a file only its "
+                                  "owner can read; never overwrites")
+    key_generate.add_argument("--out", required=True, help="the key file to create (e.g. /run/secrets/affluent)")
+    key_generate.set_defaults(func=_cmd_key_generate)
+
     gen = sub.add_parser("generate", help="Write a synthetic consortium's landing batches and ground truth")
     gen.add_argument("--out", required=True, help="output folder (landing/ and ground_truth/ are created in it)")
     gen.add_argument("--patients", type=int, default=1000)
@@ -193,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--establishment", required=True)
         p.add_argument("--batch", help="batch id (default: every pending batch, in delivery order)")
         p.set_defaults(func=_stage_command(stage))
+
+    from jobs.terminology.commands import add_mapping_commands
+
+    add_mapping_commands(sub)
 
     batches = sub.add_parser("batches", help="Show the batch log: rows read, landed, quarantined, duplicates")
     batches.add_argument("--establishment")
@@ -216,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     accept.add_argument("establishment")
     accept.add_argument("--reason", required=True, help="what was reviewed (kept in ops/onboarding)")
     accept.set_defaults(func=_cmd_onboarding_accept)
+
+    schema = sub.add_parser("schema", help="The canonical schema").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    reference = schema.add_parser("reference", help="Write docs/schema-reference.md: every dataset, column, type, "
+                                  "source format and rule, generated from the code")
+    reference.add_argument("--out", help="where to write it (default: docs/schema-reference.md)")
+    reference.add_argument("--check", action="store_true",
+                           help="only say whether the page is up to date (exit 1 if not)")
+    reference.set_defaults(func=_cmd_schema_reference)
 
     demo = sub.add_parser("demo", help="Generate a consortium and run every DAG with Airflow, end to end")
     demo.add_argument("--patients", type=int, default=2000)

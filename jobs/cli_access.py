@@ -116,14 +116,35 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from jobs.lake import Lake
     from jobs.settings import Settings
 
-    result = verify(Lake(args.lake or Settings.from_env().lake_root))
-    for problem in result.problems:
+    from jobs.privacy_budget import verify_ledger
+
+    lake = Lake(args.lake or Settings.from_env().lake_root)
+    result = verify(lake)
+    ledger = verify_ledger(lake) if "://" not in lake.root else []
+    for problem in result.problems + [f"privacy ledger {p}" for p in ledger]:
         print(f"TAMPERED: {problem}", file=sys.stderr)
+    if ledger:
+        return 1
     if not result.ok:
         print(f"audit chain broken: {len(result.problems)} problem(s) in {result.rows} row(s)", file=sys.stderr)
         return 1
-    print(f"audit chain intact: {result.rows} row(s); last hash {result.last_hash} (record it elsewhere to detect "
-          "a truncation later)")
+    print(f"audit chain intact: {result.rows} row(s); last hash {result.last_hash} (`affluent audit anchor` records "
+          "it where the gateway cannot write, to detect a truncation later)")
+    return 0
+
+
+def _cmd_audit_anchor(args: argparse.Namespace) -> int:
+    from jobs.gateway.audit import AuditError, ENV_ANCHOR_KEY, anchor
+    from jobs.lake import Lake
+    from jobs.settings import Settings
+
+    try:
+        head = anchor(Lake(args.lake or Settings.from_env().lake_root))
+    except AuditError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    signed = "signed" if head["signature"] else f"UNSIGNED (set {ENV_ANCHOR_KEY} to sign)"
+    print(f"audit anchored at seq {head['seq']} ({head['rows']} row(s)), hash {head['row_hash']}, {signed}")
     return 0
 
 
@@ -203,6 +224,10 @@ def register(sub) -> None:
     verify = audit.add_parser("verify", help="Recompute the audit's hash chain; exit 1 if a row was altered or deleted")
     verify.add_argument("--lake", help="lake root (default: AFFLUENT_LAKE_ROOT)")
     verify.set_defaults(func=_cmd_audit_verify)
+    anchor = audit.add_parser("anchor", help="Record the audit chain's head where the gateway cannot write "
+                                             "(signed with AFFLUENT_AUDIT_ANCHOR_KEY); verify then detects truncation")
+    anchor.add_argument("--lake", help="lake root (default: AFFLUENT_LAKE_ROOT)")
+    anchor.set_defaults(func=_cmd_audit_anchor)
 
     p = sub.add_parser("publish", help="Rebuild every active project's extract and the gold indicators")
     p.set_defaults(func=_cmd_publish)

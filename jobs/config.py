@@ -58,6 +58,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The ``files`` entry (CSV) and manifest dataset of files the consortium does not collect (a Synthea
+# export's claims.csv, a Bulk export's Procedure.ndjson): checked and counted, never read beyond the header.
+NOT_COLLECTED = "not_collected"
+
+
 class CsvProfile(_Strict):
     """How one establishment writes its CSV extracts."""
 
@@ -81,13 +86,19 @@ class CsvProfile(_Strict):
     # dataset -> source headers whose values, joined, are the record id of a file that has none
     # (keyed like any other id; two different records with one derived id are quarantined).
     derived_ids: dict[str, list[str]] = {}
+    # Datasets of ``derived_ids`` whose rows may share a derived id and still be distinct records (two
+    # oxygen saturations of one patient in the same second): each id gets a sequence number within
+    # the rows sharing it, in the order of their content, so both land. Identical rows share one number
+    # (and stay exact duplicates).
+    derived_id_sequence: list[str] = []
     # dataset -> {canonical column -> value} for columns the export does not carry
     # (the code system of a file whose codes are all SNOMED CT).
     constants: dict[str, dict[str, str]] = {}
     # dataset -> source headers present in the export and deliberately not read.
     ignored_columns: dict[str, list[str]] = {}
     # dataset -> file-name patterns (``conditions*.csv``): the dataset of a manifest entry that
-    # does not name one.
+    # does not name one. ``not_collected`` lists the files the consortium does not collect: their
+    # rows are counted (batch log ``rows_not_collected``, per file) and never read beyond the header.
     files: dict[str, list[str]] = {}
     # person-identifier system (``person_identifiers`` in pipeline.yaml) -> the patient file's
     # source header carrying it; the NAM may instead be mapped to ``nam`` under ``columns``.
@@ -134,8 +145,14 @@ class CsvProfile(_Strict):
         problems: list[tuple[str, str]] = []
         for section in ("derived_ids", "constants", "ignored_columns", "files"):
             for dataset in getattr(self, section):
+                if section == "files" and dataset == NOT_COLLECTED:
+                    continue
                 if dataset not in self.columns:
                     problems.append((f"{section}.{dataset}", "the dataset has no mapping under columns"))
+        for dataset in self.derived_id_sequence:
+            if dataset not in self.derived_ids:
+                problems.append((f"derived_id_sequence.{dataset}", "a sequence numbers derived ids: list the "
+                                 f"headers the record id is built from under derived_ids.{dataset}"))
         for dataset, headers in self.derived_ids.items():
             if not headers:
                 problems.append((f"derived_ids.{dataset}", "list the source headers the record id is built from"))
@@ -270,6 +287,51 @@ class RelinkRiskDefaults(RelinkRisk):
     max_suppressed: float = Field(default=1.0, ge=0, le=1)
 
 
+class PrivacyBudget(_Strict):
+    """Differential privacy of an aggregate-only project's answers (computed by OpenDP).
+
+    Every answer spends ``epsilon_per_query`` (and ``delta_per_query`` when
+    its group keys are chosen by DP partition selection) of the member's
+    ``epsilon`` / ``delta`` for the current ``period``, and of the project's
+    ``project_epsilon`` when one is set; a query that would go over is refused.
+    A person adds at most ``max_rows_per_person`` rows to a query (more are
+    dropped at random before counting), so one person moves a count by at most
+    that much before noise. Group keys are the values listed in
+    ``public_keys`` (never read from the data) or, for the columns listed in
+    ``partition_selection``, those that pass OpenDP's noisy threshold. Sums
+    and means read only columns with ``bounds``; values are clipped to them.
+    """
+
+    epsilon: float = Field(default=1.0, gt=0, le=20)
+    delta: float = Field(default=1e-6, ge=0, le=1e-3)
+    period: Literal["day", "month", "year", "project"] = "month"
+    project_epsilon: float | None = Field(default=None, gt=0)
+    epsilon_per_query: float = Field(default=0.1, gt=0, le=5)
+    delta_per_query: float = Field(default=1e-8, ge=0, le=1e-4)
+    max_rows_per_person: int = Field(default=10, ge=1, le=1000)
+    public_keys: dict[str, list[str | int | float]] = {}
+    partition_selection: list[str] = []
+    bounds: dict[str, tuple[float, float]] = {}
+
+    @field_validator("public_keys", mode="before")
+    @classmethod
+    def _ranges(cls, value):
+        # ``year_of_birth: {from: 1920, to: 2026}`` stands for every year in between.
+        if isinstance(value, dict):
+            return {k: list(range(int(v["from"]), int(v["to"]) + 1)) if isinstance(v, dict) else v
+                    for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "PrivacyBudget":
+        if self.epsilon_per_query > self.epsilon:
+            raise ValueError(f"epsilon_per_query {self.epsilon_per_query} is above the budget epsilon {self.epsilon}")
+        for column, (low, high) in self.bounds.items():
+            if not low < high:
+                raise ValueError(f"bounds of {column}: {low} is not below {high}")
+        return self
+
+
 class Project(_Strict):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
     title: str
@@ -296,6 +358,8 @@ class Project(_Strict):
     quasi_identifiers: list[str] = ["year_of_birth", "gender_source_value", "postal_prefix"]
     # Diagnosis and drug code sets are quasi-identifiers too: the bound their extract meets.
     relink_risk: RelinkRisk = RelinkRisk()
+    # Aggregate-only projects answer with differentially private statistics under this budget.
+    privacy: PrivacyBudget = PrivacyBudget()
 
     @field_validator("quasi_identifiers")
     @classmethod
@@ -315,6 +379,16 @@ class Project(_Strict):
         return not self.revoked and self.valid_from <= on <= self.valid_until
 
 
+def is_record_identifier(column: str) -> bool:
+    """Whether ``column`` holds a pseudonym (``person_id``) or a record id: joined on, never released.
+
+    Standard concepts (``*_concept_id``, public OMOP vocabularies) and ``establishment_id``
+    name no person or record.
+    """
+    return column == "person_id" or (column.endswith("_id") and column != "establishment_id"
+                                     and not column.endswith("_concept_id"))
+
+
 def quasi_identifier_problems(columns: list[str]) -> list[str]:
     """Why ``columns`` cannot be a project's quasi-identifiers (none: they can)."""
     allowed = [c for c in SILVER_SCHEMAS["patient"].fieldNames()
@@ -332,6 +406,7 @@ class BatchRuleOverride(_Strict):
     max_row_count_drop_pct: float | None = Field(default=None, ge=0, le=100)
     max_quarantined_pct: float | None = Field(default=None, ge=0, le=100)
     allow_column_changes: bool | None = None
+    min_mapped_pct: float | None = Field(default=None, ge=0, le=100)
 
 
 class _PerDataset(_Strict):
@@ -364,6 +439,8 @@ class BatchRules(_PerDataset):
     max_row_count_drop_pct: float = Field(default=50, ge=0, le=100)
     max_quarantined_pct: float = Field(default=20, ge=0, le=100)
     allow_column_changes: bool = False
+    # Share of a dataset's rows with a source value that must map to a standard concept (jobs.terminology).
+    min_mapped_pct: float = Field(default=0, ge=0, le=100)
 
 
 class Pipeline(_Strict):
@@ -383,6 +460,8 @@ class Pipeline(_Strict):
     max_field_bytes: int = Field(default=1 << 20, ge=1, le=8 << 20)
     # The consortium's bound on re-link risk through code sets; a project's relink_risk overrides it.
     relink_risk: RelinkRiskDefaults = RelinkRiskDefaults()
+    # Counts under this many are suppressed where stewards see row counts of source values (coverage).
+    min_cell_size: int = Field(default=11, ge=1)
 
     @field_validator("person_identifiers")
     @classmethod
@@ -413,6 +492,8 @@ class Consortium:
     agreements: list[Agreement]
     projects: dict[str, Project]
     policy_version: str = field(default="")
+    # Concept maps and canonical units (config/terminology/), checked with the rest.
+    terminology: object = field(default=None, compare=False)
 
     def establishment(self, establishment_id: str) -> Establishment:
         try:
@@ -601,7 +682,13 @@ def load_consortium(root: Path | str) -> Consortium:
                                         "person_id is required: consent is applied per person"))
         projects[project.id] = project
 
+    from jobs.terminology.maps import check_terminology
+
+    terminology, map_problems = check_terminology(root, set(establishments))
+    problems += [Problem(file, entry, reason) for file, entry, reason in map_problems]
+
     if problems:
         raise ConfigError(problems)
     return Consortium(root=root, pipeline=pipeline, establishments=establishments, purposes=purposes,
-                      agreements=agreements, projects=projects, policy_version=_policy_version(root))
+                      agreements=agreements, projects=projects, policy_version=_policy_version(root),
+                      terminology=terminology)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -124,9 +123,9 @@ def _demo_key(workdir: Path) -> Path:
     """A throwaway key for the demo's synthetic data, created once, readable by its owner only."""
     path = workdir / "secrets" / "pseudonym.key"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32), encoding="utf-8")
-        path.chmod(0o600)
+        from jobs.keys import generate_key_file
+
+        generate_key_file(path)  # what `affluent key generate` writes: random bytes, owner-only
         _say(f"created a demo pseudonymisation key in {path} (synthetic data only; a real deployment "
              "provides its own through AFFLUENT_PSEUDONYM_KEY, a key file or an Airflow connection)")
     return path

@@ -1,4 +1,9 @@
-"""Output checking of every result leaving the researcher gateway.
+"""Output checking of results read with SQL (row-level projects), and CSV neutralisation of every export.
+
+Aggregate-only projects no longer reach the rules below through the
+gateway: their answers are differentially private statistics
+(:mod:`jobs.private_aggregates`), whose bound holds whatever the SQL's shape.
+The rules stay for callers that check an aggregate result read with SQL.
 
 The gateway calls :func:`check_output` on every result, and :func:`neutralise_csv`
 before a CSV is written. The checks are decided on the result and on the
@@ -694,14 +699,42 @@ def check_output(con, sql: str, result: pa.Table, project: Project, views: dict[
     return CheckedOutput(values, suppressed, notes)
 
 
+def _typed_in_csv(kind: pa.DataType) -> bool:
+    """Types whose CSV text is a number, a boolean or a date: never read as a formula."""
+    return (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+            or pa.types.is_boolean(kind) or pa.types.is_temporal(kind) or pa.types.is_null(kind))
+
+
+def _as_text(column) -> pa.ChunkedArray:
+    """The text a CSV gets for ``column``: strings as they are, enums decoded, bytes, lists and structs rendered."""
+    import json
+
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        return _as_text(pc.cast(column, kind.value_type))
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return column
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        values = [None if v is None else v.decode("utf-8", errors="backslashreplace") for v in column.to_pylist()]
+    else:  # lists, structs, maps, unions: their JSON text
+        values = [None if v is None else json.dumps(v, default=str, ensure_ascii=False) for v in column.to_pylist()]
+    return pa.chunked_array([pa.array(values, pa.string())])
+
+
 def neutralise_csv(table: pa.Table) -> pa.Table:
-    """String cells a spreadsheet would read as a formula get a leading apostrophe."""
-    columns = []
-    for column in table.columns:
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    """Every cell whose CSV text a spreadsheet would read as a formula gets a leading apostrophe.
+
+    Whatever the column's type: enums, bytes, lists and structs are rendered
+    as text first (the CSV writer would write their text anyway, or fail).
+    """
+    columns, fields = [], []
+    for name, column in zip(table.column_names, table.columns):
+        if not _typed_in_csv(column.type):
+            column = _as_text(column)
             risky = pc.starts_with(column, FORMULA_PREFIXES[0])
             for prefix in FORMULA_PREFIXES[1:]:
                 risky = pc.or_(risky, pc.starts_with(column, prefix))
             column = pc.if_else(risky, pc.binary_join_element_wise("'", column, ""), column)
         columns.append(column)
-    return pa.Table.from_arrays(columns, schema=table.schema)
+        fields.append(pa.field(name, column.type))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))

@@ -39,6 +39,7 @@ from jobs.consent import consented_persons
 from jobs.lake import Lake
 from jobs.policy import PolicyError, establishments_sharing
 from jobs.schemas import SILVER_SCHEMAS
+from jobs.terminology.maps import NO_CONCEPT
 from jobs.tables import OVERWRITE, table_exists
 
 PATIENTS_BY_CONDITION = "patients_by_condition"
@@ -101,8 +102,13 @@ def count_patients_by_condition(diagnosis: DataFrame, patient: DataFrame, person
                                 reference: DataFrame | None) -> DataFrame:
     """Distinct consenting persons per (condition_group, postal_prefix, year); no suppression yet."""
     icd = F.upper(F.regexp_replace(F.col("condition_source_vocabulary"), r"[^A-Za-z0-9]", ""))
+    coded = diagnosis.where(icd.isin(*ICD10_VOCABULARIES) & F.col("condition_source_value").isNotNull())
+    if "condition_concept_code" in diagnosis.columns:
+        # The ICD-10 category standard concept: SNOMED CT diagnoses count through their map too.
+        coded = (diagnosis.where(F.col("condition_concept_code") != NO_CONCEPT)
+                 .withColumn("condition_source_value", F.col("condition_concept_code")))
     facts = (
-        diagnosis.where(icd.isin(*ICD10_VOCABULARIES) & F.col("condition_source_value").isNotNull())
+        coded
         .join(persons, on="person_id", how="left_semi")
         .transform(lambda df: with_condition_group(df, reference))
         .join(latest_postal_prefix(patient), on="person_id", how="left")

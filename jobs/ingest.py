@@ -17,7 +17,9 @@ rows + rows quarantined (what land reconciles, ``read = landed + quarantined
 + duplicates``) and ``rows_not_collected``, the entries not collected from
 the files the manifest lists under that dataset (``bundle`` for a Bundle,
 ``resource`` for a single resource, ``not_collected`` for a whole file of
-resources not collected, which is counted and never read), so that per
+resources not collected or a CSV file the profile lists under ``files:
+not_collected``, which is counted and never read beyond its header; the
+``not_collected`` entry's message gives each such file's count), so that per
 batch::
 
     rows in the manifest = Σ rows_read + Σ rows_not_collected - component rows
@@ -114,6 +116,9 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     not_collected: dict[str, int] = {}
     not_collected_files: dict[str, int] = {}
     not_collected_types: dict[str, dict[str, int]] = {}
+    whole_files_not_collected: dict[str, int] = {}
+    # Free-text parts (an Observation component's valueString) left out of FHIR entries that landed.
+    free_text_dropped: dict[str, int] = {}
 
     def reject(index: int, message: str) -> BatchRejected:
         """A file of the batch stops it: logged under the file's reference, never its delivered name."""
@@ -130,6 +135,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                 header = read_header(batch.file_path(entry), est.input, file_reference(batch_id, index))
             except HeaderError as exc:
                 raise reject(index, str(exc)) from None
+            if entry.dataset == NOT_COLLECTED:
+                continue  # no mapping to drift from: its header is decoded, its records only counted
             mapping = est.input.expected_headers(entry.dataset)
             change = header_drift(header, mapping)
             if change and not consortium.batch_rules(establishment_id, entry.dataset).allow_column_changes:
@@ -148,6 +155,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
             if entry.dataset == NOT_COLLECTED:
                 # A whole file of resources not collected: checked and counted by the landing checks, never read.
                 not_collected_files[lineage.source_file] = entry.rows
+                whole_files_not_collected[lineage.source_file] = entry.rows
                 not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + entry.rows
                 continue
             try:
@@ -158,6 +166,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
             notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
             file_reads = getattr(result, "file_reads", None)
             for reads in (file_reads() if file_reads else {}).values():
+                if reads.free_text_dropped:
+                    free_text_dropped[entry.dataset] = free_text_dropped.get(entry.dataset, 0) + reads.free_text_dropped
                 if reads.not_collected:
                     source = lineage.source_file
                     not_collected_files[source] = not_collected_files.get(source, 0) + reads.not_collected
@@ -233,6 +243,13 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         if not_collected.get(d):
             types = ", ".join(f"{t} {n}" for t, n in sorted(not_collected_types.get(d, {}).items()))
             said.append(f"{not_collected[d]} entries not collected" + (f" ({types})" if types else ""))
+        if free_text_dropped.get(d):
+            said.append(f"{free_text_dropped[d]} free-text part(s) dropped from entries that landed (an "
+                        "Observation component's or value's valueString)")
+        if d == NOT_COLLECTED and whole_files_not_collected:
+            # Per file, by its manifest reference (a delivered name may hold identifiers).
+            files = sorted(whole_files_not_collected.items(), key=lambda item: _file_index(item[0]))
+            said.append("files not collected, never read: " + ", ".join(f"{ref} {n} rows" for ref, n in files))
         return said
 
     datasets = sorted(set(bronze_counts) | set(quarantined) | set(not_collected))
@@ -247,6 +264,11 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     ])
     return IngestOutcome(establishment_id, batch_id, batch.kind.value, bronze_counts, quarantined,
                          not_collected=sum(not_collected.values()))
+
+
+def _file_index(reference: str) -> int:
+    """The manifest position of a file reference ``<batch>#<index>``, to list files in delivery order."""
+    return int(reference.rsplit("#", 1)[1])
 
 
 def batch_kind(lake: Lake, establishment_id: str, batch_id: str) -> BatchKind:

@@ -26,6 +26,14 @@ current key's fingerprint (:class:`jobs.keys.KeyMismatchError`): a failure
 writes nothing. A row counts as landed when it is a valid row handed to the MERGE, whether it
 inserted, updated, deleted or was older than silver and left it unchanged.
 
+Unchanged rows are not rewritten: a stored record is updated only when the
+batch's version differs in content (every column but key, establishment and
+lineage, compared null-safe in the MERGE condition). An identical re-delivery
+under a new batch id lands all its rows and changes none: no new file, nothing
+in the change feed. The batch log's ``rows_unchanged`` counts the landed rows
+that changed nothing, and silver's ``_batch_id`` / ``_extracted_at`` stay those
+of the batch that last changed the record's content.
+
 Silver tables have Change Data Feed on, researcher-readable table and column
 comments, and are registered as ``silver.<dataset>`` (:func:`register_silver_tables`).
 
@@ -52,7 +60,10 @@ from jobs.batchlog import BatchKind, Stage, Status
 from jobs.lake import Lake
 from jobs.ops import append_batch_log, batches_with_status, read_batch_log
 from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
+from jobs.terminology.concepts import CONCEPT_COMMENTS, with_concepts
+from jobs.terminology.maps import Terminology, default_terminology
 from jobs.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
+from jobs.tables import STATS_COLUMNS, stats_columns
 from jobs.validate import validated_path
 from jobs.writer_lock import Mode, writes_lake
 
@@ -110,6 +121,8 @@ class LandOutcome:
     quarantined: dict[str, int] = field(default_factory=dict)
     duplicates: dict[str, int] = field(default_factory=dict)
     skipped: bool = False
+    # Rows landed that changed nothing in silver (same content, older than silver, delete of an absent record).
+    unchanged: dict[str, int] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------ comments ----
@@ -131,7 +144,8 @@ COLUMN_COMMENTS = {
                  "when none was valid). Same identifier, same id across establishments.",
     "establishment_id": "Establishment that sent the record.",
     "_batch_id": "Delivery batch that last changed the record.",
-    "_extracted_at": "When the establishment extracted the record (UTC); a later extract replaces an earlier one.",
+    "_extracted_at": "When the establishment extracted this version of the record (UTC); a later extract with "
+                     "other content replaces it, one with the same content leaves it as it is.",
     "patient_key": "Pseudonymised patient record id, keyed per establishment.",
     "person_id_source": "How person_id was derived: the linkage identifier system ('nam', 'enterprise_mpi'… "
                         "as config/pipeline.yaml names them) or 'establishment_fallback'.",
@@ -157,7 +171,8 @@ COLUMN_COMMENTS = {
     "measurement_datetime": "Date and time the sample was taken.",
     "measurement_source_value": "LOINC code of the test.",
     "measurement_source_vocabulary": "Code system of measurement_source_value (LOINC).",
-    "value_as_number": "Numeric result, within the plausible bounds of its LOINC code; null for qualitative results.",
+    "value_as_number": "Numeric result in the canonical UCUM unit of its LOINC code (unit_concept_code); null for "
+                       "qualitative results and for units that do not convert (value_source_as_number keeps it).",
     "value_source_value": "Result as reported (text), for qualitative results such as 'positive' or '<0.5'.",
     "unit_source_value": "Unit as reported (UCUM where the establishment uses it).",
     "drug_exposure_id": "Pseudonymised medication id, keyed per establishment.",
@@ -180,7 +195,7 @@ COLUMN_COMMENTS = {
 def column_comment(dataset: str, column: str) -> str:
     if column == "visit_occurrence_id" and dataset != "encounter":
         return "Encounter the record belongs to (silver.encounter.visit_occurrence_id); null when none was given."
-    return COLUMN_COMMENTS.get(column, "")
+    return COLUMN_COMMENTS.get(column) or CONCEPT_COMMENTS.get(column, "")
 
 
 # -------------------------------------------------------------- tables ----
@@ -204,7 +219,8 @@ def ensure_silver_table(spark: SparkSession, lake: Lake, dataset: str, key_finge
                .property(CHANGE_DATA_FEED, "true")
                .property(DELETION_VECTORS, str(deletion_vectors).lower())
                .property("delta.setTransactionRetentionDuration", TXN_RETENTION)
-               .property(FINGERPRINT_PROPERTY, key_fingerprint))
+               .property(FINGERPRINT_PROPERTY, key_fingerprint)
+               .property(STATS_COLUMNS, ",".join(stats_columns(SILVER_SCHEMAS[dataset], ("establishment_id",)))))
     for f in SILVER_SCHEMAS[dataset].fields:
         builder = builder.addColumn(f.name, f.dataType, nullable=f.nullable, comment=column_comment(dataset, f.name))
     builder.execute()
@@ -264,12 +280,61 @@ def _deletions(spark: SparkSession, lake: Lake) -> DeltaTable:
     return DeltaTable.forPath(spark, path)
 
 
+# Lineage says which delivery brought a version, not what the record holds: a record whose content
+# is the same as silver's is not rewritten because a later batch carried it again.
+LINEAGE_SILVER_COLUMNS = frozenset({"_batch_id", "_extracted_at"})
+
+
+def content_columns(dataset: str) -> tuple[str, ...]:
+    """The silver columns compared to tell a changed record from the same one delivered again:
+    every column but the record key, the establishment and lineage."""
+    same_record = {SILVER_KEY[dataset], "establishment_id"}
+    return tuple(c for c in silver_columns(dataset) if c not in LINEAGE_SILVER_COLUMNS | same_record)
+
+
+def content_differs(dataset: str, target: str = "t", source: str = "s") -> str:
+    """SQL condition true when the source row's content differs from the target's.
+
+    Null-safe (``<=>``: null equals null) and column by column, so it is exact: no hash
+    collision can make a changed record look unchanged.
+    """
+    same = " AND ".join(f"{target}.`{c}` <=> {source}.`{c}`" for c in content_columns(dataset))
+    return f"NOT ({same})"
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    """What one MERGE changed in silver (Delta's operation metrics); zeros when it was already committed."""
+
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+    @property
+    def changed(self) -> int:
+        return self.inserted + self.updated + self.deleted
+
+
+def _merge_counts(metrics: DataFrame | None) -> MergeCounts:
+    row = metrics.first() if metrics is not None else None
+    if row is None:
+        return MergeCounts()
+    values = row.asDict()
+    return MergeCounts(int(values.get("num_inserted_rows") or 0), int(values.get("num_updated_rows") or 0),
+                       int(values.get("num_deleted_rows") or 0))
+
+
 def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataFrame, establishment_id: str,
-                      batch_id: str) -> None:
+                      batch_id: str, terminology: Terminology | None = None) -> MergeCounts:
     """MERGE one batch's valid rows of ``dataset`` into silver (see the module's rules).
 
-    ``rows`` have the silver columns plus ``record_action``, one row per record key.
+    ``rows`` have the silver source columns plus ``record_action``, one row per record key;
+    their standard concepts are derived here (``terminology``, or the configuration's maps).
+    A stored record is updated only when the batch's version is newer *and* its content
+    (:func:`content_columns`, concepts included) differs: the same record delivered again changes
+    no row, no file and nothing in the change feed. Returns what the MERGE inserted, updated and deleted.
     """
+    rows = with_concepts(rows, dataset, terminology or default_terminology())
     key = SILVER_KEY[dataset]
     columns = list(silver_columns(dataset))
     app_id = f"affluent.land.{establishment_id}.{batch_id}.{dataset}"
@@ -282,21 +347,24 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
               .select(*columns, "record_action", "_deleted_at"))
     same_record = f"t.establishment_id = '{establishment_id}' AND t.establishment_id = s.establishment_id AND t.{key} = s.{key}"
     with _idempotent_write(spark, app_id):
-        (DeltaTable.forPath(spark, lake.silver(dataset)).alias("t")
-         .merge(source.alias("s"), same_record)
-         .whenMatchedDelete(condition=f"s.record_action = '{ACTION_DELETE}' AND s._extracted_at >= t._extracted_at")
-         .whenMatchedUpdate(condition=f"s.record_action = '{ACTION_UPSERT}' AND s._extracted_at > t._extracted_at",
-                            set={c: f"s.{c}" for c in columns})
-         .whenNotMatchedInsert(condition=f"s.record_action = '{ACTION_UPSERT}' "
-                                         "AND (s._deleted_at IS NULL OR s._extracted_at > s._deleted_at)",
-                               values={c: f"s.{c}" for c in columns})
-         .execute())
+        metrics = (DeltaTable.forPath(spark, lake.silver(dataset)).alias("t")
+                   .merge(source.alias("s"), same_record)
+                   .whenMatchedDelete(condition=f"s.record_action = '{ACTION_DELETE}' "
+                                                "AND s._extracted_at >= t._extracted_at")
+                   .whenMatchedUpdate(condition=f"s.record_action = '{ACTION_UPSERT}' "
+                                                f"AND s._extracted_at > t._extracted_at AND {content_differs(dataset)}",
+                                      set={c: f"s.{c}" for c in columns})
+                   .whenNotMatchedInsert(condition=f"s.record_action = '{ACTION_UPSERT}' "
+                                                   "AND (s._deleted_at IS NULL OR s._extracted_at > s._deleted_at)",
+                                         values={c: f"s.{c}" for c in columns})
+                   .execute())
+    counts = _merge_counts(metrics)
 
     deleted = rows.where(F.col("record_action") == ACTION_DELETE).select(
         F.col("establishment_id"), F.lit(dataset).alias("dataset"), F.col(key).alias("record_id"),
         F.col("_extracted_at").alias("deleted_at"), F.col("_batch_id").alias("batch_id"))
     if deleted.isEmpty():
-        return
+        return counts
     with _idempotent_write(spark, app_id):
         (deletions.alias("t")
          .merge(deleted.alias("s"), f"t.establishment_id = '{establishment_id}' AND t.dataset = '{dataset}' "
@@ -305,6 +373,7 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
          .whenMatchedUpdateAll(condition="s.deleted_at > t.deleted_at")
          .whenNotMatchedInsertAll()
          .execute())
+    return counts
 
 
 # Consent decisions are never deleted because a snapshot left them out: a refusal missing from a
@@ -421,8 +490,11 @@ def _require_validated(lake: Lake, establishment_id: str, batch_id: str) -> None
 
 @writes_lake(Mode.SHARED)
 def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
-               key_fingerprint: str) -> LandOutcome:
+               key_fingerprint: str, terminology: Terminology | None = None) -> LandOutcome:
     """MERGE one validated batch into silver and log a 'land' entry per dataset.
+
+    The standard concepts are derived on the way (:func:`jobs.terminology.concepts.with_concepts`,
+    with ``terminology`` or the configuration's maps): an unmapped value lands with concept 0.
 
     Raises :class:`ReconciliationError` when a dataset does not add up and
     :class:`jobs.keys.KeyMismatchError` when a silver table was written with
@@ -450,11 +522,13 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     to_land = [d for d, f in figures.items() if f.landed > 0]
     for dataset in to_land:
         check_fingerprint(spark, lake.silver(dataset), key_fingerprint)
+    counts: dict[str, MergeCounts] = {}
     for dataset in to_land:
         ensure_silver_table(spark, lake, dataset, key_fingerprint)
         rows = spark.read.format("delta").load(validated_path(lake, dataset)).where(
             (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
-        merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id)
+        counts[dataset] = merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id, terminology)
+    unchanged = {d: f.landed - counts.get(d, MergeCounts()).changed for d, f in figures.items()}
 
     # A full batch is a snapshot: what it no longer holds was deleted at the source. Not when a row's
     # key is unknown (a line quarantined at ingest may be one of the records) or the file is empty.
@@ -476,15 +550,27 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     append_batch_log(spark, lake, [
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
          "status": Status.LANDED, "rows_read": f.read, "rows_landed": f.landed, "rows_quarantined": f.quarantined,
-         "rows_duplicates": f.duplicates,
+         "rows_duplicates": f.duplicates, "rows_unchanged": unchanged[d],
          "message": f"read {f.read} = landed {f.landed} + quarantined {f.quarantined_ingest} at ingest and "
-                    f"{f.quarantined_validate} at validate + {f.duplicates} duplicates" + snapshot_notes.get(d, "")}
+                    f"{f.quarantined_validate} at validate + {f.duplicates} duplicates"
+                    + (_changes_note(counts.get(d, MergeCounts()), unchanged[d]) if f.landed else "")
+                    + snapshot_notes.get(d, "")}
         for d, f in figures.items()])
     register_silver_tables(spark, lake)
     return LandOutcome(establishment_id, batch_id,
                        {d: f.landed for d, f in figures.items()},
                        {d: f.quarantined for d, f in figures.items()},
-                       {d: f.duplicates for d, f in figures.items()})
+                       {d: f.duplicates for d, f in figures.items()},
+                       unchanged=unchanged)
+
+
+def _changes_note(counts: MergeCounts, unchanged: int) -> str:
+    """What the landed rows did to silver, for the batch log's message."""
+    note = (f"; silver: {counts.inserted} inserted, {counts.updated} updated, {counts.deleted} deleted, "
+            f"{unchanged} unchanged")
+    if unchanged and not counts.changed:
+        note += " (the batch repeats what silver holds: no row changed)"
+    return note
 
 
 def reconcile(spark: SparkSession, lake: Lake, establishment_id: str | None = None) -> DataFrame:

@@ -12,21 +12,25 @@ import fnmatch
 import hashlib
 import json
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.batchlog import BatchKind, BatchRejected
-from jobs.config import Consortium
+from jobs.config import NOT_COLLECTED, Consortium
 from jobs.lake import file_reference
 from jobs.schemas import DATASETS
 
 MANIFEST = "manifest.json"
+# What the batch log records as the manifest's sha256 when ``manifest.json`` is not a regular file
+# (a directory, a link, a pipe) or cannot be read: never a sha256, so any proper manifest differs from it.
+MANIFEST_NOT_A_FILE = "not-a-regular-file"
 BUNDLE = "bundle"
-# A FHIR file of resource types the consortium does not collect (a Bulk export's Procedure.ndjson):
-# checked and counted like any file, never read; its rows are "not collected" in the batch log.
-NOT_COLLECTED = "not_collected"
+# NOT_COLLECTED (jobs.config): a file of resource types (FHIR) or a CSV file the consortium does not
+# collect (a Bulk export's Procedure.ndjson, a Synthea export's claims.csv): checked and counted like
+# any file, never read; its rows are "not collected" in the batch log.
 BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 __all__ = ["BatchRejected", "Batch", "ManifestFile", "check_batch", "ready_batches"]
@@ -187,8 +191,15 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
     if not folder.is_relative_to(base):
         raise reject("batch folder leaves the establishment's landing folder")
     manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise reject(f"no {MANIFEST}: the batch is not complete yet", MANIFEST)
+    try:
+        mode = manifest_path.lstat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise reject(f"no {MANIFEST}: the batch is not complete yet", MANIFEST) from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise reject(f"{MANIFEST} is {kind}: the landing contract asks for a regular JSON file. The establishment "
+                     "replaces it with the batch's manifest (the batch is then taken again), or a steward skips "
+                     "the batch", MANIFEST)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -218,7 +229,7 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
     extracted_at = extracted_at.astimezone(dt.timezone.utc).replace(tzinfo=None)
 
     is_csv = est.input.format == "csv"
-    allowed = set(DATASETS) | ({BUNDLE, NOT_COLLECTED} if not is_csv else set())
+    allowed = set(DATASETS) | {NOT_COLLECTED} | ({BUNDLE} if not is_csv else set())
     files: list[ManifestFile] = []
     seen: dict[str, str] = {}
     # Files are named by their place in the manifest and their reference (<batch>#<index>), never by
@@ -231,7 +242,7 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
                 raise reject(f"{where}: {problem}", ref)
         if dataset not in allowed:
             raise reject(f"{where}: unknown dataset {dataset!r} (expected one of {sorted(allowed)})", ref)
-        if is_csv and dataset not in est.input.columns:
+        if is_csv and dataset not in est.input.columns and dataset != NOT_COLLECTED:
             raise reject(f"{where}: no column mapping for dataset {dataset!r} in the establishment's profile", ref)
         problem = _path_problem(rel)
         if problem:
@@ -256,9 +267,18 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
                     raise reject(f"{where} ({ref}) line {line} holds a carriage return (CR) that does not end the "
                                  "line; records end in LF or CRLF, and a CR inside a field must be removed or "
                                  "replaced before delivery", ref)
+            # A CSV starts with its header even when it has no row, and a Bundle is a JSON object: an empty
+            # file is an export that failed, not an empty one, and in a full batch it would delete every record.
+            if (is_csv or dataset == BUNDLE) and path.stat().st_size == 0:
+                expected = "its header line, even with no row" if is_csv else "a JSON Bundle"
+                raise reject(f"{where} ({ref}) is empty (0 bytes): the landing contract asks for {expected}. "
+                             "The establishment delivers the file again (or leaves it out of the manifest when "
+                             "it has nothing to send); the batch is then taken again", ref)
             counted = _count_rows(path, dataset, has_header=is_csv, quote=est.input.quote if is_csv else None)
         except OSError as exc:
             raise reject(f"{where}: the file cannot be read: {exc.strerror or 'I/O error'}", ref) from None
+        if counted < 0:
+            raise reject(f"{where} ({ref}) is not a JSON Bundle (it does not parse as a JSON object)", ref)
         if counted != item.rows:
             raise reject(f"{where}: the file has {counted} rows, the manifest says {item.rows}", ref)
         files.append(ManifestFile(dataset=dataset, path=normalised, sha256=item.sha256, rows=item.rows))

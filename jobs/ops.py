@@ -12,7 +12,8 @@ delivered again with another manifest is a conflict), ``source_file`` (the
 file a rejection is about) and ``rows_not_collected`` (at ingest, the FHIR
 entries of a resource type the consortium does not collect, counted on the
 dataset their file is listed under; see :mod:`jobs.ingest` for how a batch's
-manifest rows add up).
+manifest rows add up) and ``rows_unchanged`` (at land, the rows landed that
+changed nothing in silver: see :mod:`jobs.land`).
 
 Who reads and writes it: every stage appends through Spark (one writer style for
 every Delta table of the lake, and Delta's optimistic commits between
@@ -59,6 +60,9 @@ BATCH_LOG_SCHEMA = StructType([
     StructField("source_file", StringType(), True),
     # Ingest: FHIR entries of a resource type the consortium does not collect (counted, not read).
     StructField("rows_not_collected", LongType(), True),
+    # Land: rows landed that changed nothing in silver (same content, older than silver, or deleting
+    # a record silver does not hold).
+    StructField("rows_unchanged", LongType(), True),
 ])
 
 assert tuple(BATCH_LOG_SCHEMA.fieldNames()) == BATCH_LOG_COLUMNS

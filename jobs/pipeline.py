@@ -6,6 +6,7 @@ what Airflow may keep in XCom. Data moves only through Delta tables.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from functools import cached_property
 
@@ -67,6 +68,31 @@ def pending(ctx: Context, establishment_id: str) -> list[str]:
     return queue(ctx, establishment_id).pending
 
 
+def one_run_per_batch(stage):
+    """Run ``stage(ctx, establishment_id, batch_id)`` holding its batch; a second run of it is logged and refused.
+
+    Two runs of one batch at once (a command while the DAG runs it) would both
+    write it and the second would fail in Delta's commit; instead it ends at
+    once with :class:`~jobs.writer_lock.BatchAlreadyRunning` and an
+    ``already_running`` entry in the batch log (stage ``run``, never blocking).
+    """
+    @functools.wraps(stage)
+    def run(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+        from jobs.writer_lock import BatchAlreadyRunning, batch_run
+
+        try:
+            with batch_run(ctx.lake.root, establishment_id, batch_id, stage.__name__):
+                return stage(ctx, establishment_id, batch_id)
+        except BatchAlreadyRunning as refused:
+            from jobs.ops import append_batch_log
+
+            append_batch_log(ctx.spark, ctx.lake, [{
+                "establishment_id": establishment_id, "batch_id": batch_id, "stage": Stage.RUN,
+                "status": Status.ALREADY_RUNNING, "message": str(refused)}])
+            raise
+    return run
+
+
 def require_key(ctx: Context) -> PseudonymKey:
     """The key, read before anything is written beyond landing.
 
@@ -76,6 +102,7 @@ def require_key(ctx: Context) -> PseudonymKey:
     return ctx.key
 
 
+@one_run_per_batch
 def ingest(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.ingest import ingest_batch
 
@@ -83,6 +110,7 @@ def ingest(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     return asdict(ingest_batch(ctx.spark, ctx.lake, ctx.settings.landing, ctx.consortium, establishment_id, batch_id))
 
 
+@one_run_per_batch
 def pseudonymise(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.pseudonymise import pseudonymise_batch
 
@@ -96,6 +124,7 @@ def _landed(ctx: Context, establishment_id: str, batch_id: str) -> bool:
     return batch_id in batches_with_status(ctx.lake, establishment_id, Stage.LAND, Status.LANDED)
 
 
+@one_run_per_batch
 def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     """Validate a batch; a batch already landed is not validated again (re-runs change nothing)."""
     from jobs.ingest import batch_kind
@@ -108,6 +137,7 @@ def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     return _summary(validate_batch(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id, kind))
 
 
+@one_run_per_batch
 def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.land import land_batch
     from jobs.maintenance import purge_transient
@@ -119,12 +149,14 @@ def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     from jobs.onboarding import hold_unless_accepted
 
     hold_unless_accepted(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id)  # onboarding: held
-    landed = _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint))
+    landed = _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint,
+                                 ctx.consortium.terminology))
     # staged/ and validated/ are transient: a landed batch leaves them (its rows are in silver now).
     purge_transient(ctx.spark, ctx.lake, establishment_id, batch_id)
     return landed
 
 
+@one_run_per_batch
 def run_batch(ctx: Context, establishment_id: str, batch_id: str) -> dict:
     """Every stage of one batch, in order."""
     return {stage: globals()[stage](ctx, establishment_id, batch_id) for stage in STAGES}

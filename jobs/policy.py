@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 
-from jobs.config import Consortium, ConfigError, Problem, Project, load_consortium, quasi_identifier_problems
+from jobs.config import (
+    Consortium,
+    ConfigError,
+    Problem,
+    Project,
+    is_record_identifier,
+    load_consortium,
+    quasi_identifier_problems,
+)
 from jobs.schemas import DATASETS, SILVER_SCHEMAS
 
 
@@ -58,6 +66,15 @@ def policy_problems(consortium: Consortium) -> list[Problem]:
                          for c in columns if c not in known or c.startswith("_")]
             if "person_id" not in columns:
                 problems.append(Problem(rel, f"datasets.{dataset}", "person_id is required"))
+        # Differential privacy: keys and bounded columns are columns the project reads, never an identifier.
+        privacy = project.privacy
+        readable = {c for columns in project.datasets.values() for c in columns}
+        for field, names in (("public_keys", list(privacy.public_keys)),
+                             ("partition_selection", privacy.partition_selection), ("bounds", list(privacy.bounds))):
+            problems += [Problem(rel, f"privacy.{field}", f"{c!r} is not a column of the project's datasets")
+                         for c in names if c not in readable]
+            problems += [Problem(rel, f"privacy.{field}", f"{c!r} is an identifier; it can never be released")
+                         for c in names if is_record_identifier(c)]
     return problems
 
 

@@ -140,6 +140,10 @@ class Parser:
         return text.try_cast("double")
 
 
+# Not a parse error: a finding on two dates that staged does not keep (see ``pseudonymise_patients``).
+DEATH_BEFORE_BIRTH = "date_order:deceased_date"
+
+
 def _error(tag: str, raw: Column, parsed: Column) -> Column:
     """``tag`` when a non-empty value did not parse, else null."""
     return F.when(_blank_to_null(raw).isNotNull() & parsed.isNull(), F.lit(tag))
@@ -212,6 +216,9 @@ def pseudonymise_patients(bronze: DataFrame, keys: Keyring, parser: Parser,
     every establishment that sends it.
     """
     birth = parser.date(F.col("birth_date"))
+    # Compared here because staged keeps neither date whole (year and month of birth, is_deceased); a death
+    # before birth is a row error of the source: validate quarantines it (plausibility.date_order).
+    death = F.coalesce(parser.date(F.col("deceased_date")), F.to_date(parser.timestamp(F.col("deceased_date"))))
     sex = F.lower(_blank_to_null(F.col("sex")))
     others = F.from_json(F.col(PERSON_IDENTIFIERS), "map<string,string>")
     candidates = []
@@ -240,7 +247,8 @@ def pseudonymise_patients(bronze: DataFrame, keys: Keyring, parser: Parser,
         _blank_to_null(F.col("deceased_date")).isNotNull().alias("is_deceased"),
         F.col("record_action"),
         F.when(is_upsert & ~valid, F.lit(FLAG_FALLBACK)).alias("person_id_flag"),
-        _errors(_error("date:year_of_birth", F.col("birth_date"), birth)).alias("_parse_errors"),
+        _errors(_error("date:year_of_birth", F.col("birth_date"), birth),
+                F.when(death < birth, F.lit(DEATH_BEFORE_BIRTH))).alias("_parse_errors"),
         *_lineage(),
     )
 

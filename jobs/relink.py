@@ -62,11 +62,14 @@ class CodeColumn:
     kind: str
     # ICD-10 (letter then two digits) or ATC (a letter): the codes with a hierarchy to climb.
     hierarchical: str
+    # The standard concept derived from the code (jobs.terminology): a function of it, so never more
+    # telling; published at the same level and suppressed with it, or it would give the code back.
+    concept: str | None = None
 
 
 CODE_COLUMNS = (
-    CodeColumn("diagnosis", "condition_source_value", "dx", r"^[A-Z][0-9]{2}"),
-    CodeColumn("medication", "drug_source_value", "rx", r"^[A-Z]([0-9]{2}.*)?$"),
+    CodeColumn("diagnosis", "condition_source_value", "dx", r"^[A-Z][0-9]{2}", "condition_concept_code"),
+    CodeColumn("medication", "drug_source_value", "rx", r"^[A-Z]([0-9]{2}.*)?$", "drug_concept_code"),
 )
 
 
@@ -322,11 +325,15 @@ def published_codes(frame: DataFrame, dataset: str, outcome: RelinkOutcome) -> D
     kept = outcome.kept.select(F.col("person_id").alias("_r_person"), F.col(ITEM).alias("_r_item"),
                                F.lit(True).alias("_r_kept"))
     item = F.concat(F.lit(f"{column.kind}:"), code)
+    concept = column.concept if column.concept in frame.columns else None
+    published = {column.column: F.col("_r_code")}
+    if concept is not None:
+        published[concept] = generalised_code(column, F.col(concept), outcome.code_level)
     return (frame.withColumn("_r_code", code).withColumn("_r_item_of_row", item)
             .join(kept, (F.col("person_id") == F.col("_r_person")) & (F.col("_r_item_of_row") == F.col("_r_item")),
                   how="left")
-            .select(*[F.when(F.col("_r_kept"), F.col("_r_code")).cast(frame.schema[c].dataType).alias(c)
-                      if c == column.column else F.col(c) for c in frame.columns]))
+            .select(*[F.when(F.col("_r_kept"), published[c]).cast(frame.schema[c].dataType).alias(c)
+                      if c in published else F.col(c) for c in frame.columns]))
 
 def declared_bound(consortium, project) -> RelinkBound:
     """The project's bound: its ``relink_risk``, each field it leaves out from ``pipeline.yaml``'s."""

@@ -228,9 +228,36 @@ STAGED_EXTRA_FIELDS = [
 def staged_schema(dataset: str) -> StructType:
     """Schema of a staged (pseudonymised, typed, not yet validated) table."""
     silver = SILVER_SCHEMAS[dataset]
-    nullable = [StructField(f.name, f.dataType, True) for f in silver.fields]
+    derived_at_land = CONCEPT_COLUMNS.get(dataset, ())
+    nullable = [StructField(f.name, f.dataType, True) for f in silver.fields if f.name not in derived_at_land]
     return StructType(nullable + STAGED_EXTRA_FIELDS)
 
 
 def silver_columns(dataset: str) -> tuple[str, ...]:
     return tuple(f.name for f in SILVER_SCHEMAS[dataset].fields)
+
+
+# ------------------------------------------------------------- concepts ----
+
+# Standard concepts beside the source values (jobs.terminology.concepts), derived at land from
+# silver's own source columns and re-derived there when a map changes: silver has them, staged
+# and validated rows do not. ``*_concept_map`` is the map (``<id>|<version>``) or rule that gave
+# the concept; 0 is "no matching concept". Lab results keep the number as sent beside
+# ``value_as_number``, which holds it in the canonical unit of its LOINC code.
+CONCEPT_FIELDS: dict[str, list[StructField]] = {
+    "patient": [StructField("gender_concept_id", IntegerType(), True),
+                StructField("gender_concept_map", StringType(), True)],
+    "encounter": [StructField("visit_concept_id", IntegerType(), True),
+                  StructField("visit_concept_map", StringType(), True)],
+    "diagnosis": [StructField("condition_concept_code", StringType(), True),
+                  StructField("condition_concept_map", StringType(), True)],
+    "lab_result": [StructField("value_source_as_number", DoubleType(), True),
+                   StructField("unit_concept_code", StringType(), True),
+                   StructField("measurement_concept_map", StringType(), True)],
+    "medication": [StructField("drug_concept_code", StringType(), True),
+                   StructField("drug_concept_map", StringType(), True)],
+}
+CONCEPT_COLUMNS: dict[str, frozenset[str]] = {
+    d: frozenset(f.name for f in CONCEPT_FIELDS.get(d, ())) for d in SILVER_SCHEMAS}
+for _dataset, _fields in CONCEPT_FIELDS.items():
+    SILVER_SCHEMAS[_dataset] = StructType(SILVER_SCHEMAS[_dataset].fields + _fields)

@@ -4,15 +4,53 @@ from __future__ import annotations
 
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
+from pyspark.sql.types import (
+    ByteType,
+    DateType,
+    DecimalType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    ShortType,
+    StringType,
+    StructType,
+    TimestampNTZType,
+    TimestampType,
+)
 
 from jobs.keys import KeyMismatchError
 
 FINGERPRINT_PROPERTY = "affluent.key_fingerprint"
 DELETION_VECTORS = "delta.enableDeletionVectors"
+STATS_COLUMNS = "delta.dataSkippingStatsColumns"
+NUM_INDEXED_COLUMNS = "delta.dataSkippingNumIndexedCols"
 
 # Write modes, named once.
 APPEND = "append"
 OVERWRITE = "overwrite"
+
+
+def stats_columns(schema: StructType, partition_by: tuple[str, ...] = ()) -> list[str]:
+    """The columns Delta may keep min/max statistics of: ids, dates and numbers, never other text.
+
+    Delta writes each file's min and max of the first 32 columns into the
+    commit log, in clear, and they outlive the rows (deletes, VACUUM): a name
+    typed into a coded field (care site, unit) would be published there. Ids
+    are pseudonyms or record keys (``person_id``, ``patient_key``, ``…_id``);
+    partition columns are in every file's path already and may not be listed.
+    """
+    numeric = (ByteType, ShortType, IntegerType, LongType, FloatType, DoubleType, DecimalType, DateType,
+               TimestampType, TimestampNTZType)
+    kept = []
+    for field in schema.fields:
+        if field.name in partition_by:
+            continue
+        is_id = isinstance(field.dataType, StringType) and (
+            field.name in ("person_id", "patient_key") or field.name.endswith("_id"))
+        if is_id or isinstance(field.dataType, numeric):
+            kept.append(field.name)
+    return kept
 
 
 def table_exists(spark: SparkSession, path: str) -> bool:
@@ -76,6 +114,10 @@ def ensure_table(spark: SparkSession, path: str, schema, fingerprint: str | None
         builder = builder.partitionedBy(*partition_by)
     if comment:
         builder = builder.comment(comment)
+    # Statistics of ids, dates and numbers only (see stats_columns); none at all when there is none of them.
+    kept = stats_columns(schema, partition_by)
+    builder = (builder.property(STATS_COLUMNS, ",".join(kept)) if kept
+               else builder.property(NUM_INDEXED_COLUMNS, "0"))
     for key, value in (properties or {}).items():
         builder = builder.property(key, value)
     if fingerprint is not None:

@@ -42,7 +42,10 @@ its own ``batch_rules``, see :meth:`jobs.config.Consortium.batch_rules`):
 - ``batch.quarantined_rate``: more than ``max_quarantined_pct`` of the rows read
   (ingest + validate quarantine) rejected, judged on datasets with at least
   :data:`MIN_ROWS_FOR_RATE` rows read (a rate over a handful of rows says nothing);
-- ``batch.column_change``: the staged columns differ from silver's.
+- ``batch.column_change``: the staged columns differ from silver's;
+- ``batch.mapped_share``: less than ``min_mapped_pct`` of the rows carrying a
+  source value get a standard concept (:mod:`jobs.terminology.coverage`); the
+  coverage is in the results and the report whatever the threshold.
 
 Any of them raises :class:`BatchRejected`; nothing of the batch is handed to land.
 
@@ -76,6 +79,7 @@ from jobs.lake import Lake
 from jobs.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.ops import append_batch_log
 from jobs.schemas import (
+    CONCEPT_COLUMNS,
     DATASETS,
     QUARANTINE_SCHEMA,
     STAGED_EXTRA_FIELDS,
@@ -111,7 +115,8 @@ ROW_RULES = (
 RULE_ROW_COUNT_DROP = "batch.row_count_drop"
 RULE_QUARANTINED_RATE = "batch.quarantined_rate"
 RULE_COLUMN_CHANGE = "batch.column_change"
-BATCH_RULES = (RULE_ROW_COUNT_DROP, RULE_QUARANTINED_RATE, RULE_COLUMN_CHANGE)
+RULE_MAPPED_SHARE = "batch.mapped_share"
+BATCH_RULES = (RULE_ROW_COUNT_DROP, RULE_QUARANTINED_RATE, RULE_COLUMN_CHANGE, RULE_MAPPED_SHARE)
 
 # Below this many rows read, the quarantined share of a dataset is not judged.
 MIN_ROWS_FOR_RATE = 20
@@ -573,6 +578,8 @@ def _expected_columns(spark: SparkSession, lake: Lake, dataset: str, observed: l
     silver = lake.silver(dataset)
     columns = (spark.read.format("delta").load(silver).columns if table_exists(spark, silver)
                else list(silver_columns(dataset)))
+    # Standard concepts are derived at land: silver has them, staged rows never do.
+    columns = [c for c in columns if c not in CONCEPT_COLUMNS.get(dataset, ())]
     extra = [f.name for f in STAGED_EXTRA_FIELDS] + list(HELPER_COLUMNS.get(dataset, ()))
     return sorted(set(columns) | set(extra))
 
@@ -702,6 +709,11 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
             quarantine_parts.append(_quarantine_rows(flagged, dataset, staged_columns, run_at))
             kept[dataset] = flagged.where(F.col("_rule").isNull()).select(*staged_columns)
 
+            mapped = _mapped_share(kept[dataset], dataset, consortium, rules, establishment_id, batch_id, run_at)
+            if mapped is not None:
+                results.append(mapped[0])
+                failures += mapped[1]
+
         # Datasets whose every row was quarantined at ingest still get a validate entry, so land sees them.
         for dataset in ingest:
             outcomes.setdefault(dataset, DatasetValidation(0, 0, 0))
@@ -746,6 +758,39 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     if failures:
         raise rules_failed(establishment_id, batch_id, failures)
     return ValidationOutcome(establishment_id, batch_id, batch_kind.value, outcomes, report, run_at.isoformat())
+
+
+# ---------------------------------------------------------- terminology ----
+
+
+def _mapped_share(kept: DataFrame, dataset: str, consortium: Consortium, rules, establishment_id: str,
+                  batch_id: str, run_at: dt.datetime) -> tuple[tuple, list[BatchRuleFailure]] | None:
+    """The batch's terminology coverage (concepts derived as land will) as a result row, and the
+    ``batch.mapped_share`` failure when less than ``min_mapped_pct`` of its source values map."""
+    from jobs.terminology.concepts import with_concepts
+    from jobs.terminology.coverage import coverage
+
+    if consortium.terminology is None:
+        return None
+    found = coverage(with_concepts(kept, dataset, consortium.terminology), dataset,
+                     consortium.pipeline.min_cell_size)
+    if not found:
+        return None
+    (c,) = found
+    # Like the quarantined share, a mapped share over a handful of rows says nothing.
+    ok = c.rows < MIN_ROWS_FOR_RATE or c.row_share >= rules.min_mapped_pct
+    observed = json.dumps({"rows_mapped_pct": round(c.row_share, 2), "values_mapped": c.values_mapped,
+                           "values": c.values,
+                           # Reports hold counts, not row values: an unmapped source value is named only when at
+                           # least min_cell_size rows share it (a code, not something typed once into a field).
+                           "unmapped": [[v, n] for v, n in c.unmapped if n is not None]})
+    row = (establishment_id, batch_id, dataset, "mapped_share", RULE_MAPPED_SHARE, KIND_BATCH, ok,
+           c.rows - c.rows_mapped, c.rows, observed, run_at)
+    failures = [] if ok else [BatchRuleFailure(
+        dataset, RULE_MAPPED_SHARE, f"{c.rows_mapped} of {c.rows} rows with a source value map to a standard "
+                                    f"concept, {c.row_share:.1f}% < {rules.min_mapped_pct:g}%; add the unmapped "
+                                    "values to a map under config/terminology/ (affluent mapping coverage)")]
+    return row, failures
 
 
 # ------------------------------------------------------------ benchmark ----

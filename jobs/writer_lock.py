@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import functools
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +65,15 @@ class LakeBusy(RuntimeError):
 
 class NoLockFolder(RuntimeError):
     """The lake is on object storage and no lock folder is configured."""
+
+
+class BatchAlreadyRunning(RuntimeError):
+    """Another run of the same batch holds it: this one changes nothing and says so."""
+
+    def __init__(self, establishment_id: str, batch_id: str, what: str, holder: str):
+        self.establishment_id, self.batch_id, self.what, self.holder = establishment_id, batch_id, what, holder
+        super().__init__(f"{what} of {establishment_id}/{batch_id}: already running ({holder}); this run changed "
+                         "nothing. The running one goes on; run it again once it has ended if it fails.")
 
 
 _held = threading.local()  # per thread: lock path -> the mode its outermost holder took
@@ -208,3 +218,46 @@ def writes_lake(mode: Mode):
         inner.lake_lock_mode = mode
         return inner
     return wrap
+
+
+# ------------------------------------------------------------ batch runs ----
+
+@contextmanager
+def batch_run(lake_root: str, establishment_id: str, batch_id: str, what: str) -> Iterator[None]:
+    """Hold one batch for the duration of the block; a second run of it raises :class:`BatchAlreadyRunning`.
+
+    Two runs of one batch (a command while the DAG runs it, two commands)
+    would both find it not yet done and both write it: the second commit then
+    fails with Delta's ``ConcurrentAppendException``. This ``flock`` lives next
+    to the writer lock (``<lock folder>/batches/``); it is not waited for, and
+    it is re-entrant per thread (``run`` holds it across its four stages).
+    """
+    folder = lock_path(lake_root).parent / "batches"
+    # The file is named by a digest: batch ids come from the command line and are checked later.
+    name = hashlib.sha256(f"{establishment_id}/{batch_id}".encode("utf-8")).hexdigest()[:32]
+    path = folder / f"{name}.lock"
+    key = str(path)
+    table = getattr(_held, "batches", None)
+    if table is None:
+        table = _held.batches = set()
+    if key in table:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    record = None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BatchAlreadyRunning(establishment_id, batch_id, what, _describe(holders(path))) from None
+        record = _record(path, Mode.EXCLUSIVE, what)
+        table.add(key)
+        try:
+            yield
+        finally:
+            table.discard(key)
+    finally:
+        if record is not None:
+            record.unlink(missing_ok=True)
+        os.close(fd)

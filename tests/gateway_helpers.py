@@ -103,3 +103,57 @@ def wait_healthy(process: subprocess.Popen, port: int, timeout: float = 60.0) ->
             pass
         time.sleep(0.2)
     raise RuntimeError("the gateway did not answer in time")
+
+
+# An aggregate-only project's small lake: 30 persons, one target (TARGET) with a rare diagnosis and lab value.
+TARGET = "p00"
+TARGET_CODE = "E10.9"
+TARGET_LAB = 250.0
+DP_PERSONS = 30
+
+
+def make_dp_lake(root: Path, target_has_code: bool = True) -> Lake:
+    """``diabetes_outcomes`` extracts for the differential-privacy tests (delta-rs only)."""
+    from deltalake import write_deltalake
+
+    lake = Lake(str(root))
+    persons = [f"p{i:02d}" for i in range(DP_PERSONS)]
+    write_deltalake(lake.project(PROJECT, "patient"), pa.table({
+        "person_id": persons, "gender_source_value": ["female" if i % 2 else "male" for i in range(DP_PERSONS)],
+        "year_of_birth": pa.array([1950 + i for i in range(DP_PERSONS)], pa.int32()),
+        "postal_prefix": ["H2X"] * DP_PERSONS}))
+    visits = [(f"v{i:02d}{k}", p) for i, p in enumerate(persons) for k in range(2)]
+    write_deltalake(lake.project(PROJECT, "encounter"), pa.table({
+        "visit_occurrence_id": [v for v, _ in visits], "person_id": [p for _, p in visits],
+        "establishment_id": ["chu_laurentides"] * len(visits),
+        "visit_start_date": [dt.date(2026, 1, 1 + i % 28) for i in range(len(visits))],
+        "visit_end_date": [dt.date(2026, 1, 1 + i % 28) for i in range(len(visits))],
+        "visit_source_value": ["=1+1" if i == 0 else "inpatient" if i % 3 else "emergency"
+                               for i in range(len(visits))],
+        "visit_concept_id": pa.array([0 if i == 0 else 9201 if i % 3 else 9203 for i in range(len(visits))],
+                                     pa.int32())}))
+    codes = [TARGET_CODE if p == TARGET and target_has_code else "E11.9" for _, p in visits]
+    write_deltalake(lake.project(PROJECT, "diagnosis"), pa.table({
+        "condition_occurrence_id": [f"c{v}" for v, _ in visits], "person_id": [p for _, p in visits],
+        "visit_occurrence_id": [v for v, _ in visits], "condition_start_date": [dt.date(2026, 1, 2)] * len(visits),
+        "condition_source_value": codes, "condition_source_vocabulary": ["ICD10CA"] * len(visits)}))
+    write_deltalake(lake.project(PROJECT, "lab_result"), pa.table({
+        "measurement_id": [f"m{v}" for v, _ in visits], "person_id": [p for _, p in visits],
+        "measurement_date": [dt.date(2026, 1, 2)] * len(visits), "measurement_source_value": ["4548-4"] * len(visits),
+        "value_as_number": [TARGET_LAB if p == TARGET else 6.0 + (i % 4) for i, (_, p) in enumerate(visits)],
+        "unit_source_value": ["%"] * len(visits)}))
+    return lake
+
+
+def make_dp_config(source: Path, target: Path, count_rounding: int | None = None, **privacy) -> Path:
+    """A copy of the shipped configuration whose aggregate-only ``diabetes_outcomes`` has ``privacy`` overrides."""
+    import yaml
+
+    shutil.copytree(source, target)
+    path = target / "projects" / f"{PROJECT}.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["privacy"].update(privacy)
+    if count_rounding is not None:
+        data["count_rounding"] = count_rounding
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return target

@@ -8,6 +8,7 @@ import pytest
 
 from jobs.consent import consented_persons, current_consent
 from jobs.schemas import SILVER_SCHEMAS
+from tests.terminology_helpers import source_schema
 
 D = dt.date
 A, B = "chu_laurentides", "hopital_riviere"
@@ -74,7 +75,7 @@ def expected_allowed(history, patients, purpose, regime, on):
 def frames(spark):
     patient = spark.createDataFrame(
         [(p, A, f"key-{p}", "nam", "female", 1980, 1, "H2X", False, "b1", EXTRACTED) for p in PATIENTS],
-        SILVER_SCHEMAS["patient"])
+        source_schema("patient"))
     consent = spark.createDataFrame(
         [(f"c{i}", p, est, purp, dec, when, vf, vu, "b1", EXTRACTED)
          for i, (p, est, purp, dec, when, vf, vu) in enumerate(HISTORY)],

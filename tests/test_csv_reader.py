@@ -232,3 +232,46 @@ def test_a_file_missing_a_column_its_derived_id_is_built_from_is_refused(spark, 
     path.write_text("PATIENT,CODE\np1,44054006\n", encoding="utf-8")
     with pytest.raises(HeaderError, match=r"no \['START'\] column\(s\), which derived_ids.diagnosis builds"):
         read_csv_file(spark, path, "diagnosis", _snapshot_profile(), LINEAGE)
+
+
+def test_a_sequence_within_derived_ids_keeps_two_same_second_measurements(spark, tmp_path):
+    """Synthea-like observations: two oxygen saturations of one patient in the same minute share the
+    derived id; with derived_id_sequence both get their own id (by content, not line order), and an
+    exact duplicate line keeps its twin's id so it is still dropped as a duplicate."""
+    from jobs.config import CsvProfile
+    from jobs.readers.csv import DERIVED_ID_SEPARATOR
+
+    columns = {"lab_result": {"DATE": "measured_at", "PATIENT": "patient_ref", "ENCOUNTER": "encounter_ref",
+                              "CODE": "loinc_code", "VALUE": "value", "UNITS": "unit"}}
+    derived = {"lab_result": ["PATIENT", "ENCOUNTER", "CODE", "DATE"]}
+    common = dict(format="csv", delimiter=",", encoding="utf-8", date_format="MM/dd/yyyy",
+                  datetime_format="MM/dd/yyyy HH:mm", default_action="upsert", columns=columns, derived_ids=derived,
+                  ignored_columns={"lab_result": ["DESCRIPTION", "TYPE"]})
+    path = tmp_path / "observations.csv"
+    path.write_text("DATE,PATIENT,ENCOUNTER,CODE,DESCRIPTION,VALUE,UNITS,TYPE\n"
+                    "03/05/2026 09:10,p1,e1,2708-6,Oxygen saturation,97.0,%,numeric\n"
+                    "03/05/2026 09:10,p1,e1,2708-6,Oxygen saturation,94.0,%,numeric\n"
+                    "03/05/2026 09:10,p1,e1,2708-6,Oxygen saturation,97.0,%,numeric\n"
+                    "03/05/2026 09:10,p1,e1,718-7,Hemoglobin,13.1,g/dL,numeric\n", encoding="utf-8")
+    s = DERIVED_ID_SEPARATOR
+    key = f"p1{s}e1{s}2708-6{s}03/05/2026 09:10"
+
+    plain = read_csv_file(spark, path, "lab_result", CsvProfile(**common), LINEAGE).bronze["lab_result"]
+    assert sorted(r.lab_result_ref for r in plain.collect()).count(key) == 3  # two records, one id
+
+    profile = CsvProfile(**common, derived_id_sequence=["lab_result"])
+    assert profile.problems() == []
+    rows = read_csv_file(spark, path, "lab_result", profile, LINEAGE).bronze["lab_result"].collect()
+    refs = {r._source_line: (r.lab_result_ref, r.value) for r in rows}
+    assert refs == {2: (f"{key}{s}2", "97.0"), 3: (f"{key}{s}1", "94.0"), 4: (f"{key}{s}2", "97.0"),
+                    5: (f"p1{s}e1{s}718-7{s}03/05/2026 09:10{s}1", "13.1")}
+
+    # Line order does not decide: the export reversed gives every row the same id.
+    path.write_text("\n".join([path.read_text(encoding="utf-8").splitlines()[0],
+                               *reversed(path.read_text(encoding="utf-8").splitlines()[1:])]) + "\n", encoding="utf-8")
+    again = read_csv_file(spark, path, "lab_result", profile, LINEAGE).bronze["lab_result"].collect()
+    assert sorted((r.lab_result_ref, r.value) for r in again) == sorted(refs.values())
+
+    unnumbered = CsvProfile(**{**common, "derived_ids": {}}, derived_id_sequence=["lab_result"])
+    assert ("derived_id_sequence.lab_result", "a sequence numbers derived ids: list the headers the record id is "
+            "built from under derived_ids.lab_result") in unnumbered.problems()

@@ -416,24 +416,63 @@ def test_bundle_components_deletes_and_resources_not_collected(spark, tmp_path):
         "bp3/component/0": (None, None, None, "delete", 3),
         "bp3/component/1": (None, None, None, "delete", 3),
         "bp4": (None, None, None, "delete", 4),
+        # component 1 is free text: dropped (and counted), component 0 lands.
+        "bp5/component/0": ("8480-6", "120", "mm[Hg]", "upsert", 5),
     }
     assert all(r["patient_ref"] == "p1" for ref, r in rows.items() if not ref.startswith(("bp3", "bp4")))
     quarantine = {r["source_line"]: r for r in result.quarantine.collect()}
-    assert sorted(quarantine) == [5, 6, 10, 11]
-    assert "Observation.component[1].valueString is free text" in quarantine[5]["reason"]
+    assert sorted(quarantine) == [6, 10, 11]
     assert "Observation.component[0].valueRange has no lab_result mapping" in quarantine[6]["reason"]
     assert quarantine[6]["dataset"] == "lab_result"
     assert "a Bundle inside a Bundle entry" in quarantine[10]["reason"] and quarantine[10]["dataset"] == "bundle"
     assert "Frobnicate is not a FHIR R4 resource type" in quarantine[11]["reason"]
     # Every entry is accounted for once: landed (whatever its rows), quarantined or not collected.
     (reads,) = result.file_reads().values()
-    assert (reads.entries, reads.to_bronze, reads.quarantined, reads.not_collected, reads.bronze_rows) == (12, 4, 4, 4, 9)
+    assert (reads.entries, reads.to_bronze, reads.quarantined, reads.not_collected, reads.bronze_rows,
+            reads.free_text_dropped) == (12, 5, 3, 4, 10, 1)
     assert reads.not_collected_types == {"DiagnosticReport": 1, "Procedure": 1, "Practitioner": 1, "Medication": 1}
     assert len({(r["_source_file"], r["_source_line"]) for r in rows.values()}) == reads.to_bronze
     # Nothing of a resource not collected, nor of a component's free text, is kept anywhere.
     everything = _quarantine_text(quarantine.values()) + str([f.collect() for f in result.bronze.values()])
     for value in ("Tremblay", "Bouchard", "Zyrtec", "dr7", "pra9", "m12"):
         assert value not in everything
+
+
+def _answer(code: str) -> dict:
+    return {"valueCodeableConcept": {"coding": [{"system": LOINC, "code": code}]}}
+
+
+def test_free_text_is_dropped_at_the_smallest_unit_and_a_coded_panel_lands(spark, tmp_path):
+    """Synthea-shaped PRAPARE panels (93025-5): coded answers land, the free-text address component is
+    dropped and counted; a panel whose only coded fact is free text is quarantined; an Observation's own
+    free text is dropped when coded components remain."""
+    prapare = [_component("56051-6", **_answer("LA33-6")),                         # Hispanic or Latino? No
+               _component("32624-9", **_answer("LA30191-3")),                      # Race
+               _component("56799-0", valueString="12 rue des Érables, Rimouski"),  # address: free text
+               _component("63586-2", valueQuantity={"value": 3, "system": UCUM, "code": "{#}"})]
+    entries = [
+        _observation("pr1", prapare),
+        _observation("pr2", [_component("56799-0", valueString="3 av. du Parc")]),
+        _observation("pr3", [_component("8480-6", **_mmhg(121))], valueString="patient anxious, Mme Gagnon"),
+        _observation("pr4", [], valueString="Dr Bouchard says fine"),
+    ]
+    for entry in entries:
+        entry["resource"]["code"]["coding"][0]["code"] = "93025-5"
+    path = _bundle(tmp_path, {"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    result = read_fhir_file(spark, path, "bundle", PROFILE, _lineage("cisss_estuaire/b/prapare.json"))
+
+    rows = {r["lab_result_ref"]: (r["loinc_code"], r["value"]) for r in result.bronze["lab_result"].collect()}
+    assert rows == {"pr1/component/0": ("56051-6", "LA33-6"), "pr1/component/1": ("32624-9", "LA30191-3"),
+                    "pr1/component/3": ("63586-2", "3"), "pr3/component/0": ("8480-6", "121")}
+    quarantine = {r["source_line"]: r["reason"] for r in result.quarantine.collect()}
+    assert sorted(quarantine) == [2, 4]
+    assert "every LOINC-coded Observation.component is free text" in quarantine[2]
+    assert "Observation.valueString is free text and is not landed" in quarantine[4]
+    (reads,) = result.file_reads().values()
+    assert (reads.entries, reads.to_bronze, reads.quarantined, reads.free_text_dropped) == (4, 2, 2, 2)
+    everything = _quarantine_text(result.quarantine.collect()) + str(result.bronze["lab_result"].collect())
+    for text in ("Érables", "Parc", "Gagnon", "Bouchard"):
+        assert text not in everything
 
 
 def test_unreadable_bundle_is_one_quarantined_row(spark, tmp_path):

@@ -154,3 +154,126 @@ def test_fhir_exports_land_components_and_count_what_is_not_collected(foreign, e
     accounted = sum(land[k].get(d, 0) for k in ("landed", "quarantined", "duplicates") for d in land["landed"])
     assert delivered == accounted - extra_rows + ingest["not_collected"]
     assert sum(land["landed"].values()) >= 0.95 * (accounted - sum(land["duplicates"].values()))
+
+
+def test_foreign_exports_get_standard_concepts_through_the_shipped_maps(foreign, capsys):
+    from jobs.terminology.coverage import MEASURED_DATASETS, coverage, render
+
+    ctx, _ = foreign
+    for est in (CSV_EST, BUNDLE_EST, BULK_EST):
+        genders = {r[0] for r in _silver(ctx, "patient", est).select("gender_concept_id").distinct().collect()}
+        assert genders == {8507, 8532}, est
+        diagnoses = {(r.condition_source_value, r.condition_concept_code)
+                     for r in _silver(ctx, "diagnosis", est).collect()}
+        assert diagnoses and all(concept != "0" for _, concept in diagnoses), est
+        assert ("44054006", "E11") in diagnoses or est != CSV_EST
+        drugs = {(r.drug_source_value, r.drug_concept_code, r.drug_concept_map)
+                 for r in _silver(ctx, "medication", est).collect()}
+        assert drugs and all(m == "rxnorm-atc|1" for _, _, m in drugs), est
+        haemoglobin = _silver(ctx, "lab_result", est).where(F.col("measurement_source_value") == "718-7").collect()
+        assert haemoglobin and all(r.unit_source_value == "g/dL" and r.unit_concept_code == "g/L"
+                                   and r.value_as_number == pytest.approx(10 * r.value_source_as_number)
+                                   for r in haemoglobin), est
+    for est in (CSV_EST, BUNDLE_EST):  # 'ambulatory' and 'outpatient' words; Encounter.class AMB
+        visits = {r[0] for r in _silver(ctx, "encounter", est).select("visit_concept_id").distinct().collect()}
+        assert visits == {9202}, est
+
+    found = [c for d in MEASURED_DATASETS for c in coverage(
+        ctx.spark.read.format("delta").load(ctx.lake.silver(d)), d, ctx.consortium.pipeline.min_cell_size)]
+    print(render(found, ctx.consortium.pipeline.min_cell_size))
+    out = capsys.readouterr().out
+    assert all(est in out for est in (CSV_EST, BUNDLE_EST, BULK_EST))
+    by_key = {(c.establishment_id, c.dataset): c for c in found}
+    assert by_key[(CSV_EST, "diagnosis")].row_share == 100.0
+    assert by_key[(CSV_EST, "medication")].row_share == 100.0
+
+
+def test_the_same_snapshot_delivered_again_changes_no_row(spark, tmp_path, monkeypatch):
+    """The CSV snapshot delivered again a week later, identical but for its manifest: every row lands,
+    none is rewritten, the change feed of every silver table shows nothing, the batch log counts them
+    as unchanged."""
+    from jobs import pipeline
+    from jobs.ops import read_batch_log
+    from jobs.settings import Settings
+    from jobs.tables import table_version
+
+    config = _onboard(tmp_path)
+    for name, value in {"AFFLUENT_LAKE_ROOT": str(tmp_path / "lake"), "AFFLUENT_LANDING_ROOT": str(tmp_path / "landing"),
+                        "AFFLUENT_CONFIG_DIR": str(config), "AFFLUENT_PSEUDONYM_KEY": TEST_KEY}.items():
+        monkeypatch.setenv(name, value)
+    ctx = pipeline.Context(Settings.from_env())
+    ctx.__dict__["spark"] = spark
+    first = next((tmp_path / "landing" / CSV_EST).iterdir())
+    landed = pipeline.run_batch(ctx, CSV_EST, first.name)["land"]
+
+    again = first.parent / "20261108-full"
+    shutil.copytree(first, again)
+    manifest = json.loads((again / "manifest.json").read_text())
+    manifest |= {"batch_id": again.name, "extracted_at": "2026-11-08T02:00:00Z"}
+    (again / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    datasets = [d for d, n in landed["landed"].items() if n]
+    before = {d: (table_version(spark, ctx.lake.silver(d)), _silver(ctx, d, CSV_EST).collect()) for d in datasets}
+
+    assert pipeline.pending(ctx, CSV_EST) == [again.name]
+    land = pipeline.run_batch(ctx, CSV_EST, again.name)["land"]
+    assert land["landed"] == landed["landed"] and land["unchanged"] == land["landed"]
+    for dataset, (version, rows) in before.items():
+        assert sorted(_silver(ctx, dataset, CSV_EST).collect()) == sorted(rows), dataset
+        feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0)
+                .load(ctx.lake.silver(dataset)).where(F.col("_commit_version") > version))
+        assert feed.count() == 0, dataset
+    log = read_batch_log(spark, ctx.lake).where((F.col("batch_id") == again.name) & (F.col("stage") == "land"))
+    assert {r.dataset: (r.rows_landed, r.rows_unchanged) for r in log.collect() if r.rows_landed} == {
+        d: (n, n) for d, n in land["landed"].items() if n}
+
+
+def test_csv_files_not_collected_are_counted_per_file_and_never_read(spark, tmp_path):
+    """A Synthea-like export's claims and procedures files, listed as not collected in the CSV profile:
+    the batch is taken, each file's rows are counted in the batch log by file reference, none is read
+    (a body line that would be quarantined if parsed is not), and the manifest's rows add up."""
+    import hashlib
+
+    from jobs.config import load_consortium
+    from jobs.ingest import ingest_batch
+    from jobs.lake import Lake
+    from jobs.ops import read_batch_log
+
+    config = _onboard(tmp_path)
+    profile_path = config / "establishments" / f"{CSV_EST}.yaml"
+    profile = yaml.safe_load(profile_path.read_text(encoding="utf-8"))
+    profile["input"]["files"]["not_collected"] = ["claims_*.csv", "procedures_*.csv"]
+    profile_path.write_text(yaml.safe_dump(profile, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    consortium = load_consortium(config)
+
+    landing = tmp_path / "landing"
+    folder = next((landing / CSV_EST).iterdir())
+    extra = {
+        "claims_20261101.csv": b"Id,PATIENTID,PROVIDERID,PRIMARYPATIENTINSURANCEID,DIAGNOSIS1,OUTSTANDING1\n"
+                               b"c1,59c73cd0,pr1,ins1,44054006,12.5\n"
+                               b"c2,\xff\xfe not UTF-8 at all,pr1,,,\n"
+                               b"c3,\"a, quoted\nfield over two lines\",pr2,,,\n",
+        "procedures_20261101.csv": b"START,STOP,PATIENT,ENCOUNTER,SYSTEM,CODE,DESCRIPTION,BASE_COST\n"
+                                   b"2026-03-05T09:10:00Z,,59c73cd0,80c7cfa0,http://snomed.info/sct,430193006,"
+                                   b"Medication reconciliation (procedure),307.0\n",
+    }
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name, content in extra.items():
+        (folder / name).write_bytes(content)
+        rows = 3 if name.startswith("claims") else 1  # a quoted line break continues its record
+        manifest["files"].append({"path": name, "sha256": hashlib.sha256(content).hexdigest(), "rows": rows})
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+    lake = Lake(str(tmp_path / "lake"))
+    outcome = ingest_batch(spark, lake, landing, consortium, CSV_EST, folder.name)
+    assert outcome.not_collected == 4
+    assert "not_collected" not in outcome.bronze and "not_collected" not in outcome.quarantined
+    log = {r.dataset: r for r in read_batch_log(spark, lake).where(F.col("stage") == "ingest").collect()}
+    entry = log["not_collected"]
+    assert (entry.status, entry.rows_read, entry.rows_not_collected) == ("ingested", 0, 4)
+    assert entry.message == f"4 entries not collected; files not collected, never read: {folder.name}#5 3 rows, " \
+                            f"{folder.name}#6 1 rows"
+    quarantine = spark.read.format("delta").load(lake.quarantine())
+    assert quarantine.where(F.col("source_file").isin(f"{folder.name}#5", f"{folder.name}#6")).count() == 0
+    # Per batch: rows in the manifest = rows read + rows not collected.
+    assert sum(f["rows"] for f in manifest["files"]) == sum((r.rows_read or 0) + (r.rows_not_collected or 0)
+                                                          for r in log.values())

@@ -164,13 +164,18 @@ def test_delta_sharing_other_project_and_revoked_tokens_get_nothing(running, tmp
     assert unauthenticated.value.response.status_code == 401
 
 
-def test_demo_step_queries_through_its_own_gateway(running, capsys):
+def test_demo_step_queries_through_its_own_gateway(tmp_path, capsys):
+    """The demo's aggregate-only project: a differentially private answer with its epsilon and intervals."""
     from jobs.gateway.demo import show
+    from jobs.gateway.tokens import default_store_path
+    from tests.gateway_helpers import make_dp_lake
 
-    assert show(running["lake"].root, running["config"]) == 0
+    lake = make_dp_lake(tmp_path / "lake")
+    assert show(lake.root, CONFIG_DIR) == 0
     out = capsys.readouterr().out
-    assert "confined by Landlock" in out and "inpatient" in out and "audit event" in out
-    demo_tokens = [r for r in running["store"].records().values() if r.token_id in out]
+    assert "confined by Landlock" in out and "audit event" in out and "visits_low95" in out
+    assert "9202" in out and "spent epsilon 0.1" in out
+    demo_tokens = [r for r in TokenStore(default_store_path(lake.root)).records().values() if r.token_id in out]
     assert len(demo_tokens) == 1 and demo_tokens[0].revoked_at  # the demo's token dies with its gateway
 
 
@@ -192,3 +197,69 @@ def test_file_urls_are_audited_and_die_with_their_token(running):
     files = [r for r in read_audit(running["lake"]).to_pylist()
              if r["token_id"] == record.token_id and (r["reason"] or "").startswith(("file", "token"))]
     assert [r["outcome"] for r in files] == ["allowed", "refused"] and files[0]["user"] == MEMBER
+
+
+def test_killed_query_leaves_its_requested_row(running, tmp_path):
+    """kill -9 while a query runs: the audit keeps the request, and the chain stays intact."""
+    import threading
+    import time
+
+    import httpx
+
+    from jobs.gateway.audit import read_audit, verify
+
+    port = free_port()
+    process = start_gateway(running["lake"], running["config"], port)
+    wait_healthy(process, port)
+    token, _ = running["store"].issue(PROJECT, MEMBER)
+    sql = "SELECT count(*) AS n FROM " + ", ".join(f"encounter e{i}" for i in range(8))  # 30^8 rows to count
+
+    def ask():
+        try:
+            httpx.post(f"http://127.0.0.1:{port}/v1/projects/{PROJECT}/query", json={"sql": sql},
+                       headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        except httpx.HTTPError:
+            pass  # the gateway dies under it
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(r["sql"] == sql for r in read_audit(running["lake"]).to_pylist()):
+        time.sleep(0.1)
+    process.kill()
+    process.wait(timeout=10)
+    thread.join(timeout=30)
+    rows = [r for r in read_audit(running["lake"]).to_pylist() if r["sql"] == sql]
+    assert [r["outcome"] for r in rows] == ["requested"] and rows[0]["user"] == MEMBER
+    assert verify(running["lake"]).ok
+
+
+def test_confined_gateway_answers_an_aggregate_only_project_and_keeps_its_budget(tmp_path):
+    """The shipped configuration (aggregate-only): OpenDP runs under Landlock, the ledger survives a restart."""
+    import httpx
+
+    from jobs import clock
+    from jobs.config import load_consortium
+    from jobs.privacy_budget import balance
+    from tests.gateway_helpers import make_dp_lake
+
+    lake = make_dp_lake(tmp_path / "lake")
+    store = TokenStore(Path(lake.root) / "access" / "tokens.jsonl")
+    token, _ = store.issue(PROJECT, MEMBER)
+    sql = "SELECT visit_source_value, count(*) AS visits FROM encounter GROUP BY visit_source_value"
+    lefts = []
+    for _ in range(2):  # a second process reads the ledger the first one wrote
+        port = free_port()
+        process = start_gateway(lake, CONFIG_DIR, port)
+        try:
+            wait_healthy(process, port)
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/projects/{PROJECT}/query", json={"sql": sql},
+                                  headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            assert response.status_code == 200, response.text
+            lefts.append(response.json()["privacy"]["budget_left"]["epsilon"])
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    assert lefts == pytest.approx([0.9, 0.8])
+    project = load_consortium(CONFIG_DIR).projects[PROJECT]
+    assert balance(lake, project, MEMBER, clock.today()).member_epsilon == pytest.approx(0.8)

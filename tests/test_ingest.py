@@ -178,7 +178,8 @@ def test_fhir_components_and_resources_not_collected_reconcile_per_file_and_reac
     lake = Lake(str(tmp_path / "lake"))
     landing = tmp_path / "landing"
     # A batch log written before rows_not_collected existed: ingest appends to it all the same.
-    legacy = StructType([f for f in BATCH_LOG_SCHEMA.fields if f.name != "rows_not_collected"])
+    newer = ("rows_not_collected", "rows_unchanged")
+    legacy = StructType([f for f in BATCH_LOG_SCHEMA.fields if f.name not in newer])
     (spark.createDataFrame([("cisss_estuaire", "20260101-001", None, "steward", "skipped", None, None, None, None,
                              "set aside", None, dt.datetime(2026, 1, 2), None, None, None)], legacy)
      .write.format("delta").save(lake.ops("batch_log")))
@@ -226,3 +227,37 @@ def test_fhir_components_and_resources_not_collected_reconcile_per_file_and_reac
     entries = {e["batch_id"] + (e["dataset"] or ""): e for e in batch_log_entries(lake, "cisss_estuaire")}
     assert entries["20260101-001"]["rows_not_collected"] is None
     assert entries["20260105-001bundle"]["rows_not_collected"] == 2
+
+
+def test_a_rejected_batch_ends_the_run_with_the_line_batches_shows_and_redelivery_takes_it_again(
+        spark, landed, monkeypatch, capsys):
+    """`affluent run` on a batch breaking the landing contract: one line on stderr, no traceback, a non-zero
+    exit; `affluent batches` shows the same line, which says re-delivery is enough; a corrected manifest
+    makes the batch pending again without a retry."""
+    from jobs.cli import EXIT_STOPPED, main
+    from jobs.config import load_consortium
+    from tests.conftest import CONFIG_DIR, TEST_KEY
+
+    lake, landing = landed
+    folder = landing / "chu_laurentides" / "20260105-001"
+    _edit_manifest(folder, lambda m: m["files"][0].update(rows=99))
+    for name, value in {"AFFLUENT_LAKE_ROOT": lake.root, "AFFLUENT_LANDING_ROOT": str(landing),
+                        "AFFLUENT_CONFIG_DIR": str(CONFIG_DIR), "AFFLUENT_PSEUDONYM_KEY": TEST_KEY}.items():
+        monkeypatch.setenv(name, value)
+
+    assert main(["run", "--establishment", "chu_laurentides"]) == EXIT_STOPPED
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    line = err.strip()
+    assert line.startswith("chu_laurentides: queue blocked by 20260105-001, blocked at ingest (file 20260105-001#0)")
+    assert "the file has 3 rows, the manifest says 99" in line
+    assert "re-delivers it (corrected files and manifest.json): it is taken again by itself, no retry needed" in line
+
+    assert main(["batches", "--establishment", "chu_laurentides"]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    # Nothing to run while the queue is blocked: the same line, the same exit.
+    assert main(["run", "--establishment", "chu_laurentides"]) == EXIT_STOPPED
+    assert capsys.readouterr().err.strip() == line
+
+    _edit_manifest(folder, lambda m: m["files"][0].update(rows=3))  # re-delivered, corrected
+    assert pending_batches(lake, landing, load_consortium(CONFIG_DIR), "chu_laurentides") == ["20260105-001"]

@@ -226,3 +226,51 @@ def test_changes_are_marked_with_deletion_vectors_and_purged_by_maintenance(spar
     assert b"UNIT-SENT-THEN-DELETED" not in files()
     assert {r.visit_occurrence_id: r.visit_source_value for r in spark.read.format("delta").load(silver).collect()} \
         == {"v1": "outpatient"} | {f"v{i}": "inpatient" for i in range(2, 7)}
+
+
+def _changes(spark, path: str, after: int):
+    """The change feed's rows committed after table version ``after``."""
+    return (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 0).load(path)
+            .where(F.col("_commit_version") > after).select("visit_occurrence_id", "_change_type").collect())
+
+
+def test_an_identical_redelivery_changes_no_row_and_feeds_no_change(spark, landed, consortium):
+    """The same records delivered again as a new batch all land and change nothing: same rows, same
+    files, an empty change feed, and the batch log says how many were unchanged."""
+    from jobs.ops import read_batch_log
+
+    lake = landed  # b1 (v1, v2) landed
+    path = lake.silver("encounter")
+    before = {tuple(r) for r in spark.read.format("delta").load(path).collect()}
+    files, version = set(spark.read.format("delta").load(path).inputFiles()), table_version(spark, path)
+
+    outcome = run_batch(spark, lake, consortium, "b2", {"encounter": [enc("v1"), enc("v2")]}, EXTRACTED + DAY,
+                        kind="full")
+    assert outcome.landed == {"encounter": 2} and outcome.unchanged == {"encounter": 2}
+    assert {tuple(r) for r in spark.read.format("delta").load(path).collect()} == before  # _batch_id still b1
+    assert set(spark.read.format("delta").load(path).inputFiles()) == files
+    assert _changes(spark, path, version) == []
+    entry = read_batch_log(spark, lake).where("batch_id = 'b2' AND stage = 'land'").first()
+    assert (entry.rows_landed, entry.rows_unchanged) == (2, 2)
+    assert "0 inserted, 0 updated, 0 deleted, 2 unchanged" in entry.message and "no row changed" in entry.message
+
+    # One record changed, one the same, one new: only the first and the last reach silver and its feed.
+    version = table_version(spark, path)
+    outcome = run_batch(spark, lake, consortium, "b3", {"encounter": [enc("v1", visit_source_value="outpatient"),
+                                                                      enc("v2"), enc("v3")]}, EXTRACTED + 2 * DAY)
+    assert outcome.unchanged == {"encounter": 1}
+    assert sorted((r.visit_occurrence_id, r._change_type) for r in _changes(spark, path, version)) == [
+        ("v1", "update_postimage"), ("v1", "update_preimage"), ("v3", "insert")]
+    batches = {r.visit_occurrence_id: r._batch_id for r in spark.read.format("delta").load(path).collect()}
+    assert batches == {"v1": "b3", "v2": "b1", "v3": "b3"}
+    entry = read_batch_log(spark, lake).where("batch_id = 'b3' AND stage = 'land'").first()
+    assert entry.rows_unchanged == 1 and "1 inserted, 1 updated, 0 deleted, 1 unchanged" in entry.message
+
+
+def test_content_comparison_leaves_out_key_establishment_and_lineage():
+    from jobs.land import content_columns, content_differs
+
+    columns = content_columns("encounter")
+    assert "visit_source_value" in columns and "person_id" in columns
+    assert not {"visit_occurrence_id", "establishment_id", "_batch_id", "_extracted_at"} & set(columns)
+    assert content_differs("encounter").startswith("NOT (t.`person_id` <=> s.`person_id` AND")

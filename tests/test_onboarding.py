@@ -68,6 +68,15 @@ def test_an_onboarding_establishment_lands_only_once_its_profile_is_accepted(spa
         pipeline.land(ctx, EST, BATCH)
     queue = pipeline.queue(ctx, EST)
     assert queue.blocked_by.status == Status.HELD and queue.pending == []
+    # From the command line: the line `affluent batches` shows, a non-zero exit, no traceback.
+    from jobs.cli import EXIT_STOPPED
+
+    capsys.readouterr()
+    assert main(["land", "--establishment", EST, "--batch", BATCH]) == EXIT_STOPPED
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == queue.explain() and "Traceback" not in err
+    assert main(["run", "--establishment", EST]) == EXIT_STOPPED
+    assert capsys.readouterr().err.strip() == queue.explain()
     assert not (tmp_path / "lake" / "silver" / "patient").exists()  # nothing landed
 
     assert main(["onboarding", "accept", EST, "--reason", "reports reviewed with the establishment"]) == 0

@@ -106,6 +106,7 @@ def test_a_table_keyed_with_another_key_refuses_the_write(spark, consortium, key
 @pytest.mark.parametrize("env, error, hint", [
     ({}, MissingKeyError, "Set AFFLUENT_PSEUDONYM_KEY"),
     ({"AFFLUENT_PSEUDONYM_KEY": "short-secret"}, WeakKeyError, "at least 32 are required"),
+    ({"AFFLUENT_PSEUDONYM_KEY": "correct horse battery staple is my secret key!!"}, WeakKeyError, "affluent key generate"),
     ({"AFFLUENT_PSEUDONYM_KEY_FILE": "/nonexistent/key"}, MissingKeyError, "does not exist"),
 ])
 def test_missing_or_short_key_stops_with_what_to_set(env, error, hint):

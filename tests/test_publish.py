@@ -20,6 +20,7 @@ from jobs.lake import Lake
 from jobs.policy import PolicyError
 from jobs.publish import MANIFEST, publish
 from jobs.schemas import SILVER_SCHEMAS
+from tests.terminology_helpers import silver_frame
 
 from tests.conftest import CONFIG_DIR, TEST_KEY
 
@@ -75,8 +76,7 @@ def build_history():
 
 def write_silver(spark, lake: Lake, rows) -> None:
     for dataset, data in rows.items():
-        spark.createDataFrame(data, SILVER_SCHEMAS[dataset]).write.format("delta").mode("overwrite").save(
-            lake.silver(dataset))
+        silver_frame(spark, dataset, data).write.format("delta").mode("overwrite").save(lake.silver(dataset))
 
 
 def config_copy(tmp: Path, tweak=None) -> Path:

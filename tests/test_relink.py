@@ -108,3 +108,17 @@ def test_a_person_unique_across_two_extracts_loses_the_codes_that_re_link_them(s
     assert f["relinked_unique_before"] >= 1 and f["relinked_unique_after"] == 0 and f["relinked_under_k_after"] == 0
     kept = {r[ITEM] for r in outcome.kept.where(F.col("person_id") == "x").collect()}
     assert kept != {"dx:E11.9", "dx:I10", "dx:J45.9"}
+
+
+def test_a_code_s_standard_concept_is_published_and_suppressed_with_it(spark):
+    """The concept derived from a code would give a suppressed code back: it follows the code's fate."""
+    rows = [(f"p{i}", "F", 1960, ["E11.9", "I10"]) for i in range(6)] + [("p6", "F", 1960, ["E11.9", "C50.9"])]
+    demo, dx = _people(spark, rows)
+    dx = dx.withColumn("condition_concept_code", F.substring("condition_source_value", 1, 3))
+    outcome = enforce("p", demo, ["sex", "year"], 1, None, {"diagnosis": dx}, [], RelinkBound(3, 2, 0.2))
+    published = published_codes(dx, "diagnosis", outcome)
+    pairs = {(r.condition_source_value, r.condition_concept_code)
+             for r in published.where(F.col("person_id") == "p6").collect()}
+    assert pairs == {("E11.9", "E11"), (None, None)}  # C50.9 suppressed, and its category C50 with it
+    coarse = published_codes(dx, "diagnosis", outcome.__class__(4, outcome.kept, outcome.figures))
+    assert {r.condition_concept_code for r in coarse.collect()} <= {"E", "I", "C", None}

@@ -18,3 +18,5 @@ request, allowed or refused, is in the tamper-evident audit
 # The audit table under ops/ (named here so that the start-up code can confine the
 # process before anything imports pyarrow).
 ACCESS_AUDIT = "access_audit"
+# The privacy-budget ledger of aggregate-only projects under ops/ (see jobs.privacy_budget).
+PRIVACY_LEDGER = "privacy_ledger"

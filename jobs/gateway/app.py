@@ -156,13 +156,26 @@ def _event(consortium: Consortium | None, project_id: str, user: str, token_id: 
     return event
 
 
-def _run(gateway: Gateway, event: dict, project, sql: str) -> tuple[access.Answer, dict]:
-    """Answer ``sql`` and audit the outcome; the returned row is durable before the caller responds."""
+def _run(gateway: Gateway, event: dict, project, sql: str, render=None) -> tuple[access.Answer, dict, object]:
+    """Answer ``sql``, render it (JSON rows by default) and audit the outcome, durable before the caller responds.
+
+    A ``requested`` row (with the budget the query will spend) is durable
+    before the query reads data, so a query killed mid-way leaves its request.
+    """
+    def requested(note: str) -> str:
+        return gateway.write(event | {"outcome": access.OUTCOME_REQUESTED, "reason": note})["event_id"]
+
     try:
-        result = access.answer(gateway.lake, project, sql, gateway.limits)
+        result = access.answer(gateway.lake, project, sql, gateway.limits, user=event["user"], on_start=requested)
+        # Rendered before the outcome row, so that a result that cannot be rendered is not audited as allowed.
+        rendered = render(result.table) if render is not None else _json_rows(result.table)
     except AccessDenied as exc:
         gateway.write(event | {"outcome": access.OUTCOME_REFUSED, "reason": str(exc)[:1000]})
         raise GatewayError(400, "QUERY_REFUSED", str(exc)) from None
+    except RecursionError:
+        reason = "the query is nested too deeply"
+        gateway.write(event | {"outcome": access.OUTCOME_REFUSED, "reason": reason})
+        raise GatewayError(400, "QUERY_REFUSED", reason) from None
     except Exception as exc:
         row = gateway.write(event | {"outcome": access.OUTCOME_FAILED,
                                      "reason": f"{type(exc).__name__}: {exc}"[:1000]})
@@ -177,7 +190,7 @@ def _run(gateway: Gateway, event: dict, project, sql: str) -> tuple[access.Answe
     notes = ([f"{result.suppressed_cells} cell(s) suppressed"] if result.suppressed_cells else []) + result.notes
     row = gateway.write(event | {"outcome": access.OUTCOME_ALLOWED, "rows_returned": result.table.num_rows,
                                  "reason": "; ".join(notes)[:1000] or None})
-    return result, row
+    return result, row, rendered
 
 
 def _compile_error(exc: Exception) -> bool:
@@ -223,9 +236,13 @@ def create_app(settings: GatewaySettings, temp_dir: Path | None = None, confined
     @app.post("/v1/projects/{project_id}/query")
     def query(project_id: str, body: QueryRequest, request: Request):
         _, project, event = gateway.authorise(request, project_id, access.ACTION_QUERY, body.sql)
-        result, row = _run(gateway, event, project, body.sql)
-        return {"columns": result.table.column_names, "rows": _json_rows(result.table),
+        result, row, rows = _run(gateway, event, project, body.sql)
+        body = {"columns": result.table.column_names, "rows": rows,
                 "suppressed_cells": result.suppressed_cells, "notes": result.notes, "audit_event": row["event_id"]}
+        if result.epsilon is not None:
+            body["privacy"] = {"epsilon": result.epsilon, "delta": result.delta, "budget_left": result.budget_left,
+                               "interval": "95 %: <column>_low95 .. <column>_high95"}
+        return body
 
     @app.post("/v1/projects/{project_id}/export")
     def export(project_id: str, body: ExportRequest, request: Request):
@@ -235,12 +252,14 @@ def create_app(settings: GatewaySettings, temp_dir: Path | None = None, confined
             reason = f"unknown export format {body.format!r}; use one of {', '.join(access.EXPORT_FORMATS)}"
             gateway.write(event | {"outcome": access.OUTCOME_REFUSED, "reason": reason})
             raise GatewayError(400, "QUERY_REFUSED", reason)
-        result, row = _run(gateway, event, project, body.sql)
-        payload = access.encode(result.table, body.format)
+        result, row, payload = _run(gateway, event, project, body.sql,
+                                    render=lambda table: access.encode(table, body.format))
         media = "text/csv; charset=utf-8" if body.format == "csv" else "application/vnd.apache.parquet"
         return Response(payload, media_type=media, headers={
             "x-affluent-audit-event": row["event_id"], "x-affluent-rows": str(result.table.num_rows),
-            "x-affluent-suppressed-cells": str(result.suppressed_cells)})
+            "x-affluent-suppressed-cells": str(result.suppressed_cells)}
+            | ({"x-affluent-epsilon": f"{result.epsilon:g}", "x-affluent-delta": f"{result.delta:g}"}
+               if result.epsilon is not None else {}))
 
     sharing.add_routes(app, gateway)
     return app

@@ -11,8 +11,15 @@ previous row as ``prev_hash`` and their own ``row_hash`` = SHA-256 of the
 canonical JSON of the row (every column but ``row_hash``, ``prev_hash``
 included). :func:`verify` recomputes the chain: an altered row breaks its own
 hash, a deleted one breaks the next row's ``prev_hash`` and leaves a gap in
-``seq``. Deleting the newest rows is only detectable against a copy of the
-last hash kept elsewhere (``affluent audit verify`` prints it to record).
+``seq``; a Delta commit that is not an append (a DELETE, an overwrite) is
+reported. Deleting the newest rows, or rewriting the chain from some row on,
+is detected against the last *anchor*: a copy of the head (seq, hash, Delta
+version), HMAC-signed, that ``affluent audit anchor`` (a steward, or the daily
+maintenance) writes to ``ops/audit_anchors/``, where the gateway cannot write.
+
+Each query leaves a ``requested`` row once it has passed its checks and
+before it reads data, then its outcome row: a query killed mid-way leaves
+its request.
 
 One writer at a time: the gateway takes an exclusive file lock
 (``_writer.lock`` in the audit folder, or in the gateway's private temp folder
@@ -252,6 +259,107 @@ def verify_rows(rows: list[dict]) -> Verification:
     return Verification(rows=len(rows), problems=problems, last_hash=expected_prev)
 
 
-def verify(lake: Lake) -> Verification:
-    """Verify the audit chain of ``lake``."""
-    return verify_rows(read_audit(lake).to_pylist())
+def _history_problems(uri: str) -> list[str]:
+    """Commits of the audit table that are not plain appends (a delete, an overwrite, a compaction)."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(uri):
+        return []
+    problems = []
+    for commit in DeltaTable(uri).history():
+        operation = commit.get("operation")
+        mode = (commit.get("operationParameters") or {}).get("mode")
+        removed = int((commit.get("operationMetrics") or {}).get("num_removed_files") or 0)
+        if operation not in ("WRITE", "CREATE TABLE") or (mode and mode != "Append") or removed:
+            problems.append(f"version {commit.get('version')} of the audit table is a {operation} "
+                            f"{mode or ''} that removed {removed} file(s): the audit was rewritten")
+    return problems
+
+
+# ------------------------------------------------------------ anchors ----
+# A signed copy of the chain's head, kept where the gateway cannot write (its
+# Landlock rules open only ops/access_audit and ops/privacy_ledger). Written by
+# a steward (``affluent audit anchor``) or the daily maintenance; ``verify``
+# then detects a truncation or a rewrite of everything up to the last anchor.
+AUDIT_ANCHORS = "audit_anchors"
+ANCHOR_FILE = "anchors.jsonl"
+ENV_ANCHOR_KEY = "AFFLUENT_AUDIT_ANCHOR_KEY"
+
+
+def anchors_path(lake: Lake) -> Path:
+    return Path(lake.ops(AUDIT_ANCHORS)) / ANCHOR_FILE
+
+
+def _anchor_signature(anchor: dict, key: bytes) -> str:
+    import hmac
+
+    body = {k: v for k, v in anchor.items() if k != "signature"}
+    return hmac.new(key, json.dumps(body, sort_keys=True).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _anchor_key() -> bytes | None:
+    value = os.environ.get(ENV_ANCHOR_KEY, "")
+    return value.encode("utf-8") if value else None
+
+
+def read_anchors(lake: Lake) -> list[dict]:
+    path = anchors_path(lake)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def anchor(lake: Lake, key: bytes | None = None) -> dict:
+    """Record the chain's current head (seq, row hash, Delta version), signed with ``key`` when given.
+
+    Raises :class:`AuditError` when the chain is already broken (an anchor must not bless a tampered audit).
+    """
+    from deltalake import DeltaTable
+
+    if "://" in lake.root:
+        raise AuditError("audit anchors are kept in a local ops folder; keep the anchors of a remote lake with a "
+                         "steward (the printed head of `affluent audit verify`)")
+    key = key if key is not None else _anchor_key()
+    result = verify(lake)
+    if not result.ok:
+        raise AuditError("the audit chain is broken; anchoring refused: " + "; ".join(result.problems[:3]))
+    uri = delta_uri(audit_path(lake))
+    version = DeltaTable(uri).version() if DeltaTable.is_deltatable(uri) else -1
+    head = {"seq": result.rows - 1, "row_hash": result.last_hash, "rows": result.rows, "version": version,
+            "at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    head["signature"] = _anchor_signature(head, key) if key else None
+    path = anchors_path(lake)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(head, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return head
+
+
+def _anchor_problems(lake: Lake, rows: list[dict], key: bytes | None) -> list[str]:
+    problems = []
+    by_seq = {r["seq"]: r for r in rows}
+    anchors = read_anchors(lake)
+    for number, head in enumerate(anchors, start=1):
+        if key is not None and head.get("signature") != _anchor_signature(head, key):
+            problems.append(f"anchor {number} ({head.get('at')}): signature does not match (the anchor was edited)")
+    if anchors:
+        last = anchors[-1]
+        row = by_seq.get(last["seq"])
+        if len(rows) < last["rows"] or row is None:
+            problems.append(f"the audit has {len(rows)} row(s) but was anchored at {last['rows']} on {last['at']}: "
+                            "rows were removed (truncated)")
+        elif row["row_hash"] != last["row_hash"]:
+            problems.append(f"row seq {last['seq']} does not match the anchor of {last['at']}: the audit was "
+                            "rewritten up to the anchor")
+    return problems
+
+
+def verify(lake: Lake, key: bytes | None = None) -> Verification:
+    """Verify the audit chain of ``lake``, its Delta history (appends only) and its last anchor."""
+    rows = read_audit(lake).to_pylist()
+    result = verify_rows(rows)
+    extra = _history_problems(delta_uri(audit_path(lake))) + _anchor_problems(
+        lake, rows, key if key is not None else _anchor_key())
+    return Verification(rows=result.rows, problems=result.problems + extra, last_hash=result.last_hash)

@@ -41,6 +41,8 @@ class QueryResult:
     suppressed_cells: int
     notes: list[str]
     audit_event: str
+    # Differentially private answers: epsilon, delta and the budget left (None for row-level projects).
+    privacy: dict | None = None
 
     def to_text(self, limit: int = 50) -> str:
         widths = [max([len(str(c))] + [len(str(r[i])) for r in self.rows[:limit]]) for i, c in enumerate(self.columns)]
@@ -92,7 +94,7 @@ class GatewayClient:
     def query(self, project: str, sql: str) -> QueryResult:
         data = self._post(f"/v1/projects/{project}/query", {"sql": sql}).json()
         return QueryResult(columns=data["columns"], rows=data["rows"], suppressed_cells=data["suppressed_cells"],
-                           notes=data["notes"], audit_event=data["audit_event"])
+                           notes=data["notes"], audit_event=data["audit_event"], privacy=data.get("privacy"))
 
     def export(self, project: str, sql: str, fmt: str = "csv") -> Export:
         response = self._post(f"/v1/projects/{project}/export", {"sql": sql, "format": fmt})

@@ -19,8 +19,10 @@ from jobs.gateway.confine import KEY_VARIABLES, landlock_abi
 
 DEMO_PROJECT = "diabetes_outcomes"
 DEMO_MEMBER = "alice.tremblay"
-DEMO_SQL = ("SELECT visit_source_value, count(DISTINCT person_id) AS persons, count(*) AS visits "
-            "FROM encounter GROUP BY visit_source_value ORDER BY visits DESC")
+# Visits per standard visit concept (OMOP 9201 inpatient, 9202 outpatient, 9203 emergency): one row per
+# concept across establishments, whether they sent FHIR's ActCode (AMB) or words (outpatient).
+# diabetes_outcomes is aggregate-only: the answer is differentially private, with a 95 % interval per cell.
+DEMO_SQL = "SELECT visit_concept_id, count(*) AS visits FROM encounter GROUP BY visit_concept_id"
 
 
 def _free_port() -> int:
@@ -75,6 +77,11 @@ def show(lake_root: str, config_dir: str | Path, project: str = DEMO_PROJECT, us
             print(result.to_text())
             for note in result.notes:
                 print(f"note: {note}")
+            if result.privacy:
+                left = result.privacy["budget_left"]
+                print(f"privacy: this answer spent epsilon {result.privacy['epsilon']:g} of {user}'s budget; "
+                      f"{left['epsilon']:g} left for {left['period']}. Each *_low95/*_high95 pair is the cell's "
+                      "95 % interval: the true value lies in it 19 times out of 20.")
             print(f"(audit event {result.audit_event}; `affluent audit verify` checks the chain)")
         finally:
             client.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jobs.gateway.confine import (Confinement, ConfinementUnavailable, confine, python_paths,
                                   refuse_if_key_visible, system_paths)
-from jobs.gateway import ACCESS_AUDIT
+from jobs.gateway import ACCESS_AUDIT, PRIVACY_LEDGER
 from jobs.lake import GOLD, PROJECTS, Lake
 from jobs.settings import PROJECT_ROOT
 
@@ -64,14 +64,14 @@ class GatewaySettings:
 
 
 def confinement_for(settings: GatewaySettings, private_tmp: Path) -> Confinement:
-    """Read-only: Python, system, code, config, ``projects/``, ``gold/``, tokens. Read-write: audit, temp."""
+    """Read-only: Python, system, code, config, ``projects/``, ``gold/``, tokens. Read-write: audit, ledger, temp."""
     read_only = [*python_paths(), *system_paths(), PROJECT_ROOT / "jobs", settings.config_dir,
                  settings.token_store.parent]
     read_write = [private_tmp]
     if settings.local_lake:
         lake = settings.lake
         read_only += [Path(lake.zone(PROJECTS)), Path(lake.zone(GOLD))]
-        read_write.append(Path(lake.ops(ACCESS_AUDIT)))
+        read_write += [Path(lake.ops(ACCESS_AUDIT)), Path(lake.ops(PRIVACY_LEDGER))]
         # A folder that holds the lake would open every zone: refuse rather than widen the rules.
         for path in (settings.config_dir, settings.token_store.parent):
             if Path(settings.lake_root).resolve().is_relative_to(path.resolve()):

@@ -20,6 +20,7 @@ from pathlib import Path
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 
 from jobs.batchlog import Stage
 from jobs.config import CsvProfile
@@ -386,6 +387,8 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
         *[field(c).alias(c) for c in BRONZE_COLUMNS[dataset]],
         *lineage.columns(F.col("line_no")),
     )
+    if dataset in profile.derived_id_sequence:
+        bronze = number_within_ids(bronze, dataset)
     # Quarantined lines keep only their shape: their text cannot be pseudonymised.
     quarantine = checked.where(F.col("_rule").isNotNull()).select(
         F.lit(lineage.establishment_id).alias("establishment_id"),
@@ -406,5 +409,20 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
                       quarantine=quarantine, notes=notes, cached=checked)
 
 
+def number_within_ids(bronze: DataFrame, dataset: str) -> DataFrame:
+    """Append a sequence number to each derived record id, within the rows of one file that share it.
+
+    Rows sharing an id are numbered in the order of their content (every canonical column but the
+    id), not of their lines: the same rows get the same ids in every delivery, whatever the order
+    of the export. Identical rows get one number, so exact duplicates are still dropped as such.
+    A row without an id keeps none.
+    """
+    ref = RECORD_REF[dataset]
+    content = [c for c in BRONZE_COLUMNS[dataset] if c != ref]
+    same_id = Window.partitionBy(ref).orderBy(*[F.col(c).asc_nulls_first() for c in content])
+    numbered = F.concat_ws(DERIVED_ID_SEPARATOR, F.col(ref), F.dense_rank().over(same_id).cast("string"))
+    return bronze.withColumn(ref, F.when(F.col(ref).isNotNull(), numbered))
+
+
 __all__ = ["FileLineage", "ReadResult", "HeaderError", "read_csv_file", "read_header", "read_records",
-           "header_drift", "byte_order_mark"]
+           "header_drift", "byte_order_mark", "number_within_ids"]

@@ -62,8 +62,13 @@ Mapping decisions the landing contract leaves open:
   LOINC coding are not lab results and are not landed (like the elements the
   reader does not map); an Observation that leaves no row at all is
   quarantined (no LOINC coding on the Observation, or on none of its
-  components), and so is one whose LOINC component carries free text or an
-  unmapped value[x]: the entry is landed or quarantined whole.
+  components), and so is one whose LOINC component carries an unmapped
+  value[x]. Free text is dropped at the smallest unit: a LOINC component
+  whose value is ``valueString`` (a PRAPARE panel's "What address do you live
+  at?") is left out and counted (``FileReads.free_text_dropped``, the batch
+  log's message) while its coded siblings land; the Observation's own
+  ``valueString`` likewise when coded components remain. Only an Observation
+  whose every coded fact is free text is quarantined.
 - Retracting an Observation with components: ``entered-in-error`` deletes the
   Observation's row and one row per component of the retracted version
   (``<id>/component/0`` … whatever their coding). Limitation: a Bundle
@@ -190,6 +195,8 @@ class FileReads:
     not_collected: int = 0
     bronze_rows: int = 0
     not_collected_types: dict[str, int] = field(default_factory=dict)
+    # Free-text parts (an Observation component's valueString) left out of entries that landed.
+    free_text_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,8 +223,9 @@ class FhirReadResult:
         for r in self.reads.collect():
             t = totals.setdefault(r["source_file"], {"entries": 0, "to_bronze": 0, "quarantined": 0,
                                                      "not_collected": 0, "bronze_rows": 0,
-                                                     "not_collected_types": {}})
-            for name in ("entries", "to_bronze", "quarantined", "not_collected", "bronze_rows"):
+                                                     "not_collected_types": {}, "free_text_dropped": 0})
+            for name in ("entries", "to_bronze", "quarantined", "not_collected", "bronze_rows",
+                         "free_text_dropped"):
                 t[name] += r[name] or 0
             if r["not_collected_type"] is not None:
                 t["not_collected_types"][r["not_collected_type"]] = r["not_collected"]
@@ -307,6 +315,8 @@ class _Mapping:
     # whose ``_part`` is appended to the record ref (null: the resource's own
     # row). ``None``: one row, of ``columns``.
     rows: Column | None = None
+    # Free-text parts left out of a resource that otherwise lands (counted in the batch log).
+    free_text_dropped: Column | None = None
 
 
 def _patient_checks(reference: Column, patient_ref: Column, element: str) -> list[tuple[Column, Column]]:
@@ -447,40 +457,50 @@ def _map_observation(r: Column, profile: FhirProfile, resolve) -> _Mapping:
                      "measured_at": measured_at})
 
     own = F.array(part(F.lit(None), columns))
+    # Free text is dropped at the smallest unit: a LOINC component whose value is free text
+    # (valueString) is left out and counted, its coded siblings land; so is the Observation's own
+    # valueString when coded components remain. Only an Observation left with no coded fact is
+    # quarantined (see the checks below).
+    free_text_components = F.filter(coded, lambda x: x["c"]["valueString"].isNotNull())
+    coded = F.filter(coded, lambda x: x["c"]["valueString"].isNull())
+    own_free_text = r["valueString"].isNotNull()
     # The Observation's own row: its value, or the Observation itself when it has no component
     # (a LOINC Observation with no value at all lands with a null value).
-    has_own = has_value | (F.size(components) == 0)
+    has_own = (has_value & ~own_free_text) | (F.size(components) == 0)
     retracted = r["status"] == STATUS_ENTERED_IN_ERROR
     rows = (
         # A retraction deletes the Observation's row and every component's, LOINC-coded or not.
         F.when(retracted, F.concat(own, F.transform(components, component_row)))
         .otherwise(F.concat(F.filter(own, lambda _: has_own), F.transform(coded, component_row)))
     )
+    free_text_dropped = F.when(retracted, F.lit(0)).otherwise(
+        F.size(free_text_components) + F.when(own_free_text & (F.size(coded) > 0), F.lit(1)).otherwise(F.lit(0)))
 
     def component_reason(x: Column, what: Column, why: str) -> Column:
         return F.concat(F.lit("Observation.component["), x["i"].cast("string"), F.lit("]."), what, F.lit(why))
 
-    free_text = _first(F.filter(coded, lambda x: x["c"]["valueString"].isNotNull()))
     unmapped_component = _first(F.filter(coded, lambda x: _observation_value(x["c"])[3].isNotNull()))
     return _Mapping(
         columns=columns,
         checks=[
             *_patient_checks(r["subject"]["reference"], patient_ref, "subject"),
             (has_own & loinc.isNull(), F.lit(f"Observation.code has no LOINC coding (system {LOINC_URI})")),
+            (own_free_text & (F.size(coded) == 0),
+             F.lit("Observation.valueString is free text and is not landed, and no coded component remains")),
+            (~has_own & (F.size(coded) == 0) & (F.size(free_text_components) > 0),
+             F.lit("every LOINC-coded Observation.component is free text (valueString), which is not landed")),
             (~has_own & (F.size(coded) == 0),
              F.lit(f"Observation carries its results in component only, and no component has a LOINC coding "
                    f"(system {LOINC_URI})")),
-            (r["valueString"].isNotNull(), F.lit("Observation.valueString is free text and is not landed")),
-            (unmapped_value.isNotNull(), F.concat(F.lit("Observation."), unmapped_value,
-                                                  F.lit(" has no lab_result mapping"))),
-            (free_text.isNotNull(),
-             component_reason(free_text, F.lit("valueString"), " is free text and is not landed")),
+            (~own_free_text & unmapped_value.isNotNull(),
+             F.concat(F.lit("Observation."), unmapped_value, F.lit(" has no lab_result mapping"))),
             (unmapped_component.isNotNull(),
              component_reason(unmapped_component, _observation_value(unmapped_component["c"])[3],
                               " has no lab_result mapping")),
         ],
         retracted=retracted,
         rows=rows,
+        free_text_dropped=free_text_dropped,
     )
 
 
@@ -806,6 +826,9 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
         F.when(F.col("_not_collected"), F.col("_type")).alias("_not_collected_type"),
         F.when(F.col("_rule").isNotNull(), _record_safe(KNOWN_ELEMENTS)).alias("_record_safe"),
         *[F.when(F.col("_dataset") == d, rows(mappings[d])).alias(f"_rows_{d}") for d in datasets],
+        F.coalesce(*[F.when((F.col("_dataset") == d) & ~is_delete, mappings[d].free_text_dropped)
+                     for d in datasets if mappings[d].free_text_dropped is not None], F.lit(0))
+        .alias("_free_text_dropped"),
     )
 
 
@@ -887,7 +910,9 @@ def _split(classified: DataFrame, datasets: Sequence[str], file_dataset: str,
         F.count(F.when(to_bronze, F.lit(1))).alias("to_bronze"),
         F.count(F.when(F.col("_rule").isNotNull(), F.lit(1))).alias("quarantined"),
         F.count(F.when(F.col("_not_collected"), F.lit(1))).alias("not_collected"),
-        F.sum(bronze_rows).cast("long").alias("bronze_rows"))
+        F.sum(bronze_rows).cast("long").alias("bronze_rows"),
+        F.sum(F.when(to_bronze, F.col("_free_text_dropped")).otherwise(F.lit(0))).cast("long")
+        .alias("free_text_dropped"))
     return FhirReadResult(bronze=bronze, quarantine=quarantine, reads=reads, _cached=classified)
 
 
