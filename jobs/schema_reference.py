@@ -131,6 +131,12 @@ RULE_FIXES: dict[str, tuple[str, str]] = {
     "batch.column_change": (
         "The staged columns differ from silver's (the schema changed).",
         "Migrate silver to the new schema first; nothing lands until they agree."),
+    "batch.mapped_share": (
+        "Fewer than `min_mapped_pct` of a dataset's rows with a source value got a standard concept "
+        "(from 20 rows read): the establishment sends codes or words the concept maps do not know.",
+        "Run `affluent mapping coverage` to see the most frequent unmapped values; add them to the "
+        "establishment's ConceptMap override under `config/terminology/<establishment>/` (or the consortium's "
+        "map), check it with `affluent config check`, then `affluent batch retry`."),
     "onboarding.held": (
         "The establishment is onboarding (`onboarding: true`) and its current profile is not accepted.",
         "Read the validation report and the quarantine, then `affluent onboarding accept <id> --reason …`."),
