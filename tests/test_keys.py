@@ -110,7 +110,6 @@ def test_hex_and_base64_of_the_same_bytes_are_the_same_key():
 def test_the_flow_refuses_to_start_without_a_key(command, tmp_path, monkeypatch, capsys):
     """Without a key, nothing is read from landing into bronze (bronze holds identifiers)."""
     from jobs import cli
-    from jobs.keys import MissingKeyError
     from tests.landing_helpers import LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
 
     landing, lake = tmp_path / "landing", tmp_path / "lake"
@@ -121,6 +120,9 @@ def test_the_flow_refuses_to_start_without_a_key(command, tmp_path, monkeypatch,
     monkeypatch.setenv("AFFLUENT_LAKE_ROOT", str(lake))
     monkeypatch.setenv("AFFLUENT_LANDING_ROOT", str(landing))
     monkeypatch.setattr("jobs.keys._from_airflow", lambda: None)
-    with pytest.raises(MissingKeyError):
-        cli.main([command, "--establishment", "chu_laurentides", "--batch", "20260105-001"])
+    # A refusal is a clean end of the command: the key error's one line, a non-zero exit, no traceback.
+    assert cli.main([command, "--establishment", "chu_laurentides", "--batch", "20260105-001"]) == cli.EXIT_STOPPED
+    err = capsys.readouterr().err
+    assert "AFFLUENT_PSEUDONYM_KEY" in err, err
+    assert "Traceback" not in err
     assert not lake.exists() or not any(lake.rglob("*.parquet")), json.dumps([str(p) for p in lake.rglob("*")])
