@@ -446,3 +446,38 @@ def test_invalid_or_changed_policy_stops_publishing(spark, world, tmp_path):
     onc.write_text(yaml.safe_dump(data))
     with pytest.raises(PolicyError, match="changed since it was loaded"):
         publish(spark, lake, consortium, key, FIRST)
+
+
+def test_a_changed_concept_map_reaches_the_extract_without_reingest(spark, world, tmp_path):
+    """A steward re-maps 'inpatient': the maintenance remap changes silver's concepts, the next publish
+    rebuilds the extract with them, and silver's history names the map that did it."""
+    import json
+
+    from jobs.terminology.maps import load_terminology
+    from jobs.terminology.remap import REMAP_PREFIX, remap_silver
+
+    lake = Lake(str(tmp_path / "lake"))
+    rows, _ = build_history()
+    write_silver(spark, lake, rows)
+    config = config_copy(tmp_path)
+    consortium = load_consortium(config)
+    publish(spark, lake, consortium, world["key"], FIRST)
+
+    def visit_concepts() -> set:
+        extract = read(spark, lake.project("diabetes_outcomes", "encounter"))
+        return {(r.visit_source_value, r.visit_concept_id) for r in extract.select(
+            "visit_source_value", "visit_concept_id").distinct().collect()}
+
+    assert visit_concepts() == {("inpatient", 9201)}
+    path = config / "terminology" / "visit-type.json"
+    resource = json.loads(path.read_text(encoding="utf-8"))
+    resource["version"] = "2"
+    inpatient = next(e for e in resource["group"][1]["element"] if e["code"] == "inpatient")
+    inpatient["target"] = [{"code": "262", "display": "Emergency Room and Inpatient Visit", "equivalence": "wider"}]
+    path.write_text(json.dumps(resource), encoding="utf-8")
+
+    assert remap_silver(spark, lake, load_terminology(config), ("encounter",))["encounter"] == len(rows["encounter"])
+    publish(spark, lake, load_consortium(config), world["key"], FIRST)
+    assert visit_concepts() == {("inpatient", 262)}
+    history = spark.sql(f"DESCRIBE HISTORY delta.`{lake.silver('encounter')}`").collect()
+    assert any((h.userMetadata or "").startswith(REMAP_PREFIX) and "visit-type|2" in h.userMetadata for h in history)
