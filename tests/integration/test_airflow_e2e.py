@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,23 @@ def test_demo_ends_with_the_summary_and_the_query_result(demo):
     assert "Starting the researcher gateway" in stdout and "(audit event " in stdout
     assert "affluent_ingest_chu_laurentides: batch 20260105-001 success" in stdout.replace("DagRunState.", "")
     assert "Validation reports" in stdout
+    # The researcher's question is differentially private: one row per visit concept, its intervals and ε.
+    assert "visit_concept_id" in stdout and "visits_low95" in stdout and "spent epsilon" in stdout
+    assert "9202" in stdout and "visit_source_value" not in stdout.split("Starting the researcher gateway")[1]
+
+
+def test_pooled_visits_mean_one_thing_across_establishments(demo, spark):
+    """Silver: each source value has one visit concept, and outpatient visits sent as words by the CSV
+    establishments and as FHIR's ActCode by the FHIR one are one concept."""
+    lake = Lake(str(demo.lake_root))
+    encounters = spark.read.format("delta").load(lake.silver("encounter"))
+    pairs = {(r.establishment_id, r.visit_source_value, r.visit_concept_id) for r in encounters.select(
+        "establishment_id", "visit_source_value", "visit_concept_id").distinct().collect()}
+    per_source = Counter((e, v) for e, v, _ in pairs)
+    assert all(n == 1 for n in per_source.values()), pairs
+    outpatient = {(e, v) for e, v, c in pairs if c == 9202}
+    assert len({e for e, _ in outpatient}) == 3 and len({v for _, v in outpatient}) >= 2, outpatient
+    assert {c for _, _, c in pairs} <= {9201, 9202, 9203, 581476, 5083, 0}
 
 
 def test_dags_landed_silver_quarantine_and_a_project_extract(demo, spark):
