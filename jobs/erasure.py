@@ -425,7 +425,8 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
         "mergeSchema", "true").save(lake.ops(ERASURE_RECEIPTS))
     done_ids = keys_frame(spark, "request_id string", [(r,) for r in done])
     (DeltaTable.forPath(spark, requests_path).alias("t").merge(done_ids.alias("s"), "t.request_id = s.request_id")
-     .whenMatchedUpdate(set={"status": F.lit(STATUS_DONE), "processed_at": F.lit(processed_at)}).execute())
+     .whenMatchedUpdate(condition=F.col("t.status") != F.lit(STATUS_DONE),
+                        set={"status": F.lit(STATUS_DONE), "processed_at": F.lit(processed_at)}).execute())
     return ErasureOutcome(processed=tuple(done), pending=tuple(still_pending), rows_removed=totals,
                           vacuumed=tuple(vacuumed), scanned_tables=proof.tables,
                           scanned_data_files=proof.data_files, scanned_log_files=proof.log_files)

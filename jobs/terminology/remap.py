@@ -91,6 +91,8 @@ def remap_silver(spark: SparkSession, lake: Lake, terminology: Terminology,
         with _commit_metadata(spark, f"{REMAP_PREFIX}: {count} row(s) re-derived with {', '.join(refs)}"):
             (DeltaTable.forPath(spark, path).alias("t")
              .merge(changes.alias("s"), f"t.establishment_id = s.establishment_id AND t.{key} = s.{key}")
-             .whenMatchedUpdate(set={c: f"s.{c}" for c in columns})
+             # The MERGE itself compares too: a row whose concepts already agree is never rewritten.
+             .whenMatchedUpdate(condition=" OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns),
+                                set={c: f"s.{c}" for c in columns})
              .execute())
     return updated
