@@ -7,7 +7,7 @@ Usage (what :func:`benchmarks.run.orchestrate` starts once per task, in DAG orde
 The arguments are those of ``airflow tasks test``; the process runs Airflow's
 own CLI entry point with them, so the task is parsed from the DAG file, gets
 its upstream XCom from the metadata database and runs as that command runs
-it. Before that, the four stage functions of :mod:`jobs.pipeline` are wrapped:
+it. Before that, the four stage functions of :mod:`jobs.stages.pipeline` are wrapped:
 the wrapper starts the task's Spark session first (timed apart, as
 ``spark_start_seconds``), then times the stage function alone
 (``stage_seconds``), which is what the in-process benchmark steps measure.
@@ -23,14 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.batchlog import PIPELINE_STAGES
+from jobs.core.batchlog import PIPELINE_STAGES
 
 STAGES = tuple(stage.value for stage in PIPELINE_STAGES)
 RECORD_VARIABLE = "AFFLUENT_BENCH_TASK_RECORD"
 
 
 def _wrap_stages(record_path: Path) -> None:
-    from jobs import pipeline
+    from jobs.stages import pipeline
 
     def timed(stage: str, original):
         def call(ctx, establishment_id, batch_id):

@@ -12,9 +12,9 @@ in one warm Spark session:
 1. builds one change batch per dataset and establishment from silver itself:
    ``--share`` of its records updated (extracted a day later) and a tenth of
    that share deleted, written once so both layouts merge the same rows;
-2. MERGEs it with :func:`jobs.land.merge_into_silver`, the land stage's own
+2. MERGEs it with :func:`jobs.stages.land.merge_into_silver`, the land stage's own
    code, into each layout;
-3. erases one person from every table the way :mod:`jobs.erasure` does
+3. erases one person from every table the way :mod:`jobs.privacy.erasure` does
    (DELETE, purge of deletion vectors, VACUUM);
 4. counts every silver table, the price deletion vectors ask of readers.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.settings import PROJECT_ROOT  # noqa: E402
+from jobs.core.settings import PROJECT_ROOT  # noqa: E402
 
 LAYOUTS = {"rewrite": False, "deletion_vectors": True}
 FINGERPRINT = "benchmark"
@@ -61,13 +61,13 @@ def merge_metrics(spark, path: str) -> dict[str, int]:
 def run(source_root: Path, work: Path, share: float) -> dict:
     from pyspark.sql import functions as F
 
-    from jobs.land import ensure_silver_table, merge_into_silver
-    from jobs.lake import Lake
-    from jobs.maintenance import vacuum_now
-    from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, silver_columns
-    from jobs.session import get_spark
-    from jobs.settings import Settings
-    from jobs.tables import purge_deletion_vectors, table_exists
+    from jobs.stages.land import ensure_silver_table, merge_into_silver
+    from jobs.core.lake import Lake
+    from jobs.stages.maintenance import vacuum_now
+    from jobs.core.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, silver_columns
+    from jobs.core.session import get_spark
+    from jobs.core.settings import Settings
+    from jobs.core.tables import purge_deletion_vectors, table_exists
 
     spark = get_spark(Settings.from_env(), app_name="affluent-land-layout")
     source = Lake(str(source_root))

@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.settings import PROJECT_ROOT  # noqa: E402
+from jobs.core.settings import PROJECT_ROOT  # noqa: E402
 
 DEFAULT_SIZES = (250_000, 500_000, 1_000_000)
 ESTABLISHMENT = "chu_laurentides"
@@ -54,10 +54,10 @@ def write_extract(folder: Path, note_chars: int) -> Path:
 
 
 def measure(sizes: list[int]) -> list[tuple[int, float]]:
-    from jobs.config import load_consortium
+    from jobs.core.config import load_consortium
     from jobs.readers.csv import FileLineage, read_csv_file
-    from jobs.session import get_spark
-    from jobs.settings import Settings
+    from jobs.core.session import get_spark
+    from jobs.core.settings import Settings
 
     profile = load_consortium(PROJECT_ROOT / "config").establishments[ESTABLISHMENT].input
     lineage = FileLineage(ESTABLISHMENT, "bench", f"{ESTABLISHMENT}/bench/sejours.csv",

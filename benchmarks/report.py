@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.settings import PROJECT_ROOT  # noqa: E402
+from jobs.core.settings import PROJECT_ROOT  # noqa: E402
 
 SIZE_ORDER = ("small", "100k", "1m")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

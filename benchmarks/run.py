@@ -18,7 +18,7 @@ runs, in one warm Spark session:
    versus the stage functions inside it;
 4. publish, then a researcher query on both engines — *researcher query*;
 5. GX versus the single-pass Spark translation of the same suites
-   (:func:`jobs.validate.measure_engines`) — *validation*;
+   (:func:`jobs.stages.validate.measure_engines`) — *validation*;
 6. one person erased from copies of the whole lake (every zone an erasure
    walks) with N and 10×N persons, as a plain write lays the files out and
    clustered by person — *erasure*.
@@ -52,8 +52,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from benchmarks.probe import Clock, MemorySampler, spark_jobs_by_group  # noqa: E402
 from benchmarks.report import METHOD  # noqa: E402
-from jobs.batchlog import PIPELINE_STAGES, Stage  # noqa: E402
-from jobs.settings import PROJECT_ROOT  # noqa: E402
+from jobs.core.batchlog import PIPELINE_STAGES, Stage  # noqa: E402
+from jobs.core.settings import PROJECT_ROOT  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def bare_copy(spark, landing: Path, consortium, batch_id: str, target: Path, est
     from delta.tables import DeltaTable
     from pyspark.sql.types import StringType, StructField, StructType
 
-    from jobs.config import CsvProfile
+    from jobs.core.config import CsvProfile
     from jobs.readers.fhir import DATASET_RESOURCES
     from jobs.readers.fhir_schema import JSON_OPTIONS, RESOURCE_SCHEMAS
 
@@ -285,7 +285,7 @@ def erasure_target(spark, ctx, truth: Path, attempts: int = 200) -> ErasureTarge
     """A person present in silver: the reference an erasure request names, and every id of theirs in the lake."""
     from pyspark.sql import functions as F
 
-    from jobs.erasure import patient_key_of
+    from jobs.privacy.erasure import patient_key_of
 
     patients = spark.read.format("delta").load(ctx.lake.silver("patient"))
     with truth.open(encoding="utf-8") as handle:
@@ -312,13 +312,13 @@ PERSON_COLUMNS = ("person_id", "patient_key", "patient_ref")
 def person_tables(spark, lake) -> dict[str, tuple[str, str]]:
     """Every table of the lake holding persons, ``name -> (zone, path)``: what an erasure walks.
 
-    The zones are :data:`jobs.lake.ZONES` that hold persons (landing is files,
+    The zones are :data:`jobs.core.lake.ZONES` that hold persons (landing is files,
     ops is only read by erasure; gold holds no person and is recomputed from
     silver by the erasure itself), and of each zone the tables with a person
     column.
     """
-    from jobs.lake import GOLD, LANDING, OPS, ZONES
-    from jobs.maintenance import zone_tables
+    from jobs.core.lake import GOLD, LANDING, OPS, ZONES
+    from jobs.stages.maintenance import zone_tables
 
     found = {}
     for zone in ZONES.values():
@@ -358,7 +358,7 @@ def build_erasure_lake(spark, ctx, root: Path, factor: float, clustered: bool, t
     The lake folder is copied whole (ops, gold, reports, every table), then each
     table that holds persons — bronze, staged, validated, silver, quarantine,
     the project extracts — is recreated empty with the source table's schema,
-    partitioning and properties (silver through ``jobs.land.ensure_silver_table``,
+    partitioning and properties (silver through ``jobs.stages.land.ensure_silver_table``,
     as land creates it: deletion vectors, Change Data Feed, key fingerprint) and
     filled in one append:
 
@@ -376,9 +376,9 @@ def build_erasure_lake(spark, ctx, root: Path, factor: float, clustered: bool, t
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
-    from jobs.erasure import _hex_hmac
-    from jobs.land import ensure_silver_table
-    from jobs.lake import PROJECTS, SILVER, Lake
+    from jobs.privacy.erasure import _hex_hmac
+    from jobs.stages.land import ensure_silver_table
+    from jobs.core.lake import PROJECTS, SILVER, Lake
 
     source_root = _local(ctx.lake.root)
     shutil.rmtree(root, ignore_errors=True)
@@ -438,8 +438,8 @@ def erasure_metrics(spark, root: Path, rows_removed: dict[str, int]) -> dict[str
     """
     from delta.tables import DeltaTable
 
-    from jobs.lake import Lake
-    from jobs.schemas import DATASETS
+    from jobs.core.lake import Lake
+    from jobs.core.schemas import DATASETS
 
     lake = Lake(str(root))
     files = sum(int(DeltaTable.forPath(spark, lake.silver(d)).detail().select("numFiles").first()[0] or 0)
@@ -452,7 +452,7 @@ def erasure_metrics(spark, root: Path, rows_removed: dict[str, int]) -> dict[str
 
 def setup_environment(work: Path, size: Size) -> dict[str, str]:
     """Airflow home, lake, landing and a throwaway key for synthetic data, as the demo sets them."""
-    from jobs.demo import airflow_env
+    from jobs.app.demo import airflow_env
 
     os.environ.setdefault("AFFLUENT_DRIVER_MEMORY", size.driver_memory)
     if not os.environ.get("AFFLUENT_PSEUDONYM_KEY") and not os.environ.get("AFFLUENT_PSEUDONYM_KEY_FILE"):
@@ -475,9 +475,9 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / f"{size_name}.json"
 
-    from jobs import pipeline
-    from jobs.session import get_spark
-    from jobs.settings import Settings
+    from jobs.stages import pipeline
+    from jobs.core.session import get_spark
+    from jobs.core.settings import Settings
 
     ctx = pipeline.Context.from_env()
     results: dict = {
@@ -607,9 +607,9 @@ def remeasure_validation(size_name: str, out: Path, doc: Path | None, plot: bool
     setup_environment(work, size)
     shutil.rmtree(work / "lake", ignore_errors=True)
 
-    from jobs import pipeline
-    from jobs.session import get_spark
-    from jobs.settings import Settings
+    from jobs.stages import pipeline
+    from jobs.core.session import get_spark
+    from jobs.core.settings import Settings
 
     ctx = pipeline.Context.from_env()
     generation = ensure_consortium(work, size, ctx.consortium, clock)
@@ -780,7 +780,7 @@ def researcher_queries(ctx, rec: Recorder, repeats: int) -> dict:
 
 
 def _duckdb_rows(ctx, project, sql: str) -> int:
-    from jobs import access
+    from jobs.research import access
 
     checked = access.check_sql(sql, project, access.ENGINE_DUCKDB, {d: f"q_{d}" for d in project.datasets})
     con = access.locked_connection()
@@ -804,8 +804,8 @@ def _spark_rows(ctx, project, sql: str) -> int:
 
 def staged_table_versions(ctx) -> dict[str, int]:
     """The current version of each staged table (delta-rs: no Spark job, nothing added to a timed step)."""
-    from jobs.arrow_tables import open_delta
-    from jobs.schemas import DATASETS
+    from jobs.core.arrow_tables import open_delta
+    from jobs.core.schemas import DATASETS
 
     tables = {dataset: open_delta(ctx.lake.staged(dataset)) for dataset in DATASETS}
     return {dataset: table.version() for dataset, table in tables.items() if table is not None}
@@ -824,8 +824,8 @@ def validation_engines(spark, ctx, rec: Recorder, batch_id: str, staged_versions
     from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
 
-    from jobs.schemas import DATASETS
-    from jobs.validate import measure_engines
+    from jobs.core.schemas import DATASETS
+    from jobs.stages.validate import measure_engines
 
     per_dataset: dict[str, dict] = {}
     for dataset in DATASETS:
@@ -853,8 +853,8 @@ def validation_engines(spark, ctx, rec: Recorder, batch_id: str, staged_versions
 
 def erasure(spark, ctx, rec: Recorder, work: Path, size: Size, clock: Clock) -> dict:
     """One person erased (request + process) from copies of the whole lake at two sizes and two layouts."""
-    from jobs.erasure import process_erasures, request_erasure
-    from jobs.lake import Lake
+    from jobs.privacy.erasure import process_erasures, request_erasure
+    from jobs.core.lake import Lake
 
     target = erasure_target(spark, ctx, work / "consortium" / "ground_truth" / "persons.jsonl")
     out: dict[str, dict] = {}

@@ -12,8 +12,8 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from jobs.batchlog import QueueState, Stage, Status
-from jobs.registry import LAKE_WRITERS_POOL, establishments, silver_assets, task_context
+from jobs.core.batchlog import QueueState, Stage, Status
+from jobs.core.registry import LAKE_WRITERS_POOL, establishments, silver_assets, task_context
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ TASK_DOCS = {
 
 def _run_stage(stage: Stage, establishment_id: str, batch_id: str) -> dict:
     """One stage of one batch; failures no retry can fix fail the task at once, naming what to fix."""
-    from jobs import pipeline
-    from jobs.onboarding import BatchHeld
-    from jobs.stage_log import log_figures
+    from jobs.stages import pipeline
+    from jobs.stages.onboarding import BatchHeld
+    from jobs.core.stage_log import log_figures
 
     try:
         summary = getattr(pipeline, stage.value)(task_context(), establishment_id, batch_id)
@@ -92,7 +92,7 @@ def _run_stage(stage: Stage, establishment_id: str, batch_id: str) -> dict:
 
 def _warn_about_safety_dags(context) -> None:
     """Say loudly, at the start of every run, what keeps this batch from reaching the extracts or erasure."""
-    from jobs import safety
+    from jobs.privacy import safety
 
     try:
         ctx = task_context()
@@ -126,7 +126,7 @@ def build_ingest_dag(establishment_id: str, name: str):
     def ingest_establishment():
         @task(doc_md=TASK_DOCS[SELECT_BATCH])
         def select_batch() -> str:
-            from jobs import pipeline
+            from jobs.stages import pipeline
 
             context = get_current_context()
             _warn_about_safety_dags(context)

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from jobs.registry import LAKE_WRITERS_POOL, silver_assets, task_context
+from jobs.core.registry import LAKE_WRITERS_POOL, silver_assets, task_context
 
 
 @dag(
@@ -49,20 +49,20 @@ from jobs.registry import LAKE_WRITERS_POOL, silver_assets, task_context
 def affluent_maintenance():
     @task
     def erasures() -> dict:
-        from jobs.pipeline import process_erasure_requests
+        from jobs.stages.pipeline import process_erasure_requests
 
         return process_erasure_requests(task_context())
 
     @task
     def bronze_retention() -> dict:
-        from jobs.maintenance import purge_bronze
+        from jobs.stages.maintenance import purge_bronze
 
         ctx = task_context()
         return purge_bronze(ctx.spark, ctx.lake, ctx.consortium.pipeline.bronze_retention_days)
 
     @task
     def transient_retention() -> dict:
-        from jobs.maintenance import purge_transient_zones
+        from jobs.stages.maintenance import purge_transient_zones
 
         ctx = task_context()
         return purge_transient_zones(ctx.spark, ctx.lake, ctx.consortium.pipeline.transient_retention_days)
@@ -83,16 +83,16 @@ def affluent_maintenance():
 
     @task(trigger_rule="none_failed")  # runs after a remap that had nothing to do
     def compaction() -> dict:
-        from jobs.maintenance import compact_and_vacuum
+        from jobs.stages.maintenance import compact_and_vacuum
 
         ctx = task_context()
         return compact_and_vacuum(ctx.spark, ctx.lake)
 
     @task
     def audit_anchor() -> dict:
-        from jobs.gateway.audit import anchor
-        from jobs.lake import Lake
-        from jobs.settings import Settings
+        from jobs.research.gateway.audit import anchor
+        from jobs.core.lake import Lake
+        from jobs.core.settings import Settings
 
         head = anchor(Lake(Settings.from_env().lake_root))
         return {"seq": head["seq"], "signed": bool(head["signature"])}

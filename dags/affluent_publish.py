@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import AssetAny, dag, task
 
-from jobs.registry import LAKE_WRITERS_POOL, silver_assets, task_context
+from jobs.core.registry import LAKE_WRITERS_POOL, silver_assets, task_context
 
 
 @dag(
@@ -44,7 +44,7 @@ withdrawals reach the extracts only through this DAG.
 def affluent_publish():
     @task
     def publish() -> dict:
-        from jobs.pipeline import publish_all
+        from jobs.stages.pipeline import publish_all
 
         return publish_all(task_context())
 

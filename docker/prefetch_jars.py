@@ -5,8 +5,8 @@ session factory with an ``s3a://`` lake root pulls exactly the packages a task
 will ask for, so tasks start without reaching Maven Central.
 """
 
-from jobs.session import get_spark
-from jobs.settings import Settings
+from jobs.core.session import get_spark
+from jobs.core.settings import Settings
 
 if __name__ == "__main__":
     settings = Settings.from_env(lake_root="s3a://prefetch-only/lake", spark_master="local[1]")

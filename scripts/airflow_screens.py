@@ -74,7 +74,7 @@ def shrink(png: Path) -> None:
 def main() -> int:
     import httpx
 
-    from jobs.config import load_consortium
+    from jobs.core.config import load_consortium
     from jobs.generate import generate_consortium
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,7 +96,7 @@ def main() -> int:
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "airflow", "--workdir", str(work / "af"),
+    process = subprocess.Popen([sys.executable, "-m", "jobs.app.cli", "airflow", "--workdir", str(work / "af"),
                                 "--port", str(port)], cwd=ROOT, env=env,
                                stdout=(work / "airflow.log").open("w"), stderr=subprocess.STDOUT)
     try:

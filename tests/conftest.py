@@ -15,14 +15,14 @@ OTHER_TEST_KEY = "fedcba9876543210" * 4
 FHIR_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hl7-fhir-r4-examples"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 # A fixed "today" inside every shipped project's validity window, so that the
-# suite gives the same answer whatever the calendar says (jobs.clock); it is
+# suite gives the same answer whatever the calendar says (jobs.core.clock); it is
 # inherited by the demo and benchmark subprocesses the tests start.
 FIXED_TODAY = "2026-06-15"
 os.environ["AFFLUENT_TODAY"] = FIXED_TODAY
 # Tests run on a few hundred rows, where compiling Spark's generated code (and JIT-compiling it)
 # costs more than it saves, and where adaptive execution has nothing to adapt to but re-plans
 # every query after each of its shuffle stages: the suite and the subprocesses it starts run
-# Spark interpreted and planned once (jobs.session.ENV_CODEGEN, ENV_ADAPTIVE). Checks whose
+# Spark interpreted and planned once (jobs.core.session.ENV_CODEGEN, ENV_ADAPTIVE). Checks whose
 # result must not depend on them run both ways (tests/test_session.py, tests/test_kanonymity.py).
 # AFFLUENT_SPARK_CODEGEN=on AFFLUENT_SPARK_ADAPTIVE=on runs the suite as production runs.
 os.environ.setdefault("AFFLUENT_SPARK_CODEGEN", "off")
@@ -73,8 +73,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    from jobs.session import get_spark
-    from jobs.settings import Settings
+    from jobs.core.session import get_spark
+    from jobs.core.settings import Settings
 
     os.environ.setdefault("AFFLUENT_SHUFFLE_PARTITIONS", "2")
     warehouse = tmp_path_factory.mktemp("warehouse")
@@ -97,14 +97,14 @@ def lake_root(tmp_path) -> str:
 
 @pytest.fixture(scope="session")
 def consortium():
-    from jobs.config import load_consortium
+    from jobs.core.config import load_consortium
 
     return load_consortium(CONFIG_DIR)
 
 
 @pytest.fixture()
 def pseudonym_key():
-    from jobs.keys import load_key
+    from jobs.privacy.keys import load_key
 
     return load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
 
@@ -118,9 +118,9 @@ def planted_lake(spark, consortium, tmp_path_factory) -> Path:
     """
     import datetime as dt
 
-    from jobs.keys import load_key
-    from jobs.lake import Lake
-    from jobs.publish import publish
+    from jobs.privacy.keys import load_key
+    from jobs.core.lake import Lake
+    from jobs.stages.publish import publish
     from tests.privacy_helpers import run_batch, write_planted_batch
 
     key = load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
@@ -143,12 +143,12 @@ def copy_lake(source: Path, target: Path) -> Path:
 @pytest.fixture(scope="session")
 def erased_history(spark, tmp_path_factory):
     """A small silver history (tests/test_publish.py) published, then one person erased; built once, read only."""
-    from jobs.config import load_consortium
-    from jobs.erasure import patient_key_of, process_erasures, request_erasure
-    from jobs.keys import load_key
-    from jobs.lake import Lake
-    from jobs.publish import publish
-    from jobs.schemas import QUARANTINE_SCHEMA
+    from jobs.core.config import load_consortium
+    from jobs.privacy.erasure import patient_key_of, process_erasures, request_erasure
+    from jobs.privacy.keys import load_key
+    from jobs.core.lake import Lake
+    from jobs.stages.publish import publish
+    from jobs.core.schemas import QUARANTINE_SCHEMA
     from tests.test_erasure import VICTIM, VICTIM_REF
     from tests.test_publish import C, FIRST, build_history, config_copy, hmac_hex, person, write_silver
 
@@ -202,14 +202,14 @@ def erased_during_land(spark, consortium, planted_lake, tmp_path_factory):
 
     from pyspark.sql import functions as F
 
-    from jobs.erasure import patient_key_of, process_erasures, request_erasure
-    from jobs.ingest import ingest_batch
-    from jobs.keys import load_key
-    from jobs.lake import LANDING, Lake
-    from jobs.land import land_batch
-    from jobs.pseudonymise import pseudonymise_batch
-    from jobs.validate import validate_batch
-    from jobs.writer_lock import holders, lock_path
+    from jobs.privacy.erasure import patient_key_of, process_erasures, request_erasure
+    from jobs.stages.ingest import ingest_batch
+    from jobs.privacy.keys import load_key
+    from jobs.core.lake import LANDING, Lake
+    from jobs.stages.land import land_batch
+    from jobs.stages.pseudonymise import pseudonymise_batch
+    from jobs.stages.validate import validate_batch
+    from jobs.core.writer_lock import holders, lock_path
     from tests.landing_helpers import LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
     from tests.privacy_helpers import EST, file_text, hmac_hex, lake_files
 
@@ -237,7 +237,7 @@ def erased_during_land(spark, consortium, planted_lake, tmp_path_factory):
     request_erasure(spark, lake, key, EST, "L001")
 
     log = _Collect()
-    logger = logging.getLogger("jobs.writer_lock")
+    logger = logging.getLogger("jobs.core.writer_lock")
     previous_level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(log)

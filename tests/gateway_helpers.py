@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.lake import Lake
+from jobs.core.lake import Lake
 
 PROJECT = "diabetes_outcomes"       # row-level in the test configuration (Delta Sharing allowed)
 MEMBER = "alice.tremblay"
@@ -84,7 +84,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def start_gateway(lake: Lake, config: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "gateway", "--lake", lake.root, "--config", str(config),
+        [sys.executable, "-m", "jobs.app.cli", "gateway", "--lake", lake.root, "--config", str(config),
          "--port", str(port)], env=env or clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
 

@@ -6,10 +6,10 @@ import base64
 import json
 from pathlib import Path
 
-from jobs.ingest import ingest_batch
-from jobs.land import land_batch
-from jobs.pseudonymise import pseudonymise_batch
-from jobs.validate import validate_batch
+from jobs.stages.ingest import ingest_batch
+from jobs.stages.land import land_batch
+from jobs.stages.pseudonymise import pseudonymise_batch
+from jobs.stages.validate import validate_batch
 from tests.landing_helpers import LAURENTIDES_ENCOUNTER_HEADER, LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
 
 EST = "chu_laurentides"

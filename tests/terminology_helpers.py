@@ -7,7 +7,7 @@ from functools import cache
 from pyspark.sql import DataFrame
 from pyspark.sql.types import StructType
 
-from jobs.schemas import CONCEPT_COLUMNS, SILVER_SCHEMAS
+from jobs.core.schemas import CONCEPT_COLUMNS, SILVER_SCHEMAS
 from tests.conftest import CONFIG_DIR
 
 

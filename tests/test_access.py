@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from jobs.access import (OUTCOME_ALLOWED, OUTCOME_REFUSED, QueryRefused, check_sql, export, query, read_audit)
-from jobs.config import load_consortium
-from jobs.lake import Lake
-from jobs.policy import AccessDenied
+from jobs.research.access import (OUTCOME_ALLOWED, OUTCOME_REFUSED, QueryRefused, check_sql, export, query, read_audit)
+from jobs.core.config import load_consortium
+from jobs.core.lake import Lake
+from jobs.privacy.policy import AccessDenied
 from tests.conftest import CONFIG_DIR
 from tests.gateway_helpers import make_config
 
@@ -126,7 +126,7 @@ def test_cte_names_cannot_reach_the_catalog(consortium):
 def test_locked_connection_holds_even_without_the_sql_check():
     import duckdb
 
-    from jobs.access import Limits, locked_connection
+    from jobs.research.access import Limits, locked_connection
 
     con = locked_connection(Limits(memory_limit="256MB", threads=1))
     for sql in ("SELECT * FROM read_csv('/etc/passwd')", "SET enable_external_access = true",

@@ -3,8 +3,8 @@ import shutil
 import pytest
 import yaml
 
-from jobs.cli import main
-from jobs.config import ConfigError, load_consortium
+from jobs.app.cli import main
+from jobs.core.config import ConfigError, load_consortium
 from tests.conftest import CONFIG_DIR
 
 

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from jobs.consent import consented_persons, current_consent
-from jobs.schemas import SILVER_SCHEMAS
+from jobs.privacy.consent import consented_persons, current_consent
+from jobs.core.schemas import SILVER_SCHEMAS
 from tests.terminology_helpers import source_schema
 
 D = dt.date

@@ -175,7 +175,7 @@ def test_a_byte_order_mark_never_renames_the_first_header(spark, consortium, tmp
 
 
 def _snapshot_profile():
-    from jobs.config import CsvProfile
+    from jobs.core.config import CsvProfile
 
     return CsvProfile(
         format="csv", delimiter=",", encoding="utf-8", date_format="MM/dd/yyyy", datetime_format="MM/dd/yyyy HH:mm",
@@ -238,7 +238,7 @@ def test_a_sequence_within_derived_ids_keeps_two_same_second_measurements(spark,
     """Synthea-like observations: two oxygen saturations of one patient in the same minute share the
     derived id; with derived_id_sequence both get their own id (by content, not line order), and an
     exact duplicate line keeps its twin's id so it is still dropped as a duplicate."""
-    from jobs.config import CsvProfile
+    from jobs.core.config import CsvProfile
     from jobs.readers.csv import DERIVED_ID_SEPARATOR
 
     columns = {"lab_result": {"DATE": "measured_at", "PATIENT": "patient_ref", "ENCOUNTER": "encounter_ref",

@@ -98,8 +98,8 @@ def test_a_failure_no_retry_can_fix_fails_the_task_at_once_and_others_are_retrie
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    from jobs import pipeline
-    from jobs.batchlog import BatchRejected, Stage
+    from jobs.stages import pipeline
+    from jobs.core.batchlog import BatchRejected, Stage
 
     module = runpy.run_path(str(DAGS / "affluent_ingest.py"))
     monkeypatch.setitem(module["_run_stage"].__globals__, "task_context", lambda: None)
@@ -122,9 +122,9 @@ def test_a_failure_no_retry_can_fix_fails_the_task_at_once_and_others_are_retrie
 def test_select_batch_fails_with_the_reason_when_a_stopped_batch_blocks_the_queue(dagbag, monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    from jobs import pipeline
-    from jobs.batch_queue import EstablishmentQueue, QueuedBatch
-    from jobs.batchlog import QueueState
+    from jobs.stages import pipeline
+    from jobs.stages.batch_queue import EstablishmentQueue, QueuedBatch
+    from jobs.core.batchlog import QueueState
 
     select = dagbag.dags["affluent_ingest_chu_laurentides"].get_task("select_batch").python_callable
     monkeypatch.setitem(select.__globals__, "task_context", lambda: None)
@@ -150,10 +150,10 @@ def test_select_batch_warns_of_a_paused_publish_and_of_a_manual_run_that_waited(
     import logging
     from types import SimpleNamespace
 
-    from jobs import pipeline
-    from jobs.batch_queue import EstablishmentQueue, QueuedBatch
-    from jobs.batchlog import QueueState
-    from jobs.lake import Lake
+    from jobs.stages import pipeline
+    from jobs.stages.batch_queue import EstablishmentQueue, QueuedBatch
+    from jobs.core.batchlog import QueueState
+    from jobs.core.lake import Lake
 
     select = dagbag.dags["affluent_ingest_chu_laurentides"].get_task("select_batch").python_callable
     ctx = SimpleNamespace(lake=Lake(str(tmp_path / "lake")), consortium=SimpleNamespace(projects={}))
@@ -173,7 +173,7 @@ def test_select_batch_warns_of_a_paused_publish_and_of_a_manual_run_that_waited(
 
 
 def test_every_task_that_writes_silver_or_extracts_runs_in_the_one_slot_writers_pool(dagbag):
-    from jobs.registry import LAKE_WRITERS_POOL, LAKE_WRITERS_POOL_SLOTS
+    from jobs.core.registry import LAKE_WRITERS_POOL, LAKE_WRITERS_POOL_SLOTS
 
     writers = set()
     for dag_id, dag in dagbag.dags.items():
@@ -197,7 +197,7 @@ def test_publish_and_maintenance_run_from_the_start(dagbag):
 
 
 def test_dags_show_the_establishment_name_and_every_task_says_what_it_reads_and_writes(dagbag):
-    from jobs.config import load_consortium
+    from jobs.core.config import load_consortium
 
     consortium = load_consortium(Path(__file__).resolve().parents[1] / "config")
     for est in consortium.establishments.values():

@@ -1,4 +1,4 @@
-"""Output checking (jobs.disclosure) on tiny tables in an in-memory DuckDB, as the gateway registers them."""
+"""Output checking (jobs.privacy.disclosure) on tiny tables in an in-memory DuckDB, as the gateway registers them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.config import Project
-from jobs.disclosure import OutputRefused, check_output, neutralise_csv
-from jobs.policy import AccessDenied
+from jobs.core.config import Project
+from jobs.privacy.disclosure import OutputRefused, check_output, neutralise_csv
+from jobs.privacy.policy import AccessDenied
 
 VIEWS = {"patient": "q_patient", "diagnosis": "q_diagnosis"}
 PERSONS = [f"p{i:02d}" for i in range(1, 61)]

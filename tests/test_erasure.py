@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.erasure import ERASURE_RECEIPTS, ERASURE_REQUESTS, STATUS_DONE, STATUS_PENDING, patient_key_of
-from jobs.lake import BRONZE, LANDING
-from jobs.pseudonymise import Keyring
+from jobs.privacy.erasure import ERASURE_RECEIPTS, ERASURE_REQUESTS, STATUS_DONE, STATUS_PENDING, patient_key_of
+from jobs.core.lake import BRONZE, LANDING
+from jobs.stages.pseudonymise import Keyring
 from tests.test_publish import C
 
 VICTIM = 5  # seen at C and B, in both projects

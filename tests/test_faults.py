@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.batch_queue import batch_log_entries, establishment_queue
-from jobs.batchlog import BatchRejected, QueueState, Stage, Status
-from jobs.lake import Lake
-from jobs.landing import MANIFEST_NOT_A_FILE
+from jobs.stages.batch_queue import batch_log_entries, establishment_queue
+from jobs.core.batchlog import BatchRejected, QueueState, Stage, Status
+from jobs.core.lake import Lake
+from jobs.stages.landing import MANIFEST_NOT_A_FILE
 from tests.conftest import TEST_KEY
 from tests.landing_helpers import LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
 
@@ -32,8 +32,8 @@ def deliver(landing, batch_id: str, content: bytes | None = None):
 @pytest.fixture()
 def flow(spark, consortium, tmp_path, monkeypatch):
     """A pipeline context on its own lake and landing folder, as the CLI and the DAGs build it."""
-    from jobs import pipeline
-    from jobs.settings import Settings
+    from jobs.stages import pipeline
+    from jobs.core.settings import Settings
 
     lake, landing = tmp_path / "lake", tmp_path / "landing"
     for name, value in {"AFFLUENT_LAKE_ROOT": str(lake), "AFFLUENT_LANDING_ROOT": str(landing),
@@ -47,7 +47,7 @@ def flow(spark, consortium, tmp_path, monkeypatch):
 
 def steward_sees(capsys) -> str:
     """What `affluent batches` prints for the establishment."""
-    from jobs import cli
+    from jobs.app import cli
 
     capsys.readouterr()
     assert cli.main(["batches", "--establishment", EST]) == 0
@@ -59,7 +59,7 @@ def rejected_entries(lake: Lake, batch_id: str) -> list[dict]:
 
 
 def test_a_manifest_that_is_a_directory_is_rejected_in_the_log_and_earlier_batches_still_land(flow, capsys):
-    from jobs import pipeline
+    from jobs.stages import pipeline
 
     landing = flow.settings.landing
     deliver(landing, "20260105-001")
@@ -94,7 +94,7 @@ def test_a_manifest_that_is_a_directory_is_rejected_in_the_log_and_earlier_batch
 
 @pytest.mark.parametrize("kind", ["link", "pipe"])
 def test_a_manifest_that_is_a_link_or_a_pipe_is_rejected_without_being_read(tmp_path, consortium, kind):
-    from jobs.landing import check_batch
+    from jobs.stages.landing import check_batch
 
     folder = deliver(tmp_path, "20260105-001")
     elsewhere = tmp_path / "manifest-elsewhere.json"
@@ -112,7 +112,7 @@ def test_a_manifest_that_is_a_link_or_a_pipe_is_rejected_without_being_read(tmp_
 def test_an_empty_csv_file_is_rejected_with_a_clear_rule_and_is_taken_again_once_delivered(flow, capsys):
     """A 0-byte CSV has no header: an export that failed, not an empty one (in a full batch it would delete
     every record). It stops its batch like any rejection; a fixed delivery is taken again."""
-    from jobs import pipeline
+    from jobs.stages import pipeline
 
     landing = flow.settings.landing
     folder = deliver(landing, "20260105-001", content=b"")
@@ -135,7 +135,7 @@ def test_an_empty_csv_file_is_rejected_with_a_clear_rule_and_is_taken_again_once
 
 
 def test_an_empty_or_broken_bundle_is_named_as_such(tmp_path, consortium):
-    from jobs.landing import check_batch
+    from jobs.stages.landing import check_batch
 
     est = "cisss_estuaire"
     for content, reason in [(b"", r"is empty \(0 bytes\).*a JSON Bundle"), (b"[1, 2]", "is not a JSON Bundle")]:
@@ -149,8 +149,10 @@ def test_an_empty_or_broken_bundle_is_named_as_such(tmp_path, consortium):
 def test_a_second_run_of_a_running_batch_says_already_running_in_the_log_and_changes_nothing(flow, capsys):
     import threading
 
-    from jobs import cli, pipeline
-    from jobs.writer_lock import batch_run
+    from jobs.app import cli
+
+    from jobs.stages import pipeline
+    from jobs.core.writer_lock import batch_run
 
     deliver(flow.settings.landing, "20260105-001")
     holding, leave = threading.Event(), threading.Event()
@@ -182,7 +184,7 @@ def test_a_second_run_of_a_running_batch_says_already_running_in_the_log_and_cha
 def test_a_death_before_birth_is_quarantined_for_plausibility_and_the_rest_of_the_batch_goes_on(flow, capsys):
     from pyspark.sql import functions as F
 
-    from jobs import pipeline
+    from jobs.stages import pipeline
 
     dead_before_born = PATIENTS[1].replace(";;A", ";15/03/1989;A")  # born 01/01/1990
     dead_after_born = PATIENTS[0].replace(";;A", ";02/02/2024;A")

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import FHIR_FIXTURES
 
-from jobs.config import FhirProfile
+from jobs.core.config import FhirProfile
 from jobs.readers.fhir import (
     FhirInputError,
     FileLineage,
@@ -21,7 +21,7 @@ from jobs.readers.fhir import (
     read_fhir_file,
     read_fhir_resources,
 )
-from jobs.schemas import QUARANTINE_SCHEMA, bronze_schema
+from jobs.core.schemas import QUARANTINE_SCHEMA, bronze_schema
 
 DUTCH_BSN = "urn:oid:2.16.840.1.113883.2.4.6.3"
 RAMQ_NAM = "https://www.ramq.gouv.qc.ca/nam"

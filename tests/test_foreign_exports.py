@@ -17,7 +17,7 @@ import pytest
 import yaml
 from pyspark.sql import functions as F
 
-from jobs.schemas import DATASETS
+from jobs.core.schemas import DATASETS
 from tests.conftest import CONFIG_DIR, TEST_KEY
 
 FOREIGN = Path(__file__).parent / "fixtures" / "foreign"
@@ -49,8 +49,8 @@ def _onboard(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def foreign(spark, tmp_path_factory):
     """Every foreign batch taken through ingest, pseudonymise, validate and land; the stages' outcomes."""
-    from jobs import pipeline
-    from jobs.settings import Settings
+    from jobs.stages import pipeline
+    from jobs.core.settings import Settings
 
     root = tmp_path_factory.mktemp("foreign")
     config = _onboard(root)
@@ -76,7 +76,7 @@ def _quarantine(ctx, est: str):
 
 
 def test_the_profiles_pass_the_configuration_check(tmp_path):
-    from jobs.config import load_consortium
+    from jobs.core.config import load_consortium
 
     consortium = load_consortium(_onboard(tmp_path))
     assert {CSV_EST, BUNDLE_EST, BULK_EST} <= set(consortium.establishments)
@@ -192,10 +192,10 @@ def test_the_same_snapshot_delivered_again_changes_no_row(spark, tmp_path, monke
     """The CSV snapshot delivered again a week later, identical but for its manifest: every row lands,
     none is rewritten, the change feed of every silver table shows nothing, the batch log counts them
     as unchanged."""
-    from jobs import pipeline
-    from jobs.ops import read_batch_log
-    from jobs.settings import Settings
-    from jobs.tables import table_version
+    from jobs.stages import pipeline
+    from jobs.core.ops import read_batch_log
+    from jobs.core.settings import Settings
+    from jobs.core.tables import table_version
 
     config = _onboard(tmp_path)
     for name, value in {"AFFLUENT_LAKE_ROOT": str(tmp_path / "lake"), "AFFLUENT_LANDING_ROOT": str(tmp_path / "landing"),
@@ -233,10 +233,10 @@ def test_csv_files_not_collected_are_counted_per_file_and_never_read(spark, tmp_
     (a body line that would be quarantined if parsed is not), and the manifest's rows add up."""
     import hashlib
 
-    from jobs.config import load_consortium
-    from jobs.ingest import ingest_batch
-    from jobs.lake import Lake
-    from jobs.ops import read_batch_log
+    from jobs.core.config import load_consortium
+    from jobs.stages.ingest import ingest_batch
+    from jobs.core.lake import Lake
+    from jobs.core.ops import read_batch_log
 
     config = _onboard(tmp_path)
     profile_path = config / "establishments" / f"{CSV_EST}.yaml"

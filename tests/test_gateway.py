@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.gateway.audit import read_audit, verify, verify_rows
-from jobs.gateway.server import GatewaySettings
-from jobs.gateway.tokens import TokenStore
+from jobs.research.gateway.audit import read_audit, verify, verify_rows
+from jobs.research.gateway.server import GatewaySettings
+from jobs.research.gateway.tokens import TokenStore
 from tests.conftest import CONFIG_DIR
 from tests.gateway_helpers import (MEMBER, OTHER_MEMBER, OTHER_PROJECT, PROJECT, SILVER_SECRET, make_config,
                                    make_lake, remove_member)
@@ -25,7 +25,7 @@ def env(tmp_path_factory):
     lake = make_lake(root / "lake")
     config = make_config(CONFIG_DIR, root / "config")
     settings = GatewaySettings.from_env(lake_root=lake.root, config_dir=config, token_store=root / "tokens.jsonl")
-    from jobs.gateway.app import create_app
+    from jobs.research.gateway.app import create_app
 
     client = TestClient(create_app(settings))
     store = TokenStore(settings.token_store)
@@ -95,7 +95,7 @@ def test_tokens_unknown_expired_revoked_and_other_project(env, member_token):
 
 
 def test_removed_member_loses_access_at_once(env, tmp_path):
-    from jobs.gateway.app import create_app
+    from jobs.research.gateway.app import create_app
 
     config = tmp_path / "config"
     shutil.copytree(env["config"], config)
@@ -213,8 +213,8 @@ def test_escape_attempt_is_refused_and_audited(env, member_token, index):
 def test_audit_verify_detects_deleted_and_altered_rows(env, tmp_path, member_token, capsys):
     from deltalake import write_deltalake
 
-    from jobs.cli import main
-    from jobs.lake import Lake
+    from jobs.app.cli import main
+    from jobs.core.lake import Lake
 
     post_query(env, member_token, "SELECT count(*) AS n FROM patient")
     rows = audit_rows(env)
@@ -241,8 +241,8 @@ def test_audit_verify_detects_deleted_and_altered_rows(env, tmp_path, member_tok
 
 
 def test_time_row_and_size_limits(env, member_token, tmp_path):
-    from jobs.access import Limits
-    from jobs.gateway.app import create_app
+    from jobs.research.access import Limits
+    from jobs.research.gateway.app import create_app
 
     settings = GatewaySettings.from_env(lake_root=env["lake"].root, config_dir=env["config"],
                                         token_store=env["store"].path)
@@ -262,7 +262,7 @@ def test_time_row_and_size_limits(env, member_token, tmp_path):
 
 
 def test_aggregate_only_project_answers_differentially_private_statistics(env, tmp_path):
-    from jobs.gateway.app import create_app
+    from jobs.research.gateway.app import create_app
 
     settings = GatewaySettings.from_env(lake_root=env["lake"].root, config_dir=CONFIG_DIR,  # shipped: aggregates only
                                         token_store=tmp_path / "tokens.jsonl")
@@ -288,7 +288,7 @@ def test_aggregate_only_project_answers_differentially_private_statistics(env, t
 
 
 def test_steward_cli_issues_lists_and_revokes_tokens(env, tmp_path, monkeypatch, capsys):
-    from jobs.cli import main
+    from jobs.app.cli import main
 
     monkeypatch.setenv("AFFLUENT_TOKEN_STORE", str(tmp_path / "tokens.jsonl"))
     monkeypatch.setenv("AFFLUENT_CONFIG_DIR", str(env["config"]))
@@ -315,8 +315,8 @@ def test_sql_errors_say_what_is_wrong_without_quoting_data(env, member_token):
 
 
 def test_config_or_token_store_holding_the_lake_is_refused(tmp_path):
-    from jobs.gateway.confine import ConfinementUnavailable
-    from jobs.gateway.server import confinement_for
+    from jobs.research.gateway.confine import ConfinementUnavailable
+    from jobs.research.gateway.server import confinement_for
 
     settings = GatewaySettings.from_env(lake_root=str(tmp_path / "lake"), config_dir=CONFIG_DIR,
                                         token_store=tmp_path / "tokens.jsonl")
@@ -327,8 +327,8 @@ def test_config_or_token_store_holding_the_lake_is_refused(tmp_path):
 def test_without_landlock_the_gateway_refuses_unless_told_unconfined(tmp_path, monkeypatch, capsys):
     import tempfile
 
-    from jobs.gateway import confine
-    from jobs.gateway.server import lock_down
+    from jobs.research.gateway import confine
+    from jobs.research.gateway.server import lock_down
 
     monkeypatch.setattr(confine, "landlock_abi", lambda: 0)
     monkeypatch.setattr(tempfile, "tempdir", tempfile.gettempdir())  # lock_down moves it: restored after the test
@@ -348,7 +348,7 @@ def test_without_landlock_the_gateway_refuses_unless_told_unconfined(tmp_path, m
     ("bytes=8-20", 10, (8, 9)), ("bytes=10-", 10, None), ("bytes=4-2", 10, None), ("bytes=1-2,4-5", 10, None),
     ("items=1-2", 10, None), ("bytes=a-b", 10, None)])
 def test_file_downloads_honour_one_http_byte_range(header, size, expected):
-    from jobs.gateway.sharing import byte_range
+    from jobs.research.gateway.sharing import byte_range
 
     assert byte_range(header, size) == expected
 
@@ -380,8 +380,8 @@ def test_deep_nesting_is_a_clear_refusal_and_audited(env, member_token):
 def test_cross_join_spill_is_capped_and_audited(env, member_token, tmp_path, monkeypatch):
     import tempfile
 
-    from jobs.access import Limits
-    from jobs.gateway.app import create_app
+    from jobs.research.access import Limits
+    from jobs.research.gateway.app import create_app
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     settings = GatewaySettings.from_env(lake_root=env["lake"].root, config_dir=env["config"],

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.gateway.audit import read_audit
-from jobs.gateway.server import GatewaySettings
-from jobs.gateway.tokens import TokenStore
-from jobs.privacy_budget import verify_ledger
+from jobs.research.gateway.audit import read_audit
+from jobs.research.gateway.server import GatewaySettings
+from jobs.research.gateway.tokens import TokenStore
+from jobs.privacy.privacy_budget import verify_ledger
 from tests.conftest import CONFIG_DIR
 from tests.gateway_helpers import (MEMBER, PROJECT, TARGET, TARGET_CODE, TARGET_LAB, make_dp_config, make_dp_lake)
 
@@ -63,7 +63,7 @@ ATTACKS = {
 
 
 def _app(root, name, count_rounding=None, **privacy):
-    from jobs.gateway.app import create_app
+    from jobs.research.gateway.app import create_app
 
     config = make_dp_config(CONFIG_DIR, root / f"config-{name}", count_rounding, **privacy)
     settings = GatewaySettings.from_env(lake_root=str(root / "lake"), config_dir=config,
@@ -241,8 +241,8 @@ def test_anchor_detects_truncation_and_a_rewritten_chain(tmp_path, monkeypatch):
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from jobs.gateway.audit import ENV_ANCHOR_KEY, anchor, anchors_path, row_hash, verify, write_audit
-    from jobs.lake import Lake
+    from jobs.research.gateway.audit import ENV_ANCHOR_KEY, anchor, anchors_path, row_hash, verify, write_audit
+    from jobs.core.lake import Lake
 
     monkeypatch.setenv(ENV_ANCHOR_KEY, "steward-anchor-key")
     lake = Lake(str(tmp_path / "lake"))
@@ -279,8 +279,8 @@ def test_anchor_detects_truncation_and_a_rewritten_chain(tmp_path, monkeypatch):
 
 
 def test_policy_refuses_identifiers_and_unknown_columns_as_keys(tmp_path):
-    from jobs.config import load_consortium
-    from jobs.policy import policy_problems
+    from jobs.core.config import load_consortium
+    from jobs.privacy.policy import policy_problems
 
     config = make_dp_config(CONFIG_DIR, tmp_path / "config", public_keys={"person_id": ["p00"]},
                             partition_selection=["no_such_column"])
@@ -290,8 +290,8 @@ def test_policy_refuses_identifiers_and_unknown_columns_as_keys(tmp_path):
 
 
 def test_project_budget_is_shared_by_members_and_the_ledger_is_tamper_evident(tmp_path, capsys):
-    from jobs.cli import main
-    from jobs.privacy_budget import ledger_path
+    from jobs.app.cli import main
+    from jobs.privacy.privacy_budget import ledger_path
 
     lake = make_dp_lake(tmp_path / "lake")
     client, settings = _app(tmp_path, "project", epsilon=1.0, epsilon_per_query=0.1, project_epsilon=0.2)

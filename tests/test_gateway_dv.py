@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.gateway.server import GatewaySettings
-from jobs.gateway.tokens import TokenStore
+from jobs.research.gateway.server import GatewaySettings
+from jobs.research.gateway.tokens import TokenStore
 from tests.conftest import CONFIG_DIR
 from tests.gateway_helpers import MEMBER, PROJECT, make_config
 
@@ -16,8 +16,8 @@ SCHEMA = "person_id string, gender_source_value string, year_of_birth int, posta
 
 @pytest.fixture(scope="module")
 def gateway(spark, tmp_path_factory):
-    from jobs.gateway.app import create_app
-    from jobs.lake import Lake
+    from jobs.research.gateway.app import create_app
+    from jobs.core.lake import Lake
 
     root = tmp_path_factory.mktemp("gateway-dv")
     lake = Lake(str(root / "lake"))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.gateway.confine import landlock_abi
-from jobs.gateway.tokens import TokenStore
+from jobs.research.gateway.confine import landlock_abi
+from jobs.research.gateway.tokens import TokenStore
 from tests.conftest import CONFIG_DIR
 from tests.gateway_helpers import (KEY_VARIABLES, MEMBER, OTHER_MEMBER, OTHER_PROJECT, PROJECT, REPO, clean_env,
                                    encounters, free_port, make_config, make_lake, start_gateway, wait_healthy)
@@ -51,7 +51,7 @@ def test_gateway_process_holds_no_key_and_is_confined(running):
 PROBE = """
 import json, sys
 from pathlib import Path
-from jobs.gateway.server import GatewaySettings, lock_down
+from jobs.research.gateway.server import GatewaySettings, lock_down
 settings = GatewaySettings.from_env(lake_root=sys.argv[1], config_dir=sys.argv[2], token_store=sys.argv[3])
 lock_down(settings)
 outcome = {}
@@ -98,7 +98,7 @@ def test_gateway_refuses_to_start_when_a_key_is_visible(running, variable):
 
 def run_cli(running, token: str, *args: str) -> subprocess.CompletedProcess:
     env = clean_env(AFFLUENT_GATEWAY_URL=running["url"], AFFLUENT_TOKEN=token)
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jobs.app.cli", *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -137,7 +137,7 @@ def test_delta_sharing_client_reads_exactly_the_extract(running, tmp_path):
     got = frame.sort_values("visit_occurrence_id").reset_index(drop=True)[list(expected.columns)]
     assert got.astype(str).values.tolist() == expected.astype(str).values.tolist()
 
-    from jobs.gateway.audit import read_audit
+    from jobs.research.gateway.audit import read_audit
 
     reads = [r for r in read_audit(running["lake"]).to_pylist()
              if r["engine"] == "delta-sharing" and r["token_id"] == record.token_id]
@@ -166,8 +166,8 @@ def test_delta_sharing_other_project_and_revoked_tokens_get_nothing(running, tmp
 
 def test_demo_step_queries_through_its_own_gateway(tmp_path, capsys):
     """The demo's aggregate-only project: a differentially private answer with its epsilon and intervals."""
-    from jobs.gateway.demo import show
-    from jobs.gateway.tokens import default_store_path
+    from jobs.research.gateway.demo import show
+    from jobs.research.gateway.tokens import default_store_path
     from tests.gateway_helpers import make_dp_lake
 
     lake = make_dp_lake(tmp_path / "lake")
@@ -192,7 +192,7 @@ def test_file_urls_are_audited_and_die_with_their_token(running):
     running["store"].revoke(record.token_id)
     assert httpx.get(url).status_code == 403
 
-    from jobs.gateway.audit import read_audit
+    from jobs.research.gateway.audit import read_audit
 
     files = [r for r in read_audit(running["lake"]).to_pylist()
              if r["token_id"] == record.token_id and (r["reason"] or "").startswith(("file", "token"))]
@@ -206,7 +206,7 @@ def test_killed_query_leaves_its_requested_row(running, tmp_path):
 
     import httpx
 
-    from jobs.gateway.audit import read_audit, verify
+    from jobs.research.gateway.audit import read_audit, verify
 
     port = free_port()
     process = start_gateway(running["lake"], running["config"], port)
@@ -238,9 +238,9 @@ def test_confined_gateway_answers_an_aggregate_only_project_and_keeps_its_budget
     """The shipped configuration (aggregate-only): OpenDP runs under Landlock, the ledger survives a restart."""
     import httpx
 
-    from jobs import clock
-    from jobs.config import load_consortium
-    from jobs.privacy_budget import balance
+    from jobs.core import clock
+    from jobs.core.config import load_consortium
+    from jobs.privacy.privacy_budget import balance
     from tests.gateway_helpers import make_dp_lake
 
     lake = make_dp_lake(tmp_path / "lake")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jobs import reference
-from jobs.config import CsvProfile, FhirProfile, load_consortium
+from jobs.core.config import CsvProfile, FhirProfile, load_consortium
 from jobs.generate import GenerationError, generate_consortium
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

@@ -4,12 +4,12 @@ import json
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.batch_queue import pending_batches
-from jobs.ingest import ingest_batch
-from jobs.lake import Lake
-from jobs.landing import BatchRejected
-from jobs.ops import read_batch_log
-from jobs.tables import table_version
+from jobs.stages.batch_queue import pending_batches
+from jobs.stages.ingest import ingest_batch
+from jobs.core.lake import Lake
+from jobs.stages.landing import BatchRejected
+from jobs.core.ops import read_batch_log
+from jobs.core.tables import table_version
 from tests.landing_helpers import (LAURENTIDES_ENCOUNTER_HEADER, LAURENTIDES_PATIENT_HEADER, latin1_csv,
                                    write_batch)
 
@@ -172,8 +172,8 @@ def test_fhir_components_and_resources_not_collected_reconcile_per_file_and_reac
         spark, consortium, tmp_path):
     from pyspark.sql.types import StructType
 
-    from jobs.batch_queue import batch_log_entries
-    from jobs.ops import BATCH_LOG_SCHEMA
+    from jobs.stages.batch_queue import batch_log_entries
+    from jobs.core.ops import BATCH_LOG_SCHEMA
 
     lake = Lake(str(tmp_path / "lake"))
     landing = tmp_path / "landing"
@@ -234,8 +234,8 @@ def test_a_rejected_batch_ends_the_run_with_the_line_batches_shows_and_redeliver
     """`affluent run` on a batch breaking the landing contract: one line on stderr, no traceback, a non-zero
     exit; `affluent batches` shows the same line, which says re-delivery is enough; a corrected manifest
     makes the batch pending again without a retry."""
-    from jobs.cli import EXIT_STOPPED, main
-    from jobs.config import load_consortium
+    from jobs.app.cli import EXIT_STOPPED, main
+    from jobs.core.config import load_consortium
     from tests.conftest import CONFIG_DIR, TEST_KEY
 
     lake, landing = landed

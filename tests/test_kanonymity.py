@@ -1,4 +1,4 @@
-"""k-anonymity of the patient extract (jobs.kanonymity) on tiny inline frames."""
+"""k-anonymity of the patient extract (jobs.privacy.kanonymity) on tiny inline frames."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from jobs.kanonymity import k_anonymise, reidentification_risk
+from jobs.privacy.kanonymity import k_anonymise, reidentification_risk
 
 QIS = ["year_of_birth", "gender_source_value", "postal_prefix"]
 SCHEMA = "person_id string, gender_source_value string, year_of_birth int, postal_prefix string"
@@ -58,7 +58,7 @@ def test_the_same_extract_with_and_without_adaptive_execution(spark, adaptive):
     (The conflict a join of the extract with its own decision once caused without adaptive
     execution needs publish's whole extract plan; tests/test_publish.py goes through it.)
     """
-    from jobs.crypto import SparkKey, hmac_sha256_hex
+    from jobs.privacy.crypto import SparkKey, hmac_sha256_hex
 
     # As publish builds it: the project pseudonym computed in the plan (the key's pads are subqueries).
     frame = spark.createDataFrame(population(), SCHEMA)
@@ -118,8 +118,8 @@ def test_quasi_identifiers_must_be_demographic_columns_of_patient(consortium):
     import pytest
     from pydantic import ValidationError
 
-    from jobs.config import Project
-    from jobs.policy import policy_problems
+    from jobs.core.config import Project
+    from jobs.privacy.policy import policy_problems
 
     project = next(iter(consortium.projects.values()))
     with pytest.raises(ValidationError, match="not a demographic column"):

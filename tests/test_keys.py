@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from jobs.keys import NotAKeyError, WeakKeyError, load_key
+from jobs.privacy.keys import NotAKeyError, WeakKeyError, load_key
 from tests.conftest import TEST_KEY
 
 HEX_16 = "9f2c4b7a1e83d6f05a4c2e9b7d1f3a68"  # `openssl rand -hex 16`: 32 characters, 16 bytes
@@ -68,15 +68,15 @@ def test_every_source_is_checked(tmp_path, monkeypatch):
     raw_file.write_bytes(bytes(range(200, 240)))  # raw bytes, not text: refused, not a UnicodeDecodeError
     with pytest.raises(NotAKeyError, match="not hex or base64 text"):
         load_key({"AFFLUENT_PSEUDONYM_KEY_FILE": str(raw_file)}, use_airflow=False)
-    monkeypatch.setattr("jobs.keys._from_airflow", lambda: PASSPHRASE)
+    monkeypatch.setattr("jobs.privacy.keys._from_airflow", lambda: PASSPHRASE)
     with pytest.raises(NotAKeyError, match="Airflow connection affluent_pseudonym_key"):
         load_key({})
-    monkeypatch.setattr("jobs.keys._from_airflow", lambda: HEX_32)
+    monkeypatch.setattr("jobs.privacy.keys._from_airflow", lambda: HEX_32)
     assert load_key({}).fingerprint == _load(HEX_32).fingerprint
 
 
 def test_key_generate_writes_an_owner_only_key_file_that_is_accepted_and_never_overwritten(tmp_path, capsys):
-    from jobs import cli
+    from jobs.app import cli
 
     path = tmp_path / "secrets" / "affluent.key"
     assert cli.main(["key", "generate", "--out", str(path)]) == 0
@@ -95,7 +95,7 @@ def test_key_generate_writes_an_owner_only_key_file_that_is_accepted_and_never_o
 
 
 def test_the_demo_key_is_a_generated_key(tmp_path):
-    from jobs.demo import _demo_key
+    from jobs.app.demo import _demo_key
 
     path = _demo_key(tmp_path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -109,7 +109,7 @@ def test_hex_and_base64_of_the_same_bytes_are_the_same_key():
 @pytest.mark.parametrize("command", ["run", "ingest"])
 def test_the_flow_refuses_to_start_without_a_key(command, tmp_path, monkeypatch, capsys):
     """Without a key, nothing is read from landing into bronze (bronze holds identifiers)."""
-    from jobs import cli
+    from jobs.app import cli
     from tests.landing_helpers import LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
 
     landing, lake = tmp_path / "landing", tmp_path / "lake"
@@ -119,7 +119,7 @@ def test_the_flow_refuses_to_start_without_a_key(command, tmp_path, monkeypatch,
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AFFLUENT_LAKE_ROOT", str(lake))
     monkeypatch.setenv("AFFLUENT_LANDING_ROOT", str(landing))
-    monkeypatch.setattr("jobs.keys._from_airflow", lambda: None)
+    monkeypatch.setattr("jobs.privacy.keys._from_airflow", lambda: None)
     # A refusal is a clean end of the command: the key error's one line, a non-zero exit, no traceback.
     assert cli.main([command, "--establishment", "chu_laurentides", "--batch", "20260105-001"]) == cli.EXIT_STOPPED
     err = capsys.readouterr().err

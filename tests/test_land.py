@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.lake import Lake
-from jobs.schemas import silver_columns
-from jobs.tables import table_version
+from jobs.core.lake import Lake
+from jobs.core.schemas import silver_columns
+from jobs.core.tables import table_version
 from tests.conftest import copy_lake
 from tests.test_validate import DAY, EST, EXTRACTED, FP, consent, enc, stage_batch
 
@@ -37,8 +37,8 @@ def landed(first_full_batch, tmp_path) -> Lake:
 
 
 def run_batch(spark, lake, consortium, batch_id, rows, extracted_at, kind="incremental", **figures):
-    from jobs.land import land_batch
-    from jobs.validate import validate_batch
+    from jobs.stages.land import land_batch
+    from jobs.stages.validate import validate_batch
 
     stage_batch(spark, lake, batch_id, rows, extracted_at=extracted_at, kind=kind, **figures)
     validate_batch(spark, lake, consortium, EST, batch_id, kind)
@@ -58,7 +58,7 @@ def latest_state(deliveries: list[tuple[dt.datetime, list[dict]]]) -> dict[str, 
 
 
 def test_silver_holds_the_latest_state_after_full_incremental_and_late_batches(spark, lake, consortium):
-    from jobs.land import reconcile
+    from jobs.stages.land import reconcile
 
     b1 = [enc(f"v{i}") for i in range(1, 7)]
     b2 = [enc("v1", visit_source_value="outpatient"),                       # update
@@ -99,7 +99,7 @@ def test_silver_holds_the_latest_state_after_full_incremental_and_late_batches(s
 def test_a_full_batch_is_a_snapshot_whose_absent_records_are_deleted(spark, lake, consortium):
     """Records a full batch no longer holds are deleted with a tombstone; one invalid in it is kept;
     a full batch with lines quarantined at ingest deletes nothing."""
-    from jobs.ops import read_batch_log
+    from jobs.core.ops import read_batch_log
 
     t1, t3, t4 = EXTRACTED, EXTRACTED + 2 * DAY, EXTRACTED + 3 * DAY
     run_batch(spark, lake, consortium, "b1", {"encounter": [enc(f"v{i}") for i in range(1, 5)],
@@ -128,8 +128,8 @@ def test_a_full_batch_is_a_snapshot_whose_absent_records_are_deleted(spark, lake
 
 
 def test_landing_twice_changes_nothing(spark, landed, consortium):
-    from jobs.land import land_batch, merge_into_silver
-    from jobs.validate import validated_path
+    from jobs.stages.land import land_batch, merge_into_silver
+    from jobs.stages.validate import validated_path
 
     lake = landed  # b1 landed
     version = table_version(spark, lake.silver("encounter"))
@@ -147,9 +147,9 @@ def test_landing_twice_changes_nothing(spark, landed, consortium):
 
 
 def test_a_batch_that_does_not_add_up_lands_nothing(spark, landed, consortium):
-    from jobs.land import ReconciliationError, land_batch
-    from jobs.ops import append_batch_log
-    from jobs.validate import validate_batch
+    from jobs.stages.land import ReconciliationError, land_batch
+    from jobs.core.ops import append_batch_log
+    from jobs.stages.validate import validate_batch
 
     lake = landed  # b1 landed
     version = table_version(spark, lake.silver("encounter"))
@@ -166,10 +166,10 @@ def test_a_batch_that_does_not_add_up_lands_nothing(spark, landed, consortium):
 
 
 def test_a_silver_table_written_with_another_key_is_refused(spark, landed, consortium):
-    from jobs.keys import KeyMismatchError
-    from jobs.land import land_batch
-    from jobs.tables import FINGERPRINT_PROPERTY
-    from jobs.validate import validate_batch
+    from jobs.privacy.keys import KeyMismatchError
+    from jobs.stages.land import land_batch
+    from jobs.core.tables import FINGERPRINT_PROPERTY
+    from jobs.stages.validate import validate_batch
 
     lake = landed  # b1 landed
     props = spark.sql(f"SHOW TBLPROPERTIES delta.`{lake.silver('encounter')}`").collect()
@@ -184,7 +184,7 @@ def test_a_silver_table_written_with_another_key_is_refused(spark, landed, conso
 
 
 def test_silver_tables_are_registered_documented_and_feed_their_changes(spark, landed, consortium):
-    from jobs.land import register_silver_tables
+    from jobs.stages.land import register_silver_tables
 
     lake = landed  # b1 landed (and registered where the module's lake was built)
     assert register_silver_tables(spark, lake) == ["silver.encounter"]
@@ -201,7 +201,7 @@ def test_silver_tables_are_registered_documented_and_feed_their_changes(spark, l
 def test_changes_are_marked_with_deletion_vectors_and_purged_by_maintenance(spark, lake, consortium):
     from pathlib import Path
 
-    from jobs.maintenance import compact_and_vacuum, retention_check_disabled
+    from jobs.stages.maintenance import compact_and_vacuum, retention_check_disabled
 
     run_batch(spark, lake, consortium, "b1", {"encounter": [enc(f"v{i}") for i in range(1, 7)]
                                               + [enc("v7", care_site_source_value="UNIT-SENT-THEN-DELETED")]},
@@ -237,7 +237,7 @@ def _changes(spark, path: str, after: int):
 def test_an_identical_redelivery_changes_no_row_and_feeds_no_change(spark, landed, consortium):
     """The same records delivered again as a new batch all land and change nothing: same rows, same
     files, an empty change feed, and the batch log says how many were unchanged."""
-    from jobs.ops import read_batch_log
+    from jobs.core.ops import read_batch_log
 
     lake = landed  # b1 (v1, v2) landed
     path = lake.silver("encounter")
@@ -268,7 +268,7 @@ def test_an_identical_redelivery_changes_no_row_and_feeds_no_change(spark, lande
 
 
 def test_content_comparison_leaves_out_key_establishment_and_lineage():
-    from jobs.land import content_columns, content_differs
+    from jobs.stages.land import content_columns, content_differs
 
     columns = content_columns("encounter")
     assert "visit_source_value" in columns and "person_id" in columns

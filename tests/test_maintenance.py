@@ -4,9 +4,9 @@ import json
 import pytest
 from pyspark.sql import Row
 
-from jobs.lake import Lake
-from jobs.maintenance import purge_bronze
-from jobs.schemas import bronze_schema
+from jobs.core.lake import Lake
+from jobs.stages.maintenance import purge_bronze
+from jobs.core.schemas import bronze_schema
 
 
 def _bronze_row(batch: str, ingested: dt.datetime, ref: str) -> Row:
@@ -37,8 +37,8 @@ def test_bronze_batches_past_retention_are_removed_physically(spark, tmp_path):
 
 
 def test_a_landed_batch_leaves_every_transient_zone(spark, tmp_path):
-    from jobs.lake import ZONES
-    from jobs.maintenance import purge_transient, zone_tables
+    from jobs.core.lake import ZONES
+    from jobs.stages.maintenance import purge_transient, zone_tables
 
     lake = Lake(str(tmp_path / "lake"))
     rows = [("chu_laurentides", "landed", "p1"), ("chu_laurentides", "in-flight", "p2"), ("other", "landed", "p3")]
@@ -59,10 +59,10 @@ def test_a_landed_batch_leaves_every_transient_zone(spark, tmp_path):
 
 def test_transient_zones_keep_a_batch_only_while_it_may_still_land(spark, tmp_path):
     """Landed, skipped and long-stopped batches leave staged and validated: rows, files and history."""
-    from jobs.batchlog import Stage, Status
-    from jobs.maintenance import purge_transient_zones
-    from jobs.ops import append_batch_log
-    from jobs.tables import DELETION_VECTORS
+    from jobs.core.batchlog import Stage, Status
+    from jobs.stages.maintenance import purge_transient_zones
+    from jobs.core.ops import append_batch_log
+    from jobs.core.tables import DELETION_VECTORS
 
     lake = Lake(str(tmp_path / "lake"))
     now = dt.datetime(2026, 6, 1)
@@ -96,7 +96,7 @@ def test_transient_zones_keep_a_batch_only_while_it_may_still_land(spark, tmp_pa
 
 
 def test_stopped_batches_never_outlive_their_bronze_rows():
-    from jobs.config import Pipeline
+    from jobs.core.config import Pipeline
 
     assert Pipeline().transient_retention_days <= Pipeline().bronze_retention_days
     with pytest.raises(ValueError, match="exceeds bronze_retention_days"):
@@ -104,8 +104,8 @@ def test_stopped_batches_never_outlive_their_bronze_rows():
 
 
 def test_rows_matching_keys_are_deleted_and_a_table_without_them_gets_no_commit(spark, tmp_path):
-    from jobs.maintenance import delete_matching, keys_frame
-    from jobs.tables import table_version
+    from jobs.stages.maintenance import delete_matching, keys_frame
+    from jobs.core.tables import table_version
 
     path = str(tmp_path / "t")
     spark.createDataFrame([("p1", "a"), ("p2", "b"), ("p1", "c")], "person_id string, v string") \

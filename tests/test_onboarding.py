@@ -9,9 +9,9 @@ import shutil
 import pytest
 import yaml
 
-from jobs.batch_queue import batch_state
-from jobs.batchlog import QueueState, Stage, Status
-from jobs.onboarding import profile_sha256
+from jobs.stages.batch_queue import batch_state
+from jobs.core.batchlog import QueueState, Stage, Status
+from jobs.stages.onboarding import profile_sha256
 from tests.conftest import CONFIG_DIR, TEST_KEY
 from tests.privacy_helpers import BATCH, EST, write_planted_batch
 
@@ -30,7 +30,7 @@ def test_the_profile_digest_follows_the_profile_not_the_file_layout(consortium):
 
 
 def test_a_held_batch_blocks_its_queue_and_says_how_to_accept():
-    from jobs.batch_queue import EstablishmentQueue
+    from jobs.stages.batch_queue import EstablishmentQueue
 
     now = dt.datetime(2026, 1, 6, tzinfo=dt.timezone.utc)
     entry = {"stage": Stage.INGEST, "status": Status.INGESTED, "manifest_sha256": "m", "recorded_at": now,
@@ -45,10 +45,10 @@ def test_a_held_batch_blocks_its_queue_and_says_how_to_accept():
 
 
 def test_an_onboarding_establishment_lands_only_once_its_profile_is_accepted(spark, tmp_path, monkeypatch, capsys):
-    from jobs import pipeline
-    from jobs.cli import main
-    from jobs.onboarding import BatchHeld, acceptances
-    from jobs.settings import Settings
+    from jobs.stages import pipeline
+    from jobs.app.cli import main
+    from jobs.stages.onboarding import BatchHeld, acceptances
+    from jobs.core.settings import Settings
 
     config = tmp_path / "config"
     shutil.copytree(CONFIG_DIR, config)
@@ -69,7 +69,7 @@ def test_an_onboarding_establishment_lands_only_once_its_profile_is_accepted(spa
     queue = pipeline.queue(ctx, EST)
     assert queue.blocked_by.status == Status.HELD and queue.pending == []
     # From the command line: the line `affluent batches` shows, a non-zero exit, no traceback.
-    from jobs.cli import EXIT_STOPPED
+    from jobs.app.cli import EXIT_STOPPED
 
     capsys.readouterr()
     assert main(["land", "--establishment", EST, "--batch", BATCH]) == EXIT_STOPPED
@@ -89,15 +89,15 @@ def test_an_onboarding_establishment_lands_only_once_its_profile_is_accepted(spa
     assert spark.read.format("delta").load(ctx.lake.silver("patient")).count() > 0
 
     # A profile changed after the acceptance must be accepted again.
-    from jobs.onboarding import is_accepted
+    from jobs.stages.onboarding import is_accepted
 
     assert is_accepted(ctx.lake, ctx.consortium, EST)
     assert not is_accepted(ctx.lake, _onboarding(ctx.consortium, decimal_separator="."), EST)
 
 
 def test_accepting_an_establishment_that_is_not_onboarding_is_refused(spark, tmp_path, consortium):
-    from jobs.lake import Lake
-    from jobs.onboarding import accept
+    from jobs.core.lake import Lake
+    from jobs.stages.onboarding import accept
 
     with pytest.raises(ValueError, match="is not onboarding"):
         accept(spark, Lake(str(tmp_path / "lake")), consortium, EST, "why not", [])

@@ -1,4 +1,4 @@
-"""Erasure reaches every zone of jobs.lake.ZONES and leaves no id in files, logs or retained versions."""
+"""Erasure reaches every zone of jobs.core.lake.ZONES and leaves no id in files, logs or retained versions."""
 
 import shutil
 
@@ -6,9 +6,9 @@ import pytest
 from delta.tables import DeltaTable
 from pyspark.sql import functions as F
 
-from jobs.erasure import ERASURE_RECEIPTS, ERASURE_REQUESTS
-from jobs.lake import LANDING, ZONES
-from jobs.maintenance import zone_tables
+from jobs.privacy.erasure import ERASURE_RECEIPTS, ERASURE_REQUESTS
+from jobs.core.lake import LANDING, ZONES
+from jobs.stages.maintenance import zone_tables
 from tests.privacy_helpers import file_text, lake_files
 
 NAM = "TREM85521201"
@@ -66,13 +66,13 @@ def erased_everywhere(spark, consortium, planted_lake, tmp_path_factory):
     hold the person now. A first erasure meets the person in a table it does
     not clean and must fail loudly; once that table is gone, the second succeeds.
     """
-    from jobs.erasure import ErasureIncomplete, patient_key_of, process_erasures, request_erasure
-    from jobs.ingest import ingest_batch
-    from jobs.keys import load_key
-    from jobs.lake import Lake
-    from jobs.maintenance import purge_transient
-    from jobs.pseudonymise import pseudonymise_batch
-    from jobs.validate import validate_batch
+    from jobs.privacy.erasure import ErasureIncomplete, patient_key_of, process_erasures, request_erasure
+    from jobs.stages.ingest import ingest_batch
+    from jobs.privacy.keys import load_key
+    from jobs.core.lake import Lake
+    from jobs.stages.maintenance import purge_transient
+    from jobs.stages.pseudonymise import pseudonymise_batch
+    from jobs.stages.validate import validate_batch
     from tests.conftest import TEST_KEY, copy_lake
     from tests.landing_helpers import LAURENTIDES_ENCOUNTER_HEADER, LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
     from tests.privacy_helpers import BATCH, EST, hmac_hex, write_planted_batch
@@ -170,7 +170,7 @@ def test_a_person_left_in_a_table_erasure_does_not_clean_fails_the_erasure(erase
 
 def test_content_scan_finds_an_id_the_statistics_do_not_show(spark, tmp_path):
     """Min/max statistics name only a file's extremes; the scan decodes every row, of old files too."""
-    from jobs.maintenance import keys_frame, mentions, table_contents
+    from jobs.stages.maintenance import keys_frame, mentions, table_contents
 
     path = str(tmp_path / "t")
     spark.createDataFrame([("aaa",), ("middle-id-42",), ("zzz",)], "person_id string").coalesce(1).write.format(

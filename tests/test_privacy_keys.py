@@ -8,10 +8,10 @@ import io
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.crypto import SparkKey, _padded, hmac_sha256_hex
-from jobs.lake import Lake
-from jobs.pseudonymise import Keyring, Parser, pseudonymise_facts, pseudonymise_patients
-from jobs.publish import project_extract
+from jobs.privacy.crypto import SparkKey, _padded, hmac_sha256_hex
+from jobs.core.lake import Lake
+from jobs.stages.pseudonymise import Keyring, Parser, pseudonymise_facts, pseudonymise_patients
+from jobs.stages.publish import project_extract
 from tests.privacy_helpers import EST, encodings, event_log_text
 from tests.test_publish import C
 

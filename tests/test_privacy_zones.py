@@ -2,8 +2,8 @@
 
 from pyspark.sql import functions as F
 
-from jobs.lake import BRONZE, LANDING, Lake
-from jobs.pseudonymise import coded_value
+from jobs.core.lake import BRONZE, LANDING, Lake
+from jobs.stages.pseudonymise import coded_value
 from tests.privacy_helpers import (PATIENT_FILE, PLANTED_ADDRESS, PLANTED_FILE_WORD, PLANTED_NAME, file_text,
                                    lake_files)
 

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.ingest import ingest_batch
-from jobs.keys import KeyMismatchError, MissingKeyError, WeakKeyError, load_key
-from jobs.lake import Lake
-from jobs.pseudonymise import is_valid_nam, normalise_nam, pseudonymise_batch
+from jobs.stages.ingest import ingest_batch
+from jobs.privacy.keys import KeyMismatchError, MissingKeyError, WeakKeyError, load_key
+from jobs.core.lake import Lake
+from jobs.stages.pseudonymise import is_valid_nam, normalise_nam, pseudonymise_batch
 from tests.conftest import OTHER_TEST_KEY, TEST_KEY, copy_lake
 from tests.landing_helpers import (LAURENTIDES_ENCOUNTER_HEADER, LAURENTIDES_PATIENT_HEADER, RIVIERE_PATIENT_HEADER,
                                    latin1_csv, utf8_bom_csv, write_batch)
@@ -135,9 +135,9 @@ def test_nam_validation(spark):
 def test_linkage_takes_the_first_valid_identifier_of_the_declared_systems(spark, consortium, pseudonym_key):
     """Priority order, normalisation and check digits decide the person_id; the same identifier gives the
     same person_id in any establishment, whatever its spelling."""
-    from jobs.config import PersonIdentifierSystem
-    from jobs.pseudonymise import Keyring, Parser, pseudonymise_patients
-    from jobs.schemas import bronze_schema
+    from jobs.core.config import PersonIdentifierSystem
+    from jobs.stages.pseudonymise import Keyring, Parser, pseudonymise_patients
+    from jobs.core.schemas import bronze_schema
 
     systems = [PersonIdentifierSystem(id="nam", check="nam"),
                PersonIdentifierSystem(id="enterprise_mpi", normalise="digits", pattern="^[0-9]{10}$", check="luhn")]

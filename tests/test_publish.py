@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import ConfigError, Project, load_consortium
-from jobs.gold import PATIENTS_BY_CONDITION, suppress_small_cells
-from jobs.lake import Lake
-from jobs.policy import PolicyError
-from jobs.publish import MANIFEST, publish
-from jobs.schemas import SILVER_SCHEMAS
+from jobs.core.config import ConfigError, Project, load_consortium
+from jobs.stages.gold import PATIENTS_BY_CONDITION, suppress_small_cells
+from jobs.core.lake import Lake
+from jobs.privacy.policy import PolicyError
+from jobs.stages.publish import MANIFEST, publish
+from jobs.core.schemas import SILVER_SCHEMAS
 from tests.terminology_helpers import silver_frame
 
 from tests.conftest import CONFIG_DIR, TEST_KEY
@@ -109,7 +109,7 @@ def world(spark, tmp_path_factory, pseudonym_key_module):
 
 @pytest.fixture(scope="module")
 def pseudonym_key_module():
-    from jobs.keys import load_key
+    from jobs.privacy.keys import load_key
 
 
     return load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
@@ -277,7 +277,7 @@ def test_cross_project_linkage_on_demographics_and_diagnoses(spark, world):
 
 def _published_sets(spark, lake, project: Project, level: int, kinds: set[str]):
     """Per project pseudonym: demographics and the set of published codes (of ``kinds``) taken to ``level``."""
-    from jobs.relink import CODE_LEVELS
+    from jobs.privacy.relink import CODE_LEVELS
 
     icd, atc = CODE_LEVELS[level]
     sets = defaultdict(set)
@@ -324,7 +324,7 @@ def test_no_person_is_re_linked_to_fewer_than_k_of_another_extract(spark, world)
 
 
 def test_a_project_whose_bound_cannot_be_met_is_refused_at_publish(spark, world, tmp_path):
-    from jobs.relink import RelinkRiskExceeded
+    from jobs.privacy.relink import RelinkRiskExceeded
 
     def strict(root):
         onc = root / "projects" / "oncology_cohort.yaml"

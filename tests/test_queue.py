@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from jobs.batch_queue import (
+from jobs.stages.batch_queue import (
     EstablishmentQueue,
     QueueBlocked,
     QueuedBatch,
@@ -16,9 +16,9 @@ from jobs.batch_queue import (
     batch_state,
     establishment_queue,
 )
-from jobs.batchlog import BATCH_LOG_COLUMNS, BatchRejected, QueueState, Stage, Status
-from jobs.lake import Lake
-from jobs.landing import check_batch
+from jobs.core.batchlog import BATCH_LOG_COLUMNS, BatchRejected, QueueState, Stage, Status
+from jobs.core.lake import Lake
+from jobs.stages.landing import check_batch
 from tests.landing_helpers import LAURENTIDES_PATIENT_HEADER, latin1_csv, write_batch
 
 EST = "chu_laurentides"
@@ -176,7 +176,7 @@ def test_land_waits_for_every_earlier_batch():
 
 def test_every_rejection_is_logged_with_file_and_reason_and_a_fix_makes_the_batch_pending(spark, consortium,
                                                                                           tmp_path):
-    from jobs.ingest import ingest_batch
+    from jobs.stages.ingest import ingest_batch
 
     lake, landing = Lake(str(tmp_path / "lake")), tmp_path / "landing"
     folder = deliver(landing, "20260105-001")
@@ -204,8 +204,8 @@ def test_every_rejection_is_logged_with_file_and_reason_and_a_fix_makes_the_batc
 
 
 def test_a_landed_batch_delivered_again_with_other_content_is_refused_as_a_conflict(spark, consortium, tmp_path):
-    from jobs.ingest import ingest_batch
-    from jobs.ops import append_batch_log
+    from jobs.stages.ingest import ingest_batch
+    from jobs.core.ops import append_batch_log
 
     lake, landing = Lake(str(tmp_path / "lake")), tmp_path / "landing"
     deliver(landing, "20260105-001")
@@ -221,8 +221,8 @@ def test_a_landed_batch_delivered_again_with_other_content_is_refused_as_a_confl
 
 
 def test_a_steward_skip_is_recorded_and_unblocks_the_queue(spark, consortium, tmp_path, monkeypatch):
-    from jobs import cli
-    from jobs.ops import append_batch_log
+    from jobs.app import cli
+    from jobs.core.ops import append_batch_log
 
     lake, landing = Lake(str(tmp_path / "lake")), tmp_path / "landing"
     deliver(landing, "20260105-001")
@@ -244,8 +244,8 @@ def test_a_steward_skip_is_recorded_and_unblocks_the_queue(spark, consortium, tm
 
 
 def test_choosing_the_next_batch_needs_no_spark_session(tmp_path, consortium, monkeypatch):
-    from jobs import pipeline
-    from jobs.settings import Settings
+    from jobs.stages import pipeline
+    from jobs.core.settings import Settings
 
     def no_spark(self):
         raise AssertionError("choosing a batch started Spark")

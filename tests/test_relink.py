@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.relink import (CODE_COLUMNS, ITEM, ITEMS, Linkable, RelinkBound, RelinkRiskExceeded, enforce,
+from jobs.privacy.relink import (CODE_COLUMNS, ITEM, ITEMS, Linkable, RelinkBound, RelinkRiskExceeded, enforce,
                          generalised_code, itemsets, published_codes, relinked)
 
 DX, RX = CODE_COLUMNS

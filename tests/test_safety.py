@@ -2,8 +2,8 @@
 
 import datetime as dt
 
-from jobs.lake import Lake
-from jobs.safety import MAINTENANCE_DAG, PUBLISH_DAG, manual_run_note, paused_warnings, pending_erasures, unpublished_silver
+from jobs.core.lake import Lake
+from jobs.privacy.safety import MAINTENANCE_DAG, PUBLISH_DAG, manual_run_note, paused_warnings, pending_erasures, unpublished_silver
 from tests.conftest import copy_lake
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from jobs import schema_reference
-from jobs.schemas import BRONZE_COLUMNS, DATASETS, SILVER_SCHEMAS
+from jobs.app import schema_reference
+from jobs.core.schemas import BRONZE_COLUMNS, DATASETS, SILVER_SCHEMAS
 
 JOBS = Path(schema_reference.__file__).resolve().parent
 RULE_NAME = re.compile(r"[\"'`]((?:ingest|completeness|conformance|plausibility|integrity|batch)\.[a-z_]+)[\"'`]")
@@ -38,7 +38,7 @@ def test_every_rule_the_code_or_a_suite_can_write_is_described_with_its_fix():
     in_suites = set(schema_reference._suite_rules())
     assert in_code and in_suites
     missing = (in_code | in_suites) - set(schema_reference.RULE_FIXES)
-    assert not missing, f"rules without a description and fix in jobs/schema_reference.py: {sorted(missing)}"
+    assert not missing, f"rules without a description and fix in jobs/app/schema_reference.py: {sorted(missing)}"
     assert all(meaning and fix for meaning, fix in schema_reference.RULE_FIXES.values())
     page = schema_reference.render_reference()
     assert "| `plausibility.future_date` | row |" in page and "free-text-component rule" in page

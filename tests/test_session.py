@@ -34,7 +34,7 @@ def test_delta_round_trip_through_the_session_factory(spark, tmp_path):
 
 
 def test_hmac_from_builtins_equals_python_hmac(spark, execution_mode):
-    from jobs.crypto import SparkKey, hmac_sha256_hex
+    from jobs.privacy.crypto import SparkKey, hmac_sha256_hex
 
     values = ["ABCD12345678", "é-accentué", "x" * 200, None, ""]
     df = spark.createDataFrame([(v,) for v in values], "v string")
@@ -45,7 +45,7 @@ def test_hmac_from_builtins_equals_python_hmac(spark, execution_mode):
 
 
 def test_code_generation_switch(monkeypatch):
-    from jobs.session import ENV_CODEGEN, codegen_conf
+    from jobs.core.session import ENV_CODEGEN, codegen_conf
 
     monkeypatch.delenv(ENV_CODEGEN, raising=False)
     assert codegen_conf() == {}
@@ -57,7 +57,7 @@ def test_code_generation_switch(monkeypatch):
 
 
 def test_adaptive_execution_switch(monkeypatch):
-    from jobs.session import ENV_ADAPTIVE, ENV_CODEGEN, adaptive_conf, execution_mode_conf
+    from jobs.core.session import ENV_ADAPTIVE, ENV_CODEGEN, adaptive_conf, execution_mode_conf
 
     monkeypatch.delenv(ENV_ADAPTIVE, raising=False)
     monkeypatch.delenv(ENV_CODEGEN, raising=False)
@@ -72,7 +72,7 @@ def test_adaptive_execution_switch(monkeypatch):
 def test_the_suite_session_runs_as_its_environment_says(spark):
     import os
 
-    from jobs.session import ENV_ADAPTIVE, ENV_CODEGEN
+    from jobs.core.session import ENV_ADAPTIVE, ENV_CODEGEN
 
     interpreted = os.environ.get(ENV_CODEGEN) == "off"
     assert spark.conf.get("spark.sql.codegen.factoryMode") == ("NO_CODEGEN" if interpreted else "FALLBACK")

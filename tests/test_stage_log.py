@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from jobs.stage_log import figure_lines, log_figures
+from jobs.core.stage_log import figure_lines, log_figures
 
 
 def test_land_gives_one_line_per_dataset_with_every_counter():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from jobs.schemas import staged_schema
-from jobs.tables import STATS_COLUMNS, ensure_table, stats_columns, table_properties
+from jobs.core.schemas import staged_schema
+from jobs.core.tables import STATS_COLUMNS, ensure_table, stats_columns, table_properties
 
 NAME = "Éloïse Tremblay, 12 rue des Érables"
 
@@ -37,9 +37,9 @@ def test_only_ids_dates_and_numbers_outside_the_partition_columns_are_kept():
 
 
 def test_silver_tables_keep_statistics_of_ids_dates_and_numbers_only(spark, tmp_path):
-    from jobs.land import ensure_silver_table
-    from jobs.lake import Lake
-    from jobs.schemas import SILVER_SCHEMAS
+    from jobs.stages.land import ensure_silver_table
+    from jobs.core.lake import Lake
+    from jobs.core.schemas import SILVER_SCHEMAS
 
     lake = Lake(str(tmp_path / "lake"))
     ensure_silver_table(spark, lake, "encounter", "fingerprint")

@@ -110,7 +110,7 @@ OUTPATIENT = {"code": "9202", "equivalence": "equal"}
     (lambda r: r["group"][0].update(target="http://snomed.info/sct"), "group[0].target", "target system"),
 ])
 def test_config_check_rejects_a_broken_map_with_file_entry_and_reason(tmp_path, mutate, entry, reason):
-    from jobs.config import ConfigError, load_consortium
+    from jobs.core.config import ConfigError, load_consortium
 
     config = _broken_config(tmp_path, mutate)
     _, problems = check_terminology(config)
@@ -136,8 +136,8 @@ def _changed_visit_map(tmp_path):
 
 
 def test_land_derives_concepts_and_a_changed_map_remaps_silver_without_reingest(spark, consortium, tmp_path):
-    from jobs.lake import Lake
-    from jobs.ops import read_batch_log
+    from jobs.core.lake import Lake
+    from jobs.core.ops import read_batch_log
     from jobs.terminology.coverage import coverage
     from jobs.terminology.remap import REMAP_PREFIX, remap_silver
     from tests.test_land import run_batch
@@ -177,12 +177,12 @@ def test_land_derives_concepts_and_a_changed_map_remaps_silver_without_reingest(
 def test_a_batch_whose_mapped_share_is_under_the_threshold_stops(spark, consortium, tmp_path):
     import dataclasses
 
-    from jobs.batchlog import BatchRejected
-    from jobs.lake import Lake
-    from jobs.validate import validate_batch
+    from jobs.core.batchlog import BatchRejected
+    from jobs.core.lake import Lake
+    from jobs.stages.validate import validate_batch
     from tests.test_validate import EST, EXTRACTED, enc, stage_batch
 
-    from jobs.config import BatchRuleOverride
+    from jobs.core.config import BatchRuleOverride
 
     rules = consortium.pipeline.batch_rules.model_copy(
         update={"datasets": {"encounter": BatchRuleOverride(min_mapped_pct=90)}})
@@ -206,11 +206,11 @@ def test_the_demo_query_counts_one_row_per_visit_concept_across_establishments(t
     from deltalake import write_deltalake
     from fastapi.testclient import TestClient
 
-    from jobs.gateway.app import create_app
-    from jobs.gateway.demo import DEMO_PROJECT, DEMO_MEMBER, DEMO_SQL
-    from jobs.gateway.server import GatewaySettings
-    from jobs.gateway.tokens import TokenStore
-    from jobs.lake import Lake
+    from jobs.research.gateway.app import create_app
+    from jobs.research.gateway.demo import DEMO_PROJECT, DEMO_MEMBER, DEMO_SQL
+    from jobs.research.gateway.server import GatewaySettings
+    from jobs.research.gateway.tokens import TokenStore
+    from jobs.core.lake import Lake
 
     lake = Lake(str(tmp_path / "lake"))
     # 300 persons with 10 visits each (the project's bound on rows per person): 2,000 outpatient visits

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.lake import Lake
-from jobs.ops import append_batch_log
-from jobs.schemas import DATASETS, staged_schema
-from jobs.tables import OVERWRITE, ensure_table
+from jobs.core.lake import Lake
+from jobs.core.ops import append_batch_log
+from jobs.core.schemas import DATASETS, staged_schema
+from jobs.core.tables import OVERWRITE, ensure_table
 
 EST = "chu_test"
 FP = "fp-test-0001"
@@ -103,7 +103,7 @@ def quarantined(spark, lake: Lake, batch_id: str) -> Counter:
 
 
 def _key_of(dataset: str) -> str:
-    from jobs.schemas import SILVER_KEY
+    from jobs.core.schemas import SILVER_KEY
 
     return SILVER_KEY[dataset]
 
@@ -118,7 +118,7 @@ def lake(lake_root) -> Lake:
 def test_every_dataset_has_a_gx_suite_whose_expectations_carry_rule_and_kind(spark):
     from great_expectations.core.expectation_suite import ExpectationSuite
 
-    from jobs.validate import KIND_ROW, ROW_RULES, check_failure, load_suite, suite_checks, suite_parameters
+    from jobs.stages.validate import KIND_ROW, ROW_RULES, check_failure, load_suite, suite_checks, suite_parameters
 
     seen_rules = set()
     for dataset in DATASETS:
@@ -138,7 +138,7 @@ def test_every_dataset_has_a_gx_suite_whose_expectations_carry_rule_and_kind(spa
 # ------------------------------------------------------------ row rules ----
 
 def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortium):
-    from jobs.validate import validate_batch
+    from jobs.stages.validate import validate_batch
 
     later = EXTRACTED + 40 * DAY
     rows = {
@@ -238,7 +238,7 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
 
 
 def test_a_row_gets_the_first_failing_rule_in_order(spark, lake, consortium):
-    from jobs.validate import validate_batch
+    from jobs.stages.validate import validate_batch
 
     future = EXTRACTED + 60 * DAY
     rows = {
@@ -281,15 +281,15 @@ def test_a_row_gets_the_first_failing_rule_in_order(spark, lake, consortium):
 # ---------------------------------------------------------- batch rules ----
 
 def _land(spark, lake, batch_id):
-    from jobs.land import land_batch
+    from jobs.stages.land import land_batch
 
     return land_batch(spark, lake, EST, batch_id, FP)
 
 
 def test_too_many_quarantined_rows_stop_the_batch_and_silver_stays_at_its_version(spark, lake, consortium):
-    from jobs.land import BatchNotValidated
-    from jobs.tables import table_version
-    from jobs.validate import BatchRejected, validate_batch
+    from jobs.stages.land import BatchNotValidated
+    from jobs.core.tables import table_version
+    from jobs.stages.validate import BatchRejected, validate_batch
 
     stage_batch(spark, lake, "b1", {"encounter": [enc(f"v{i}") for i in range(25)]})
     validate_batch(spark, lake, consortium, EST, "b1", "full")
@@ -310,14 +310,14 @@ def test_too_many_quarantined_rows_stop_the_batch_and_silver_stays_at_its_versio
     with pytest.raises(BatchNotValidated):
         _land(spark, lake, "b2")
     assert table_version(spark, lake.silver("encounter")) == version
-    from jobs.validate import validated_path
+    from jobs.stages.validate import validated_path
 
     assert spark.read.format("delta").load(validated_path(lake, "encounter")).where(F.col("_batch_id") == "b2").count() == 0
 
     # The establishment's own threshold for the dataset (batch_rules in its file) lets the same batch through.
     import dataclasses
 
-    from jobs.config import BatchRuleOverride, EstablishmentBatchRules
+    from jobs.core.config import BatchRuleOverride, EstablishmentBatchRules
 
     own = EstablishmentBatchRules(datasets={"encounter": BatchRuleOverride(max_quarantined_pct=30)})
     lenient = dataclasses.replace(consortium, establishments={
@@ -328,8 +328,8 @@ def test_too_many_quarantined_rows_stop_the_batch_and_silver_stays_at_its_versio
 
 
 def test_a_full_batch_much_smaller_than_the_previous_one_is_stopped_but_not_an_incremental(spark, lake, consortium):
-    from jobs.tables import table_version
-    from jobs.validate import BatchRejected, validate_batch
+    from jobs.core.tables import table_version
+    from jobs.stages.validate import BatchRejected, validate_batch
 
     stage_batch(spark, lake, "b1", {"consent": [consent(f"c{i}") for i in range(10)]})
     validate_batch(spark, lake, consortium, EST, "b1", "full")
@@ -349,8 +349,8 @@ def test_a_full_batch_much_smaller_than_the_previous_one_is_stopped_but_not_an_i
 
 
 def test_a_column_missing_from_the_batch_compared_with_silver_stops_it(spark, lake, consortium):
-    from jobs.tables import table_version
-    from jobs.validate import BatchRejected, validate_batch
+    from jobs.core.tables import table_version
+    from jobs.stages.validate import BatchRejected, validate_batch
 
     stage_batch(spark, lake, "b1", {"encounter": [enc("v1")]})
     validate_batch(spark, lake, consortium, EST, "b1", "full")
@@ -367,7 +367,7 @@ def test_a_column_missing_from_the_batch_compared_with_silver_stops_it(spark, la
 # ------------------------------------------------------------ benchmark ----
 
 def test_measure_engines_times_gx_and_the_spark_translation_on_the_same_rows(spark):
-    from jobs.validate import measure_engines
+    from jobs.stages.validate import measure_engines
 
     staged = staged_frame(spark, "lab_result", "b1", EXTRACTED, [lab(f"l{i}") for i in range(5)] + [lab("l9", value=999.0)])
     seconds = measure_engines(spark, staged, "lab_result")
@@ -375,7 +375,7 @@ def test_measure_engines_times_gx_and_the_spark_translation_on_the_same_rows(spa
 
 
 def test_plausibility_bounds_judge_values_in_the_unit_of_the_bound(spark, lake, consortium):
-    from jobs.validate import validate_batch
+    from jobs.stages.validate import validate_batch
 
     rows = {"lab_result": [
         lab("h1", code="718-7", value=13.5, unit_source_value="g/dL"),   # haemoglobin 135 g/L: lands

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.writer_lock import (ENV_LOCK_DIR, LakeBusy, Mode, NoLockFolder, exclusive, holders, lake_writer, lock_path,
+from jobs.core.writer_lock import (ENV_LOCK_DIR, LakeBusy, Mode, NoLockFolder, exclusive, holders, lake_writer, lock_path,
                               shared)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_erasure_waits_for_the_writers_and_names_them(tmp_path, caplog):
     with pytest.raises(LakeBusy, match=r"land chu_x/b2 \(shared, pid \d+"):
         with exclusive_for(lake, "erasure", timeout=0.5):
             pass
-    caplog.set_level(logging.INFO, logger="jobs.writer_lock")
+    caplog.set_level(logging.INFO, logger="jobs.core.writer_lock")
     got = threading.Event()
 
     def erase():
@@ -91,7 +91,7 @@ def test_no_writer_starts_while_erasure_holds_the_lock(tmp_path):
 def test_another_process_holding_the_lock_is_waited_for(tmp_path):
     lake = str(tmp_path / "lake")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom jobs.writer_lock import exclusive\n"
+        [sys.executable, "-c", "import sys, time\nfrom jobs.core.writer_lock import exclusive\n"
          f"with exclusive({lake!r}, 'maintenance VACUUM'):\n    print('held', flush=True)\n    time.sleep(2)\n"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -131,7 +131,8 @@ def test_a_lake_on_object_storage_needs_a_shared_lock_folder(tmp_path, monkeypat
 
 
 def test_every_lake_writing_job_holds_the_lock():
-    from jobs import erasure, ingest, land, maintenance, pseudonymise, publish, validate
+    from jobs.privacy import erasure
+    from jobs.stages import ingest, land, maintenance, pseudonymise, publish, validate
 
     expected = {ingest.ingest_batch: Mode.SHARED, pseudonymise.pseudonymise_batch: Mode.SHARED,
                 validate.validate_batch: Mode.SHARED, land.land_batch: Mode.SHARED,
@@ -147,16 +148,16 @@ def test_erasure_and_a_land_run_concurrently_and_lose_nothing(spark, erased_duri
     """Erasure (DELETE, log clean-up, VACUUM RETAIN 0) and a land MERGE at once, on one lake: one waits."""
     from pyspark.sql import functions as F
 
-    from jobs.erasure import patient_key_of
-    from jobs.keys import load_key
-    from jobs.land import batch_figures
+    from jobs.privacy.erasure import patient_key_of
+    from jobs.privacy.keys import load_key
+    from jobs.stages.land import batch_figures
     from tests.conftest import TEST_KEY
     from tests.privacy_helpers import EST
 
     run = erased_during_land
     lake, key = run["lake"], load_key({"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}, use_airflow=False)
     assert not run["errors"], run["errors"]
-    assert "jobs.land.land_batch waits for the lake writer lock (shared) held by jobs.erasure.process_erasures" \
+    assert "jobs.stages.land.land_batch waits for the lake writer lock (shared) held by jobs.privacy.erasure.process_erasures" \
         in run["lock_log"]
     assert run["outcomes"]["erasure"].processed
     silver = spark.read.format("delta").load(lake.silver("patient"))

@@ -3,7 +3,7 @@
 Example::
 
     from pathlib import Path
-    from jobs.config import load_consortium
+    from jobs.core.config import load_consortium
     from jobs.generate import generate_consortium
 
     summary = generate_consortium(Path("demo"), load_consortium("config"), patients=1000, batches=3,
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jobs.config import Consortium, CsvProfile, Establishment, FhirProfile
+from jobs.core.config import Consortium, CsvProfile, Establishment, FhirProfile
 from jobs.generate import clinical, defects as D
 from jobs.generate.calendar import Calendar
 from jobs.generate.csv_writer import WrittenFile, write_csv
@@ -34,7 +34,7 @@ from jobs.generate.fhir_writer import DELETIONS_FILE, RESOURCE_TYPES, write_dele
 from jobs.generate.formats import is_valid_nam
 from jobs.generate.people import GenerationError, make_links, make_population, names_as_typed, phones_as_typed
 from jobs.generate.timeline import CHANGE_DELETE, plan_versions
-from jobs.schemas import DATASETS, RECORD_REF
+from jobs.core.schemas import DATASETS, RECORD_REF
 
 MANIFEST = "manifest.json"
 KIND_FULL = "full"

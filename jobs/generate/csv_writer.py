@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from jobs.config import CsvProfile
+from jobs.core.config import CsvProfile
 from jobs.generate import defects as D
 from jobs.generate.formats import (
     format_decimals,
@@ -24,7 +24,7 @@ from jobs.generate.formats import (
     spark_to_strftime,
 )
 from jobs.generate.timeline import CHANGE_DELETE, CHANGE_NEW, CHANGE_UPDATE
-from jobs.schemas import ACTION_DELETE, ACTION_UPSERT, RECORD_REF
+from jobs.core.schemas import ACTION_DELETE, ACTION_UPSERT, RECORD_REF
 
 DATE_COLUMNS = frozenset({"birth_date", "deceased_date", "condition_date", "start_date", "end_date",
                           "decision_date", "valid_from", "valid_until"})

@@ -22,7 +22,7 @@ import pandas as pd
 
 from jobs import reference
 from jobs.generate.calendar import FUTURE_MARGIN_DAYS
-from jobs.schemas import RECORD_REF
+from jobs.core.schemas import RECORD_REF
 
 INVALID_NAM = "invalid_nam"
 IMPOSSIBLE_DATE = "impossible_date"

@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 
 from jobs import reference
-from jobs.config import FhirProfile
+from jobs.core.config import FhirProfile
 from jobs.generate import defects as D
 from jobs.generate.csv_writer import WrittenFile
 from jobs.generate.formats import fhir_datetimes, format_instants
 from jobs.generate.timeline import CHANGE_DELETE
-from jobs.schemas import RECORD_REF
+from jobs.core.schemas import RECORD_REF
 
 RESOURCE_TYPES = {
     "patient": "Patient", "encounter": "Encounter", "diagnosis": "Condition", "lab_result": "Observation",

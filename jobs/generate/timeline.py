@@ -17,7 +17,7 @@ from jobs.generate.calendar import Calendar
 from jobs.generate.clinical import DECISION_PERMIT, lab_values
 from jobs.generate.defects import plan_defects
 from jobs.generate.people import phones_as_typed
-from jobs.schemas import DATASETS
+from jobs.core.schemas import DATASETS
 from jobs import reference
 
 UPDATE_RATE = 0.02

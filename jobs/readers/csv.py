@@ -22,11 +22,11 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from jobs.batchlog import Stage
-from jobs.config import CsvProfile
+from jobs.core.batchlog import Stage
+from jobs.core.config import CsvProfile
 from jobs.readers.lines import (decode_strict, in_one_partition, join_quoted_lines, quote_count, read_lines,
                                 utf8_in_single_byte)
-from jobs.schemas import BRONZE_COLUMNS, PERSON_IDENTIFIERS, RECORD_REF, bronze_schema
+from jobs.core.schemas import BRONZE_COLUMNS, PERSON_IDENTIFIERS, RECORD_REF, bronze_schema
 
 STAGE_INGEST = Stage.INGEST.value
 RULE_ENCODING = "ingest.encoding"

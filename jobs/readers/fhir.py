@@ -106,7 +106,7 @@ from typing import Callable, Iterable, Sequence
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.config import FhirProfile
+from jobs.core.config import FhirProfile
 from jobs.readers.csv import RULE_ENCODING, RULE_MALFORMED, STAGE_INGEST, FileLineage, identifiers_json
 from jobs.readers.fhir_schema import (
     BUNDLE,
@@ -122,7 +122,7 @@ from jobs.readers.fhir_schema import (
 )
 from jobs.readers.lines import decode_strict, read_lines
 from jobs.reference.vocabularies import BY_VOCABULARY, NAMES_BY_FHIR_URI, UCUM_URI
-from jobs.schemas import (
+from jobs.core.schemas import (
     ACTION_DELETE,
     ACTION_UPSERT,
     BRONZE_COLUMNS,

@@ -9,8 +9,8 @@ import json
 def _coverage(args: argparse.Namespace) -> int:
     from pyspark.sql import functions as F
 
-    from jobs import pipeline
-    from jobs.tables import table_exists
+    from jobs.stages import pipeline
+    from jobs.core.tables import table_exists
     from jobs.terminology.coverage import MEASURED_DATASETS, coverage, render
 
     ctx = pipeline.Context.from_env()
@@ -32,7 +32,7 @@ def _coverage(args: argparse.Namespace) -> int:
 
 
 def _remap(args: argparse.Namespace) -> int:
-    from jobs import pipeline
+    from jobs.stages import pipeline
     from jobs.terminology.remap import remap_silver
 
     ctx = pipeline.Context.from_env()

@@ -1,7 +1,7 @@
 """Standard concepts beside the source values: DataFrame → DataFrame, from silver's own columns.
 
 :func:`with_concepts` adds (or replaces) a dataset's standard columns
-(:data:`jobs.schemas.CONCEPT_FIELDS`) from its source columns only, so land
+(:data:`jobs.core.schemas.CONCEPT_FIELDS`) from its source columns only, so land
 derives them for a batch and the remap maintenance task re-derives them for
 the whole of silver with the same code:
 

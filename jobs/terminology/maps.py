@@ -300,6 +300,6 @@ def default_terminology() -> Terminology:
     """The maps of the configuration folder the settings name (``AFFLUENT_CONFIG_DIR`` or ``config/``)."""
     import os
 
-    from jobs.settings import ENV_CONFIG_DIR, PROJECT_ROOT
+    from jobs.core.settings import ENV_CONFIG_DIR, PROJECT_ROOT
 
     return load_terminology(Path(os.environ.get(ENV_CONFIG_DIR, PROJECT_ROOT / "config")))

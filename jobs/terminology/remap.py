@@ -27,12 +27,12 @@ from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.lake import Lake
-from jobs.schemas import CONCEPT_FIELDS, SILVER_KEY
-from jobs.tables import table_exists
+from jobs.core.lake import Lake
+from jobs.core.schemas import CONCEPT_FIELDS, SILVER_KEY
+from jobs.core.tables import table_exists
 from jobs.terminology.concepts import concept_columns, with_concepts
 from jobs.terminology.maps import Terminology
-from jobs.writer_lock import Mode, writes_lake
+from jobs.core.writer_lock import Mode, writes_lake
 
 _USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 REMAP_PREFIX = "terminology remap"

@@ -16,7 +16,7 @@ RESULT_PREFIX = "AFFLUENT_APP_RESULT "
 
 
 def main(target: str) -> None:
-    from jobs.pipeline import Context, spark_master_from_connection
+    from jobs.stages.pipeline import Context, spark_master_from_connection
 
     module_name, _, function_name = target.partition(":")
     function = getattr(importlib.import_module(module_name), function_name)

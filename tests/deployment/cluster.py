@@ -35,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.settings import PROJECT_ROOT
+from jobs.core.settings import PROJECT_ROOT
 
 MAVEN_CENTRAL = "https://repo1.maven.org/maven2"
 MAVEN_CACHE = PROJECT_ROOT / ".cache" / "maven"

@@ -88,7 +88,7 @@ def test_airflow_reaches_the_cluster_and_the_bucket(services):
 
 
 def test_the_spark_connection_resolves_to_the_cluster_master(services, monkeypatch):
-    from jobs.pipeline import spark_master_from_connection
+    from jobs.stages.pipeline import spark_master_from_connection
 
     uri = _environment(services["airflow-scheduler"])["AIRFLOW_CONN_SPARK_DEFAULT"]
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", uri)
@@ -142,7 +142,7 @@ def test_spark_in_the_image_is_the_locked_spark():
 
 def test_every_airflow_container_shares_the_lake_writer_lock(services):
     """Erasure and VACUUM wait for writes in every container: the lock folder is on a volume they all mount."""
-    from jobs.writer_lock import ENV_LOCK_DIR
+    from jobs.core.writer_lock import ENV_LOCK_DIR
 
     for name in AIRFLOW_SERVICES:
         folder = _environment(services[name])[ENV_LOCK_DIR]

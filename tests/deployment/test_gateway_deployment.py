@@ -96,10 +96,10 @@ def test_delta_sharing_serves_an_object_store_lake_through_the_gateway(s3_server
     from deltalake import write_deltalake
 
     import delta_sharing
-    from jobs.arrow_tables import delta_uri
-    from jobs.gateway.audit import read_audit
-    from jobs.gateway.tokens import TokenStore
-    from jobs.lake import Lake
+    from jobs.core.arrow_tables import delta_uri
+    from jobs.research.gateway.audit import read_audit
+    from jobs.research.gateway.tokens import TokenStore
+    from jobs.core.lake import Lake
     from tests.conftest import CONFIG_DIR
     from tests.gateway_helpers import (MEMBER, PROJECT, SILVER_SECRET, clean_env, encounters, free_port,
                                        make_config, start_gateway, wait_healthy)

@@ -22,7 +22,7 @@ DENIED_BUCKET = "affluent-lake-denied"
 
 def test_hadoop_aws_matches_the_hadoop_bundled_with_pyspark():
     from tests.deployment.cluster import bundled_hadoop_version
-    from jobs.session import S3A_PACKAGES
+    from jobs.core.session import S3A_PACKAGES
 
     # S3A and hadoop-common must be the very same Hadoop release.
     assert S3A_PACKAGES == [f"org.apache.hadoop:hadoop-aws:{bundled_hadoop_version()}"]

@@ -3,7 +3,7 @@
 The cluster (master + one worker, from the pyspark distribution) runs on
 127.0.0.1; the application gets its master from the ``spark_default`` Airflow
 connection (``AIRFLOW_CONN_SPARK_DEFAULT=spark://127.0.0.1:<port>``) through
-``jobs.pipeline.spark_master_from_connection`` and its session from the
+``jobs.stages.pipeline.spark_master_from_connection`` and its session from the
 project's session factory.
 """
 

@@ -6,7 +6,7 @@ import os
 
 from pyspark.sql import functions as F
 
-from jobs.pipeline import Context
+from jobs.stages.pipeline import Context
 
 
 def delta_write_read_merge(ctx: Context) -> dict:
@@ -39,9 +39,9 @@ def one_batch_end_to_end(ctx: Context) -> dict:
     """Generate a tiny consortium into the lake's landing zone and run one CSV batch through all four stages."""
     from pathlib import Path
 
-    from jobs import pipeline
+    from jobs.stages import pipeline
     from jobs.generate import generate_consortium
-    from jobs.land import reconcile
+    from jobs.stages.land import reconcile
 
     establishment = "chu_laurentides"
     summary = generate_consortium(Path(ctx.lake.root), ctx.consortium, patients=25, batches=1, seed=3,

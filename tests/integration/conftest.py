@@ -68,7 +68,7 @@ class DemoLaunch:
         self.stderr_path = workdir / "demo.stderr"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.process = subprocess.Popen(
-                lower_priority([sys.executable, "-m", "jobs.cli", "demo", "--patients", str(PATIENTS),
+                lower_priority([sys.executable, "-m", "jobs.app.cli", "demo", "--patients", str(PATIENTS),
                                 "--batches", str(BATCHES), "--seed", str(SEED), "--defect-rate", str(DEFECT_RATE),
                                 "--workdir", str(workdir)]),
                 cwd=ROOT, env=demo_env(), stdout=out, stderr=err)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.lake import Lake
+from jobs.core.lake import Lake
 from tests.integration.conftest import demo_env
 
 pytestmark = pytest.mark.integration
@@ -71,7 +71,7 @@ def test_a_second_run_of_the_same_dag_run_changes_no_table_and_warns_of_a_paused
     code = textwrap.dedent(f"""
         import json
         from pathlib import Path
-        from jobs.demo import airflow_env
+        from jobs.app.demo import airflow_env
         import os
         os.environ.update(airflow_env(Path({str(workdir)!r})))
         from airflow.dag_processing.dagbag import DagBag
@@ -79,9 +79,9 @@ def test_a_second_run_of_the_same_dag_run_changes_no_table_and_warns_of_a_paused
         from airflow.utils import session
         with session.create_session() as s:
             assert s.query(DagModel).filter(DagModel.dag_id == "affluent_publish").update({{"is_paused": True}}) == 1
-        from jobs.pipeline import Context
-        from jobs.tables import table_version
-        from jobs.schemas import DATASETS
+        from jobs.stages.pipeline import Context
+        from jobs.core.tables import table_version
+        from jobs.core.schemas import DATASETS
         ctx = Context.from_env()
         lake = ctx.lake
         paths = [lake.bronze(d) for d in DATASETS] + [lake.staged(d) for d in DATASETS] + \\

@@ -76,7 +76,7 @@ class Api:
 def airflow(tmp_path_factory):
     import httpx
 
-    from jobs.config import load_consortium
+    from jobs.core.config import load_consortium
     from jobs.generate import generate_consortium
 
     workdir = tmp_path_factory.mktemp("airflow")
@@ -96,7 +96,7 @@ def airflow(tmp_path_factory):
     })
     port = _free_port()
     log = (workdir / "standalone.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "jobs.cli", "airflow", "--workdir", str(workdir / "af"),
+    process = subprocess.Popen([sys.executable, "-m", "jobs.app.cli", "airflow", "--workdir", str(workdir / "af"),
                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     home = workdir / "af" / "airflow"
     base = f"http://127.0.0.1:{port}"

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from jobs import pipeline
-from jobs.settings import Settings
+from jobs.stages import pipeline
+from jobs.core.settings import Settings
 from tests.conftest import CONFIG_DIR, TEST_KEY
 from tests.integration.conftest import PATIENTS
 
@@ -115,7 +115,7 @@ def test_no_identifier_outside_landing_and_bronze(run):
 
 def test_every_batch_reconciles(run):
     ctx, _ = run
-    from jobs.land import reconcile
+    from jobs.stages.land import reconcile
 
     rows = reconcile(ctx.spark, ctx.lake).collect()
     assert rows and all(r.holds for r in rows), [r for r in rows if not r.holds]
@@ -123,7 +123,7 @@ def test_every_batch_reconciles(run):
 
 def test_rerunning_a_batch_changes_no_table(run):
     ctx, _ = run
-    from jobs.tables import table_version
+    from jobs.core.tables import table_version
 
     paths = [p for d in ("patient", "encounter", "consent") for p in (ctx.lake.bronze(d), ctx.lake.staged(d), ctx.lake.silver(d))]
     paths += [ctx.lake.quarantine(), ctx.lake.ops("batch_log")]
@@ -134,7 +134,7 @@ def test_rerunning_a_batch_changes_no_table(run):
 
 
 def _decisions_in_force(consents: list[dict], purpose: str, day: str) -> list[dict]:
-    """Consent decisions of the ground truth that count for ``purpose`` on ``day`` (independent of jobs.consent).
+    """Consent decisions of the ground truth that count for ``purpose`` on ``day`` (independent of jobs.privacy.consent).
 
     Silver holds each consent record's last delivered version that was not quarantined;
     a delivered deletion removes the record. A permit counts from its decision date within
@@ -166,9 +166,9 @@ def test_extracts_hold_exactly_the_persons_the_consent_ground_truth_allows(run):
     import hashlib
     import hmac
 
-    from jobs import clock
-    from jobs.keys import load_key
-    from jobs.policy import shared_establishments
+    from jobs.core import clock
+    from jobs.privacy.keys import load_key
+    from jobs.privacy.policy import shared_establishments
 
     ctx, root = run  # the demo ran the publish DAG
     today = clock.today()
@@ -212,7 +212,7 @@ def test_every_delta_table_opens_without_spark_as_the_readme_says(run):
     from deltalake import DeltaTable
     from deltalake.exceptions import DeltaProtocolError
 
-    from jobs.arrow_tables import has_deletion_vectors, read_table
+    from jobs.core.arrow_tables import has_deletion_vectors, read_table
 
     ctx, _ = run
     tables = sorted(str(log.parent) for log in Path(ctx.lake.root).rglob("_delta_log"))

@@ -1,0 +1,1 @@
+"""Entry points: the ``affluent`` command line, the demo and the embedded Airflow."""

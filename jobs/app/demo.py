@@ -1,0 +1,259 @@
+"""The end-to-end demo: a synthetic consortium through every DAG, with real Airflow.
+
+Generates the consortium, then runs each establishment's ingest DAG once per
+pending batch and the publish DAG with ``dag.test()`` — Airflow's in-process
+runner, the same as ``airflow dags test`` — on SQLite, with local Spark and the
+lake on the local disk. Ends with a summary, a researcher query, and how to
+open the Airflow UI and the validation reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jobs.core.settings import PROJECT_ROOT
+
+
+
+_TERMINAL = None
+
+
+def _say(message: str) -> None:
+    line = f"[affluent demo] {message}\n"
+    if _TERMINAL is not None:
+        _TERMINAL.write(line)
+        _TERMINAL.flush()
+    else:
+        print(line, end="", flush=True)
+
+
+@contextlib.contextmanager
+def logs_to(path: Path):
+    """Send everything written to stdout and stderr (Airflow, GX, the JVM) to ``path``; progress stays on screen."""
+    global _TERMINAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    _TERMINAL = os.fdopen(os.dup(1), "w", buffering=1)
+    with path.open("a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            _TERMINAL.close()
+            _TERMINAL = None
+
+
+# What the embedded Airflow needs to find the lake; each has a default under the work folder.
+LAKE_VARIABLES = ("AFFLUENT_LAKE_ROOT", "AFFLUENT_LANDING_ROOT", "AFFLUENT_CONFIG_DIR")
+
+
+def airflow_env(workdir: Path, keep_exported: bool = False) -> dict[str, str]:
+    """Environment for Airflow and the jobs: SQLite metadata, local Spark, a lake.
+
+    The demo (``keep_exported=False``) always uses its own synthetic lake under
+    ``workdir``, so it can never write into a real one. ``affluent airflow``
+    (``keep_exported=True``) keeps an exported lake, landing root, config
+    folder and key, and fills in defaults only for what is unset.
+    """
+    workdir = workdir.resolve()
+    home = workdir / "airflow"
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "2",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "60",
+        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    defaults = {
+        "AFFLUENT_LAKE_ROOT": str(workdir / "lake"),
+        "AFFLUENT_LANDING_ROOT": str(workdir / "consortium" / "landing"),
+        "AFFLUENT_CONFIG_DIR": str(PROJECT_ROOT / "config"),
+    }
+    for name, value in defaults.items():
+        exported = os.environ.get(name)
+        if exported and (keep_exported or name == "AFFLUENT_CONFIG_DIR"):
+            continue  # the demo keeps an exported configuration folder too: it is read, never written
+        env[name] = value
+    # Demo batches are small: two partitions per shuffle suit them and the two cores of a laptop.
+    env.setdefault("AFFLUENT_SHUFFLE_PARTITIONS", "2")
+    has_key = env.get("AFFLUENT_PSEUDONYM_KEY") or env.get("AFFLUENT_PSEUDONYM_KEY_FILE")
+    # A throwaway key only for the demo's own synthetic lake: a real lake without its key fails closed.
+    if not has_key and env["AFFLUENT_LAKE_ROOT"] == defaults["AFFLUENT_LAKE_ROOT"]:
+        env["AFFLUENT_PSEUDONYM_KEY_FILE"] = str(_demo_key(workdir))
+    return env
+
+
+def describe_lake(env: dict[str, str]) -> list[str]:
+    """One line per setting the DAGs will use, saying whether it came from the environment (never the key)."""
+    lines = [f"{name}={env[name]}  ({'exported' if os.environ.get(name) == env[name] else 'default'})"
+             for name in LAKE_VARIABLES]
+    if os.environ.get("AFFLUENT_PSEUDONYM_KEY"):
+        lines.append("pseudonymisation key: AFFLUENT_PSEUDONYM_KEY (exported)")
+    elif os.environ.get("AFFLUENT_PSEUDONYM_KEY_FILE"):
+        lines.append(f"pseudonymisation key: file {env['AFFLUENT_PSEUDONYM_KEY_FILE']} (exported)")
+    elif env.get("AFFLUENT_PSEUDONYM_KEY_FILE"):
+        lines.append(f"pseudonymisation key: demo key file {env['AFFLUENT_PSEUDONYM_KEY_FILE']} (synthetic data only)")
+    else:
+        lines.append("pseudonymisation key: NONE — export AFFLUENT_PSEUDONYM_KEY or AFFLUENT_PSEUDONYM_KEY_FILE, "
+                     "or set the Airflow connection affluent_pseudonym_key; tasks refuse to run without it")
+    return lines
+
+
+def _demo_key(workdir: Path) -> Path:
+    """A throwaway key for the demo's synthetic data, created once, readable by its owner only."""
+    path = workdir / "secrets" / "pseudonym.key"
+    if not path.exists():
+        from jobs.privacy.keys import generate_key_file
+
+        generate_key_file(path)  # what `affluent key generate` writes: random bytes, owner-only
+        _say(f"created a demo pseudonymisation key in {path} (synthetic data only; a real deployment "
+             "provides its own through AFFLUENT_PSEUDONYM_KEY, a key file or an Airflow connection)")
+    return path
+
+
+def run_dags(env: dict[str, str], establishments: list[str], publish: bool = True) -> dict[str, list[tuple[str, str]]]:
+    """Run each establishment's ingest DAG for every pending batch, then publish; return run states."""
+    os.environ.update(env)
+    from airflow.dag_processing.dagbag import DagBag
+
+    from jobs.stages import pipeline
+
+    bag = DagBag(dag_folder=env["AIRFLOW__CORE__DAGS_FOLDER"])
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    ctx = pipeline.Context.from_env()
+    states: dict[str, list[tuple[str, str]]] = {}
+    for est in establishments:
+        dag = bag.dags[f"affluent_ingest_{est}"]
+        for batch in pipeline.pending(ctx, est):
+            started = time.monotonic()
+            _say(f"{dag.dag_id}: batch {batch} …")
+            run = dag.test(run_conf={"batch_id": batch})
+            state = str(run.state)
+            _say(f"{dag.dag_id}: batch {batch} {state} in {time.monotonic() - started:.0f} s"
+                 f"{_landed_figures(ctx, est, batch)}")
+            states.setdefault(est, []).append((batch, state))
+    if publish:
+        started = time.monotonic()
+        run = bag.dags["affluent_publish"].test()
+        _say(f"affluent_publish {run.state} in {time.monotonic() - started:.0f} s")
+        states["publish"] = [("-", str(run.state))]
+    return states
+
+
+def _landed_figures(ctx, establishment_id: str, batch_id: str) -> str:
+    from pyspark.sql import functions as F
+
+    from jobs.core.batchlog import Stage, Status
+    from jobs.core.ops import read_batch_log
+
+    totals = (read_batch_log(ctx.spark, ctx.lake)
+              .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                     & (F.col("stage") == Stage.LAND.value) & (F.col("status") == Status.LANDED.value))
+              .agg(F.sum("rows_read").alias("read"), F.sum("rows_landed").alias("rows_landed"),
+                   F.sum("rows_quarantined").alias("quarantined"), F.sum("rows_duplicates").alias("duplicates"))
+              .first())
+    if totals is None or totals.read is None:
+        return ""
+    return (f": {totals.read} rows read, {totals.rows_landed} landed, {totals.quarantined} quarantined, "
+            f"{totals.duplicates} duplicates")
+
+
+def _migrate(env: dict[str, str]) -> None:
+    _say("initialising Airflow's metadata database (SQLite) …")
+    subprocess.run(["airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    ensure_writers_pool(env)
+
+
+def ensure_writers_pool(env: dict[str, str]) -> None:
+    """The one-slot pool every lake-writing task runs in (land, publish, maintenance), created or reset.
+
+    Without it the scheduler never starts those tasks; with one slot, VACUUM,
+    erasure and a MERGE never overlap. Compose creates it in ``airflow-init``.
+    """
+    from jobs.core.registry import LAKE_WRITERS_POOL, LAKE_WRITERS_POOL_DESCRIPTION, LAKE_WRITERS_POOL_SLOTS
+
+    subprocess.run(["airflow", "pools", "set", LAKE_WRITERS_POOL, str(LAKE_WRITERS_POOL_SLOTS),
+                    LAKE_WRITERS_POOL_DESCRIPTION], env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def prepare_airflow(env: dict[str, str]) -> None:
+    """Airflow's metadata database migrated, with the lake writers' pool: what ``affluent airflow`` needs first."""
+    _migrate(env)
+
+
+def print_summary(ctx) -> None:
+    from pyspark.sql import functions as F
+
+    from jobs.core.batchlog import Stage
+    from jobs.core.ops import read_batch_log
+
+    log = read_batch_log(ctx.spark, ctx.lake).where(F.col("stage") == Stage.LAND.value)
+    print("\nBatches landed (rows read = landed + quarantined + duplicates):")
+    log.orderBy("establishment_id", "batch_id", "dataset").select(
+        "establishment_id", "batch_id", "dataset", "rows_read", "rows_landed", "rows_quarantined",
+        "rows_duplicates").show(200, truncate=False)
+    quarantine = ctx.spark.read.format("delta").load(ctx.lake.quarantine())
+    print("Quarantined rows by rule:")
+    quarantine.groupBy("establishment_id", "rule").count().orderBy("establishment_id", "rule").show(100, truncate=False)
+
+
+def run_demo(patients: int, batches: int, seed: int, defect_rate: float, workdir: Path) -> int:
+    started = time.monotonic()
+    workdir = workdir.resolve()
+    env = airflow_env(workdir)
+    os.environ.update(env)
+    from jobs.stages import pipeline
+    from jobs.core.config import load_consortium
+    from jobs.generate import generate_consortium
+
+    consortium = load_consortium(Path(env["AFFLUENT_CONFIG_DIR"]))
+    out = workdir / "consortium"
+    if not (out / "landing").exists():
+        _say(f"generating {patients} patients, {batches} batches per establishment in {out} …")
+        generate_consortium(out, consortium, patients=patients, batches=batches, seed=seed, defect_rate=defect_rate)
+    _migrate(env)
+    log = workdir / "airflow" / "logs" / "demo.log"
+    _say(f"running the DAGs with Airflow (dag.test); their logs go to {log}")
+    with logs_to(log):
+        states = run_dags(env, sorted(consortium.establishments))
+        ctx = pipeline.Context.from_env()
+    print_summary(ctx)
+    failed = [(est, b, s) for est, runs in states.items() for b, s in runs if not s.endswith("success")]
+
+    # Researchers reach the extracts only through the gateway: its own process, no key, a token per member.
+    from jobs.research.gateway.demo import show
+
+    show(ctx.lake.root, str(ctx.settings.config_dir))
+
+    reports = ctx.lake.reports()
+    print(f"""
+Done in {time.monotonic() - started:.0f} s. Lake: {ctx.lake.root}
+- Validation reports (HTML): open {reports}/index.html in a browser.
+- Batch log: .venv/bin/affluent batches   (with AFFLUENT_LAKE_ROOT={ctx.lake.root})
+- Airflow UI with these DAGs and runs: make airflow   (then http://localhost:8080, login printed at start)
+""")
+    if failed:
+        print(f"Some DAG runs did not succeed: {failed}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Core: settings, the Spark session, the configuration, schemas, zones and the ops tables."""

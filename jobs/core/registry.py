@@ -1,0 +1,72 @@
+"""Light-weight look-ups for DAG files: what establishments and datasets exist.
+
+DAG files are parsed constantly by the scheduler, so this module imports
+neither Spark nor pydantic; it reads only ids from ``config/``. The full
+validation happens in the tasks (``jobs.core.config``), which refuse to run on a
+broken configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+CANONICAL_DATASETS = ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent")
+
+# One slot: the tasks that write silver, quarantine, gold and project extracts (land, publish,
+# maintenance with erasure) run one at a time, so VACUUM, erasure's DELETE and a MERGE never overlap.
+# Created by `affluent demo` / `affluent airflow` (jobs.app.demo.ensure_writers_pool) and by compose's airflow-init.
+LAKE_WRITERS_POOL = "affluent_lake_writers"
+LAKE_WRITERS_POOL_SLOTS = 1
+LAKE_WRITERS_POOL_DESCRIPTION = "One lake-writing task at a time: land, publish, maintenance and erasure"
+
+
+@dataclass(frozen=True)
+class EstablishmentEntry:
+    id: str
+    name: str
+    format: str
+
+
+def config_dir() -> Path:
+    default = Path(__file__).resolve().parents[2] / "config"
+    return Path(os.environ.get("AFFLUENT_CONFIG_DIR", default))
+
+
+def establishments() -> list[EstablishmentEntry]:
+    """Establishments declared under ``config/establishments/``, one per file."""
+    entries = []
+    for path in sorted((config_dir() / "establishments").glob("*.yaml")):
+        with path.open(encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        entries.append(EstablishmentEntry(str(data.get("id", path.stem)), str(data.get("name", path.stem)),
+                                          str((data.get("input") or {}).get("format", "?"))))
+    return entries
+
+
+def silver_asset_name(dataset: str) -> str:
+    return f"affluent.silver.{dataset}"
+
+
+def silver_asset_uri(dataset: str) -> str:
+    return f"affluent://silver/{dataset}"
+
+
+def silver_assets() -> list:
+    """The Airflow Assets of the silver tables: land's outlets, publish's schedule. Defined here only."""
+    from airflow.sdk import Asset
+
+    return [Asset(name=silver_asset_name(d), uri=silver_asset_uri(d)) for d in CANONICAL_DATASETS]
+
+
+def task_context():
+    """The pipeline context of an Airflow task: settings from the environment, Spark from ``spark_default``.
+
+    Called inside tasks only, never at parse time (the connection look-up needs a running task).
+    """
+    from jobs.stages.pipeline import Context, spark_master_from_connection
+
+    return Context.from_env(spark_master=spark_master_from_connection("spark_default"))

@@ -1,0 +1,194 @@
+"""The one place that builds a SparkSession with Delta Lake.
+
+Every job receives the session as a parameter; nothing else in the project
+calls ``SparkSession.builder``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+from delta import configure_spark_with_delta_pip
+from pyspark.sql import SparkSession
+
+from jobs.core.settings import Settings
+
+# Extra Maven packages for object storage; only added when the lake is on s3a://.
+S3A_PACKAGES = ["org.apache.hadoop:hadoop-aws:3.5.0"]
+# Spark's verbosity: WARN by default (quiet), INFO or DEBUG to investigate.
+ENV_SPARK_LOG_LEVEL = "AFFLUENT_SPARK_LOG_LEVEL"
+DEFAULT_SPARK_LOG_LEVEL = "WARN"
+# Extra options for the driver JVM (e.g. ``-XX:MaxRAMPercentage=…``).
+ENV_JAVA_OPTIONS = "AFFLUENT_JAVA_OPTIONS"
+# Spark compiles each query's expressions and stages to Java bytecode ("on", the default). On
+# tiny data (the test suite, a few hundred rows per batch) compiling, loading and JIT-compiling
+# that code costs more than it saves: "off" evaluates the same plans interpreted.
+ENV_CODEGEN = "AFFLUENT_SPARK_CODEGEN"
+CODEGEN_OFF = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+# Adaptive query execution ("on", Spark's default) re-plans a query after each of its shuffle
+# stages, each stage a job of its own. On tiny data there is nothing to adapt to and the
+# re-planning is driver time: "off" plans each query once.
+ENV_ADAPTIVE = "AFFLUENT_SPARK_ADAPTIVE"
+ADAPTIVE_OFF = {"spark.sql.adaptive.enabled": "false"}
+LOG4J_CONFIG = Path(__file__).resolve().parent / "log4j2.properties"
+JVM_LOGGER = logging.getLogger("affluent.spark")
+_LOG4J_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (TRACE|DEBUG|INFO|WARN|ERROR|FATAL) ")
+_LEVELS = {"TRACE": logging.DEBUG, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR, "FATAL": logging.CRITICAL}
+
+
+def spark_log_level() -> str:
+    level = os.environ.get(ENV_SPARK_LOG_LEVEL, DEFAULT_SPARK_LOG_LEVEL).upper()
+    if level not in _LEVELS:
+        raise ValueError(f"{ENV_SPARK_LOG_LEVEL}={level!r}: use one of {', '.join(_LEVELS)}")
+    return level
+
+
+def _switch(name: str, off: dict[str, str]) -> dict[str, str]:
+    value = os.environ.get(name, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{name}={value!r}: use on (the default) or off")
+    return dict(off) if value == "off" else {}
+
+
+def codegen_conf() -> dict[str, str]:
+    """The Spark settings :data:`ENV_CODEGEN` asks for; an unknown value is refused, not ignored."""
+    return _switch(ENV_CODEGEN, CODEGEN_OFF)
+
+
+def adaptive_conf() -> dict[str, str]:
+    """The Spark settings :data:`ENV_ADAPTIVE` asks for; an unknown value is refused, not ignored."""
+    return _switch(ENV_ADAPTIVE, ADAPTIVE_OFF)
+
+
+def execution_mode_conf() -> dict[str, str]:
+    """Code generation and adaptive execution as the environment asks (both on unless said otherwise)."""
+    return codegen_conf() | adaptive_conf()
+
+
+def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession.Builder:
+    """Return a builder configured for Delta, small machines and quiet logs.
+
+    Example::
+
+        spark = session_builder(Settings.from_env()).getOrCreate()
+    """
+    settings.jars_cache.mkdir(parents=True, exist_ok=True)
+    builder = (
+        SparkSession.builder.master(settings.spark_master)
+        .appName(app_name)
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        # Jars are resolved once from Maven Central and cached inside the project.
+        .config("spark.jars.ivy", str(settings.jars_cache))
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        # Defaults that suit a 2-core machine; a cluster overrides them.
+        .config("spark.sql.shuffle.partitions", os.environ.get("AFFLUENT_SHUFFLE_PARTITIONS", "8"))
+        .config("spark.default.parallelism", os.environ.get("AFFLUENT_SHUFFLE_PARTITIONS", "8"))
+        .config("spark.databricks.delta.snapshotPartitions", "2")
+        # VACUUM lists and deletes files in as many tasks as this (Spark's default, 10 000, costs
+        # half a minute of empty tasks per VACUUM on a small machine).
+        .config("spark.sql.sources.parallelPartitionDiscovery.parallelism",
+                os.environ.get("AFFLUENT_SHUFFLE_PARTITIONS", "8"))
+        .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.memory", os.environ.get("AFFLUENT_DRIVER_MEMORY", "4g"))
+        .config("spark.sql.warehouse.dir", str(Path(settings.jars_cache).parent / "warehouse"))
+        .config("spark.driver.extraJavaOptions",
+                f"-Dderby.system.home=/tmp -Dlog4j2.configurationFile={LOG4J_CONFIG.as_uri()} "
+                f"-Daffluent.spark.log.level={spark_log_level()} {os.environ.get(ENV_JAVA_OPTIONS, '')}".strip())
+    )
+    extra_packages: list[str] = []
+    if settings.lake_root.startswith("s3a://"):
+        extra_packages.extend(S3A_PACKAGES)
+    for key, value in (execution_mode_conf() | (extra_conf or {})).items():
+        builder = builder.config(key, value)
+    return configure_spark_with_delta_pip(builder, extra_packages=extra_packages)
+
+
+def get_spark(settings: Settings | None = None, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession:
+    """Build (or reuse) the SparkSession with Delta and quiet logs."""
+    settings = settings or Settings.from_env()
+    builder = session_builder(settings, app_name, extra_conf)
+    _launch_jvm_logging_to_python(builder)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(spark_log_level())
+    return spark
+
+
+def _pump(read_fd: int) -> None:
+    """Log each line the JVM writes at the level log4j gave it (Ivy and banners: INFO)."""
+    level = logging.INFO
+    with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            match = _LOG4J_LINE.match(line)
+            if match:
+                level = _LEVELS[match.group(1)]
+            elif not line.startswith(("\t", "Caused by", "  ")):
+                level = logging.INFO  # not a continuation of a logged exception
+            JVM_LOGGER.log(level, "%s", line)
+
+
+def _launch_jvm_logging_to_python(builder: SparkSession.Builder) -> None:
+    """Start the driver JVM with a pipe for its stdout and stderr, read by a thread that logs each line.
+
+    Without this the JVM inherits the process's stderr, and a scheduler that
+    reads stderr as errors (Airflow does) shows Spark's start-up banner, Ivy's
+    report and every warning as ERROR. The gateway is launched exactly as
+    ``SparkContext`` would launch it (same configuration), only with its
+    output piped; ``getOrCreate`` then reuses it.
+    """
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    with SparkContext._lock:  # noqa: SLF001 - the same guard SparkContext uses
+        if SparkContext._gateway is not None:  # noqa: SLF001 - a JVM is already running: reuse it
+            return
+        conf = SparkConf()
+        for key, value in builder._options.items():  # noqa: SLF001 - the options getOrCreate would pass
+            conf.set(key, value)
+        read_fd, write_fd = os.pipe()
+        threading.Thread(target=_pump, args=(read_fd,), name="spark-jvm-log", daemon=True).start()
+        try:
+            gateway = launch_gateway(conf, popen_kwargs={"stdout": write_fd, "stderr": write_fd})
+        finally:
+            os.close(write_fd)  # the JVM holds its own copy; the pump ends when the JVM does
+        SparkContext._gateway = gateway  # noqa: SLF001
+        SparkContext._jvm = gateway.jvm  # noqa: SLF001
+
+
+def resolve_jars(settings: Settings | None = None) -> list[str]:
+    """Fetch Delta's jars (and the S3A ones) into the project's Ivy cache once, at set-up time.
+
+    ``scripts/bootstrap`` calls this so that no pipeline task and no test
+    downloads anything: the first Spark start of a fresh machine then finds
+    every jar in ``.cache/ivy``. A marker records what was resolved.
+    """
+    settings = settings or Settings.from_env()
+    s3a = Settings(lake_root="s3a://resolve-only/lake", spark_master="local[1]", config_dir=settings.config_dir,
+                   jars_cache=settings.jars_cache, landing_root=settings.landing_root)
+    builder = session_builder(s3a, app_name="affluent-resolve-jars")
+    packages = builder._options.get("spark.jars.packages", "").split(",")  # noqa: SLF001 - what Spark will resolve
+    marker = settings.jars_cache / ".resolved"
+    if marker.is_file() and marker.read_text(encoding="utf-8").split() == packages:
+        return packages
+    builder.getOrCreate().stop()
+    marker.write_text("\n".join(packages) + "\n", encoding="utf-8")
+    return packages
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--resolve-jars"]:
+        sys.exit("usage: python -m jobs.core.session --resolve-jars")
+    print("==> Spark jars cached in .cache/ivy: " + ", ".join(resolve_jars()))

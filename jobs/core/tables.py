@@ -1,0 +1,125 @@
+"""Delta table helpers shared by every stage: key fingerprints and write metrics."""
+
+from __future__ import annotations
+
+from delta.tables import DeltaTable
+from pyspark.sql import SparkSession
+from pyspark.sql.types import (
+    ByteType,
+    DateType,
+    DecimalType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    ShortType,
+    StringType,
+    StructType,
+    TimestampNTZType,
+    TimestampType,
+)
+
+from jobs.privacy.keys import KeyMismatchError
+
+FINGERPRINT_PROPERTY = "affluent.key_fingerprint"
+DELETION_VECTORS = "delta.enableDeletionVectors"
+STATS_COLUMNS = "delta.dataSkippingStatsColumns"
+NUM_INDEXED_COLUMNS = "delta.dataSkippingNumIndexedCols"
+
+# Write modes, named once.
+APPEND = "append"
+OVERWRITE = "overwrite"
+
+
+def stats_columns(schema: StructType, partition_by: tuple[str, ...] = ()) -> list[str]:
+    """The columns Delta may keep min/max statistics of: ids, dates and numbers, never other text.
+
+    Delta writes each file's min and max of the first 32 columns into the
+    commit log, in clear, and they outlive the rows (deletes, VACUUM): a name
+    typed into a coded field (care site, unit) would be published there. Ids
+    are pseudonyms or record keys (``person_id``, ``patient_key``, ``…_id``);
+    partition columns are in every file's path already and may not be listed.
+    """
+    numeric = (ByteType, ShortType, IntegerType, LongType, FloatType, DoubleType, DecimalType, DateType,
+               TimestampType, TimestampNTZType)
+    kept = []
+    for field in schema.fields:
+        if field.name in partition_by:
+            continue
+        is_id = isinstance(field.dataType, StringType) and (
+            field.name in ("person_id", "patient_key") or field.name.endswith("_id"))
+        if is_id or isinstance(field.dataType, numeric):
+            kept.append(field.name)
+    return kept
+
+
+def table_exists(spark: SparkSession, path: str) -> bool:
+    return DeltaTable.isDeltaTable(spark, path)
+
+
+def table_properties(spark: SparkSession, path: str) -> dict[str, str]:
+    """The table's properties, read from its metadata (``DESCRIBE DETAIL`` would also size every file)."""
+    return {r.key: r.value for r in spark.sql(f"SHOW TBLPROPERTIES delta.`{path}`").collect()}
+
+
+def check_fingerprint(spark: SparkSession, path: str, fingerprint: str) -> None:
+    """Refuse to write pseudonyms made with another key into an existing table."""
+    if not table_exists(spark, path):
+        return
+    props = table_properties(spark, path)
+    stored = props.get(FINGERPRINT_PROPERTY)
+    if stored is not None and stored != fingerprint:
+        raise KeyMismatchError(
+            f"{path} was written with the key whose fingerprint is {stored}; the current key's is "
+            f"{fingerprint}. Pseudonyms from two keys must never be mixed: use the original key, "
+            "or rebuild the lake from bronze with the new one."
+        )
+
+
+def purge_deletion_vectors(spark: SparkSession, path: str) -> bool:
+    """Rewrite the files whose rows a deletion vector hides, so that VACUUM can remove the rows for good.
+
+    A DELETE, UPDATE or MERGE on a table with deletion vectors only marks rows
+    as gone; their bytes stay in the Parquet file. True when a purge ran.
+    """
+    props = table_properties(spark, path)
+    if str(props.get(DELETION_VECTORS, "false")).lower() != "true":
+        return False
+    spark.sql(f"REORG TABLE delta.`{path}` APPLY (PURGE)")
+    return True
+
+
+def table_version(spark: SparkSession, path: str) -> int | None:
+    """The table's current version, ``None`` when there is no table; read from its log with delta-rs (no Spark job)."""
+    from jobs.core.arrow_tables import open_delta
+
+    table = open_delta(path)
+    return None if table is None else table.version()
+
+
+def ensure_table(spark: SparkSession, path: str, schema, fingerprint: str | None = None,
+                 partition_by: tuple[str, ...] = (), properties: dict[str, str] | None = None,
+                 comment: str | None = None) -> None:
+    """Create the Delta table at ``path`` if missing (with its key fingerprint); check it otherwise.
+
+    Creating first, then writing, puts the fingerprint on the table before any
+    pseudonym reaches it.
+    """
+    if table_exists(spark, path):
+        if fingerprint is not None:
+            check_fingerprint(spark, path, fingerprint)
+        return
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    if partition_by:
+        builder = builder.partitionedBy(*partition_by)
+    if comment:
+        builder = builder.comment(comment)
+    # Statistics of ids, dates and numbers only (see stats_columns); none at all when there is none of them.
+    kept = stats_columns(schema, partition_by)
+    builder = (builder.property(STATS_COLUMNS, ",".join(kept)) if kept
+               else builder.property(NUM_INDEXED_COLUMNS, "0"))
+    for key, value in (properties or {}).items():
+        builder = builder.property(key, value)
+    if fingerprint is not None:
+        builder = builder.property(FINGERPRINT_PROPERTY, fingerprint)
+    builder.execute()

@@ -1,0 +1,1 @@
+"""Privacy: keys and keyed pseudonyms, consent, erasure, disclosure control and privacy budgets."""

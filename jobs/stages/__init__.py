@@ -1,0 +1,1 @@
+"""Stages of the flow: landing → bronze → staged → validated → silver → extracts and gold."""

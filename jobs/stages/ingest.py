@@ -1,0 +1,281 @@
+"""Landing → bronze: take a complete batch, parse every file, keep lineage, lose nothing.
+
+Per file: ``rows in the manifest = entries in bronze + rows quarantined +
+entries not collected``, checked after writing; a batch whose manifest does
+not hold (missing file, checksum, row count, unknown dataset) is rejected
+whole before anything is written.
+
+An entry (a CSV record, an NDJSON line, a Bundle entry) is one manifest row.
+It lands as one bronze row, except a FHIR Observation with components, which
+lands one row per component (:mod:`jobs.readers.fhir`): bronze entries are
+therefore counted as the distinct ``(_source_file, _source_line)`` of the
+batch's bronze rows. A FHIR resource of a type the consortium does not
+collect is neither in bronze nor quarantined: the reader counts it.
+
+The batch log gets one ``ingested`` entry per dataset: ``rows_read`` = bronze
+rows + rows quarantined (what land reconciles, ``read = landed + quarantined
++ duplicates``) and ``rows_not_collected``, the entries not collected from
+the files the manifest lists under that dataset (``bundle`` for a Bundle,
+``resource`` for a single resource, ``not_collected`` for a whole file of
+resources not collected or a CSV file the profile lists under ``files:
+not_collected``, which is counted and never read beyond its header; the
+``not_collected`` entry's message gives each such file's count), so that per
+batch::
+
+    rows in the manifest = Σ rows_read + Σ rows_not_collected - component rows
+
+where the component rows (rows beyond the first of an entry) are named in the
+entry's message when there are any.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from functools import reduce
+from pathlib import Path
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs.core.config import Consortium, CsvProfile
+from jobs.core.lake import Lake, file_reference
+from jobs.core.batchlog import BatchKind, BatchRejected, Stage, Status
+from jobs.stages.batch_queue import delivered_manifest, redelivery_conflict
+from jobs.stages.landing import MANIFEST, NOT_COLLECTED, check_batch
+from jobs.core.ops import append_batch_log, batches_with_status
+from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
+from jobs.core.schemas import QUARANTINE_SCHEMA, bronze_schema
+from jobs.core.tables import OVERWRITE, ensure_table
+from jobs.core.writer_lock import Mode, writes_lake
+
+STAGE = Stage.INGEST
+
+
+class IngestReconciliationError(Exception):
+    """Rows read from a file do not add up to what the manifest announced."""
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    establishment_id: str
+    batch_id: str
+    kind: str = ""
+    bronze: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    skipped: bool = False
+    # Entries not collected in the batch (per dataset in the batch log's ``rows_not_collected``).
+    not_collected: int = 0
+
+
+def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage, max_field_bytes: int):
+    if isinstance(est.input, CsvProfile):
+        return read_csv_file(spark, path, dataset, est.input, lineage, max_field_bytes)
+    from jobs.readers.fhir import read_fhir_file
+
+    return read_fhir_file(spark, str(path), dataset, est.input, lineage)
+
+
+@writes_lake(Mode.SHARED)
+def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium: Consortium,
+                 establishment_id: str, batch_id: str) -> IngestOutcome:
+    """Ingest one batch into bronze; a batch already ingested is skipped.
+
+    Every refusal is in the batch log with its file, its reason and the
+    manifest's sha256 (a batch whose manifest changes is checked again, see
+    :mod:`jobs.stages.batch_queue`). A batch delivered again with another manifest
+    after it was ingested is refused as a ``conflict``: the first delivery stays.
+    """
+    manifest = delivered_manifest(landing_root, consortium, establishment_id, batch_id)
+    conflict = redelivery_conflict(lake, landing_root, consortium, establishment_id, batch_id)
+    if conflict:
+        reason = (f"delivered again after ingest with another {MANIFEST} (sha256 {conflict}); the first "
+                  "delivery stays. Deliver changes as a new batch; `affluent batch skip` or `affluent batch "
+                  "retry` (goes on with the first delivery) once the establishment has explained.")
+        append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                        "stage": STAGE, "status": Status.CONFLICT, "message": reason,
+                                        "manifest_sha256": conflict, "source_file": MANIFEST}])
+        raise BatchRejected(establishment_id, batch_id, reason, file=MANIFEST)
+    if batch_id in batches_with_status(lake, establishment_id, STAGE, Status.INGESTED):
+        return IngestOutcome(establishment_id, batch_id, skipped=True)
+    try:
+        batch = check_batch(landing_root, consortium, establishment_id, batch_id)
+    except BatchRejected as exc:
+        append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                        "stage": STAGE, "status": Status.REJECTED, "message": exc.reason,
+                                        "source_file": exc.file, "manifest_sha256": manifest}])
+        raise
+
+    est = consortium.establishment(establishment_id)
+    ingested_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    bronze_parts: dict[str, list[DataFrame]] = {}
+    results = []
+    column_changes: dict[str, str] = {}
+    quarantine_parts: list[DataFrame] = []
+    notes: dict[str, list[str]] = {}
+    not_collected: dict[str, int] = {}
+    not_collected_files: dict[str, int] = {}
+    not_collected_types: dict[str, dict[str, int]] = {}
+    whole_files_not_collected: dict[str, int] = {}
+    # Free-text parts (an Observation component's valueString) left out of FHIR entries that landed.
+    free_text_dropped: dict[str, int] = {}
+
+    def reject(index: int, message: str) -> BatchRejected:
+        """A file of the batch stops it: logged under the file's reference, never its delivered name."""
+        append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                        "dataset": batch.files[index].dataset, "stage": STAGE,
+                                        "status": Status.REJECTED, "message": message,
+                                        "source_file": file_reference(batch_id, index), "manifest_sha256": manifest}])
+        return BatchRejected(establishment_id, batch_id, message, file=file_reference(batch_id, index))
+
+    if isinstance(est.input, CsvProfile):
+        # Every header is checked before any file is read, so a drifted file stops the batch whole.
+        for index, entry in enumerate(batch.files):
+            try:
+                header = read_header(batch.file_path(entry), est.input, file_reference(batch_id, index))
+            except HeaderError as exc:
+                raise reject(index, str(exc)) from None
+            if entry.dataset == NOT_COLLECTED:
+                continue  # no mapping to drift from: its header is decoded, its records only counted
+            mapping = est.input.expected_headers(entry.dataset)
+            change = header_drift(header, mapping)
+            if change and not consortium.batch_rules(establishment_id, entry.dataset).allow_column_changes:
+                raise reject(index, (
+                    f"{file_reference(batch_id, index)}: the source header differs from the profile's {entry.dataset} mapping "
+                    f"({change}); header {header}, profile expects {list(mapping)}. Nothing was ingested: "
+                    f"update config/establishments/{establishment_id}.yaml or ask the establishment to restore "
+                    "its export (batch_rules.allow_column_changes lets drifted files land, with the missing "
+                    "columns NULL)."))
+            if change:
+                column_changes[entry.dataset] = change
+    try:
+        for index, entry in enumerate(batch.files):
+            lineage = FileLineage(establishment_id, batch_id, file_reference(batch_id, index),
+                                  batch.extracted_at, ingested_at)
+            if entry.dataset == NOT_COLLECTED:
+                # A whole file of resources not collected: checked and counted by the landing checks, never read.
+                not_collected_files[lineage.source_file] = entry.rows
+                whole_files_not_collected[lineage.source_file] = entry.rows
+                not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + entry.rows
+                continue
+            try:
+                result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
+                                    consortium.pipeline.max_field_bytes)
+            except HeaderError as exc:
+                raise reject(index, str(exc)) from None
+            notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
+            file_reads = getattr(result, "file_reads", None)
+            for reads in (file_reads() if file_reads else {}).values():
+                if reads.free_text_dropped:
+                    free_text_dropped[entry.dataset] = free_text_dropped.get(entry.dataset, 0) + reads.free_text_dropped
+                if reads.not_collected:
+                    source = lineage.source_file
+                    not_collected_files[source] = not_collected_files.get(source, 0) + reads.not_collected
+                    not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + reads.not_collected
+                    types = not_collected_types.setdefault(entry.dataset, {})
+                    for rtype, n in reads.not_collected_types.items():
+                        types[rtype] = types.get(rtype, 0) + n
+            for dataset, frame in result.bronze.items():
+                bronze_parts.setdefault(dataset, []).append(frame)
+            quarantine_parts.append(result.quarantine)
+            results.append(result)
+
+        batch_filter = (F.col("_establishment") == establishment_id) & (F.col("_batch_id") == batch_id)
+        bronze_counts: dict[str, int] = {}
+        bronze_entries: dict[str, int] = {}
+        per_file: dict[str, int] = dict(not_collected_files)
+        for dataset, frames in bronze_parts.items():
+            path = lake.bronze(dataset)
+            ensure_table(spark, path, bronze_schema(dataset), partition_by=("_establishment", "_batch_id"),
+                         comment=f"Bronze {dataset}: parsed, still identifying. Pipeline only; purged after retention.")
+            frame = reduce(DataFrame.unionByName, frames)
+            (frame.write.format("delta").mode(OVERWRITE)
+             .option("replaceWhere", f"_establishment = '{establishment_id}' AND _batch_id = '{batch_id}'").save(path))
+            # An entry may land several rows (an Observation's components): entries are distinct lines.
+            counts = (spark.read.format("delta").load(path).where(batch_filter)
+                      .groupBy("_source_file").agg(F.count(F.lit(1)).alias("rows"),
+                                                   F.count_distinct("_source_line").alias("entries")).collect())
+            bronze_counts[dataset] = sum(r["rows"] for r in counts)
+            bronze_entries[dataset] = sum(r["entries"] for r in counts)
+            for r in counts:
+                per_file[r["_source_file"]] = per_file.get(r["_source_file"], 0) + r["entries"]
+
+        quarantine = reduce(DataFrame.unionByName, quarantine_parts)
+        qpath = lake.quarantine()
+        ensure_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",),
+                     comment="Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
+        (quarantine.select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
+         .write.format("delta").mode(OVERWRITE)
+         .option("replaceWhere", f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
+         .save(qpath))
+        qrows = (spark.read.format("delta").load(qpath)
+                 .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                        & (F.col("stage") == STAGE))
+                 .groupBy("dataset", "source_file").count().collect())
+        quarantined: dict[str, int] = {}
+        for r in qrows:
+            quarantined[r["dataset"]] = quarantined.get(r["dataset"], 0) + r["count"]
+            per_file[r["source_file"]] = per_file.get(r["source_file"], 0) + r["count"]
+    finally:
+        # The readers' cached parses, released even when a write or a count fails.
+        for result in results:
+            result.unpersist()
+
+    for index, entry in enumerate(batch.files):
+        source = file_reference(batch_id, index)
+        if per_file.get(source, 0) != entry.rows:
+            reason = (f"{source}: the manifest announces {entry.rows} rows, {per_file.get(source, 0)} were read "
+                      "(entries landed in bronze + quarantined + not collected). Nothing was logged as ingested; "
+                      "inspect the file, then `affluent batch retry` or `affluent batch skip`.")
+            append_batch_log(spark, lake, [{"establishment_id": establishment_id, "batch_id": batch_id,
+                                            "dataset": entry.dataset, "stage": STAGE, "status": Status.STOPPED,
+                                            "message": reason, "source_file": source,
+                                            "manifest_sha256": manifest}])
+            raise IngestReconciliationError(reason)
+
+    def figures(d: str) -> list[str]:
+        """What the typed counts of dataset ``d`` do not say: component rows, types not collected."""
+        said = []
+        extra = bronze_counts.get(d, 0) - bronze_entries.get(d, 0)
+        if extra:
+            said.append(f"{bronze_counts[d]} rows in bronze from {bronze_entries[d]} entries ({extra} more rows "
+                        "from Observation components)")
+        if not_collected.get(d):
+            types = ", ".join(f"{t} {n}" for t, n in sorted(not_collected_types.get(d, {}).items()))
+            said.append(f"{not_collected[d]} entries not collected" + (f" ({types})" if types else ""))
+        if free_text_dropped.get(d):
+            said.append(f"{free_text_dropped[d]} free-text part(s) dropped from entries that landed (an "
+                        "Observation component's or value's valueString)")
+        if d == NOT_COLLECTED and whole_files_not_collected:
+            # Per file, by its manifest reference (a delivered name may hold identifiers).
+            files = sorted(whole_files_not_collected.items(), key=lambda item: _file_index(item[0]))
+            said.append("files not collected, never read: " + ", ".join(f"{ref} {n} rows" for ref, n in files))
+        return said
+
+    datasets = sorted(set(bronze_counts) | set(quarantined) | set(not_collected))
+    append_batch_log(spark, lake, [
+        {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": d, "stage": STAGE,
+         "status": Status.INGESTED, "rows_read": bronze_counts.get(d, 0) + quarantined.get(d, 0),
+         "rows_quarantined": quarantined.get(d, 0), "rows_not_collected": not_collected.get(d, 0),
+         "extracted_at": batch.extracted_at, "kind": batch.kind, "manifest_sha256": manifest,
+         "message": "; ".join(([f"columns: {column_changes[d]}"] if d in column_changes else [])
+                             + notes.get(d, []) + figures(d)) or None}
+        for d in datasets
+    ])
+    return IngestOutcome(establishment_id, batch_id, batch.kind.value, bronze_counts, quarantined,
+                         not_collected=sum(not_collected.values()))
+
+
+def _file_index(reference: str) -> int:
+    """The manifest position of a file reference ``<batch>#<index>``, to list files in delivery order."""
+    return int(reference.rsplit("#", 1)[1])
+
+
+def batch_kind(lake: Lake, establishment_id: str, batch_id: str) -> BatchKind:
+    """``full`` or ``incremental``, as the manifest said when the batch was ingested (batch log, via delta-rs)."""
+    from jobs.stages.batch_queue import ingested_entries
+
+    kinds = [e["kind"] for e in ingested_entries(lake, establishment_id, batch_id).values()]
+    if not kinds:
+        raise LookupError(f"batch {establishment_id}/{batch_id} has not been ingested")
+    return BatchKind(kinds[0])

@@ -1,0 +1,229 @@
+"""Entry points of the flow, one per stage, shared by the CLI and the Airflow tasks.
+
+Each takes ids (establishment, batch) and returns small, JSON-able summaries:
+what Airflow may keep in XCom. Data moves only through Delta tables.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from functools import cached_property
+
+from pyspark.sql import SparkSession
+
+from jobs.core import clock
+from jobs.core.batchlog import PIPELINE_STAGES, Stage, Status
+from jobs.core.config import Consortium, load_consortium
+from jobs.privacy.keys import PseudonymKey, load_key
+from jobs.core.lake import Lake
+from jobs.core.settings import Settings
+
+STAGES = tuple(stage.value for stage in PIPELINE_STAGES)
+
+
+@dataclass
+class Context:
+    """What every stage needs: settings, the validated configuration, the lake, Spark."""
+
+    settings: Settings
+    spark_master: str | None = None
+
+    @cached_property
+    def consortium(self) -> Consortium:
+        return load_consortium(self.settings.config_dir)
+
+    @cached_property
+    def lake(self) -> Lake:
+        return Lake(self.settings.lake_root)
+
+    @cached_property
+    def key(self) -> PseudonymKey:
+        return load_key()
+
+    @cached_property
+    def spark(self) -> SparkSession:
+        from jobs.core.session import get_spark
+
+        settings = self.settings
+        if self.spark_master:
+            settings = Settings.from_env(spark_master=self.spark_master, lake_root=settings.lake_root,
+                                         config_dir=str(settings.config_dir))
+        return get_spark(settings, app_name="affluent")
+
+    @classmethod
+    def from_env(cls, spark_master: str | None = None) -> "Context":
+        return cls(Settings.from_env(), spark_master)
+
+
+def queue(ctx: Context, establishment_id: str):
+    """The establishment's batches in delivery order and where each stands; read without Spark."""
+    from jobs.stages.batch_queue import establishment_queue
+
+    return establishment_queue(ctx.lake, ctx.settings.landing, ctx.consortium, establishment_id)
+
+
+def pending(ctx: Context, establishment_id: str) -> list[str]:
+    """Batches the pipeline may take now, in delivery order; none past a batch that is stopped."""
+    return queue(ctx, establishment_id).pending
+
+
+def one_run_per_batch(stage):
+    """Run ``stage(ctx, establishment_id, batch_id)`` holding its batch; a second run of it is logged and refused.
+
+    Two runs of one batch at once (a command while the DAG runs it) would both
+    write it and the second would fail in Delta's commit; instead it ends at
+    once with :class:`~jobs.core.writer_lock.BatchAlreadyRunning` and an
+    ``already_running`` entry in the batch log (stage ``run``, never blocking).
+    """
+    @functools.wraps(stage)
+    def run(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+        from jobs.core.writer_lock import BatchAlreadyRunning, batch_run
+
+        try:
+            with batch_run(ctx.lake.root, establishment_id, batch_id, stage.__name__):
+                return stage(ctx, establishment_id, batch_id)
+        except BatchAlreadyRunning as refused:
+            from jobs.core.ops import append_batch_log
+
+            append_batch_log(ctx.spark, ctx.lake, [{
+                "establishment_id": establishment_id, "batch_id": batch_id, "stage": Stage.RUN,
+                "status": Status.ALREADY_RUNNING, "message": str(refused)}])
+            raise
+    return run
+
+
+def require_key(ctx: Context) -> PseudonymKey:
+    """The key, read before anything is written beyond landing.
+
+    Bronze already holds identifiers: a batch is not even ingested when it
+    could not be pseudonymised (missing or weak key), so the stage fails closed.
+    """
+    return ctx.key
+
+
+@one_run_per_batch
+def ingest(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    from jobs.stages.ingest import ingest_batch
+
+    require_key(ctx)
+    return asdict(ingest_batch(ctx.spark, ctx.lake, ctx.settings.landing, ctx.consortium, establishment_id, batch_id))
+
+
+@one_run_per_batch
+def pseudonymise(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    from jobs.stages.pseudonymise import pseudonymise_batch
+
+    key = ctx.key  # read before Spark starts: a missing key stops the job at once
+    return asdict(pseudonymise_batch(ctx.spark, ctx.lake, ctx.consortium, key, establishment_id, batch_id))
+
+
+def _landed(ctx: Context, establishment_id: str, batch_id: str) -> bool:
+    from jobs.core.ops import batches_with_status
+
+    return batch_id in batches_with_status(ctx.lake, establishment_id, Stage.LAND, Status.LANDED)
+
+
+@one_run_per_batch
+def validate(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    """Validate a batch; a batch already landed is not validated again (re-runs change nothing)."""
+    from jobs.stages.ingest import batch_kind
+    from jobs.stages.validate import validate_batch
+
+    require_key(ctx)
+    if _landed(ctx, establishment_id, batch_id):
+        return {"skipped": True, "reason": "batch already landed"}
+    kind = batch_kind(ctx.lake, establishment_id, batch_id)
+    return _summary(validate_batch(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id, kind))
+
+
+@one_run_per_batch
+def land(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    from jobs.stages.land import land_batch
+    from jobs.stages.maintenance import purge_transient
+
+    key = ctx.key
+    if _landed(ctx, establishment_id, batch_id):
+        return {"skipped": True, "reason": "batch already landed"}
+    queue(ctx, establishment_id).require_turn(batch_id)  # batches of an establishment land in delivery order
+    from jobs.stages.onboarding import hold_unless_accepted
+
+    hold_unless_accepted(ctx.spark, ctx.lake, ctx.consortium, establishment_id, batch_id)  # onboarding: held
+    landed = _summary(land_batch(ctx.spark, ctx.lake, establishment_id, batch_id, key.fingerprint,
+                                 ctx.consortium.terminology))
+    # staged/ and validated/ are transient: a landed batch leaves them (its rows are in silver now).
+    purge_transient(ctx.spark, ctx.lake, establishment_id, batch_id)
+    return landed
+
+
+@one_run_per_batch
+def run_batch(ctx: Context, establishment_id: str, batch_id: str) -> dict:
+    """Every stage of one batch, in order."""
+    return {stage: globals()[stage](ctx, establishment_id, batch_id) for stage in STAGES}
+
+
+def _summary(outcome) -> dict:
+    try:
+        return asdict(outcome)
+    except TypeError:
+        return {"result": str(outcome)}
+
+
+def permanent_failures() -> tuple[type[Exception], ...]:
+    """Errors that a retry cannot fix: the batch, the configuration or the key must change first.
+
+    The DAGs fail these at once instead of retrying (a rejected batch retried
+    twice is only a later failure with the same message).
+    """
+    from jobs.core.config import ConfigError
+    from jobs.stages.ingest import IngestReconciliationError
+    from jobs.privacy.keys import KeyMismatchError, MissingKeyError, WeakKeyError
+    from jobs.stages.land import BatchNotValidated, ReconciliationError
+    from jobs.stages.batch_queue import QueueBlocked
+    from jobs.core.batchlog import BatchRejected
+    from jobs.stages.validate import EngineDisagreement, SuiteError
+    from jobs.privacy.erasure import ErasureIncomplete
+    from jobs.privacy.relink import RelinkRiskExceeded
+
+    return (BatchRejected, QueueBlocked, ConfigError, IngestReconciliationError, KeyMismatchError, MissingKeyError,
+            WeakKeyError, BatchNotValidated, ReconciliationError, EngineDisagreement, SuiteError,
+            ErasureIncomplete, RelinkRiskExceeded)
+
+
+def spark_master_from_connection(conn_id: str = "spark_default") -> str | None:
+    """The Spark master URL of an Airflow connection (``local[*]`` or ``spark://host:7077``).
+
+    Read in the task, never at DAG parse time. ``None`` when the connection is
+    not defined: the embedded default (AFFLUENT_SPARK_MASTER or ``local[*]``) applies.
+    """
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowRuntimeError
+
+    try:
+        conn = Connection.get(conn_id)
+    except AirflowRuntimeError:
+        return None
+    host = (conn.host or "").strip()
+    if not host:
+        return None
+    if host.startswith("local"):
+        return host
+    if "://" not in host:
+        host = f"spark://{host}"
+    return f"{host}:{conn.port}" if conn.port else host
+
+
+def publish_all(ctx: Context) -> dict:
+    """Rebuild every active project's extract and the gold indicators."""
+
+    from jobs.stages.publish import publish
+
+    key = ctx.key
+    return _summary(publish(ctx.spark, ctx.lake, ctx.consortium, key, clock.today()))
+
+
+def process_erasure_requests(ctx: Context) -> dict:
+    from jobs.privacy.erasure import process_erasures
+
+    key = ctx.key
+    return _summary(process_erasures(ctx.spark, ctx.lake, ctx.consortium, key))

@@ -1,0 +1,823 @@
+"""Staged → validated: Great Expectations suites decide which rows land and whether the batch may.
+
+One suite per canonical dataset lives in ``expectations/<dataset>.json`` (GX 1.x
+format, reviewed in git). Each expectation names in its ``meta``:
+
+- ``rule``: the rule id written to quarantine (``completeness.required``,
+  ``conformance.date``, … ``integrity.patient_ref``; ``batch.*`` for batch rules);
+- ``kind``: ``row`` (failing rows are quarantined, the others go on) or
+  ``batch`` (failing stops the whole batch);
+- ``check``: a short, stable name for reports and ``ops/validation_results``;
+- ``reason``: what a quarantined row is told, naming the column and the class
+  of problem, never a value.
+
+How the suites run (chosen by measurement, see :func:`measure_engines`):
+
+- GX validates every staged batch with its Spark datasource; its results
+  (success and unexpected count per expectation) are persisted in
+  ``ops/validation_results``, drive the batch-level rules and feed the HTML
+  report.
+- The row-level flags come from Spark expressions generated from the same
+  suite definitions, in one pass over the batch: GX would need one job per
+  expectation and a collect of unexpected row indices to say *which* rows
+  fail. For every row-level expectation the two counts must agree, otherwise
+  :class:`EngineDisagreement` stops the batch (a translation bug never lands
+  data silently).
+
+One row → one rule: the first failing expectation in the order completeness,
+conformance, plausibility, integrity (then the suite's order), so a row's rule
+is deterministic. Delete rows only need their record key (every other
+row-level expectation is conditioned on ``record_action = 'upsert'``). A record
+key that appears twice in one batch quarantines every row carrying it: exact
+duplicates were already dropped, so two versions of one record in one extract
+contradict each other and neither can be trusted to be the latest.
+
+Batch-level rules (thresholds in ``config/pipeline.yaml`` ``batch_rules``, per
+dataset under its ``datasets:``; an establishment's file may override them with
+its own ``batch_rules``, see :meth:`jobs.core.config.Consortium.batch_rules`):
+
+- ``batch.row_count_drop``: a ``full`` batch with fewer rows than the previous
+  landed full batch of the establishment's dataset, by more than
+  ``max_row_count_drop_pct`` (incremental batches are small by nature);
+- ``batch.quarantined_rate``: more than ``max_quarantined_pct`` of the rows read
+  (ingest + validate quarantine) rejected, judged on datasets with at least
+  :data:`MIN_ROWS_FOR_RATE` rows read (a rate over a handful of rows says nothing);
+- ``batch.column_change``: the staged columns differ from silver's;
+- ``batch.mapped_share``: less than ``min_mapped_pct`` of the rows carrying a
+  source value get a standard concept (:mod:`jobs.terminology.coverage`); the
+  coverage is in the results and the report whatever the threshold.
+
+Any of them raises :class:`BatchRejected`; nothing of the batch is handed to land.
+
+Example::
+
+    outcome = validate_batch(spark, lake, consortium, "chu_laurentides", "20260105-001", "full")
+    print(outcome.report)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import BooleanType, LongType, StringType, StructField, StructType, TimestampType
+from pyspark.sql.window import Window
+
+from jobs import reference
+from jobs.reference import units, vocabularies
+from jobs.core.config import Consortium
+from jobs.core.lake import Lake
+from jobs.core.batchlog import BatchKind, BatchRejected, Stage, Status
+from jobs.core.ops import append_batch_log
+from jobs.core.schemas import (
+    CONCEPT_COLUMNS,
+    DATASETS,
+    QUARANTINE_SCHEMA,
+    STAGED_EXTRA_FIELDS,
+    silver_columns,
+    staged_schema,
+)
+from jobs.core.tables import OVERWRITE, ensure_table, table_exists
+from jobs.core.writer_lock import Mode, writes_lake
+
+STAGE = Stage.VALIDATE
+SUITES_DIR = Path(__file__).resolve().parents[2] / "expectations"
+VALIDATED_ZONE = "validated"
+VALIDATION_RESULTS = "validation_results"
+
+# Counts per expectation, no sample of unexpected values: a sample would cost one more Spark job per
+# expectation, and values must not reach results or reports anyway.
+GX_RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 0}
+KIND_ROW = "row"
+KIND_BATCH = "batch"
+
+# Row-level rules, in the order that decides which one a row is quarantined for.
+ROW_RULES = (
+    "completeness.required",
+    "conformance.date",
+    "conformance.number",
+    "conformance.code",
+    "plausibility.future_date",
+    "plausibility.date_order",
+    "plausibility.range",
+    "integrity.unique_key",
+    "integrity.patient_ref",
+)
+RULE_ROW_COUNT_DROP = "batch.row_count_drop"
+RULE_QUARANTINED_RATE = "batch.quarantined_rate"
+RULE_COLUMN_CHANGE = "batch.column_change"
+RULE_MAPPED_SHARE = "batch.mapped_share"
+BATCH_RULES = (RULE_ROW_COUNT_DROP, RULE_QUARANTINED_RATE, RULE_COLUMN_CHANGE, RULE_MAPPED_SHARE)
+
+# Below this many rows read, the quarantined share of a dataset is not judged.
+MIN_ROWS_FOR_RATE = 20
+
+# Columns added to the staged rows before validation: whether the code is well formed for its
+# system and listed in the reference overlay; for lab results, the plausible bounds of the
+# LOINC code (in its reference unit) and the value converted into that unit.
+CODE_HELPERS = ("_code_well_formed", "_code_in_reference")
+HELPER_COLUMNS = {
+    "lab_result": ("_ref_plausible_low", "_ref_plausible_high", "_value_in_reference_unit", *CODE_HELPERS),
+    "diagnosis": CODE_HELPERS,
+    "medication": CODE_HELPERS,
+    "encounter": ("_birth_year",),
+}
+# The code and vocabulary columns of each coded dataset.
+CODED = {
+    "diagnosis": ("condition_source_value", "condition_source_vocabulary"),
+    "lab_result": ("measurement_source_value", "measurement_source_vocabulary"),
+    "medication": ("drug_source_value", "drug_source_vocabulary"),
+}
+# Informational counts in ops/validation_results: they never quarantine a row nor stop a batch.
+KIND_INFO = "info"
+INFO_NOT_IN_REFERENCE = "code.not_in_reference_list"
+INFO_BOUND_NOT_APPLIED = "value.bound_not_applied"
+INFORMATION_NAMES = (INFO_NOT_IN_REFERENCE, INFO_BOUND_NOT_APPLIED)
+
+# Suite parameters filled at run time (reference lists and configuration).
+PARAM_MIN_ROW_COUNT = "min_row_count"
+PARAM_EXPECTED_COLUMNS = "expected_columns"
+
+VALIDATION_RESULTS_SCHEMA = StructType([
+    StructField("establishment_id", StringType(), False),
+    StructField("batch_id", StringType(), False),
+    StructField("dataset", StringType(), False),
+    StructField("expectation", StringType(), False),
+    StructField("rule", StringType(), False),
+    StructField("kind", StringType(), False),
+    StructField("success", BooleanType(), False),
+    StructField("unexpected_count", LongType(), True),
+    StructField("element_count", LongType(), True),
+    StructField("observed", StringType(), True),
+    StructField("run_at", TimestampType(), False),
+])
+
+_UNEXPECTED_ROWS_PREFIX = "SELECT * FROM {batch} WHERE "
+
+
+def rules_failed(establishment_id: str, batch_id: str, failures: list["BatchRuleFailure"]) -> BatchRejected:
+    """The rejection of a batch whose batch-level rules failed; ``failures`` lists each rule and its figures."""
+    reason = "; ".join(str(f) for f in failures)
+    return BatchRejected(establishment_id, batch_id,
+                         f"{reason}. Nothing of the batch was landed; see ops/validation_results and the "
+                         "report, fix the extract with the establishment (or the thresholds: batch_rules in "
+                         f"config/establishments/{establishment_id}.yaml, over config/pipeline.yaml's), then "
+                         "`affluent batch retry` or `affluent batch skip`.",
+                         failures=tuple(failures))
+
+
+class SuiteError(Exception):
+    """An expectation suite cannot be used (missing file, unknown rule or expectation type)."""
+
+
+class EngineDisagreement(Exception):
+    """GX and the generated Spark expressions counted different failures for one expectation."""
+
+
+@dataclass(frozen=True)
+class BatchRuleFailure:
+    dataset: str
+    rule: str
+    figures: str
+
+    def __str__(self) -> str:
+        return f"dataset {self.dataset}: rule {self.rule} failed ({self.figures})"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation of a suite, as the Spark translation and the reports see it."""
+
+    name: str
+    rule: str
+    kind: str
+    type: str
+    kwargs: dict
+    reason: str
+    position: int
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        return (ROW_RULES.index(self.rule) if self.rule in ROW_RULES else len(ROW_RULES), self.position)
+
+
+@dataclass(frozen=True)
+class DatasetValidation:
+    rows: int
+    valid: int
+    quarantined: int
+    by_rule: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    establishment_id: str
+    batch_id: str
+    batch_kind: str
+    datasets: dict[str, DatasetValidation]
+    report: str
+    run_at: str
+
+
+# ------------------------------------------------------------- suites ----
+
+def load_suite(dataset: str, folder: Path = SUITES_DIR) -> dict:
+    """The suite of one dataset as GX serialises it (``ExpectationSuite.to_json_dict()``)."""
+    path = folder / f"{dataset}.json"
+    if not path.is_file():
+        raise SuiteError(f"{path} is missing: every canonical dataset needs its expectation suite.")
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def suite_checks(suite: dict) -> list[Check]:
+    """The suite's expectations with their rule and kind; refuse one without them."""
+    found = []
+    for i, exp in enumerate(suite.get("expectations", [])):
+        meta = exp.get("meta") or {}
+        rule, kind, name = meta.get("rule"), meta.get("kind"), meta.get("check")
+        where = f"{suite.get('name')}: expectation {i} ({exp.get('type')})"
+        if kind not in (KIND_ROW, KIND_BATCH) or not name:
+            raise SuiteError(f"{where}: meta must carry kind ('row' or 'batch') and check")
+        if (kind == KIND_ROW and rule not in ROW_RULES) or (kind == KIND_BATCH and rule not in BATCH_RULES):
+            raise SuiteError(f"{where}: unknown {kind} rule {rule!r}")
+        found.append(Check(name, rule, kind, exp["type"], dict(exp.get("kwargs") or {}),
+                           meta.get("reason") or name, i))
+    names = [c.name for c in found]
+    if len(set(names)) != len(names):
+        raise SuiteError(f"{suite.get('name')}: check names must be unique")
+    return found
+
+
+@cache
+def _reference_parameters() -> dict[str, list]:
+    return {
+        "diagnosis_vocabularies": list(vocabularies.DIAGNOSIS_VOCABULARIES),
+        "drug_vocabularies": list(vocabularies.DRUG_VOCABULARIES),
+    }
+
+
+def suite_parameters(consortium: Consortium | None, **extra) -> dict:
+    """Values the suites take at run time: reference code lists, declared purposes, batch figures."""
+    params = dict(_reference_parameters())
+    params["purposes"] = sorted(consortium.purposes) if consortium is not None else []
+    params.setdefault(PARAM_MIN_ROW_COUNT, 0)
+    params.update(extra)
+    return params
+
+
+def _resolve(value, params: dict):
+    if isinstance(value, dict) and set(value) == {"$PARAMETER"}:
+        try:
+            return params[value["$PARAMETER"]]
+        except KeyError:
+            raise SuiteError(f"suite parameter {value['$PARAMETER']!r} has no value") from None
+    return value
+
+
+def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFrame | None = None) -> DataFrame:
+    """Staged rows plus the helper columns some expectations compare with (see :data:`HELPER_COLUMNS`).
+
+    ``birth_years`` (``person_id, _birth_year``) gives encounters their patient's year of birth.
+    """
+    if dataset == "encounter":
+        if birth_years is None:
+            birth_years = _no_birth_years(staged.sparkSession)
+        return staged.join(birth_years, on="person_id", how="left").select(*staged.columns, "_birth_year")
+    if dataset not in CODED:
+        return staged
+    spark = staged.sparkSession
+    code, vocabulary = (F.col(c) for c in CODED[dataset])
+    listed = _listed_codes(spark, dataset)
+    coded = (staged.join(F.broadcast(listed), on=[staged[c] == listed[f"_l{i}"] for i, c in
+                                                  enumerate(CODED[dataset])], how="left")
+             .select(*staged.columns,
+                     vocabularies.well_formed(vocabulary, code).alias("_code_well_formed"),
+                     F.when(code.isNotNull(), F.col("_listed").isNotNull()).alias("_code_in_reference")))
+    if dataset != "lab_result":
+        return coded
+    bounds = spark.createDataFrame(
+        [(t.code, unit, factor, t.plausible_low, t.plausible_high)
+         for t in reference.loinc().values() for unit, factor in units.conversions_to(t.unit, t.code).items()],
+        "_b_code string, _b_unit string, _factor double, _ref_plausible_low double, _ref_plausible_high double")
+    unit = F.lower(F.regexp_replace(F.regexp_replace(F.trim("unit_source_value"), "[µμ]", "u"), "\\^", "*"))
+    with_unit = coded.withColumn("_unit_key", F.regexp_replace(unit, " ", ""))
+    joined = with_unit.join(F.broadcast(bounds), on=(with_unit["measurement_source_value"] == bounds["_b_code"])
+                            & (with_unit["_unit_key"] == bounds["_b_unit"]), how="left")
+    # A unit with no known conversion leaves the bounds unset: not applied, counted, never a rejection.
+    return joined.select(*coded.columns, "_ref_plausible_low", "_ref_plausible_high",
+                         (F.col("value_as_number") * F.col("_factor")).alias("_value_in_reference_unit"))
+
+
+def _listed_codes(spark: SparkSession, dataset: str) -> DataFrame:
+    """``(code, vocabulary)`` pairs of the reference overlay for one coded dataset."""
+    if dataset == "diagnosis":
+        pairs = [(c, "ICD10CA") for c in reference.icd10ca()]
+    elif dataset == "lab_result":
+        pairs = [(c, "LOINC") for c in reference.loinc()]
+    else:
+        pairs = [(c, vocabularies.system_for(d.system).vocabulary) for c, d in reference.drugs().items()]
+    return spark.createDataFrame([(c, v, True) for c, v in pairs], "_l0 string, _l1 string, _listed boolean")
+
+
+def _information_aggs(dataset: str) -> list[Column]:
+    """Rows that landed with something to know: a well-formed code missing from the reference
+    list, a lab value whose unit has no conversion to its test's bounds (bound not applied)."""
+    if dataset not in CODED:
+        return []
+    kept = F.col("_rule").isNull()
+    aggs = [F.sum((kept & (F.col("_code_in_reference") == F.lit(False))).cast("long")).alias(INFO_NOT_IN_REFERENCE)]
+    if dataset == "lab_result":
+        listed = F.col("_code_in_reference") & F.col("value_as_number").isNotNull()
+        aggs.append(F.sum((kept & listed & F.col("_ref_plausible_low").isNull()).cast("long"))
+                    .alias(INFO_BOUND_NOT_APPLIED))
+    return aggs
+
+
+def _no_birth_years(spark: SparkSession) -> DataFrame:
+    return spark.createDataFrame([], "person_id string, _birth_year int")
+
+
+def birth_years(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> DataFrame:
+    """Year of birth per person, from silver and from this batch's patients (``person_id, _birth_year``)."""
+    parts = []
+    if table_exists(spark, lake.silver("patient")):
+        parts.append(spark.read.format("delta").load(lake.silver("patient")).select("person_id", "year_of_birth"))
+    if table_exists(spark, lake.staged("patient")):
+        parts.append(spark.read.format("delta").load(lake.staged("patient"))
+                     .where(_batch_filter(establishment_id, batch_id)).select("person_id", "year_of_birth"))
+    if not parts:
+        return _no_birth_years(spark)
+    rows = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+    # Establishments (or a defective row of this batch) may disagree: the earliest year is the
+    # conservative one, an encounter is only implausible before every year given for the person.
+    return (rows.where(F.col("person_id").isNotNull() & F.col("year_of_birth").isNotNull())
+            .groupBy("person_id").agg(F.min("year_of_birth").cast("int").alias("_birth_year")))
+
+
+# ------------------------------------------------- Spark translation ----
+
+def _row_condition(kwargs: dict) -> Column:
+    condition = kwargs.get("row_condition")
+    if condition is None:
+        return F.lit(True)
+    if kwargs.get("condition_parser") != "spark":
+        raise SuiteError(f"row conditions must use condition_parser 'spark', not {kwargs.get('condition_parser')!r}")
+    if isinstance(condition, dict):
+        condition = condition.get("pass_through_filter")
+    if not isinstance(condition, str):
+        raise SuiteError(f"unsupported row condition {kwargs.get('row_condition')!r}")
+    return F.coalesce(F.expr(condition), F.lit(False))
+
+
+def check_failure(check: Check, params: dict) -> Column:
+    """A boolean column, true where the row breaks the expectation, with GX's semantics.
+
+    GX ignores null values in column map expectations (except the not-null
+    ones) and, with ``ignore_row_if='either_value_is_missing'``, rows where one
+    of a pair is null; the translation does the same so that both count alike.
+    """
+    k = check.kwargs
+    cond = _row_condition(k)
+    if check.type == "expect_column_values_to_not_be_null":
+        return cond & F.col(k["column"]).isNull()
+    if check.type == "expect_column_values_to_be_in_set":
+        col, values = F.col(k["column"]), list(_resolve(k["value_set"], params))
+        return cond & col.isNotNull() & ~col.isin(values)
+    if check.type == "expect_column_values_to_match_regex":
+        col = F.col(k["column"])
+        return cond & col.isNotNull() & ~F.coalesce(col.rlike(k["regex"]), F.lit(False))
+    if check.type == "expect_column_values_to_be_between":
+        if k.get("strict_min") or k.get("strict_max"):
+            raise SuiteError(f"{check.name}: strict bounds are not supported")
+        col, low, high = F.col(k["column"]), _resolve(k.get("min_value"), params), _resolve(k.get("max_value"), params)
+        outside = F.lit(False)
+        if low is not None:
+            outside = outside | (col < F.lit(low))
+        if high is not None:
+            outside = outside | (col > F.lit(high))
+        return cond & col.isNotNull() & outside
+    if check.type == "expect_column_pair_values_a_to_be_greater_than_b":
+        if k.get("ignore_row_if") != "either_value_is_missing":
+            raise SuiteError(f"{check.name}: only ignore_row_if='either_value_is_missing' is supported")
+        a, b = F.col(k["column_A"]), F.col(k["column_B"])
+        holds = (a >= b) if k.get("or_equal") else (a > b)
+        return cond & a.isNotNull() & b.isNotNull() & ~holds
+    if check.type == "expect_column_values_to_be_unique":
+        col = F.col(k["column"])
+        seen = F.count(F.when(cond & col.isNotNull(), F.lit(1))).over(Window.partitionBy(col))
+        return cond & col.isNotNull() & (seen > 1)
+    if check.type == "unexpected_rows_expectation":
+        query = k["unexpected_rows_query"]
+        if not query.startswith(_UNEXPECTED_ROWS_PREFIX):
+            raise SuiteError(f"{check.name}: unexpected_rows_query must read {_UNEXPECTED_ROWS_PREFIX!r}<predicate>")
+        return F.coalesce(F.expr(query.removeprefix(_UNEXPECTED_ROWS_PREFIX)), F.lit(False))
+    raise SuiteError(f"{check.name}: expectation type {check.type} has no Spark translation")
+
+
+def _reason(check: Check) -> Column:
+    """The quarantine reason; parse rules name the columns that did not parse (names only, no value)."""
+    prefix = {"conformance.date": "date:", "conformance.number": "number:"}.get(check.rule)
+    if prefix is None:
+        return F.lit(check.reason)
+    columns = F.transform(F.filter("_parse_errors", lambda e: e.startswith(prefix)),
+                          lambda e: F.substring(e, len(prefix) + 1, 200))
+    return F.concat(F.array_join(columns, ", "), F.lit(f": {check.reason}"))
+
+
+def flag_rows(df: DataFrame, checks: list[Check], params: dict) -> DataFrame:
+    """Add one boolean ``_fail_<i>`` per row-level check, and ``_rule``/``_reason`` of the first failing one."""
+    row_checks = sorted((c for c in checks if c.kind == KIND_ROW), key=lambda c: c.rank)
+    flags = [check_failure(c, params).alias(f"_fail_{c.position}") for c in row_checks]
+    flagged = df.select("*", *flags)
+    first = F.coalesce(*[F.when(F.col(f"_fail_{c.position}"), F.struct(F.lit(c.rule).alias("rule"),
+                                                                        _reason(c).alias("reason")))
+                         for c in row_checks]) if row_checks else F.lit(None)
+    return flagged.withColumn("_first", first).select(
+        "*", F.col("_first.rule").alias("_rule"), F.col("_first.reason").alias("_reason")).drop("_first")
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """What one aggregation over a dataset's flagged rows tells."""
+
+    rows: int
+    failures: dict[str, int]  # rows failing each row-level check, each check counted on its own
+    by_rule: dict[str, int]  # rows quarantined under each rule (their first failing check's), rules with none left out
+    information: dict[str, int]  # see _information_aggs
+    extracted_at: dt.datetime | None
+
+
+def count_batch(flagged: DataFrame, checks: list[Check], dataset: str) -> BatchCounts:
+    """Rows, failures per check, quarantined rows per rule, information counts and extraction instant: one pass."""
+    row_checks = [c for c in checks if c.kind == KIND_ROW]
+    rules = sorted({c.rule for c in row_checks})
+    information = _information_aggs(dataset)
+    aggs = [F.count(F.lit(1)).alias("_rows"), F.max("_extracted_at").alias("_extracted_at")]
+    aggs += [F.sum(F.col(f"_fail_{c.position}").cast("long")).alias(f"_check_{c.position}") for c in row_checks]
+    aggs += [F.sum((F.col("_rule") == F.lit(rule)).cast("long")).alias(f"_rule_{i}") for i, rule in enumerate(rules)]
+    totals = flagged.agg(*aggs, *information).first().asDict()
+    by_rule = {rule: int(totals[f"_rule_{i}"] or 0) for i, rule in enumerate(rules)}
+    return BatchCounts(
+        rows=totals["_rows"],
+        failures={c.name: int(totals[f"_check_{c.position}"] or 0) for c in row_checks},
+        by_rule={rule: n for rule, n in by_rule.items() if n},
+        information={name: int(totals[name] or 0) for name in INFORMATION_NAMES if name in totals},
+        extracted_at=totals["_extracted_at"],
+    )
+
+
+# -------------------------------------------------------------- GX run ----
+
+def _gx_context():
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # GX logs every expectation's defaults at INFO: noise in task logs, nothing a data engineer acts on.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    config = DataContextConfig(analytics_enabled=False, progress_bars=ProgressBarsConfig(globally=False),
+                               store_backend_defaults=InMemoryStoreBackendDefaults())
+    return gx.get_context(mode="ephemeral", project_config=config)
+
+
+@dataclass(frozen=True)
+class GxResult:
+    check: str
+    rule: str
+    kind: str
+    success: bool
+    unexpected_count: int | None
+    element_count: int | None
+    observed: str | None
+
+
+def gx_spark_source(name: str = "staged"):
+    """A GX Spark datasource in an ephemeral context (nothing written outside the lake)."""
+    return _gx_context().data_sources.add_spark(name=name)
+
+
+def run_gx_suite(source, df: DataFrame, dataset: str, suite: dict, params: dict) -> list[GxResult]:
+    """Validate ``df`` with GX's Spark datasource; one result per expectation, in the suite's order."""
+    from great_expectations.core.expectation_suite import ExpectationSuite
+
+    asset_name = f"{dataset}_{len(source.assets)}"
+    batch = (source.add_dataframe_asset(name=asset_name).add_batch_definition_whole_dataframe("batch")
+             .get_batch(batch_parameters={"dataframe": df}))
+    gx_suite = ExpectationSuite(**suite)
+    validation = batch.validate(gx_suite, expectation_parameters=params, result_format=GX_RESULT_FORMAT)
+    checks = {c.name: c for c in suite_checks(suite)}
+    results: dict[str, GxResult] = {}
+    for r in validation.results:
+        name = r.expectation_config.meta["check"]
+        if r.exception_info and r.exception_info.get("raised_exception"):
+            raise SuiteError(f"GX could not evaluate {dataset}.{name}: {r.exception_info.get('exception_message')}")
+        res = r.result or {}
+        observed = res.get("observed_value")
+        unexpected = res.get("unexpected_count")
+        if unexpected is None and checks[name].type == "unexpected_rows_expectation":
+            unexpected = observed
+        if unexpected is None and checks[name].kind == KIND_ROW and r.success:
+            unexpected = 0  # GX reports no count when the row condition selects no row
+        results[name] = GxResult(
+            name, checks[name].rule, checks[name].kind, bool(r.success),
+            None if unexpected is None else int(unexpected),
+            None if res.get("element_count") is None else int(res["element_count"]),
+            None if observed is None else json.dumps(observed, default=str),
+        )
+    return [results[name] for name in checks]
+
+
+# ------------------------------------------------------ batch figures ----
+
+def validated_path(lake: Lake, dataset: str) -> str:
+    """Where the rows that passed validation wait for land (pseudonymised, staged schema)."""
+    return f"{lake.zone(VALIDATED_ZONE)}/{dataset}"
+
+
+def _batch_filter(establishment_id: str, batch_id: str) -> Column:
+    return (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)
+
+
+def previous_full_rows(lake: Lake, establishment_id: str, batch_id: str, dataset: str) -> tuple[str, int] | None:
+    """Batch id and staged rows of the establishment's latest landed ``full`` batch of ``dataset``.
+
+    Read from the batch log with delta-rs: the latest entry per batch, dataset and stage counts.
+    """
+    from jobs.stages.batch_queue import batch_log_entries, utc
+
+    latest: dict[tuple[str, str, str], dict] = {}
+    for entry in batch_log_entries(lake, establishment_id):  # oldest first: later entries replace earlier ones
+        if entry["dataset"] == dataset:
+            latest[(entry["batch_id"], entry["stage"])] = entry
+    candidates = [e for (batch, stage), e in latest.items()
+                  if stage == STAGE and batch != batch_id and e["kind"] == BatchKind.FULL
+                  and latest.get((batch, Stage.LAND), {}).get("status") == Status.LANDED]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda e: (e["extracted_at"] is not None, utc(e["extracted_at"]), e["batch_id"]))
+    return best["batch_id"], int(best["rows_read"] or 0)
+
+
+def _expected_columns(spark: SparkSession, lake: Lake, dataset: str, observed: list[str], allow_changes: bool) -> list[str]:
+    if allow_changes:
+        return sorted(observed)
+    silver = lake.silver(dataset)
+    columns = (spark.read.format("delta").load(silver).columns if table_exists(spark, silver)
+               else list(silver_columns(dataset)))
+    # Standard concepts are derived at land: silver has them, staged rows never do.
+    columns = [c for c in columns if c not in CONCEPT_COLUMNS.get(dataset, ())]
+    extra = [f.name for f in STAGED_EXTRA_FIELDS] + list(HELPER_COLUMNS.get(dataset, ()))
+    return sorted(set(columns) | set(extra))
+
+
+# --------------------------------------------------------------- writes ----
+
+def _quarantine_rows(flagged: DataFrame, dataset: str, staged_columns: list[str], now: dt.datetime) -> DataFrame:
+    return flagged.where(F.col("_rule").isNotNull()).select(
+        F.col("establishment_id"), F.col("_batch_id").alias("batch_id"), F.lit(dataset).alias("dataset"),
+        F.lit(STAGE).alias("stage"), F.col("_rule").alias("rule"), F.col("_reason").alias("reason"),
+        F.col("_source_file").alias("source_file"), F.col("_source_line").alias("source_line"),
+        F.col("_resource_id_hash").alias("resource_id_hash"), F.col("person_id"),
+        F.to_json(F.struct(*staged_columns), {"ignoreNullFields": "false"}).alias("record_safe"),
+        F.lit(now).cast("timestamp").alias("quarantined_at"),
+    ).select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
+
+
+def _replace(df: DataFrame, path: str, predicate: str) -> None:
+    df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).save(path)
+
+
+def _write_results(spark: SparkSession, lake: Lake, rows: list[tuple], establishment_id: str, batch_id: str) -> None:
+    path = lake.ops(VALIDATION_RESULTS)
+    ensure_table(spark, path, VALIDATION_RESULTS_SCHEMA, partition_by=("establishment_id",),
+                 comment="Great Expectations results per batch, dataset and expectation (counts only, no values).")
+    _replace(spark.createDataFrame(rows, VALIDATION_RESULTS_SCHEMA), path,
+             f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}'")
+
+
+# ---------------------------------------------------------------- entry ----
+
+@writes_lake(Mode.SHARED)
+def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, establishment_id: str,
+                   batch_id: str, batch_kind: str) -> ValidationOutcome:
+    """Validate every staged dataset of one batch; quarantine failing rows, keep the others for land.
+
+    ``batch_kind`` is ``full`` or ``incremental`` (the manifest's ``kind``, see
+    :func:`jobs.stages.ingest.batch_kind`): only a full batch is compared with the
+    previous full batch's row count. Re-running replaces the batch's
+    validate-stage quarantine rows, validated rows and results. Raises
+    :class:`BatchRejected` when a batch-level rule fails; the batch's validated
+    rows are then removed so that land has nothing to take.
+    """
+    batch_kind = BatchKind(batch_kind)
+    run_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+    from jobs.stages.batch_queue import ingested_entries
+
+    # (rows read, rows quarantined at ingest) per dataset of the batch.
+    ingest = {dataset: (int(e["rows_read"] or 0), int(e["rows_quarantined"] or 0))
+              for dataset, e in ingested_entries(lake, establishment_id, batch_id).items()}
+    source = gx_spark_source()
+    predicate = f"establishment_id = '{establishment_id}' AND _batch_id = '{batch_id}'"
+
+    results: list[tuple] = []
+    outcomes: dict[str, DatasetValidation] = {}
+    failures: list[BatchRuleFailure] = []
+    quarantine_parts: list[DataFrame] = []
+    kept: dict[str, DataFrame] = {}
+    extracted: dict[str, dt.datetime | None] = {}
+    persisted: list[DataFrame] = []
+    try:
+        for dataset in DATASETS:
+            path = lake.staged(dataset)
+            if not table_exists(spark, path):
+                continue
+            staged = spark.read.format("delta").load(path).where(_batch_filter(establishment_id, batch_id))
+            staged_columns = staged.columns
+            rules = consortium.batch_rules(establishment_id, dataset)  # the establishment's overrides applied
+            suite = load_suite(dataset)
+            checks = suite_checks(suite)
+            enriched = with_reference_columns(staged, dataset, birth_years(spark, lake, establishment_id, batch_id)
+                                              if dataset == "encounter" else None).persist(StorageLevel.MEMORY_AND_DISK)
+            flagged = flag_rows(enriched, checks, suite_parameters(consortium)).persist(StorageLevel.MEMORY_AND_DISK)
+            persisted += [enriched, flagged]
+            counts = count_batch(flagged, checks, dataset)
+            rows, spark_counts, extracted[dataset] = counts.rows, counts.failures, counts.extracted_at
+            if rows == 0:
+                continue
+
+            previous = previous_full_rows(lake, establishment_id, batch_id, dataset) \
+                if batch_kind == BatchKind.FULL else None
+            min_rows = previous[1] * (1 - rules.max_row_count_drop_pct / 100) if previous else 0
+            params = suite_parameters(consortium, **{
+                PARAM_MIN_ROW_COUNT: min_rows,
+                PARAM_EXPECTED_COLUMNS: _expected_columns(spark, lake, dataset, enriched.columns,
+                                                          rules.allow_column_changes)})
+            gx_results = run_gx_suite(source, enriched, dataset, suite, params)
+
+            for r in gx_results:
+                if r.kind == KIND_ROW and r.unexpected_count != spark_counts[r.check]:
+                    raise EngineDisagreement(
+                        f"{dataset}.{r.check}: GX counts {r.unexpected_count} failing rows, the Spark translation "
+                        f"{spark_counts[r.check]}. The suite uses a construct the translation reads differently; "
+                        "fix check_failure before validating again.")
+                results.append((establishment_id, batch_id, dataset, r.check, r.rule, r.kind, r.success,
+                                r.unexpected_count, r.element_count if r.element_count is not None else rows,
+                                r.observed, run_at))
+                if r.kind == KIND_BATCH and not r.success:
+                    if r.rule == RULE_ROW_COUNT_DROP:
+                        drop = 100 * (previous[1] - rows) / previous[1]
+                        figures = (f"{rows} rows vs {previous[1]} in the previous full batch {previous[0]}, "
+                                   f"a drop of {drop:.1f}% > {rules.max_row_count_drop_pct:g}%")
+                    else:
+                        figures = f"columns {r.observed} vs silver {sorted(params[PARAM_EXPECTED_COLUMNS])}"
+                    failures.append(BatchRuleFailure(dataset, r.rule, figures))
+
+            for name, count in counts.information.items():
+                results.append((establishment_id, batch_id, dataset, name, name, KIND_INFO, True, count, rows,
+                                None, run_at))
+
+            by_rule = counts.by_rule
+            quarantined = sum(by_rule.values())
+            outcomes[dataset] = DatasetValidation(rows, rows - quarantined, quarantined, dict(sorted(by_rule.items())))
+
+            read, ingest_q = ingest.get(dataset, (rows, 0))
+            rejected = ingest_q + quarantined
+            rate_ok = read < MIN_ROWS_FOR_RATE or 100 * rejected / read <= rules.max_quarantined_pct
+            results.append((establishment_id, batch_id, dataset, "quarantined_rate", RULE_QUARANTINED_RATE,
+                            KIND_BATCH, rate_ok, rejected, read,
+                            json.dumps(round(100 * rejected / read, 2) if read else 0.0), run_at))
+            if not rate_ok:
+                failures.append(BatchRuleFailure(
+                    dataset, RULE_QUARANTINED_RATE,
+                    f"{rejected} of {read} rows read quarantined ({ingest_q} at ingest, {quarantined} at validate), "
+                    f"{100 * rejected / read:.1f}% > {rules.max_quarantined_pct:g}%"))
+
+            quarantine_parts.append(_quarantine_rows(flagged, dataset, staged_columns, run_at))
+            kept[dataset] = flagged.where(F.col("_rule").isNull()).select(*staged_columns)
+
+            mapped = _mapped_share(kept[dataset], dataset, consortium, rules, establishment_id, batch_id, run_at)
+            if mapped is not None:
+                results.append(mapped[0])
+                failures += mapped[1]
+
+        # Datasets whose every row was quarantined at ingest still get a validate entry, so land sees them.
+        for dataset in ingest:
+            outcomes.setdefault(dataset, DatasetValidation(0, 0, 0))
+        _write_results(spark, lake, results, establishment_id, batch_id)
+        from jobs.stages.reports import write_validation_report
+
+        report = write_validation_report(spark, lake, establishment_id, batch_id, batch_kind, run_at,
+                                         results, failures, outcomes)
+
+        qpath = lake.quarantine()
+        ensure_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",),
+                     comment="Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
+        quarantine = spark.createDataFrame([], QUARANTINE_SCHEMA)
+        for part in quarantine_parts:
+            quarantine = quarantine.unionByName(part)
+        _replace(quarantine, qpath,
+                 f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
+
+        for dataset in kept:
+            vpath = validated_path(lake, dataset)
+            ensure_table(spark, vpath, staged_schema(dataset), partition_by=("establishment_id",),
+                         comment=f"Validated {dataset} rows waiting for land (pseudonymised).")
+            rows_out = kept.get(dataset) if not failures else None
+            if rows_out is None:
+                rows_out = spark.createDataFrame([], staged_schema(dataset))
+            _replace(rows_out.select([F.col(f.name).cast(f.dataType) for f in staged_schema(dataset).fields]),
+                     vpath, predicate)
+    finally:
+        for frame in persisted:
+            frame.unpersist()
+
+    status = Status.STOPPED if failures else Status.VALIDATED
+    failure_text = {f.dataset: str(f) for f in failures}
+    append_batch_log(spark, lake, [
+        {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": dataset, "stage": STAGE,
+         "status": status, "rows_read": o.rows, "rows_quarantined": o.quarantined,
+         "extracted_at": extracted.get(dataset), "kind": batch_kind,
+         "message": f"{o.valid} valid, {o.quarantined} quarantined"
+                    + (f"; {failure_text[dataset]}" if dataset in failure_text else "") + f"; report {report}"}
+        for dataset, o in outcomes.items()
+    ])
+    if failures:
+        raise rules_failed(establishment_id, batch_id, failures)
+    return ValidationOutcome(establishment_id, batch_id, batch_kind.value, outcomes, report, run_at.isoformat())
+
+
+# ---------------------------------------------------------- terminology ----
+
+
+def _mapped_share(kept: DataFrame, dataset: str, consortium: Consortium, rules, establishment_id: str,
+                  batch_id: str, run_at: dt.datetime) -> tuple[tuple, list[BatchRuleFailure]] | None:
+    """The batch's terminology coverage (concepts derived as land will) as a result row, and the
+    ``batch.mapped_share`` failure when less than ``min_mapped_pct`` of its source values map."""
+    from jobs.terminology.concepts import with_concepts
+    from jobs.terminology.coverage import coverage
+
+    if consortium.terminology is None:
+        return None
+    found = coverage(with_concepts(kept, dataset, consortium.terminology), dataset,
+                     consortium.pipeline.min_cell_size)
+    if not found:
+        return None
+    (c,) = found
+    # Like the quarantined share, a mapped share over a handful of rows says nothing.
+    ok = c.rows < MIN_ROWS_FOR_RATE or c.row_share >= rules.min_mapped_pct
+    observed = json.dumps({"rows_mapped_pct": round(c.row_share, 2), "values_mapped": c.values_mapped,
+                           "values": c.values,
+                           # Reports hold counts, not row values: an unmapped source value is named only when at
+                           # least min_cell_size rows share it (a code, not something typed once into a field).
+                           "unmapped": [[v, n] for v, n in c.unmapped if n is not None]})
+    row = (establishment_id, batch_id, dataset, "mapped_share", RULE_MAPPED_SHARE, KIND_BATCH, ok,
+           c.rows - c.rows_mapped, c.rows, observed, run_at)
+    failures = [] if ok else [BatchRuleFailure(
+        dataset, RULE_MAPPED_SHARE, f"{c.rows_mapped} of {c.rows} rows with a source value map to a standard "
+                                    f"concept, {c.row_share:.1f}% < {rules.min_mapped_pct:g}%; add the unmapped "
+                                    "values to a map under config/terminology/ (affluent mapping coverage)")]
+    return row, failures
+
+
+# ------------------------------------------------------------ benchmark ----
+
+def measure_engines(spark: SparkSession, staged: DataFrame, dataset: str,
+                    consortium: Consortium | None = None) -> dict[str, float]:
+    """Seconds each engine takes to evaluate the dataset's row-level expectations on ``staged``.
+
+    ``gx``: a GX validation with the Spark datasource (counts per expectation,
+    no row-level flags). ``spark``: the generated expressions, one pass that
+    gives each row its rule plus the same counts. The staged rows are cached
+    first so that both read the same in-memory data.
+    """
+    suite = load_suite(dataset)
+    checks = suite_checks(suite)
+    row_suite = dict(suite, expectations=[e for e in suite["expectations"] if e["meta"]["kind"] == KIND_ROW])
+    params = suite_parameters(consortium)
+    df = with_reference_columns(staged, dataset).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        df.count()
+        source = gx_spark_source()
+        started = time.perf_counter()
+        run_gx_suite(source, df, dataset, row_suite, params)
+        gx_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        count_batch(flag_rows(df, checks, params), checks, dataset)
+        spark_seconds = time.perf_counter() - started
+    finally:
+        df.unpersist()
+    return {"gx": gx_seconds, "spark": spark_seconds}
