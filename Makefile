@@ -1,13 +1,18 @@
 # Quick start: `make demo` runs the lake end to end; `make test` runs the tests.
 # Both set up the machine first (scripts/bootstrap: virtualenv, pinned dependencies, cached jars).
 
-.PHONY: setup demo test test-fast test-airflow test-bench airflow airflow-stop bench clean
+.PHONY: setup demo lint test test-fast test-airflow test-bench airflow airflow-stop bench clean
 
 setup:
 	./scripts/bootstrap
 
 demo: setup
 	.venv/bin/affluent demo
+
+# Static checks of the pipeline code and the DAGs (settings in pyproject.toml): seconds, no Spark.
+lint: setup
+	.venv/bin/ruff check jobs dags
+	.venv/bin/mypy jobs dags
 
 test: setup
 	@start=$$(date +%s); status=0; .venv/bin/python -m pytest --durations=15 || status=$$?; \

@@ -35,6 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.probe import code_version  # noqa: E402
 from jobs.core.settings import PROJECT_ROOT  # noqa: E402
 
 LAYOUTS = {"rewrite": False, "deletion_vectors": True}
@@ -76,7 +77,8 @@ def run(source_root: Path, work: Path, share: float) -> dict:
         raise SystemExit(f"no silver table under {source_root}: run benchmarks.run first")
     shutil.rmtree(work, ignore_errors=True)
     lakes = {name: Lake(str(work / name)) for name in LAYOUTS}
-    results: dict = {"source": str(source_root), "share": share, "layouts": {n: {} for n in LAYOUTS}}
+    results: dict = {"source": str(source_root), "share": share, "code": code_version(PROJECT_ROOT),
+                     "layouts": {n: {} for n in LAYOUTS}}
 
     say("copying silver into both layouts …")
     rows_total = 0

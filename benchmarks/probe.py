@@ -8,11 +8,19 @@
   summed duration and the call sites that took longest. The gap between a
   stage's wall time and its Spark jobs' time is driver work (planning, Delta
   log replays, commits, Python).
+- :func:`delta_versions` reads the latest version of every Delta table under
+  the lake's root from its log's file names, and :func:`delta_commits` the
+  commits made between two such readings: a batch's Delta commit count,
+  every table of every zone, whichever process made them.
+- :func:`code_version` names the commit the figures were measured at.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -157,3 +165,53 @@ class Clock:
 
     def __call__(self) -> float:
         return time.monotonic() - self.started
+
+
+# A commit's log entry (``_delta_log/00000000000000000012.json``); checkpoints and checksums are not commits.
+_COMMIT_FILE = re.compile(r"^(\d{20})\.json$")
+
+
+def delta_versions(root: Path) -> dict[str, int]:
+    """The latest committed version of every Delta table under ``root``, by its path relative to ``root``.
+
+    Read from the names in each ``_delta_log`` folder (no Spark, no log
+    replay), so it is cheap enough to take before and after every step. The
+    highest commit file stays when old log entries are cleaned up after a
+    checkpoint, so differences of versions count commits even then.
+    """
+    versions: dict[str, int] = {}
+    for folder, subfolders, files in os.walk(root):
+        if os.path.basename(folder) != "_delta_log":
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            continue
+        subfolders[:] = []
+        found = [int(m.group(1)) for m in map(_COMMIT_FILE.match, files) if m]
+        if found:
+            versions[os.path.relpath(os.path.dirname(folder), root)] = max(found)
+    return versions
+
+
+def delta_commits(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Commits per table between two :func:`delta_versions` readings (a table created in between counts from 0)."""
+    made = {table: version - before.get(table, -1) for table, version in after.items()}
+    return {table: n for table, n in sorted(made.items()) if n > 0}
+
+
+def commits_by_zone(commits: dict[str, int]) -> dict[str, int]:
+    """Commits per zone of the lake (the first folder of each table's path)."""
+    zones: dict[str, int] = {}
+    for table, n in commits.items():
+        zone = Path(table).parts[0]
+        zones[zone] = zones.get(zone, 0) + n
+    return zones
+
+
+def code_version(project: Path) -> dict[str, object]:
+    """The commit measured and whether the work tree had changes on top of it (then the figures are not its)."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit or None, "short": commit[:10] or None, "dirty": bool(changes) if commit else None}

@@ -109,8 +109,38 @@ def ratio_table(results: list[dict]) -> list[str]:
     return lines + [""]
 
 
+COMMIT_BATCHES = (("full", "full batch, warm session"), ("incremental", "incremental batch, warm session"),
+                  ("dag", "incremental batch through its DAG"))
+
+
+def code_lines(results: list[dict]) -> list[str]:
+    """Which commit each size was measured at (results written before it was recorded say so)."""
+    lines = []
+    for r in results:
+        code = r.get("code") or {}
+        at = (f"commit `{code['short']}`" + (" with uncommitted changes" if code.get("dirty") else "")
+              if code.get("commit") else "an unrecorded commit")
+        lines.append(f"- {r['size']}: measured at {at}" + (f", started {r['started_at']}" if r.get("started_at") else ""))
+    return lines + [""]
+
+
+def commits_table(results: list[dict]) -> list[str]:
+    """Delta commits per batch: every table of every zone, total (per stage) over the measured establishments."""
+    lines = ["| batch | " + " | ".join(r["size"] for r in results) + " |", "|---|" + "---|" * len(results)]
+    for key, label in COMMIT_BATCHES:
+        cells = []
+        for r in results:
+            made = (r.get("delta_commits_per_batch") or {}).get(key)
+            cells.append("–" if made is None else f"{made['total']:,} over {made['establishments']} establishment(s) ("
+                         + ", ".join(f"{s} {n}" for s, n in made["per_stage"].items()) + ")")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(results: list[dict]) -> str:
-    lines = ["### Ratios (side by side in one run)", ""] + ratio_table(results) + ["### Steps per size", ""]
+    lines = ["### Ratios (side by side in one run)", ""] + ratio_table(results)
+    lines += ["### Delta commits per batch", ""] + commits_table(results)
+    lines += ["### Code measured", ""] + code_lines(results) + ["### Steps per size", ""]
     for result in results:
         lines += stage_table(result)
     return "\n".join(lines)

@@ -23,8 +23,10 @@ runs, in one warm Spark session:
    walks) with N and 10×N persons, as a plain write lays the files out and
    clustered by person — *erasure*.
 
-Each measured step records rows, seconds, rows per second and peak memory
-(Python + driver JVM resident memory). Results go to ``<out>/<size>.json``
+Each measured step records rows, seconds, rows per second, peak memory
+(Python + driver JVM resident memory) and the Delta commits it made in the
+lake (every table of every zone); each measured batch adds those up into
+its *Delta commits per batch*. Results go to ``<out>/<size>.json``
 (rewritten after every phase, ``complete`` set at the end), then the Markdown
 results in ``docs/benchmarks.md`` and ``<out>/throughput.png`` are rebuilt
 from every size's JSON.
@@ -50,7 +52,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.probe import Clock, MemorySampler, spark_jobs_by_group  # noqa: E402
+from benchmarks.probe import (Clock, MemorySampler, code_version, commits_by_zone, delta_commits,  # noqa: E402
+                              delta_versions, spark_jobs_by_group)
 from benchmarks.report import METHOD  # noqa: E402
 from jobs.core.batchlog import PIPELINE_STAGES, Stage  # noqa: E402
 from jobs.core.settings import PROJECT_ROOT  # noqa: E402
@@ -102,19 +105,37 @@ def say(message: str, clock: Clock | None = None) -> None:
 # ---------------------------------------------------------------- record ----
 
 class Recorder:
-    """Times steps, samples their peak memory, tags their Spark jobs, and keeps the results."""
+    """Times steps, samples their peak memory, tags their Spark jobs, counts their Delta commits, keeps the results.
 
-    def __init__(self, spark, memory: MemorySampler, clock: Clock):
+    With ``lake`` set, every step also records the Delta commits it made under
+    that root (``delta_commits``, per zone in ``delta_commits_by_zone``); the
+    log is read before and after the timed span, outside it.
+    """
+
+    def __init__(self, spark, memory: MemorySampler, clock: Clock, lake: Path | None = None):
         self.spark = spark
         self.memory = memory
         self.clock = clock
+        self.lake = lake
         self.steps: dict[str, dict] = {}
         self.on_step = lambda: None  # called after every step, e.g. to save partial results
+
+    def versions(self) -> dict[str, int]:
+        return delta_versions(self.lake) if self.lake is not None else {}
+
+    def _count_commits(self, entry: dict, commits: dict[str, int] | None) -> None:
+        if commits is None:
+            return
+        entry["delta_commits"] = entry.get("delta_commits", 0) + sum(commits.values())
+        zones = entry.setdefault("delta_commits_by_zone", {})
+        for zone, n in commits_by_zone(commits).items():
+            zones[zone] = zones.get(zone, 0) + n
 
     @contextmanager
     def step(self, name: str, rows: int | None = None):
         """Measure one step; the body may set ``box['rows']``. Repeated names accumulate."""
         box = {"rows": rows}
+        before = self.versions()
         self.spark.sparkContext.setJobGroup(name, name)
         self.memory.reset()
         started = time.perf_counter()
@@ -131,19 +152,25 @@ class Recorder:
             entry["calls"] += 1
             entry["peak_memory"] = {k: max(entry["peak_memory"][k], v) for k, v in peak.items()}
             entry["rows_per_second"] = round(entry["rows"] / entry["seconds"]) if entry["seconds"] else None
+            commits = delta_commits(before, self.versions()) if self.lake is not None else None
+            self._count_commits(entry, commits)
+            made = f", {sum(commits.values())} Delta commits" if commits is not None else ""
             say(f"{name}: {box['rows'] if box['rows'] is not None else '-'} rows in {seconds:.2f} s "
-                f"(peak {peak['total_mb']} MB)", self.clock)
+                f"(peak {peak['total_mb']} MB{made})", self.clock)
             self.on_step()
 
-    def add(self, name: str, rows: int, seconds: float, peak: dict[str, int]) -> None:
-        """A step measured elsewhere (in another process): its rows, seconds and peak memory."""
+    def add(self, name: str, rows: int, seconds: float, peak: dict[str, int],
+            commits: dict[str, int] | None = None) -> None:
+        """A step measured elsewhere (in another process): its rows, seconds, peak memory and Delta commits."""
         entry = self.steps.setdefault(name, {"rows": 0, "seconds": 0.0, "calls": 0, "peak_memory": dict(peak)})
         entry["rows"] += int(rows or 0)
         entry["seconds"] += seconds
         entry["calls"] += 1
         entry["peak_memory"] = {k: max(entry["peak_memory"][k], v) for k, v in peak.items()}
         entry["rows_per_second"] = round(entry["rows"] / entry["seconds"]) if entry["seconds"] else None
-        say(f"{name}: {rows} rows in {seconds:.2f} s (peak {peak['total_mb']} MB, measured in its own process)",
+        self._count_commits(entry, commits)
+        made = f", {sum(commits.values())} Delta commits" if commits is not None else ""
+        say(f"{name}: {rows} rows in {seconds:.2f} s (peak {peak['total_mb']} MB{made}, measured in its own process)",
             self.clock)
         self.on_step()
 
@@ -152,6 +179,15 @@ class Recorder:
 
     def rows(self, name: str) -> int:
         return self.steps.get(name, {}).get("rows", 0)
+
+    def commits(self, prefix: str, stages: tuple[str, ...]) -> dict:
+        """One batch's Delta commits: the total and per stage (steps ``<prefix>.<stage>``), and per zone."""
+        per_stage = {s: self.steps.get(f"{prefix}.{s}", {}).get("delta_commits", 0) for s in stages}
+        zones: dict[str, int] = {}
+        for s in stages:
+            for zone, n in self.steps.get(f"{prefix}.{s}", {}).get("delta_commits_by_zone", {}).items():
+                zones[zone] = zones.get(zone, 0) + n
+        return {"total": sum(per_stage.values()), "per_stage": per_stage, "per_zone": dict(sorted(zones.items()))}
 
     def table(self) -> dict[str, dict]:
         return {name: dict(entry, seconds=round(entry["seconds"], 3)) for name, entry in self.steps.items()}
@@ -482,13 +518,14 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
     ctx = pipeline.Context.from_env()
     results: dict = {
         "size": size_name, "method": METHOD, "complete": False, "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code": code_version(PROJECT_ROOT),
         "parameters": {"patients": size.patients, "batches": size.batches, "seed": SEED, "defect_rate": DEFECT_RATE},
         "environment": {"cpus": os.cpu_count(), "memory_gb": round(__import__("psutil").virtual_memory().total / 2**30, 1),
                         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                         "driver_memory": os.environ["AFFLUENT_DRIVER_MEMORY"],
                         "shuffle_partitions": os.environ.get("AFFLUENT_SHUFFLE_PARTITIONS", "8"),
                         "python": platform.python_version()},
-        "stages": {}, "ratios": {}, "profile": {},
+        "stages": {}, "ratios": {}, "delta_commits_per_batch": {}, "profile": {},
     }
 
     def save() -> None:
@@ -507,8 +544,19 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
         "spark.eventLog.compress": "false"})
     results["environment"]["spark"] = spark.version
     results["environment"]["spark_master"] = spark.sparkContext.master
+    # Every zone is a folder of the one lake root: its Delta logs are where a batch's commits show.
+    lake_root = None if "://" in settings.lake_root else Path(settings.lake_root)
+    establishments = measured_establishments(ctx.consortium, size)
+
+    def count_commits(batch: str, prefix: str, stages: tuple[str, ...]) -> None:
+        made = results["delta_commits_per_batch"][batch] = {
+            "batch_id": {"full": batch_full, "incremental": batch_incremental, "dag": batch_dag}[batch],
+            "establishments": len(establishments), **rec.commits(prefix, stages)}
+        say(f"Delta commits per batch ({batch}, {len(establishments)} establishment(s)): {made['total']} — "
+            + ", ".join(f"{s} {n}" for s, n in made["per_stage"].items()), clock)
+
     with MemorySampler() as memory:
-        rec = Recorder(spark, memory, clock)
+        rec = Recorder(spark, memory, clock, lake=lake_root)
 
         def keep_partial() -> None:
             results["stages"] = rec.table()
@@ -536,6 +584,7 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
             "pipeline_seconds": round(pipeline_seconds, 2), "bare_copy_seconds": round(rec.seconds("bare_copy"), 2),
             "rows_read": rec.rows("full.ingest"), "bare_rows": rec.rows("bare_copy"),
             "ratio": ratio(pipeline_seconds, rec.seconds("bare_copy"))}
+        count_commits("full", "full", STAGES)
         results["stages"] = rec.table()
         save()
 
@@ -552,12 +601,14 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
             "rows_share": ratio(rows_incremental, rows_full), "ratio": ratio(incremental_seconds, pipeline_seconds),
             "seconds_per_1k_rows_full": ratio(1000 * pipeline_seconds, rows_full),
             "seconds_per_1k_rows_incremental": ratio(1000 * incremental_seconds, rows_incremental)}
+        count_commits("incremental", "incremental", STAGES)
         results["stages"] = rec.table()
         save()
 
         # 3. Orchestration: the third batch through one establishment's DAG.
         results["ratios"]["orchestration"] = orchestrate(env, ctx, rec, batch_dag,
                                                          measured_establishments(ctx.consortium, size), clock)
+        count_commits("dag", "dag_task", DAG_TASKS)
         results["stages"] = rec.table()
         save()
 
@@ -625,14 +676,14 @@ def remeasure_validation(size_name: str, out: Path, doc: Path | None, plot: bool
             staged_versions[est] = staged_table_versions(ctx)
         validation = validation_engines(spark, ctx, rec, batch_full, staged_versions)
     spark.stop()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    code = code_version(PROJECT_ROOT)
     results["ratios"]["validation"] = validation
     results["stages"] = {name: step for name, step in results["stages"].items()
                          if not name.startswith("validation_engines.")}
     results["stages"] |= {name: step for name, step in rec.table().items() if name.startswith("validation_engines.")}
     results.setdefault("remeasured", {})["validation"] = {
-        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": code["short"],
+        "dirty": code["dirty"],
         "why": "the complete run read staged/ after land had removed the batch: both engines checked no rows"}
     result_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     say(f"ratio 2 re-measured into {result_path}", clock)
@@ -715,21 +766,25 @@ def orchestrate(env: dict[str, str], ctx, rec: Recorder, batch_id: str, establis
         for task_id in DAG_TASKS:
             record = logs / f"{dag_id}.{task_id}.json"
             task_env = dict(env, AFFLUENT_BENCH_TASK_RECORD=str(record))
+            before = rec.versions()
             wall, peak, code = _run_sampled(
                 [sys.executable, "-m", "benchmarks.airflow_task", dag_id, task_id, run_id, "-t", conf],
                 task_env, log)
             if code:
                 raise RuntimeError(f"{dag_id}.{task_id} on batch {batch_id} failed ({code}); see {log}")
+            commits = delta_commits(before, rec.versions()) if rec.lake is not None else None
             entry = {"wall_seconds": round(wall, 2), "peak_memory": peak}
+            if commits is not None:
+                entry["delta_commits"] = sum(commits.values())
             if task_id in STAGES:
                 done = json.loads(record.read_text(encoding="utf-8"))
                 if done["summary"].get("skipped"):
                     raise RuntimeError(f"{dag_id}.{task_id} skipped batch {batch_id}: {done['summary']}")
                 rows = stage_rows(task_id, done["summary"])
-                rec.add(f"dag.{task_id}", rows, done["stage_seconds"], peak)
+                rec.add(f"dag.{task_id}", rows, done["stage_seconds"], peak, commits)
                 entry |= {"spark_start_seconds": round(done["spark_start_seconds"], 2),
                           "stage_seconds": round(done["stage_seconds"], 2), "rows": rows}
-            rec.add(f"dag_task.{task_id}", entry.get("rows", 0), wall, peak)
+            rec.add(f"dag_task.{task_id}", entry.get("rows", 0), wall, peak, commits)
             tasks[est][task_id] = entry
         walls[est] = sum(t["wall_seconds"] for t in tasks[est].values())
         say(f"{dag_id}: batch {batch_id} in {walls[est]:.1f} s over {len(DAG_TASKS)} task processes "

@@ -24,7 +24,8 @@ STAGE_KEYS = {"rows", "seconds", "rows_per_second", "peak_memory", "calls"}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> dict:
+def tiny_completed(tmp_path_factory) -> tuple[dict, str]:
+    """The smoke run's results and what it printed."""
     root = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, AFFLUENT_PSEUDONYM_KEY=TEST_KEY, AFFLUENT_SHUFFLE_PARTITIONS="2")
     env.pop("AFFLUENT_PSEUDONYM_KEY_FILE", None)
@@ -33,7 +34,12 @@ def tiny_run(tmp_path_factory) -> dict:
          "--work", str(root / "work"), "--no-doc", "--no-plot"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return json.loads((root / "out" / "tiny.json").read_text(encoding="utf-8"))
+    return json.loads((root / "out" / "tiny.json").read_text(encoding="utf-8")), completed.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_completed) -> dict:
+    return tiny_completed[0]
 
 
 def test_the_run_completes_with_every_ratio(tiny_run):
@@ -66,3 +72,49 @@ def test_erasure_removes_the_person_at_both_sizes(tiny_run):
 
 def test_spark_jobs_are_profiled_per_stage(tiny_run):
     assert tiny_run["profile"]["full.ingest"]["spark_jobs"] > 0
+
+
+def test_the_delta_commits_of_every_batch_are_counted_and_printed(tiny_completed):
+    results, printed = tiny_completed
+    per_batch = results["delta_commits_per_batch"]
+    stages = ("ingest", "pseudonymise", "validate", "land")
+    for batch, steps in (("full", stages), ("incremental", stages), ("dag", ("select_batch", *stages))):
+        made = per_batch[batch]
+        assert set(made["per_stage"]) == set(steps), batch
+        assert made["total"] == sum(made["per_stage"].values()) == sum(made["per_zone"].values()) > 0, batch
+        assert f"Delta commits per batch ({batch}, 1 establishment(s)): {made['total']}" in printed
+    full = per_batch["full"]
+    assert full["per_stage"]["ingest"] > 0 and full["per_stage"]["land"] > 0
+    assert {"bronze", "silver"} <= set(full["per_zone"])
+    assert results["stages"]["full.land"]["delta_commits"] == full["per_stage"]["land"]
+    # The DAG's tasks commit from processes of their own: their commits are read from the lake all the same.
+    assert per_batch["dag"]["per_stage"]["land"] > 0
+    # The bare copy writes outside the lake: no commit of it is counted as the pipeline's.
+    assert results["stages"]["bare_copy"]["delta_commits"] == 0
+
+
+def test_the_result_names_the_commit_measured(tiny_run):
+    code = tiny_run["code"]
+    assert len(code["commit"]) == 40 and code["short"] == code["commit"][:10]
+    # The commit measured is this checkout's, or one before it (when commits were made during the run).
+    ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", code["commit"], "HEAD"], cwd=PROJECT_ROOT)
+    assert ancestor.returncode == 0, code
+    assert isinstance(code["dirty"], bool)
+
+
+def test_commits_are_read_from_the_log_as_delta_history_counts_them(spark, tmp_path):
+    from delta.tables import DeltaTable
+
+    from benchmarks.probe import commits_by_zone, delta_commits, delta_versions
+
+    silver, gold = str(tmp_path / "silver" / "visit"), str(tmp_path / "gold" / "counts")
+    spark.range(3).write.format("delta").save(silver)
+    before = delta_versions(tmp_path)
+    spark.range(3, 5).write.format("delta").mode("append").save(silver)
+    DeltaTable.forPath(spark, silver).delete("id = 0")
+    spark.range(2).write.format("delta").save(gold)
+    made = delta_commits(before, delta_versions(tmp_path))
+
+    history = DeltaTable.forPath(spark, silver).history().count()
+    assert made == {"gold/counts": 1, "silver/visit": history - 1} == {"gold/counts": 1, "silver/visit": 2}
+    assert commits_by_zone(made) == {"gold": 1, "silver": 2}

@@ -70,7 +70,7 @@ def _stop_line(ctx, establishment_id: str, exc: Exception) -> str:
 
     try:
         queue = pipeline.queue(ctx, establishment_id)
-    except (*pipeline.permanent_failures(), OSError):  # the configuration itself may be what failed
+    except pipeline.permanent_failures() + (OSError,):  # the configuration itself may be what failed
         queue = None
     if queue is not None and queue.blocked_by is not None:
         return queue.explain()

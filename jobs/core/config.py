@@ -19,12 +19,15 @@ import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs.core.schemas import BRONZE_COLUMNS, DATASETS, PERSON_IDENTIFIERS, RECORD_REF, SILVER_SCHEMAS
+
+if TYPE_CHECKING:  # for annotations only: the terminology layer sits above the core
+    from jobs.terminology.maps import Terminology
 
 REGIME_OPT_IN = "opt_in"
 REGIME_OPT_OUT = "opt_out"
@@ -493,7 +496,7 @@ class Consortium:
     projects: dict[str, Project]
     policy_version: str = field(default="")
     # Concept maps and canonical units (config/terminology/), checked with the rest.
-    terminology: object = field(default=None, compare=False)
+    terminology: Terminology | None = field(default=None, compare=False)
 
     def establishment(self, establishment_id: str) -> Establishment:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, **overrides: str) -> "Settings":
-        values = {
+        values: dict[str, Any] = {
             "lake_root": os.environ.get(ENV_LAKE_ROOT, str(PROJECT_ROOT / "lake")),
             "spark_master": os.environ.get(ENV_MASTER, DEFAULT_MASTER),
             "config_dir": Path(os.environ.get(ENV_CONFIG_DIR, PROJECT_ROOT / "config")),

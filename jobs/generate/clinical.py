@@ -84,14 +84,14 @@ def make_encounters(rng: np.random.Generator, links: pd.DataFrame, population: p
     created = links["_batch"].to_numpy()
     dead = deceased[links["_person"].to_numpy()]
     parts_link, parts_batch = [], []
-    for batch in range(calendar.batches):
-        if batch == 0:
+    for batch_number in range(calendar.batches):
+        if batch_number == 0:
             n = np.where(clinical & (created == 0), 1 + rng.poisson(2.2, len(links)), 0)
         else:
-            n = (np.where(clinical & (created < batch) & ~dead, rng.poisson(0.05, len(links)), 0)
-                 + np.where(clinical & (created == batch), 1 + rng.poisson(0.5, len(links)), 0))
+            n = (np.where(clinical & (created < batch_number) & ~dead, rng.poisson(0.05, len(links)), 0)
+                 + np.where(clinical & (created == batch_number), 1 + rng.poisson(0.5, len(links)), 0))
         parts_link.append(np.repeat(np.arange(len(links)), n))
-        parts_batch.append(np.full(int(n.sum()), batch))
+        parts_batch.append(np.full(int(n.sum()), batch_number))
     link = np.concatenate(parts_link)
     batch = np.concatenate(parts_batch)
     count = len(link)

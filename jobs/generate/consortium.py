@@ -155,7 +155,7 @@ def _build_tables(consortium: Consortium, establishments: list[Establishment], p
     diagnoses = clinical.make_diagnoses(_stream(seed, "diagnoses"), encounters, groups)
     labs = clinical.make_lab_results(_stream(seed, "labs"), encounters, groups, calendar)
     medications = clinical.make_medications(_stream(seed, "medications"), encounters, groups)
-    purposes = [(p.id, p.regime) for p in consortium.purposes.values()]
+    purposes: list[tuple[str, str]] = [(p.id, p.regime) for p in consortium.purposes.values()]
     writable = {i: _writable_purposes(est, consortium) for i, est in enumerate(establishments)}
     consents = clinical.make_consents(_stream(seed, "consents"), links, population, calendar, purposes, writable,
                                       deceased)
@@ -265,7 +265,7 @@ def generate_consortium(out_dir: Path, consortium: Consortium, patients: int, ba
                     truth.append({"establishment": est.id, "batch_id": batch_id, "dataset": dataset, "file": name,
                                   "line": line, "resource_id": resource_id, "kind": kind,
                                   "expected": spec.expected, "rule": rule})
-                written = None  # the file is on disk: let its bytes go before the next one is built
+                del written  # the file is on disk: let its bytes go before the next one is built
                 if dataset == "patient":
                     first = rows[rows["_change"].to_numpy() == "new"]
                     nam_sent.update(zip(first["_link"].tolist(), first["nam"].tolist()))

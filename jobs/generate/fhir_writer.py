@@ -128,14 +128,14 @@ def build_resources(rows: pd.DataFrame, dataset: str, profile: FhirProfile, land
             }
         elif dataset == "diagnosis":
             code = row["condition_code"]
-            known = reference.icd10ca().get(code)
+            known: reference.Diagnosis | reference.LabTest | reference.Drug | None = reference.icd10ca().get(code)
             resource = {
                 "resourceType": "Condition", "id": ref,
                 "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
                                                "code": "active"}]},
                 "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
                                           "code": "encounter-diagnosis"}]}, {"text": row["diagnosis_type"]}],
-                "code": ({"coding": [_coding(reference.SYSTEM_ICD10CA, code, known and known.display)]}
+                "code": ({"coding": [_coding(reference.SYSTEM_ICD10CA, code, known.display if known else None)]}
                          if code else None),
                 "subject": subject, "encounter": encounter, "recordedDate": text["condition_date"][i],
             }
@@ -146,7 +146,7 @@ def build_resources(rows: pd.DataFrame, dataset: str, profile: FhirProfile, land
                 "resourceType": "Observation", "id": ref, "status": "final",
                 "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                                           "code": "laboratory"}]}],
-                "code": {"coding": [_coding(reference.SYSTEM_LOINC, code, known and known.display)]} if code else None,
+                "code": {"coding": [_coding(reference.SYSTEM_LOINC, code, known.display if known else None)]} if code else None,
                 "subject": subject, "encounter": encounter, "effectiveDateTime": text["measured_at"][i],
                 "valueQuantity": {"value": round(float(row["value"]), int(row["_decimals"])), "unit": row["unit"],
                                   "system": reference.UCUM_URI, "code": row["unit"]},
@@ -157,7 +157,7 @@ def build_resources(rows: pd.DataFrame, dataset: str, profile: FhirProfile, land
             resource = {
                 "resourceType": "MedicationRequest", "id": ref,
                 "status": "active" if not text["end_date"][i] else "completed", "intent": "order",
-                "medicationCodeableConcept": {"coding": [_coding(row["drug_system"], code, known and known.display)]}
+                "medicationCodeableConcept": {"coding": [_coding(row["drug_system"], code, known.display if known else None)]}
                 if code else None,
                 "subject": subject, "encounter": encounter, "authoredOn": text["start_date"][i],
                 "dosageInstruction": [{"route": {"text": row["route"]}, "doseAndRate": [{"doseQuantity": {

@@ -95,6 +95,7 @@ are found.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -162,7 +163,7 @@ def _is_aggregate(select: exp.Select) -> bool:
     return bool(select.args.get("group")) or bool(_aggregates(select))
 
 
-def _conjuncts(condition: exp.Expression | None) -> list[exp.Expression]:
+def _conjuncts(condition: exp.Expression | None) -> list[exp.Expr]:
     if condition is None:
         return []
     try:
@@ -172,7 +173,7 @@ def _conjuncts(condition: exp.Expression | None) -> list[exp.Expression]:
     return [c.unnest() for c in condition.flatten()] if isinstance(condition, exp.And) else [condition.unnest()]
 
 
-def _same_column(expression: exp.Expression, column: exp.Column) -> bool:
+def _same_column(expression: exp.Expr, column: exp.Column) -> bool:
     expression = expression.unalias() if isinstance(expression, exp.Alias) else expression
     return (isinstance(expression, exp.Column) and expression.name == column.name
             and expression.table in ("", column.table))
@@ -272,7 +273,7 @@ class _Lineage:
             query.select(exp.alias_(person.copy(), names[-1]), copy=False)
         return names
 
-    def plan(self, query: exp.Expression) -> tuple[list[str], bool]:
+    def plan(self, query: exp.Expr) -> tuple[list[str], bool]:
         """Add the support column to the aggregate level; the role of each output column, and
         whether rows were filtered on aggregate values."""
         if isinstance(query, exp.Subquery):
@@ -430,14 +431,15 @@ def _refuse_person_columns(con, result: pa.Table, views: dict[str, str]) -> None
 
 # ------------------------------------------------------------ differencing ----
 
-def _join_conditions(select: exp.Select) -> list[exp.Expression]:
+def _join_conditions(select: exp.Select) -> list[exp.Expr]:
     """Take the filtering part of inner joins' ON out of ``select`` (kept: column equalities)."""
     moved = []
     for join in select.args.get("joins") or []:
         on = join.args.get("on")
         if on is None:
             continue
-        keys, extra = [], []
+        keys: list[exp.Expr] = []
+        extra: list[exp.Expr] = []
         for conjunct in _conjuncts(on):
             is_key = isinstance(conjunct, exp.EQ) and all(isinstance(s, exp.Column) for s in (conjunct.this,
                                                                                              conjunct.expression))
@@ -475,7 +477,7 @@ def _row_predicates(select: exp.Select) -> list[exp.Expression]:
     return found
 
 
-def _refuse_person_functions(tree: exp.Expression) -> None:
+def _refuse_person_functions(tree: exp.Expr) -> None:
     """person_id may be selected, counted, grouped, joined or filtered on, and nothing else.
 
     A function of it in a select list (``sum(instr(person_id, 'x'))``) would
@@ -497,7 +499,7 @@ def _refuse_person_functions(tree: exp.Expression) -> None:
             parent = parent.parent
         having = column.find_ancestor(exp.Having)
         if having is not None:
-            group = having.parent.args.get("group")
+            group = having.parent.args.get("group") if having.parent is not None else None
             if group is not None and any(isinstance(g, exp.Column) and g.name == "person_id"
                                          for g in group.expressions):
                 continue  # rows grouped per person: the HAVING is measured like a WHERE
@@ -507,11 +509,11 @@ def _refuse_person_functions(tree: exp.Expression) -> None:
             continue
         if column.find_ancestor(exp.Where, exp.Join, exp.Group) is not None:
             continue
-        raise OutputRefused(f"{column.sql('duckdb')} is used in {parent.sql('duckdb')[:60]!r}: person_id may only "
+        raise OutputRefused(f"{column.sql('duckdb')} is used in {(parent or column).sql('duckdb')[:60]!r}: person_id may only "
                             "be selected, counted, grouped, joined or filtered on.")
 
 
-def _refuse_differencing(con, tree: exp.Expression, project: Project, views: dict[str, str],
+def _refuse_differencing(con, tree: exp.Expr, project: Project, views: dict[str, str],
                          ctes: dict[str, exp.Expression]) -> list[str]:
     notes: list[str] = []
     with_clause = tree.args.get("with_")
@@ -541,21 +543,21 @@ def _refuse_differencing(con, tree: exp.Expression, project: Project, views: dic
     return notes
 
 
-def _measure(con, measure: exp.Select, persons: list[exp.Expression], conjuncts: list[exp.Expression],
-             predicates: list[exp.Expression], project: Project, with_clause: exp.With | None,
+def _measure(con, measure: exp.Select, persons: Sequence[exp.Expr], conjuncts: list[exp.Expr],
+             predicates: Sequence[exp.Expr], project: Project, with_clause: exp.With | None,
              notes: list[str]) -> None:
     """Refuse when a condition evaluated on the rows of ``measure`` singles out fewer than min_cell_size persons."""
     import duckdb
 
-    booleans: list[exp.Expression] = []
+    booleans: list[exp.Expr] = []
 
-    def flag(condition: exp.Expression) -> exp.Expression:
+    def flag(condition: exp.Expr) -> exp.Expression:
         booleans.append(condition)
         return exp.column(f"__c{len(booleans) - 1}").is_(exp.true())
 
     # (condition, wider rows, narrower rows): persons in the first and not
     # in the second are the ones the condition singles out.
-    comparisons: list[tuple[exp.Expression, list, list]] = []
+    comparisons: list[tuple[exp.Expr, list, list]] = []
     flags = [flag(c) for c in conjuncts]
     for j, condition in enumerate(conjuncts):
         others = flags[:j] + flags[j + 1:]
@@ -615,7 +617,7 @@ def _suppressed_rows(table: pa.Table, support: list, roles: list[str], threshold
     small = [s is None or s < threshold for s in support]
     primary = sum(small)
     keys = [j for j, role in enumerate(roles) if role == ROLE_KEY]
-    dimensions = keys or [None]
+    dimensions: list[int | None] = list(keys) or [None]
     changed = True
     while changed:
         changed = False

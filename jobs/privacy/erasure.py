@@ -397,7 +397,7 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
 
     gold_path = lake.gold(PATIENTS_BY_CONDITION)
     if table_exists(spark, gold_path):
-        as_of = spark.read.format("delta").load(gold_path).select(F.max("as_of").alias("as_of")).first().as_of
+        as_of = spark.read.format("delta").load(gold_path).select(F.max("as_of").alias("as_of")).collect()[0].as_of
         build_patients_by_condition(spark, lake, consortium, as_of or clock.today())
         all_paths[f"gold.{PATIENTS_BY_CONDITION}"] = gold_path
     vacuumed = []
@@ -407,7 +407,7 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
         vacuum_now(spark, path)
         forget_history(spark, path)
         vacuumed.append(name)
-    versions_after = {name: int(table_version(spark, all_paths[name])) for name in vacuumed}
+    versions_after = {name: table_version(spark, all_paths[name]) for name in vacuumed}
 
     proof = prove_erased(spark, lake, key, persons)
     _refuse_if_found(proof, "The requests stay pending, but the person can no longer be resolved from silver: "

@@ -111,7 +111,7 @@ def _at_level(persons: DataFrame, qis: list[str], level: int) -> DataFrame:
 
 def _small_persons(persons: DataFrame, qis: list[str], k: int) -> int:
     classes = persons.groupBy(*qis).agg(F.count("*").alias(_CLASS_SIZE))
-    return int(classes.agg(F.sum(F.when(F.col(_CLASS_SIZE) < k, F.col(_CLASS_SIZE)).otherwise(0))).first()[0] or 0)
+    return int(classes.agg(F.sum(F.when(F.col(_CLASS_SIZE) < k, F.col(_CLASS_SIZE)).otherwise(0))).collect()[0][0] or 0)
 
 
 def _choose_level(persons: DataFrame, qis: list[str], k: int, total: int) -> int:
@@ -157,7 +157,7 @@ def k_anonymise(patients: DataFrame, quasi_identifiers: list[str], k: int) -> tu
     # Every person left with quasi-identifiers has them at the level reached.
     generalised_persons = total - suppressed if level > 0 else 0
     published = persons.select(*[F.when(F.col(_SUPPRESSED), F.lit(None)).otherwise(F.col(q)).alias(q) for q in qis])
-    smallest = published.groupBy(*qis).count().agg(F.min("count")).first()[0]
+    smallest = published.groupBy(*qis).count().agg(F.min("count")).collect()[0][0]
     band, postal = LEVELS[level]
     return out, KAnonymity(k, tuple(qis), level, band, postal, total, generalised_persons, suppressed,
                            int(smallest or 0))

@@ -138,7 +138,8 @@ def spend(lake: Lake, project: Project, user: str, epsilon: float, delta: float,
 
 def verify_ledger(lake: Lake) -> list[str]:
     """Problems in the ledger's hash chain (an edited, removed or inserted line); empty when intact."""
-    problems, previous = [], GENESIS
+    problems: list[str] = []
+    previous: str | None = GENESIS
     for number, entry in enumerate(_entries(ledger_path(lake)), start=1):
         if entry.get("prev") != previous:
             problems.append(f"line {number}: does not follow the line before it (a line was removed or inserted)")

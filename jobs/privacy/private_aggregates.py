@@ -281,18 +281,18 @@ def _translate(query: exp.Select, project: Project) -> Plan:
     if len(set(grouped)) != len(grouped):
         raise AggregateRefused("a key is grouped on twice")
 
-    keys: list[tuple[str, str]] = []
+    output_keys: list[tuple[str, str]] = []
     aggregates: list[Aggregate] = []
     output: list[str] = []
     for item in query.expressions:
-        name = item.alias_or_name if isinstance(item, exp.Alias) else None
+        name = item.alias_or_name if isinstance(item, exp.Alias) else ""
         inner = item.this if isinstance(item, exp.Alias) else item
         if isinstance(inner, exp.Column):
             internal = use(inner)
             if internal not in grouped:
                 raise AggregateRefused(f"{inner.sql()} is not in GROUP BY: only keys and aggregates are returned")
             name = name or inner.name
-            keys.append((name, internal))
+            output_keys.append((name, internal))
         elif isinstance(inner, exp.Count):
             arg = inner.this
             name = name or f"count_{len(aggregates)}"
@@ -326,7 +326,7 @@ def _translate(query: exp.Select, project: Project) -> Plan:
     if any(a.kind == "persons" for a in aggregates) and any(a.kind != "persons" for a in aggregates):
         raise AggregateRefused("count(DISTINCT person_id) is answered in a query of its own (it counts each "
                                "person once per group, other aggregates count rows)")
-    if set(grouped) - {k for _, k in keys}:
+    if set(grouped) - {k for _, k in output_keys}:
         raise AggregateRefused("every GROUP BY key must be selected (a hidden key splits cells unseen)")
     if public and grouped:
         cells = math.prod(len(privacy.public_keys[g.split(".", 1)[1]]) for g in grouped)
@@ -334,7 +334,7 @@ def _translate(query: exp.Select, project: Project) -> Plan:
             raise AggregateRefused(f"the keys make {cells} cells; at most {MAX_CELLS} per query")
     sources = [Source(alias=a, dataset=d, columns=tuple(sorted(columns[a])), join_keys=join_keys.get(a, ()))
                for a, d in aliases.items()]
-    return Plan(sources=sources, where=where_expr, keys=keys, aggregates=aggregates, output=output, public=public,
+    return Plan(sources=sources, where=where_expr, keys=output_keys, aggregates=aggregates, output=output, public=public,
                 resolved={f"{a}.{c}": (aliases[a], c) for a in aliases for c in columns[a]})
 
 
@@ -355,8 +355,8 @@ def _frame(lake: Lake, project: Project, plan_: Plan):
             raise AggregateRefused(f"the {source.dataset} extract of project {project.id} is not published yet")
         table = DeltaTable(uri)
         refuse_deletion_vectors(table, f"the {source.dataset} extract of project {project.id}")
-        data = pl.from_arrow(table.to_pyarrow_table(columns=list(source.columns)))
-        data = data.rename({c: (c if c == PERSON else f"{source.alias}.{c}") for c in source.columns}).lazy()
+        data = pl.DataFrame(table.to_pyarrow_table(columns=list(source.columns))).rename(
+            {c: (c if c == PERSON else f"{source.alias}.{c}") for c in source.columns}).lazy()
         if frame is None:
             frame = data
             continue
@@ -476,28 +476,33 @@ def release(lake: Lake, project: Project, plan_: Plan, epsilon: float, delta: fl
         frame = frame.select([PERSON, *by]).unique()
     loss = dp.loss_of(epsilon=epsilon, delta=delta) if delta > 0 else dp.loss_of(epsilon=epsilon)
     context = dp.Context.compositor(
-        data=frame, privacy_unit=dp.unit_of(contributions=1, identifier=pl.col(PERSON)), privacy_loss=loss,
+        # opendp documents an expression as an identifier, though its annotation says str.
+        data=frame, privacy_unit=dp.unit_of(contributions=1, identifier=pl.col(PERSON)),  # type: ignore[arg-type]
+        privacy_loss=loss,
         split_evenly_over=1, margins=[dp.polars.Margin(by=by, max_length=MAX_ROWS)]
         + ([dp.polars.Margin(by=[], max_length=MAX_ROWS)] if by else []))
     persons = any(a.kind == "persons" for a in plan_.aggregates)
     # After one row per person and group, a person has at most as many rows as there are cells.
     bound = 1 if persons and not by else privacy.max_rows_per_person
     query = context.query().truncate_per_group(bound)
-    expressions, hidden = [], {}
+    # ``.dp`` is the expression namespace opendp registers on polars at import: polars' types do not know it.
+    expressions: list[pl.Expr] = []
+    hidden: dict[str, tuple[str, str, float, float]] = {}
     for aggregate in plan_.aggregates:
+        column = aggregate.column or ""  # set for every kind but count and persons
         if aggregate.kind in ("count", "persons"):
             expressions.append(dp.len(signed=True).alias(aggregate.name))
         elif aggregate.kind == "count_col":
-            expressions.append(pl.col(aggregate.column).dp.count(signed=True).alias(aggregate.name))
+            expressions.append(pl.col(column).dp.count(signed=True).alias(aggregate.name))  # type: ignore[attr-defined]
         else:
-            low, high = privacy.bounds[plan_.resolved[aggregate.column][1]]
-            value = pl.col(aggregate.column).cast(pl.Float64)
+            low, high = privacy.bounds[plan_.resolved[column][1]]
+            value = pl.col(column).cast(pl.Float64)
             total = f"__sum_{len(hidden)}"
-            expressions.append(value.fill_null(0.0).dp.sum((float(low), float(high))).alias(
+            expressions.append(value.fill_null(0.0).dp.sum((float(low), float(high))).alias(  # type: ignore[attr-defined]
                 aggregate.name if aggregate.kind == "sum" else total))
             if aggregate.kind == "mean":
                 count = f"__count_{len(hidden)}"
-                expressions.append(pl.col(aggregate.column).dp.count(signed=True).alias(count))
+                expressions.append(pl.col(column).dp.count(signed=True).alias(count))  # type: ignore[attr-defined]
                 hidden[aggregate.name] = (total, count, float(low), float(high))
     if not any(a.kind in ("count", "persons", "count_col") for a in plan_.aggregates):
         # Sums alone: a noisy row count too, so that the second layer can suppress small cells.

@@ -106,14 +106,14 @@ class Linkable:
 @dataclass(frozen=True)
 class RelinkOutcome:
     code_level: int
-    kept: DataFrame  # person_id, _item: the items published
+    kept: DataFrame | None  # person_id, _item: the items published (None: the extracts hold no code)
     figures: dict[str, float]
 
 
 def generalised_code(column: CodeColumn, value: Column, level: int) -> Column:
     """A code at ``level`` of :data:`CODE_LEVELS`; null when its vocabulary has no hierarchy to climb."""
     icd, atc = CODE_LEVELS[level]
-    if icd is None:
+    if icd is None or atc is None:
         return value
     clean = F.upper(F.regexp_replace(value, r"[^A-Za-z0-9]", ""))
     keep = icd if column.kind == "dx" else atc
@@ -239,7 +239,7 @@ def _rare_count(persons: DataFrame, qis: list[str], bound: RelinkBound) -> int:
 def _relinked_counts(me: Linkable, others: list[Linkable], k: int) -> tuple[int, int]:
     unique = under = 0
     for other in others:
-        row = relinked(me, other, k)[1].first()
+        row = relinked(me, other, k)[1].collect()[0]
         unique, under = unique + int(row.unique or 0), under + int(row.under_k or 0)
     return unique, under
 
@@ -272,7 +272,9 @@ def enforce(project_id: str, demographics: DataFrame, qis: list[str], year_band:
 
     best = None
     for level in range(len(CODE_LEVELS)):
-        items = code_items(frames, level).localCheckpoint()
+        items = code_items(frames, level)
+        assert items is not None  # level 0 found codes: every level does
+        items = items.localCheckpoint()
         level_total = items.count()
         kept, met = items, False
         for _ in range(MAX_PASSES):
@@ -350,6 +352,8 @@ def demographics_of(patients: DataFrame | None, qis: list[str], frames: dict[str
     for frame in [*frames.values(), *([patients] if patients is not None else [])]:
         ids = frame.select("person_id")
         persons = ids if persons is None else persons.unionByName(ids)
+    if persons is None:
+        raise ValueError("no extract to take the persons from: pass the patient extract or a coded one")
     persons = persons.distinct()
     if patients is None or not qis:
         return persons

@@ -794,8 +794,8 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
         rule_reason.append((of_type & F.col("_id").isNull(), RULE_UNMAPPED,
                             F.lit(f"the {DATASET_RESOURCES[dataset]} has no id")))
         applies = of_type & ~is_delete & ~F.coalesce(mapping.retracted, F.lit(False))
-        for failed, reason in mapping.checks:
-            rule_reason.append((applies & F.coalesce(failed, F.lit(False)), RULE_UNMAPPED, reason))
+        for failed, unmapped in mapping.checks:
+            rule_reason.append((applies & F.coalesce(failed, F.lit(False)), RULE_UNMAPPED, unmapped))
         action = F.when(of_type & F.coalesce(mapping.retracted, F.lit(False)), F.lit(ACTION_DELETE)).otherwise(action)
     action = F.when(is_delete, F.lit(ACTION_DELETE)).otherwise(action)
 
@@ -805,6 +805,7 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
         value = F.col("_pre_rule") if rule_name == "" else F.lit(rule_name)
         rule = F.when(condition, value) if rule is None else rule.when(condition, value)
         reason = F.when(condition, why) if reason is None else reason.when(condition, why)
+    assert rule is not None and reason is not None  # rule_reason always holds the parse rules
     not_collected = F.coalesce(rule == _NOT_COLLECTED, F.lit(False))
     checked = parsed.select("*", F.when(~not_collected, rule).alias("_rule"), reason.alias("_reason"),
                             action.alias("_action"), not_collected.alias("_not_collected"))

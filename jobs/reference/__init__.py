@@ -37,7 +37,7 @@ from functools import cache
 from pathlib import Path
 
 from jobs.reference import vocabularies
-from jobs.reference.vocabularies import BY_VOCABULARY, UCUM_URI, is_well_formed
+from jobs.reference.vocabularies import BY_VOCABULARY, UCUM_URI, is_well_formed  # noqa: F401  (UCUM_URI: re-exported)
 
 REFERENCE_DIR = Path(__file__).resolve().parent
 # Where the consortium's own lists live: ``<config>/reference/<list>.csv``.

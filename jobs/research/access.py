@@ -180,7 +180,7 @@ def _roles(select: exp.Select) -> list[str] | None:
     return roles
 
 
-def _output_roles(query: exp.Expression) -> tuple[str, ...] | None:
+def _output_roles(query: exp.Expr) -> tuple[str, ...] | None:
     if isinstance(query, exp.Subquery):
         return _output_roles(query.this)
     if isinstance(query, exp.Select):
@@ -199,7 +199,7 @@ def _is_cte_reference(table: exp.Table) -> bool:
     """Whether ``table`` names a CTE visible where it stands (else it would reach the catalog)."""
     name = table.name.lower()
     path: set[int] = set()
-    node = table
+    node: exp.Expr | None = table
     while node is not None:
         path.add(id(node))
         with_ = (node.args.get("with_") or node.args.get("with")) if isinstance(node, exp.Query) else None

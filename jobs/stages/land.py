@@ -247,7 +247,7 @@ def register_silver_tables(spark: SparkSession, lake: Lake) -> list[str]:
         name = f"{SILVER_SCHEMA_NAME}.{dataset}"
         location = _location(path)
         if spark.catalog.tableExists(name):
-            current = spark.sql(f"DESCRIBE DETAIL {name}").select("location").first().location
+            current = spark.sql(f"DESCRIBE DETAIL {name}").select("location").collect()[0].location
             if _location(current) == location:
                 names.append(name)
                 continue
@@ -445,7 +445,7 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
                       .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
                              & (F.col("stage") == Stage.VALIDATE.value))
                       .groupBy("dataset").count().collect()}
-    datasets = sorted({d for d, stage in log if stage in (Stage.INGEST, Stage.VALIDATE)} | set(validate_q))
+    datasets = sorted({d for d, stage in log if d and stage in (Stage.INGEST, Stage.VALIDATE)} | set(validate_q))
     valid = _validated_rows(spark, lake, establishment_id, batch_id, datasets)
     figures = {}
     for dataset in datasets:

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.core.batchlog import BatchKind, BatchRejected
-from jobs.core.config import NOT_COLLECTED, Consortium
+from jobs.core.config import NOT_COLLECTED, Consortium, CsvProfile
 from jobs.core.lake import file_reference
 from jobs.core.schemas import DATASETS
 
@@ -242,7 +242,7 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
                 raise reject(f"{where}: {problem}", ref)
         if dataset not in allowed:
             raise reject(f"{where}: unknown dataset {dataset!r} (expected one of {sorted(allowed)})", ref)
-        if is_csv and dataset not in est.input.columns and dataset != NOT_COLLECTED:
+        if isinstance(est.input, CsvProfile) and dataset not in est.input.columns and dataset != NOT_COLLECTED:
             raise reject(f"{where}: no column mapping for dataset {dataset!r} in the establishment's profile", ref)
         problem = _path_problem(rel)
         if problem:
@@ -274,7 +274,8 @@ def check_batch(landing_root: Path, consortium: Consortium, establishment_id: st
                 raise reject(f"{where} ({ref}) is empty (0 bytes): the landing contract asks for {expected}. "
                              "The establishment delivers the file again (or leaves it out of the manifest when "
                              "it has nothing to send); the batch is then taken again", ref)
-            counted = _count_rows(path, dataset, has_header=is_csv, quote=est.input.quote if is_csv else None)
+            counted = _count_rows(path, dataset, has_header=is_csv,
+                                  quote=est.input.quote if isinstance(est.input, CsvProfile) else None)
         except OSError as exc:
             raise reject(f"{where}: the file cannot be read: {exc.strerror or 'I/O error'}", ref) from None
         if counted < 0:

@@ -190,11 +190,13 @@ def shift_days(shift_key: SparkKey, person_id: Column | str) -> Column:
 def _date_at_precision(col: Column, data_type, precision: str, offset: Column | None) -> Column:
     if isinstance(data_type, DateType):
         if precision == PRECISION_SHIFTED:
+            assert offset is not None, "a shifted date needs the person's offset"
             return F.date_add(col, offset)
         if precision in (PRECISION_MONTH, PRECISION_YEAR):
             return F.trunc(col, precision)
         return col
     if precision == PRECISION_SHIFTED:
+        assert offset is not None, "a shifted timestamp needs the person's offset"
         return F.timestamp_add("DAY", offset, col)
     return F.date_trunc(precision, col)
 
@@ -234,7 +236,7 @@ def read_silver(spark: SparkSession, lake: Lake) -> tuple[dict[str, DataFrame], 
         if table_exists(spark, path):
             version = table_version(spark, path)
             frames[dataset] = spark.read.format("delta").option("versionAsOf", version).load(path)
-            versions[dataset] = int(version)
+            versions[dataset] = version
         else:
             frames[dataset] = spark.createDataFrame([], SILVER_SCHEMAS[dataset])
             versions[dataset] = None
@@ -279,7 +281,7 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
         extract.write.format("delta").mode(OVERWRITE).option("overwriteSchema", "true").save(path)
         counts[dataset] = last_write_rows(spark, path)
     anonymity_figures = risk = None
-    if "patient" in project.datasets:
+    if anonymity is not None:  # k-anonymised with the patient extract
         anonymity_figures = anonymity.figures()
         diagnosis = read_extract(spark, lake, project.id, "diagnosis") if "diagnosis" in project.datasets else None
         risk = reidentification_risk(read_extract(spark, lake, project.id, "patient"), project.quasi_identifiers,

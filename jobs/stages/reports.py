@@ -43,7 +43,7 @@ def report_path(lake: Lake, establishment_id: str, batch_id: str, run_at: dt.dat
 def write_text(spark: SparkSession, path: str, text: str) -> None:
     """Write a UTF-8 file at ``path`` (local or object storage), replacing it."""
     jvm = spark.sparkContext._jvm
-    target = jvm.org.apache.hadoop.fs.Path(path)
+    target = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]  # set while the context runs
     fs = target.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     out = fs.create(target, True)
     try:

@@ -63,6 +63,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from functools import cache
 from pathlib import Path
 
@@ -243,7 +244,7 @@ def suite_checks(suite: dict) -> list[Check]:
     """The suite's expectations with their rule and kind; refuse one without them."""
     found = []
     for i, exp in enumerate(suite.get("expectations", [])):
-        meta = exp.get("meta") or {}
+        meta: Any = exp.get("meta") or {}
         rule, kind, name = meta.get("rule"), meta.get("kind"), meta.get("check")
         where = f"{suite.get('name')}: expectation {i} ({exp.get('type')})"
         if kind not in (KIND_ROW, KIND_BATCH) or not name:
@@ -268,7 +269,7 @@ def _reference_parameters() -> dict[str, list]:
 
 def suite_parameters(consortium: Consortium | None, **extra) -> dict:
     """Values the suites take at run time: reference code lists, declared purposes, batch figures."""
-    params = dict(_reference_parameters())
+    params: dict = dict(_reference_parameters())
     params["purposes"] = sorted(consortium.purposes) if consortium is not None else []
     params.setdefault(PARAM_MIN_ROW_COUNT, 0)
     params.update(extra)
@@ -325,7 +326,8 @@ def _listed_codes(spark: SparkSession, dataset: str) -> DataFrame:
     elif dataset == "lab_result":
         pairs = [(c, "LOINC") for c in reference.loinc()]
     else:
-        pairs = [(c, vocabularies.system_for(d.system).vocabulary) for c, d in reference.drugs().items()]
+        vocabulary = {s.name: s.vocabulary for s in vocabularies.SYSTEMS}  # drugs.csv names known systems only
+        pairs = [(c, vocabulary[d.system]) for c, d in reference.drugs().items()]
     return spark.createDataFrame([(c, v, True) for c, v in pairs], "_l0 string, _l1 string, _listed boolean")
 
 
@@ -465,7 +467,7 @@ def count_batch(flagged: DataFrame, checks: list[Check], dataset: str) -> BatchC
     aggs = [F.count(F.lit(1)).alias("_rows"), F.max("_extracted_at").alias("_extracted_at")]
     aggs += [F.sum(F.col(f"_fail_{c.position}").cast("long")).alias(f"_check_{c.position}") for c in row_checks]
     aggs += [F.sum((F.col("_rule") == F.lit(rule)).cast("long")).alias(f"_rule_{i}") for i, rule in enumerate(rules)]
-    totals = flagged.agg(*aggs, *information).first().asDict()
+    totals = flagged.agg(*aggs, *information).collect()[0].asDict()
     by_rule = {rule: int(totals[f"_rule_{i}"] or 0) for i, rule in enumerate(rules)}
     return BatchCounts(
         rows=totals["_rows"],
@@ -559,7 +561,7 @@ def previous_full_rows(lake: Lake, establishment_id: str, batch_id: str, dataset
     """
     from jobs.stages.batch_queue import batch_log_entries, utc
 
-    latest: dict[tuple[str, str, str], dict] = {}
+    latest: dict[tuple[str, str], dict] = {}
     for entry in batch_log_entries(lake, establishment_id):  # oldest first: later entries replace earlier ones
         if entry["dataset"] == dataset:
             latest[(entry["batch_id"], entry["stage"])] = entry
@@ -678,7 +680,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
                                 r.unexpected_count, r.element_count if r.element_count is not None else rows,
                                 r.observed, run_at))
                 if r.kind == KIND_BATCH and not r.success:
-                    if r.rule == RULE_ROW_COUNT_DROP:
+                    if r.rule == RULE_ROW_COUNT_DROP and previous is not None:
                         drop = 100 * (previous[1] - rows) / previous[1]
                         figures = (f"{rows} rows vs {previous[1]} in the previous full batch {previous[0]}, "
                                    f"a drop of {drop:.1f}% > {rules.max_row_count_drop_pct:g}%")

@@ -40,6 +40,8 @@ def _source_key(domain: Domain) -> Column:
 def _rule(domain: Domain) -> Column:
     """The standard concept a rule gives, where one applies (null otherwise)."""
     code = F.upper(F.trim(F.col(domain.source_column)))
+    if domain.vocabulary_column is None:  # the rules read the code's vocabulary
+        return F.lit(None).cast("string")
     if domain.name == "condition":
         category = F.substring(F.regexp_replace(code, r"\.", ""), 1, 3)
         icd10 = F.col(domain.vocabulary_column).isin("ICD10", "ICD10CA", "ICD10CM")

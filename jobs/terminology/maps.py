@@ -34,8 +34,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs.reference import vocabularies
+
+if TYPE_CHECKING:  # loaded lazily by load_terminology
+    from jobs.terminology.units import CanonicalUnits
 
 TERMINOLOGY_DIR = "terminology"
 BASE_URI = "https://affluent.example.org/fhir"
@@ -137,7 +141,7 @@ class Terminology:
 
     entries: tuple[MapEntry, ...]
     maps: dict[str, str]          # map_ref -> file
-    units: object                 # jobs.terminology.units.CanonicalUnits
+    units: CanonicalUnits
 
     def entries_for(self, domain: str) -> list[MapEntry]:
         return [e for e in self.entries if e.domain == domain]
@@ -171,8 +175,8 @@ def _read_map(path: Path, rel: str, establishment: str | None,
         problems.append((rel, "resourceType", "expected a FHIR R4 ConceptMap resource"))
         return []
     missing = [key for key in ("id", "version", "url") if not isinstance(resource.get(key), str) or not resource[key]]
-    for key in missing:
-        problems.append((rel, key, f"a ConceptMap needs its {key} (it is recorded on every row it maps)"))
+    for name in missing:
+        problems.append((rel, name, f"a ConceptMap needs its {name} (it is recorded on every row it maps)"))
     if missing:
         return []
     domain = DOMAIN_OF_VALUE_SET.get(resource.get("targetUri", ""))
@@ -291,7 +295,7 @@ def check_terminology(root: Path, establishments: set[str] | None = None) -> tup
 def load_terminology(root: Path) -> Terminology:
     """The configuration's concept maps and canonical units; :class:`TerminologyError` when one is broken."""
     terminology, problems = check_terminology(root)
-    if problems:
+    if problems or terminology is None:
         raise TerminologyError(problems)
     return terminology
 

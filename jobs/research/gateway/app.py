@@ -239,12 +239,12 @@ def create_app(settings: GatewaySettings, temp_dir: Path | None = None, confined
     def query(project_id: str, body: QueryRequest, request: Request):
         _, project, event = gateway.authorise(request, project_id, access.ACTION_QUERY, body.sql)
         result, row, rows = _run(gateway, event, project, body.sql)
-        body = {"columns": result.table.column_names, "rows": rows,
-                "suppressed_cells": result.suppressed_cells, "notes": result.notes, "audit_event": row["event_id"]}
+        answer = {"columns": result.table.column_names, "rows": rows,
+                  "suppressed_cells": result.suppressed_cells, "notes": result.notes, "audit_event": row["event_id"]}
         if result.epsilon is not None:
-            body["privacy"] = {"epsilon": result.epsilon, "delta": result.delta, "budget_left": result.budget_left,
-                               "interval": "95 %: <column>_low95 .. <column>_high95"}
-        return body
+            answer["privacy"] = {"epsilon": result.epsilon, "delta": result.delta, "budget_left": result.budget_left,
+                                 "interval": "95 %: <column>_low95 .. <column>_high95"}
+        return answer
 
     @app.post("/v1/projects/{project_id}/export")
     def export(project_id: str, body: ExportRequest, request: Request):

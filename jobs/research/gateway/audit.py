@@ -161,7 +161,7 @@ class AuditWriter:
             raise AuditError(f"audit event without {', '.join(missing)}")
         with self._locked():
             table, head = self._current_head()
-            row = {f.name: event.get(f.name) for f in AUDIT_SCHEMA}
+            row: dict = {f.name: event.get(f.name) for f in AUDIT_SCHEMA}
             row["seq"] = head.seq + 1
             row["event_id"] = row["event_id"] or str(uuid.uuid4())
             row["occurred_at"] = row["occurred_at"] or dt.datetime.now(dt.timezone.utc)

@@ -37,7 +37,7 @@ def _wait(process: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the gateway stopped at start: {process.stderr.read()}")
+            raise RuntimeError(f"the gateway stopped at start: {process.stderr.read() if process.stderr else ''}")
         try:
             if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
                 return

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from jobs.research.gateway.confine import (Confinement, ConfinementUnavailable, confine, python_paths,
                                   refuse_if_key_visible, system_paths)
@@ -50,7 +51,7 @@ class GatewaySettings:
         from jobs.core.settings import Settings
 
         base = Settings.from_env()
-        values = {"lake_root": base.lake_root, "config_dir": base.config_dir,
+        values: dict[str, Any] = {"lake_root": base.lake_root, "config_dir": base.config_dir,
                   "host": os.environ.get(ENV_GATEWAY_HOST, DEFAULT_HOST),
                   "port": int(os.environ.get(ENV_GATEWAY_PORT, DEFAULT_PORT))}
         values.update({k: v for k, v in overrides.items() if v is not None})
