@@ -134,7 +134,10 @@ def is_connect(spark: SparkSession) -> bool:
 
 def _from_airflow() -> str | None:
     """The ``affluent_spark`` connection's URL, token included, when this process is an Airflow task."""
-    if "airflow" not in sys.modules:  # a CLI or a test: never pay Airflow's import to look
+    # Only in an Airflow task (or with the connection in the environment): a CLI or a test never pays
+    # Airflow's import, nor a metadata look-up, to find none.
+    in_task = "airflow.sdk.execution_time.task_runner" in sys.modules
+    if not in_task and f"AIRFLOW_CONN_{AIRFLOW_CONN_ID.upper()}" not in os.environ:
         return None
     try:
         from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook

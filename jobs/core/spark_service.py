@@ -48,9 +48,11 @@ DEFAULT_PORT = 15002  # Spark Connect's own default port
 # ``spark.connect.authenticate.token`` would print it in the environment page and event log).
 SERVER_TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 CONNECT_PLUGIN = "org.apache.spark.sql.connect.SparkConnectPlugin"
-# Loopback only: the embedded service is for processes of this machine. The client must say
-# "localhost" (not 127.0.0.1): that is the name pyspark sends a token over without TLS.
+# Loopback only: the embedded service is for processes of this machine (a container on a private
+# network sets AFFLUENT_SPARK_BIND=0.0.0.0). The client must say "localhost" (not 127.0.0.1): that
+# is the name pyspark sends a token over without TLS.
 BIND_ADDRESS = "127.0.0.1"
+ENV_BIND = "AFFLUENT_SPARK_BIND"
 CLIENT_HOST = "localhost"
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 60
@@ -241,7 +243,7 @@ def service_conf(port: int) -> dict[str, str]:
 
     return {
         "spark.plugins": CONNECT_PLUGIN,
-        "spark.connect.grpc.binding.address": BIND_ADDRESS,
+        "spark.connect.grpc.binding.address": os.environ.get(ENV_BIND, BIND_ADDRESS),
         "spark.connect.grpc.binding.port": str(port),
         # The keyed functions run in the service (and its executors), which read the key themselves.
         "spark.jars": str(udf_jar()),

@@ -33,6 +33,11 @@ def in_one_partition(spark: SparkSession, path: str) -> bool:
 
     if not is_connect(spark):
         return spark.read.format("text").load(path).rdd.getNumPartitions() == 1
+    return fits_one_split(spark, path)
+
+
+def fits_one_split(spark: SparkSession, path: str) -> bool:
+    """:func:`in_one_partition` from the file's size and the session's settings (no RDD needed)."""
     if path.lower().endswith(_UNSPLITTABLE):
         return True
     from jobs.core import files
