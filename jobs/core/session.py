@@ -126,10 +126,11 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
 
 
 def is_connect(spark: SparkSession) -> bool:
-    """Whether ``spark`` is a Spark Connect client session (no JVM, no RDD, no SparkContext here)."""
-    from pyspark.sql.connect.session import SparkSession as ConnectSession
+    """Whether ``spark`` is a Spark Connect client session (no JVM, no RDD, no SparkContext here).
 
-    return isinstance(spark, ConnectSession)
+    By its class's module: importing pyspark's Connect client (gRPC, pandas) is not needed to tell.
+    """
+    return type(spark).__module__.startswith("pyspark.sql.connect.")
 
 
 def _from_airflow() -> str | None:
@@ -191,19 +192,23 @@ def _rpc_reason(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# One client session per service URL and process (a command, a task), reused by every job in it.
+_CLIENTS: dict[str, SparkSession] = {}
+
+
 def get_connect(url: str) -> SparkSession:
     """A Spark Connect client session of the service at ``url``; a clear error when it is down or refuses us."""
     from pyspark.errors import PySparkException
-    from pyspark.sql.connect.session import SparkSession as ConnectSession
 
     from jobs.core.spark_service import SparkServiceUnavailable
 
     _check_reachable(url)
-    active = ConnectSession.getActiveSession()
-    if active is not None and not active.is_stopped:
-        return active
+    known = _CLIENTS.get(url)
+    if known is not None and not known.is_stopped:
+        return known
     # The generic builder (not ConnectSession's own) also switches pyspark's functions to Connect mode.
-    spark = SparkSession.builder.remote(url).getOrCreate()
+    spark = SparkSession.builder.remote(url).create()
+    _CLIENTS[url] = spark
     try:
         _ = spark.version  # one round trip: a wrong token or a dead server shows here, not in the middle of a job
     except PySparkException as exc:

@@ -168,6 +168,17 @@ def _free_port(preferred: int) -> int:
             return int(probe.getsockname()[1])
 
 
+# What makes a process a Spark Connect client: the service is the classic session its clients share,
+# so it inherits none of it from whoever starts it (a client, a test, an Airflow task).
+_CLIENT_ENVIRONMENT = ("SPARK_CONNECT_MODE_ENABLED", "SPARK_REMOTE", "AFFLUENT_SPARK_REMOTE", "AFFLUENT_SPARK_TOKEN")
+
+
+def _service_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _CLIENT_ENVIRONMENT}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
 def start(folder: Path | str | None = None, port: int | None = None, timeout: float = START_TIMEOUT_S) -> ServiceState:
     """Start the service unless one runs already (then return it); wait until it accepts clients.
 
@@ -191,8 +202,7 @@ def start(folder: Path | str | None = None, port: int | None = None, timeout: fl
         process = subprocess.Popen(
             [sys.executable, "-m", "jobs.core.spark_service", "serve", "--state", str(folder), "--port", str(chosen)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=str(PROJECT_ROOT), env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)})
+            cwd=str(PROJECT_ROOT), env=_service_environment())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -270,7 +280,8 @@ def serve(folder: Path, port: int) -> int:
     load_key(use_airflow=False)  # the service holds the key: without a usable one it does not start
     ensure_udf_jar()
     os.environ[SERVER_TOKEN_ENV] = token_path(folder).read_text(encoding="ascii").strip()
-    os.environ.pop("AFFLUENT_SPARK_REMOTE", None)  # the service is the classic session the clients share
+    for name in _CLIENT_ENVIRONMENT:  # the service is the classic session its clients share
+        os.environ.pop(name, None)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
