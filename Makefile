@@ -1,7 +1,7 @@
 # Quick start: `make demo` runs the lake end to end; `make test` runs the tests.
 # Both set up the machine first (scripts/bootstrap: virtualenv, pinned dependencies, cached jars).
 
-.PHONY: setup demo lint test test-fast test-airflow test-bench airflow airflow-stop bench clean
+.PHONY: setup demo lint test test-fast test-airflow test-bench airflow airflow-stop spark-start spark-stop spark-status bench clean
 
 setup:
 	./scripts/bootstrap
@@ -34,6 +34,16 @@ airflow: setup
 
 airflow-stop:
 	.venv/bin/affluent airflow --stop
+
+# The Spark service (Spark Connect, loopback, token): see README "One warm Spark".
+spark-start: setup
+	.venv/bin/affluent spark start
+
+spark-stop:
+	.venv/bin/affluent spark stop
+
+spark-status:
+	.venv/bin/affluent spark status
 
 bench: setup
 	.venv/bin/python -m benchmarks.run --size small

@@ -229,6 +229,32 @@ def _cmd_airflow(args: argparse.Namespace) -> int:
     return run_standalone(env)
 
 
+def _cmd_spark(args: argparse.Namespace) -> int:
+    """Start, stop or show the local Spark service that commands and Airflow tasks reach through Spark Connect."""
+    from jobs.core import spark_service
+
+    if args.action == "start":
+        state = spark_service.start(args.state, args.port)
+        print(state.describe())
+        print(f"Clients: export AFFLUENT_SPARK_REMOTE={state.address} "
+              f"AFFLUENT_SPARK_TOKEN=$(cat {spark_service.token_path(state.state_dir)})")
+        return 0
+    if args.action == "stop":
+        stopped = spark_service.stop(args.state)
+        print(f"Spark service at {stopped.address} (pid {stopped.pid}) stopped" if stopped
+              else "no Spark service running")
+        return 0
+    if args.action == "check":
+        print(spark_service.check())
+        return 0
+    state = spark_service.read_state(args.state)
+    if state is None:
+        print(f"no Spark service running (state folder {spark_service.state_dir(args.state)})")
+        return 1
+    print(state.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="affluent", description="Affluent: the shared data lake of affiliated "
                                      "health establishments.")
@@ -317,15 +343,34 @@ def build_parser() -> argparse.ArgumentParser:
     airflow.add_argument("--stop", action="store_true", help="stop the Airflow started from this work folder")
     airflow.set_defaults(func=_cmd_airflow)
 
+    spark = sub.add_parser("spark", help="The Spark service (Spark Connect) that commands and Airflow tasks share")
+    spark.add_argument("action", choices=["start", "stop", "status", "check"],
+                       help="start (idempotent), stop, status (of this machine's service), check (reach the "
+                       "configured service as a client: address, Spark version, key fingerprint)")
+    spark.add_argument("--state", help="state folder (default: AFFLUENT_SPARK_STATE or .cache/spark-service)")
+    spark.add_argument("--port", type=int, help="port to listen on, loopback only (default: AFFLUENT_SPARK_PORT, "
+                       "15002, or a free one)")
+    spark.set_defaults(func=_cmd_spark)
+
     from jobs.app import cli_access  # researcher, steward and maintenance commands
 
     cli_access.register(sub)
     return parser
 
 
+# Exit code of a command that found no Spark service (or could not start one): one line on stderr says where.
+EXIT_NO_SPARK = 4
+
+
 def main(argv: list[str] | None = None) -> int:
+    from jobs.core.spark_service import SparkServiceError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SparkServiceError as exc:  # the service is down or refused us: where, and what to do; no traceback
+        print(str(exc), file=sys.stderr)
+        return EXIT_NO_SPARK
 
 
 if __name__ == "__main__":

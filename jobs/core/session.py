@@ -2,6 +2,12 @@
 
 Every job receives the session as a parameter; nothing else in the project
 calls ``SparkSession.builder``.
+
+Two kinds of session: a Spark Connect client of the deployment's Spark service
+(:mod:`jobs.core.spark_service`) when an address is configured —
+``AFFLUENT_SPARK_REMOTE`` (with ``AFFLUENT_SPARK_TOKEN``), or inside Airflow the
+connection ``affluent_spark`` of the Spark provider's Spark Connect type — and
+otherwise the classic session with its own JVM in this process.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -35,6 +42,12 @@ CODEGEN_OFF = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.facto
 # re-planning is driver time: "off" plans each query once.
 ENV_ADAPTIVE = "AFFLUENT_SPARK_ADAPTIVE"
 ADAPTIVE_OFF = {"spark.sql.adaptive.enabled": "false"}
+# The Spark service's address (``sc://host:port``) and its token; unset: a classic session in this process.
+ENV_REMOTE = "AFFLUENT_SPARK_REMOTE"
+ENV_TOKEN = "AFFLUENT_SPARK_TOKEN"
+AIRFLOW_CONN_ID = "affluent_spark"
+# How long a client waits for the service's port before saying it is down.
+REACH_TIMEOUT_S = 5.0
 LOG4J_CONFIG = Path(__file__).resolve().parent / "log4j2.properties"
 JVM_LOGGER = logging.getLogger("affluent.spark")
 _LOG4J_LINE = re.compile(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (TRACE|DEBUG|INFO|WARN|ERROR|FATAL) ")
@@ -112,8 +125,110 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
     return configure_spark_with_delta_pip(builder, extra_packages=extra_packages)
 
 
-def get_spark(settings: Settings | None = None, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession:
-    """Build (or reuse) the SparkSession with Delta and quiet logs."""
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect client session (no JVM, no RDD, no SparkContext here).
+
+    By its class's module: importing pyspark's Connect client (gRPC, pandas) is not needed to tell.
+    """
+    return type(spark).__module__.startswith("pyspark.sql.connect.")
+
+
+def _from_airflow() -> str | None:
+    """The ``affluent_spark`` connection's URL, token included, when this process is an Airflow task."""
+    # Only in an Airflow task (or with the connection in the environment): a CLI or a test never pays
+    # Airflow's import, nor a metadata look-up, to find none.
+    in_task = "airflow.sdk.execution_time.task_runner" in sys.modules
+    if not in_task and f"AIRFLOW_CONN_{AIRFLOW_CONN_ID.upper()}" not in os.environ:
+        return None
+    try:
+        from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
+
+        return SparkConnectHook(AIRFLOW_CONN_ID).get_connection_url()
+    except Exception:  # noqa: BLE001 - a missing connection means "no service configured here"
+        return None
+
+
+def remote_url() -> str | None:
+    """The Spark service's Connect URL (token included: never print it), or None for a classic session."""
+    address = os.environ.get(ENV_REMOTE, "").strip()
+    if not address:
+        return _from_airflow()
+    token = os.environ.get(ENV_TOKEN, "").strip()
+    if token and "token=" not in address:
+        address = f"{address.rstrip('/')}/;token={token}"
+    return address
+
+
+def public_address(url: str) -> str:
+    """``sc://host:port`` of a Connect URL, without its parameters (the token)."""
+    return url.split("/;", 1)[0].rstrip("/")
+
+
+def _check_reachable(url: str) -> None:
+    from urllib.parse import urlparse
+
+    from jobs.core.spark_service import SparkServiceUnavailable
+
+    parsed = urlparse(public_address(url))
+    host, port = parsed.hostname or "localhost", parsed.port or 15002
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SparkServiceUnavailable(
+            f"the Spark service at {public_address(url)} is not reachable ({exc.strerror or exc}): start it with "
+            "`affluent spark start`, or check the address (AFFLUENT_SPARK_REMOTE or the Airflow connection "
+            f"{AIRFLOW_CONN_ID})") from None
+
+
+def _rpc_reason(exc: Exception) -> str:
+    """The gRPC status and details of a refused call (``UNAUTHENTICATED: Invalid authentication token``)."""
+    rpc = exc.__context__ or exc
+    code, details = getattr(rpc, "code", None), getattr(rpc, "details", None)
+    if callable(code) and callable(details):
+        name = getattr(code(), "name", str(code()))
+        hint = " (check AFFLUENT_SPARK_TOKEN or the connection's token)" if name == "UNAUTHENTICATED" else ""
+        return f"{name}: {details()}{hint}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# One client session per service URL and process (a command, a task), reused by every job in it.
+_CLIENTS: dict[str, SparkSession] = {}
+
+
+def get_connect(url: str) -> SparkSession:
+    """A Spark Connect client session of the service at ``url``; a clear error when it is down or refuses us."""
+    from pyspark.errors import PySparkException
+
+    from jobs.core.spark_service import SparkServiceUnavailable
+
+    _check_reachable(url)
+    known = _CLIENTS.get(url)
+    if known is not None and not known.is_stopped:
+        return known
+    # The generic builder (not ConnectSession's own) also switches pyspark's functions to Connect mode.
+    spark = SparkSession.builder.remote(url).create()
+    _CLIENTS[url] = spark
+    try:
+        _ = spark.version  # one round trip: a wrong token or a dead server shows here, not in the middle of a job
+    except PySparkException as exc:
+        spark.stop()
+        raise SparkServiceUnavailable(f"the Spark service at {public_address(url)} refused the session: "
+                                      f"{_rpc_reason(exc)}") from None
+    return spark
+
+
+def get_spark(settings: Settings | None = None, app_name: str = "affluent", extra_conf: dict[str, str] | None = None,
+              classic: bool = False) -> SparkSession:
+    """The Spark service's client session when one is configured (:func:`remote_url`), else a classic one.
+
+    ``classic=True`` always builds the in-process session (the service itself
+    does). A client takes the service's settings as they are: ``extra_conf``
+    only applies to a classic session.
+    """
+    url = None if classic else remote_url()
+    if url:
+        return get_connect(url)
     settings = settings or Settings.from_env()
     builder = session_builder(settings, app_name, extra_conf)
     _launch_jvm_logging_to_python(builder)

@@ -16,9 +16,49 @@ from pyspark.sql.window import Window
 _INDEX_BITS = (1 << 33) - 1
 
 
+_MIB = 1024 * 1024
+_UNSPLITTABLE = (".gz", ".bz2", ".zst", ".snappy", ".lz4", ".deflate", ".xz")
+
+
 def in_one_partition(spark: SparkSession, path: str) -> bool:
-    """Whether Spark's text source reads the file in one partition (planning only, no job)."""
-    return spark.read.format("text").load(path).rdd.getNumPartitions() == 1
+    """Whether Spark's text source reads the file in one partition (planning only, no job).
+
+    A classic session asks the planned scan. A Spark Connect client has no RDD to
+    ask, so it applies the rule Spark's file scan applies to one file (it is
+    split in pieces of ``min(maxPartitionBytes, max(openCost, (size + openCost) /
+    parallelism))`` bytes) to the file's size; a wrong answer cannot misnumber
+    lines, :func:`read_lines` then fails instead.
+    """
+    from jobs.core.session import is_connect
+
+    if not is_connect(spark):
+        return spark.read.format("text").load(path).rdd.getNumPartitions() == 1
+    return fits_one_split(spark, path)
+
+
+def fits_one_split(spark: SparkSession, path: str) -> bool:
+    """:func:`in_one_partition` from the file's size and the session's settings (no RDD needed)."""
+    if path.lower().endswith(_UNSPLITTABLE):
+        return True
+    from jobs.core import files
+
+    fs, name = files.filesystem(path)
+    size = fs.get_file_info(name).size or 0
+    conf = spark.conf
+    max_bytes = _bytes(conf.get("spark.sql.files.maxPartitionBytes", "128m"))
+    open_cost = _bytes(conf.get("spark.sql.files.openCostInBytes", "4m"))
+    parallelism = int(conf.get("spark.sql.files.minPartitionNum", None)
+                      or conf.get("spark.sql.leafNodeDefaultParallelism", None)
+                      or conf.get("spark.default.parallelism", "1"))
+    split = min(max_bytes, max(open_cost, (size + open_cost) // max(parallelism, 1)))
+    return size <= split
+
+
+def _bytes(value: str) -> int:
+    """A Spark size setting (``134217728``, ``128m``, ``4MB``) in bytes."""
+    text = str(value).strip().lower().removesuffix("b")
+    units = {"k": 1024, "m": _MIB, "g": 1024 * _MIB}
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
 
 
 def read_lines(spark: SparkSession, path: str, one_partition: bool | None = None) -> DataFrame:

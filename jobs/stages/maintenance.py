@@ -22,6 +22,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from jobs.core import files
 from jobs.core.lake import DIRECT_IDENTIFIERS, LANDING, PROJECTS, ZONES, Lake
 from jobs.core.schemas import DATASETS
 from jobs.core.tables import purge_deletion_vectors, table_exists, table_version
@@ -35,7 +36,7 @@ _LOG_VERSION = re.compile(r"^\.?(\d{20})\.")
 @contextmanager
 def retention_check_disabled(spark: SparkSession):
     """Allow VACUUM RETAIN 0 HOURS for the duration of one purge, then restore the guard."""
-    previous = spark.conf.get(RETENTION_CHECK, "true") or "true"
+    previous = spark.conf.get(RETENTION_CHECK, "true")
     spark.conf.set(RETENTION_CHECK, "false")
     try:
         yield
@@ -50,7 +51,15 @@ def vacuum_now(spark: SparkSession, path: str) -> None:
 
 
 def keys_frame(spark: SparkSession, schema: str, rows: list[tuple]) -> DataFrame:
-    """A small table of keys built as data: an RDD, so no plan nor log prints the rows."""
+    """A small table of keys built as data: an RDD, so no plan nor log prints the rows.
+
+    A Spark Connect client has no RDD: there the rows travel in the request as a local relation,
+    which the service's plans print; they are pseudonyms and record keys, never the key.
+    """
+    from jobs.core.session import is_connect
+
+    if is_connect(spark):
+        return spark.createDataFrame(rows, schema)
     return spark.createDataFrame(spark.sparkContext.parallelize(rows, 1), schema)
 
 
@@ -66,26 +75,13 @@ def delete_matching(spark: SparkSession, path: str, keys: DataFrame, columns: li
     condition = " AND ".join(f"t.`{c}` = s.`{c}`" for c in columns)
     # The MERGE returns its own metrics: no history read, and no other writer's commit mistaken for it.
     metrics = (DeltaTable.forPath(spark, path).alias("t").merge(keys.alias("s"), condition)
-               .whenMatchedDelete().execute().collect()[0])
+               .whenMatchedDelete().execute().first())
     return int(metrics.num_deleted_rows or 0)
 
 
-def _fs(spark: SparkSession, path: str):
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]  # set while the context runs
-    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
-
-
 def list_folders(spark: SparkSession, path: str) -> list[str]:
-    fs, hpath = _fs(spark, path)
-    if not fs.exists(hpath):
-        return []
-    return sorted(s.getPath().getName() for s in fs.listStatus(hpath) if s.isDirectory())
-
-
-def _log_files(spark: SparkSession, path: str):
-    fs, log = _fs(spark, f"{path.rstrip('/')}/_delta_log")
-    return fs, [s.getPath() for s in fs.listStatus(log) if s.isFile()] if fs.exists(log) else []
+    """Names of the folders directly in ``path`` (read from Python: a Spark Connect client has no JVM)."""
+    return files.list_folders(path)
 
 
 def forget_history(spark: SparkSession, path: str) -> int:
@@ -98,15 +94,13 @@ def forget_history(spark: SparkSession, path: str) -> int:
     """
     spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CHECKPOINT_INTERVAL}' = '1')")
     kept = table_version(spark, path)  # this commit is checkpointed (interval 1)
-    if kept is None:
-        raise FileNotFoundError(f"no Delta table at {path}: its history cannot be forgotten")
     spark.sql(f"ALTER TABLE delta.`{path}` UNSET TBLPROPERTIES ('{CHECKPOINT_INTERVAL}')")
-    fs, files = _log_files(spark, path)
+    log = f"{path.rstrip('/')}/_delta_log"
     deleted = 0
-    for file in files:
-        version = _LOG_VERSION.match(file.getName())
+    for file in files.list_files(log):
+        version = _LOG_VERSION.match(file.rsplit("/", 1)[-1])
         if version and int(version.group(1)) < kept:
-            fs.delete(file, False)
+            files.delete_file(log, file)
             deleted += 1
     return deleted
 
@@ -119,23 +113,18 @@ def table_files(spark: SparkSession, path: str) -> tuple[list[str], list[str]]:
     sidecars only checksum the files listed here, and deletion vectors hold row
     numbers only.
     """
-    fs, root = _fs(spark, path)
-    data: list[str] = []
-    log: list[str] = []
-    if not fs.exists(root):
-        return data, log
-    files = fs.listFiles(root, True)
-    prefix = root.toUri().getPath().rstrip("/") + "/"
-    while files.hasNext():
-        status = files.next()
-        file = status.getPath()
-        relative = file.toUri().getPath().removeprefix(prefix)
-        if file.getName().startswith("."):
+    data, log = [], []
+    _, root = files.filesystem(path)
+    prefix = root.rstrip("/") + "/"
+    for file in files.list_files(path, recursive=True):
+        relative = file.removeprefix(prefix)
+        name = relative.rsplit("/", 1)[-1]
+        if name.startswith("."):
             continue
         if relative.startswith("_delta_log/"):
-            log.append(file.toString())
-        elif file.getName().endswith(".parquet") and not any(p.startswith("_") for p in relative.split("/")):
-            data.append(file.toString())
+            log.append(files.spark_path(path, file))
+        elif name.endswith(".parquet") and not any(p.startswith("_") for p in relative.split("/")):
+            data.append(files.spark_path(path, file))
     return sorted(data), sorted(log)
 
 
@@ -214,7 +203,7 @@ def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.d
         for name, path in zone_tables(spark, lake, zone.name).items():
             table = DeltaTable.forPath(spark, path)
             table.delete(F.col("_ingested_at") < F.lit(cutoff))
-            metrics = table.history(1).select("operation", "operationMetrics").collect()[0]
+            metrics = table.history(1).select("operation", "operationMetrics").first()
             n = int((metrics.operationMetrics or {}).get("numDeletedRows", 0)) if metrics.operation == "DELETE" else 0
             removed[name.split(".", 1)[1] if zone.name == "bronze" else name] = n
             if n:

@@ -15,6 +15,7 @@ from pyspark.sql import SparkSession
 from jobs.core import clock
 from jobs.core.batchlog import PIPELINE_STAGES, Stage, Status
 from jobs.core.config import Consortium, load_consortium
+from jobs.privacy.crypto import ServiceKey
 from jobs.privacy.keys import PseudonymKey, load_key
 from jobs.core.lake import Lake
 from jobs.core.settings import Settings
@@ -38,7 +39,12 @@ class Context:
         return Lake(self.settings.lake_root)
 
     @cached_property
-    def key(self) -> PseudonymKey:
+    def key(self) -> PseudonymKey | ServiceKey:
+        """The key: this process's own, or through the Spark service only its fingerprint and purposes."""
+        from jobs.core.session import remote_url
+
+        if remote_url():
+            return ServiceKey(self.spark)  # the service holds the key; this process never reads it
         return load_key()
 
     @cached_property

@@ -83,7 +83,8 @@ from jobs.stages.gold import build_patients_by_condition
 from jobs.privacy.kanonymity import k_anonymise, reidentification_risk
 from jobs.privacy.keys import PseudonymKey
 from jobs.core.lake import PROJECTS, Lake
-from jobs.stages.maintenance import _fs, list_folders
+from jobs.core import files
+from jobs.stages.maintenance import list_folders
 from jobs.privacy.policy import check_policy, shared_establishments
 from jobs.privacy.relink import RelinkRiskExceeded, enforce_relink_bound, published_codes
 from jobs.core.schemas import DATASETS, SILVER_SCHEMAS
@@ -141,9 +142,7 @@ class PublishOutcome:
 # ------------------------------------------------------------ files ----
 
 def remove_folder(spark: SparkSession, path: str) -> None:
-    fs, hpath = _fs(spark, path)
-    if fs.exists(hpath):
-        fs.delete(hpath, True)
+    files.remove_tree(path)
 
 
 def drop_table_physically(spark: SparkSession, path: str) -> None:

@@ -19,6 +19,7 @@ from collections import defaultdict
 
 from pyspark.sql import SparkSession
 
+from jobs.core import files
 from jobs.core.lake import Lake
 from jobs.core.tables import table_exists
 
@@ -42,14 +43,7 @@ def report_path(lake: Lake, establishment_id: str, batch_id: str, run_at: dt.dat
 
 def write_text(spark: SparkSession, path: str, text: str) -> None:
     """Write a UTF-8 file at ``path`` (local or object storage), replacing it."""
-    jvm = spark.sparkContext._jvm
-    target = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]  # set while the context runs
-    fs = target.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    out = fs.create(target, True)
-    try:
-        out.write(bytearray(text.encode("utf-8")))
-    finally:
-        out.close()
+    files.write_text(path, text)
 
 
 def _page(title: str, body: str) -> str:

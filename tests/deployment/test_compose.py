@@ -108,9 +108,9 @@ def test_secrets_come_only_from_the_env_file(services):
     assert not re.search(r"^spark\.hadoop\.fs\.s3a\.(access|secret)\.key", spark_defaults, re.MULTILINE)
 
 
-def test_only_the_scheduler_holds_the_pseudonymisation_key(services):
+def test_only_the_scheduler_and_the_spark_service_hold_the_pseudonymisation_key(services):
     holders = {name for name, service in services.items() if "AFFLUENT_PSEUDONYM_KEY" in _environment(service)}
-    assert holders == {"airflow-scheduler"}
+    assert holders == {"airflow-scheduler", "spark-connect"}
 
 
 def test_env_example_declares_every_required_variable_and_no_real_secret():
