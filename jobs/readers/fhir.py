@@ -1,4 +1,4 @@
-"""FHIR R4 resources → bronze rows and quarantine rows, one Spark pass per file.
+"""FHIR R4 resources → bronze rows and quarantine rows, one Spark pass per file or per batch of Bundles.
 
 Three shapes of landed file are read:
 
@@ -10,7 +10,10 @@ Three shapes of landed file are read:
   routed by resource type; ``_source_line`` is the entry's 1-based index. An
   entry whose ``request.method`` is ``DELETE`` deletes the record named by
   ``request.url``. References to another entry's ``fullUrl`` (``urn:uuid:…``)
-  are resolved to that entry's ``Type/id``.
+  are resolved to that entry's ``Type/id`` (within the same Bundle).
+  :func:`read_fhir_bundles` reads all the Bundle files of a batch in one pass
+  (one scan, entries exploded once, one plan per resource type whatever the
+  number of Bundles), each file keeping its own ``_source_file`` and counts.
 - **Single resource** (``dataset`` = ``"resource"``, or
   :func:`read_fhir_resources` for many files at once): one pretty-printed JSON
   resource per file, as in the HL7 example package.
