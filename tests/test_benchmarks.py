@@ -118,3 +118,25 @@ def test_commits_are_read_from_the_log_as_delta_history_counts_them(spark, tmp_p
     history = DeltaTable.forPath(spark, silver).history().count()
     assert made == {"gold/counts": 1, "silver/visit": history - 1} == {"gold/counts": 1, "silver/visit": 2}
     assert commits_by_zone(made) == {"gold": 1, "silver": 2}
+
+
+def test_fhir_bundles_and_ndjson_are_measured_per_1000_entries(tmp_path):
+    """The Bundle benchmark at a smoke size: both formats ingested, every entry accounted for."""
+    out = tmp_path / "fhir_bundles.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fhir_bundles", "--bundles", "2", "--encounters", "2",
+         "--work", str(tmp_path / "work"), "--json", str(out)],
+        cwd=PROJECT_ROOT, env=dict(os.environ, AFFLUENT_SHUFFLE_PARTITIONS="2"), capture_output=True, text=True,
+        timeout=1800)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    entries = 2 * (1 + 2 * 16)  # per Bundle: the Patient, 16 entries per encounter
+    assert figures["entries"] == entries
+    for label in ("bundles", "ndjson"):
+        assert figures[label]["per_1000_entries"] > 0
+        assert figures[label]["not_collected"] == 2 * 2 * 5  # five types not collected per encounter
+    # The same content either way: the same bronze rows (a blood-pressure panel lands its two components).
+    assert figures["bundles"]["bronze_rows"] == figures["ndjson"]["bronze_rows"] == 2 * (1 + 2 * 12)
+    assert figures["bundles"]["quarantined"] == figures["ndjson"]["quarantined"] == 0
+    assert figures["ratio_bundles_to_ndjson"] > 0
+    assert "Bundles / NDJSON" in completed.stdout

@@ -18,6 +18,7 @@ from jobs.readers.fhir import (
     RULE_ENCODING,
     RULE_MALFORMED,
     RULE_UNMAPPED,
+    read_fhir_bundles,
     read_fhir_file,
     read_fhir_resources,
 )
@@ -485,6 +486,64 @@ def test_unreadable_bundle_is_one_quarantined_row(spark, tmp_path):
     assert result.rows_read() == {"cisss_estuaire/b/broken.json": 1}
 
 
+def _plan_operators(frame) -> int:
+    """Operators of a frame's analysed plan: one line each (a literal's size does not count)."""
+    return len(frame._jdf.queryExecution().analyzed().treeString().splitlines())
+
+
+def test_bundles_of_a_batch_are_read_in_one_plan_each_keeping_its_lineage(spark, tmp_path):
+    """Four Bundle files in one read: lines, urn:uuid references and counts stay per file, and the
+    plan is the one of a single Bundle (it does not grow with the number of files)."""
+    urn = "urn:uuid:7f3c2a4e-0000-4000-8000-00000000000a"  # the same fullUrl in two Bundles
+
+    def person(pid: str, eid: str) -> list[dict]:
+        return [{"fullUrl": urn, "request": {"method": "POST", "url": "Patient"},
+                 "resource": {"resourceType": "Patient", "id": pid}},
+                {"request": {"method": "POST", "url": "Encounter"},
+                 "resource": {"resourceType": "Encounter", "id": eid, "status": "finished", "class": {"code": "AMB"},
+                              "subject": {"reference": urn}, "period": {"start": "2025-12-01T08:00:00-05:00"}}}]
+
+    (tmp_path / "other").mkdir()
+    paths = {
+        _bundle(tmp_path, {"resourceType": "Bundle", "type": "transaction", "entry": person("p1", "e1")},
+                "a.json"): "est/b#0",
+        _bundle(tmp_path, {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {"resourceType": "Procedure", "id": "pr1", "status": "completed"}}, *person("p2", "e2")]},
+                "b.json"): "est/b#1",
+        _bundle(tmp_path, {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": {"resourceType": "Frobnicate", "id": "f1"}}]}, "other/a.json"): "est/b#2",
+    }
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resou')
+    paths[str(broken)] = "est/b#3"
+    result = read_fhir_bundles(spark, paths, PROFILE, _lineage("est/b#0"))
+
+    encounters = {r["encounter_ref"]: (r["patient_ref"], r["_source_file"], r["_source_line"])
+                  for r in result.bronze["encounter"].collect()}
+    # Each urn:uuid resolves within its own Bundle, though both Bundles use the same fullUrl.
+    assert encounters == {"e1": ("p1", "est/b#0", 2), "e2": ("p2", "est/b#1", 3)}
+    patients = {(r["patient_ref"], r["_source_file"], r["_source_line"]) for r in result.bronze["patient"].collect()}
+    assert patients == {("p1", "est/b#0", 1), ("p2", "est/b#1", 2)}
+    quarantine = {(r["source_file"], r["source_line"]): r for r in result.quarantine.collect()}
+    assert set(quarantine) == {("est/b#2", 1), ("est/b#3", None)}
+    assert quarantine[("est/b#2", 1)]["reason"].startswith("est/b#2 entry 1: ")
+    assert quarantine[("est/b#3", None)]["rule"] == RULE_MALFORMED
+    reads = result.file_reads()
+    assert {source: (r.entries, r.to_bronze, r.quarantined, r.not_collected) for source, r in reads.items()} == {
+        "est/b#0": (2, 2, 0, 0), "est/b#1": (3, 2, 0, 1), "est/b#2": (1, 0, 1, 0), "est/b#3": (1, 0, 1, 0)}
+    assert reads["est/b#1"].not_collected_types == {"Procedure": 1}
+
+    first = next(iter(paths))
+    one = read_fhir_bundles(spark, {first: "est/b#0"}, PROFILE, _lineage("est/b#0"))
+    for dataset, frame in result.bronze.items():
+        assert _plan_operators(frame) == _plan_operators(one.bronze[dataset]), dataset
+    assert _plan_operators(result.quarantine) == _plan_operators(one.quarantine)
+    result.unpersist()
+    one.unpersist()
+
+
 def test_unknown_dataset_is_refused(spark, tmp_path):
     with pytest.raises(FhirInputError, match="unknown FHIR dataset"):
         read_fhir_file(spark, str(tmp_path / "x.json"), "Patient", PROFILE, _lineage("x.json"))
+    with pytest.raises(FhirInputError, match="no FHIR Bundle file"):
+        read_fhir_bundles(spark, {}, PROFILE, _lineage("x.json"))

@@ -1,4 +1,4 @@
-"""FHIR R4 resources → bronze rows and quarantine rows, one Spark pass per file.
+"""FHIR R4 resources → bronze rows and quarantine rows, one Spark pass per file or per batch of Bundles.
 
 Three shapes of landed file are read:
 
@@ -10,7 +10,10 @@ Three shapes of landed file are read:
   routed by resource type; ``_source_line`` is the entry's 1-based index. An
   entry whose ``request.method`` is ``DELETE`` deletes the record named by
   ``request.url``. References to another entry's ``fullUrl`` (``urn:uuid:…``)
-  are resolved to that entry's ``Type/id``.
+  are resolved to that entry's ``Type/id`` (within the same Bundle).
+  :func:`read_fhir_bundles` reads all the Bundle files of a batch in one pass
+  (one scan, entries exploded once, one plan per resource type whatever the
+  number of Bundles), each file keeping its own ``_source_file`` and counts.
 - **Single resource** (``dataset`` = ``"resource"``, or
   :func:`read_fhir_resources` for many files at once): one pretty-printed JSON
   resource per file, as in the HL7 example package.
@@ -101,7 +104,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -631,6 +634,28 @@ def _whole_files(spark: SparkSession, paths: Sequence[str]) -> DataFrame:
         F.col("length").alias("_size"))
 
 
+def _source_files(spark: SparkSession, sources: Mapping[str, str]) -> Callable[[Column], Column]:
+    """``binaryFile``'s path column → the ``_source_file`` of each path in ``sources``.
+
+    The column holds the path as Hadoop qualifies it (``file:/…``), so the keys are qualified
+    the same way. A file without a source fails the read: its rows would have no lineage.
+    """
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
+
+    def qualified(path: str) -> str:
+        p = hadoop_path(path)
+        return p.getFileSystem(conf).makeQualified(p).toString()
+
+    table = {qualified(path): source for path, source in sources.items()}
+
+    def source_file(path: Column) -> Column:
+        # No path in the message: a delivered name may hold identifiers (and plans print literals).
+        return F.coalesce(_lookup(table, path),
+                          F.raise_error(F.lit("a FHIR file was read whose source is unknown; read it again")))
+    return source_file
+
+
 def _not_json_object(text: Column) -> Column:
     return F.json_object_keys(text).isNull()
 
@@ -651,8 +676,12 @@ def _resource_units(spark: SparkSession, paths: Sequence[str], source_file: Call
     )
 
 
-def _bundle_units(spark: SparkSession, path: str, source_file: str) -> DataFrame:
-    files = _whole_files(spark, [path]).withColumn("_b", F.from_json("_text", BUNDLE, JSON_OPTIONS))
+def _bundle_units(spark: SparkSession, sources: Mapping[str, str]) -> DataFrame:
+    """The entries of every Bundle file of ``sources`` (path → ``_source_file``), from one read."""
+    source_file = _source_files(spark, sources)
+    files = _whole_files(spark, list(sources)).select(
+        "*", source_file(F.col("_path")).alias("_source_file"),
+        F.from_json("_text", BUNDLE, JSON_OPTIONS).alias("_b"))
     bundle = F.col("_b")
     rtype = bundle["resourceType"]
     file_rule = (
@@ -674,9 +703,9 @@ def _bundle_units(spark: SparkSession, path: str, source_file: str) -> DataFrame
     checked = files.select("*", file_rule.alias("_file_rule"), file_reason.alias("_file_reason"))
     # A Bundle that cannot be read is one row: its entries cannot be counted.
     unreadable = checked.where(F.col("_file_rule").isNotNull()).select(
-        F.lit(source_file).alias("_source_file"),
+        F.col("_source_file"),
         F.lit(None).cast("long").alias("_line"),
-        F.lit(source_file).alias("_where"),
+        F.col("_source_file").alias("_where"),
         F.lit(None).cast("string").alias("_text"),
         F.col("_size"),
         *[F.lit(None).cast("string").alias(c) for c in ("_method", "_url", "_full_url")],
@@ -686,13 +715,13 @@ def _bundle_units(spark: SparkSession, path: str, source_file: str) -> DataFrame
     btype = bundle["type"]
     accepted = btype.isin(list(BUNDLE_TYPES))
     entries = checked.where(F.col("_file_rule").isNull()).select(
-        "_b", F.posexplode(F.coalesce(bundle["entry"], F.array())).alias("_pos", "_entry"))
+        "_source_file", "_b", F.posexplode(F.coalesce(bundle["entry"], F.array())).alias("_pos", "_entry"))
     entry = F.col("_entry")
     line = (F.col("_pos") + 1).cast("long")
     readable = entries.select(
-        F.lit(source_file).alias("_source_file"),
+        F.col("_source_file"),
         line.alias("_line"),
-        F.concat(F.lit(f"{source_file} entry "), line.cast("string")).alias("_where"),
+        F.concat(F.col("_source_file"), F.lit(" entry "), line.cast("string")).alias("_where"),
         entry["resource"].alias("_text"),
         F.length(entry["resource"]).cast("long").alias("_size"),
         F.upper(entry["request"]["method"]).alias("_method"),
@@ -731,15 +760,17 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
     parsed = parsed.withColumn("_dataset", _lookup(RESOURCE_DATASETS, F.col("_type")))
 
     if resolve_urls:
-        # fullUrl → Type/id of the Bundle's own entries, so urn:uuid references resolve.
+        # fullUrl → Type/id of the Bundle's own entries, so urn:uuid references resolve: one map per
+        # Bundle file (a fullUrl names an entry of its own Bundle only), joined to its entries.
         targets = (
             parsed.where(F.col("_full_url").isNotNull() & F.col("_type").isNotNull() & F.col("_id").isNotNull())
-            .groupBy("_full_url").agg(F.count(F.lit(1)).alias("_n"),
-                                      F.first(F.concat("_type", F.lit("/"), "_id")).alias("_target"))
+            .groupBy("_source_file", "_full_url")
+            .agg(F.count(F.lit(1)).alias("_n"), F.first(F.concat("_type", F.lit("/"), "_id")).alias("_target"))
             .where(F.col("_n") == 1)
+            .groupBy("_source_file")
             .agg(F.map_from_entries(F.collect_list(F.struct("_full_url", "_target"))).alias("_refs"))
         )
-        parsed = parsed.crossJoin(F.broadcast(targets))
+        parsed = parsed.join(F.broadcast(targets), "_source_file", "left")
 
         def resolve(reference: Column) -> Column:
             return F.coalesce(F.try_element_at(F.col("_refs"), reference), reference)
@@ -939,14 +970,30 @@ def read_fhir_file(spark: SparkSession, path: str, dataset: str, profile: FhirPr
         classified = _classify(units, [dataset], DATASET_RESOURCES[dataset], profile, resolve_urls=False)
         return _split(classified, [dataset], dataset, lineage)
     if dataset == DATASET_BUNDLE:
-        units = _bundle_units(spark, path, lineage.source_file)
-        classified = _classify(units, DATASETS, None, profile, resolve_urls=True)
-        return _split(classified, DATASETS, DATASET_BUNDLE, lineage)
+        return read_fhir_bundles(spark, {path: lineage.source_file}, profile, lineage)
     if dataset == DATASET_RESOURCE:
         return read_fhir_resources(spark, [path], profile, lineage,
                                    source_file=lambda _: F.lit(lineage.source_file))
     raise FhirInputError(f"unknown FHIR dataset {dataset!r}; use one of {', '.join(DATASETS)}, "
                          f"{DATASET_BUNDLE} or {DATASET_RESOURCE}")
+
+
+def read_fhir_bundles(spark: SparkSession, sources: Mapping[str, str], profile: FhirProfile,
+                      lineage: FileLineage) -> FhirReadResult:
+    """Read many Bundle files in one Spark pass; ``sources`` maps each path to its ``_source_file``.
+
+    The files are read together (one ``binaryFile`` scan), their entries
+    exploded once and classified by one plan, so the plan is the same for one
+    Bundle or a thousand; ``_source_line`` is the entry's index in its own
+    Bundle and ``urn:uuid`` references resolve within their own Bundle.
+    ``lineage.source_file`` is not used (each file has its own);
+    :meth:`FhirReadResult.file_reads` has one entry per file.
+    """
+    if not sources:
+        raise FhirInputError("no FHIR Bundle file to read; pass at least one path")
+    units = _bundle_units(spark, sources)
+    classified = _classify(units, DATASETS, None, profile, resolve_urls=True)
+    return _split(classified, DATASETS, DATASET_BUNDLE, lineage)
 
 
 def read_fhir_resources(spark: SparkSession, paths: Iterable[str], profile: FhirProfile, lineage: FileLineage,
@@ -973,6 +1020,6 @@ def read_fhir_resources(spark: SparkSession, paths: Iterable[str], profile: Fhir
 
 __all__ = [
     "COMPONENT_PART", "DATASET_BUNDLE", "DATASET_RESOURCE", "FhirInputError", "FhirReadResult", "FileLineage",
-    "FileReads", "NOT_COLLECTED_TYPES",
-    "RULE_ENCODING", "RULE_MALFORMED", "RULE_UNMAPPED", "read_fhir_file", "read_fhir_resources",
+    "FileReads", "NOT_COLLECTED_TYPES", "RULE_ENCODING", "RULE_MALFORMED", "RULE_UNMAPPED",
+    "read_fhir_bundles", "read_fhir_file", "read_fhir_resources",
 ]

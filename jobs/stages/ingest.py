@@ -42,7 +42,7 @@ from jobs.core.config import Consortium, CsvProfile
 from jobs.core.lake import Lake, file_reference
 from jobs.core.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.stages.batch_queue import delivered_manifest, redelivery_conflict
-from jobs.stages.landing import MANIFEST, NOT_COLLECTED, check_batch
+from jobs.stages.landing import BUNDLE, MANIFEST, NOT_COLLECTED, check_batch
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.core.schemas import QUARANTINE_SCHEMA, bronze_schema
@@ -74,6 +74,13 @@ def _read_file(spark, path: Path, dataset: str, est, lineage: FileLineage, max_f
     from jobs.readers.fhir import read_fhir_file
 
     return read_fhir_file(spark, str(path), dataset, est.input, lineage)
+
+
+def _read_bundles(spark, sources: dict[str, str], est, lineage: FileLineage):
+    """Every FHIR Bundle file of a batch in one read: one plan, whatever the number of Bundles."""
+    from jobs.readers.fhir import read_fhir_bundles
+
+    return read_fhir_bundles(spark, sources, est.input, lineage)
 
 
 @writes_lake(Mode.SHARED)
@@ -148,6 +155,10 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                     "columns NULL)."))
             if change:
                 column_changes[entry.dataset] = change
+    # A batch's Bundles are read all at once: a plan per Bundle, unioned, would grow with their number
+    # and take longer to plan than to run. Path → the file's reference (its lineage).
+    bundles = {str(batch.file_path(entry)): file_reference(batch_id, index)
+               for index, entry in enumerate(batch.files) if entry.dataset == BUNDLE}
     try:
         for index, entry in enumerate(batch.files):
             lineage = FileLineage(establishment_id, batch_id, file_reference(batch_id, index),
@@ -158,18 +169,22 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                 whole_files_not_collected[lineage.source_file] = entry.rows
                 not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + entry.rows
                 continue
-            try:
-                result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
-                                    consortium.pipeline.max_field_bytes)
-            except HeaderError as exc:
-                raise reject(index, str(exc)) from None
+            if entry.dataset == BUNDLE:
+                if lineage.source_file != next(iter(bundles.values())):
+                    continue  # read with the batch's first Bundle
+                result = _read_bundles(spark, bundles, est, lineage)
+            else:
+                try:
+                    result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
+                                        consortium.pipeline.max_field_bytes)
+                except HeaderError as exc:
+                    raise reject(index, str(exc)) from None
             notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
             file_reads = getattr(result, "file_reads", None)
-            for reads in (file_reads() if file_reads else {}).values():
+            for source, reads in (file_reads() if file_reads else {}).items():
                 if reads.free_text_dropped:
                     free_text_dropped[entry.dataset] = free_text_dropped.get(entry.dataset, 0) + reads.free_text_dropped
                 if reads.not_collected:
-                    source = lineage.source_file
                     not_collected_files[source] = not_collected_files.get(source, 0) + reads.not_collected
                     not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + reads.not_collected
                     types = not_collected_types.setdefault(entry.dataset, {})
