@@ -247,11 +247,11 @@ def _cmd_spark(args: argparse.Namespace) -> int:
     if args.action == "check":
         print(spark_service.check())
         return 0
-    state = spark_service.read_state(args.state)
-    if state is None:
+    running = spark_service.read_state(args.state)
+    if running is None:
         print(f"no Spark service running (state folder {spark_service.state_dir(args.state)})")
         return 1
-    print(state.describe())
+    print(running.describe())
     return 0
 
 

@@ -204,7 +204,7 @@ def get_connect(url: str) -> SparkSession:
 
     _check_reachable(url)
     known = _CLIENTS.get(url)
-    if known is not None and not known.is_stopped:
+    if known is not None and not getattr(known, "is_stopped", False):  # a Connect session's own attribute
         return known
     # The generic builder (not ConnectSession's own) also switches pyspark's functions to Connect mode.
     spark = SparkSession.builder.remote(url).create()

@@ -98,7 +98,7 @@ class ServiceKey:
     def __init__(self, spark: SparkSession):
         register_keyed_functions(spark)
         # Public and one-way, as PseudonymKey.fingerprint; it fails here when the service holds no key.
-        self.fingerprint: str = spark.range(1).select(F.call_function(FINGERPRINT_FUNCTION)).first()[0]
+        self.fingerprint: str = spark.range(1).select(F.call_function(FINGERPRINT_FUNCTION)).collect()[0][0]
 
     def __repr__(self) -> str:
         return f"ServiceKey(fingerprint={self.fingerprint})"

@@ -641,7 +641,7 @@ def _source_files(spark: SparkSession, sources: Mapping[str, str]) -> Callable[[
     the same way. A file without a source fails the read: its rows would have no lineage.
     """
     conf = spark.sparkContext._jsc.hadoopConfiguration()
-    hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
+    hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path  # type: ignore[union-attr]  # set while the context runs
 
     def qualified(path: str) -> str:
         p = hadoop_path(path)

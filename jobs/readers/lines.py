@@ -49,12 +49,12 @@ def fits_one_split(spark: SparkSession, path: str) -> bool:
     open_cost = _bytes(conf.get("spark.sql.files.openCostInBytes", "4m"))
     parallelism = int(conf.get("spark.sql.files.minPartitionNum", None)
                       or conf.get("spark.sql.leafNodeDefaultParallelism", None)
-                      or conf.get("spark.default.parallelism", "1"))
+                      or conf.get("spark.default.parallelism", "1") or "1")
     split = min(max_bytes, max(open_cost, (size + open_cost) // max(parallelism, 1)))
     return size <= split
 
 
-def _bytes(value: str) -> int:
+def _bytes(value: str | None) -> int:
     """A Spark size setting (``134217728``, ``128m``, ``4MB``) in bytes."""
     text = str(value).strip().lower().removesuffix("b")
     units = {"k": 1024, "m": _MIB, "g": 1024 * _MIB}

@@ -36,7 +36,7 @@ _LOG_VERSION = re.compile(r"^\.?(\d{20})\.")
 @contextmanager
 def retention_check_disabled(spark: SparkSession):
     """Allow VACUUM RETAIN 0 HOURS for the duration of one purge, then restore the guard."""
-    previous = spark.conf.get(RETENTION_CHECK, "true")
+    previous = spark.conf.get(RETENTION_CHECK, "true") or "true"
     spark.conf.set(RETENTION_CHECK, "false")
     try:
         yield
@@ -75,7 +75,7 @@ def delete_matching(spark: SparkSession, path: str, keys: DataFrame, columns: li
     condition = " AND ".join(f"t.`{c}` = s.`{c}`" for c in columns)
     # The MERGE returns its own metrics: no history read, and no other writer's commit mistaken for it.
     metrics = (DeltaTable.forPath(spark, path).alias("t").merge(keys.alias("s"), condition)
-               .whenMatchedDelete().execute().first())
+               .whenMatchedDelete().execute().collect()[0])
     return int(metrics.num_deleted_rows or 0)
 
 
@@ -94,6 +94,8 @@ def forget_history(spark: SparkSession, path: str) -> int:
     """
     spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('{CHECKPOINT_INTERVAL}' = '1')")
     kept = table_version(spark, path)  # this commit is checkpointed (interval 1)
+    if kept is None:
+        raise FileNotFoundError(f"no Delta table at {path}: its history cannot be forgotten")
     spark.sql(f"ALTER TABLE delta.`{path}` UNSET TBLPROPERTIES ('{CHECKPOINT_INTERVAL}')")
     log = f"{path.rstrip('/')}/_delta_log"
     deleted = 0
@@ -203,7 +205,7 @@ def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.d
         for name, path in zone_tables(spark, lake, zone.name).items():
             table = DeltaTable.forPath(spark, path)
             table.delete(F.col("_ingested_at") < F.lit(cutoff))
-            metrics = table.history(1).select("operation", "operationMetrics").first()
+            metrics = table.history(1).select("operation", "operationMetrics").collect()[0]
             n = int((metrics.operationMetrics or {}).get("numDeletedRows", 0)) if metrics.operation == "DELETE" else 0
             removed[name.split(".", 1)[1] if zone.name == "bronze" else name] = n
             if n:

@@ -99,7 +99,7 @@ def one_run_per_batch(stage):
     return run
 
 
-def require_key(ctx: Context) -> PseudonymKey:
+def require_key(ctx: Context) -> PseudonymKey | ServiceKey:
     """The key, read before anything is written beyond landing.
 
     Bronze already holds identifiers: a batch is not even ingested when it
