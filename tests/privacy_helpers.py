@@ -26,7 +26,7 @@ PATIENTS = [
     "L003;XXXX;Roy;Ana;01/01/1970;F;9 rue Roy;Laval;H7N 2B3;450-555-0103;a@x.ca;;A",
 ]
 ENCOUNTERS = [
-    f"S1;L001;03/01/2026 08:00;04/01/2026 12:30;hospitalisation;Médecine;{PLANTED_NAME} se plaint;A",
+    f"S1;L001;03/01/2026 08:00;04/01/2026 12:30;hospitalisation;Médecine interne;{PLANTED_NAME} se plaint;A",
     "S2;L002;03/01/2026 08:00;;urgence;Urgence;;A",
 ]
 LAB_HEADER = "no_resultat;no_sejour;no_dossier;code_loinc;valeur;unite_mesure;date_prelevement;action"

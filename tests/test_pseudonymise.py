@@ -18,7 +18,7 @@ LAURENTIDES = [
     "L002;XXXX;Gagnon;Luc;01/01/1990;M;3 av. du Parc;Laval;H7N 2B3;450-555-0102;l@x.ca;;A",
 ]
 ENCOUNTERS = [
-    "S1;L001;03/01/2026 08:00;04/01/2026 12:30;hospitalisation;Médecine;Douleur thoracique;A",
+    "S1;L001;03/01/2026 08:00;04/01/2026 12:30;hospitalisation;Médecine interne;Douleur thoracique;A",
     "S2;L999;03/01/2026 08:00;;urgence;Urgence;;A",
 ]
 # The same person at another establishment: other MRN, name without accents, same NAM.

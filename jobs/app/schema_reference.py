@@ -97,6 +97,14 @@ RULE_FIXES: dict[str, tuple[str, str]] = {
         "A code is not well formed for its system (pattern or check digit), its system is unknown, or an "
         "action or decision value is not one of the canonical ones.",
         "Map the system with `constants` or `value_maps`; a malformed code is the establishment's to fix."),
+    "conformance.coded_field": (
+        "A code, unit, care site or type holds a value outside its vocabulary: not UCUM (annotations "
+        "only when declared), not a care site the establishment lists, not a word of the concept maps or "
+        "the profile. The value may be a name or an address: it was masked (kind and length only) before "
+        "staging, and the reason names the column, never the value.",
+        "A legitimate value is declared: `care_sites` or `coded_values` in "
+        "`config/establishments/<id>.yaml`, or a concept map under `config/terminology/`; then "
+        "`affluent batch retry`. Anything else is the establishment's to correct at the source."),
     "plausibility.future_date": (
         "A date after the batch's `extracted_at`: an event cannot be recorded before it happens (a time "
         "zone or day/month inversion is the usual cause).",

@@ -248,6 +248,11 @@ class PersonIdentifierSystem(_Strict):
         return value
 
 
+# Bronze columns that hold a type or a unit, for which an establishment may declare its own words
+# (``coded_values``) beside the shared vocabulary.
+DECLARABLE_COLUMNS = ("sex", "visit_type", "diagnosis_type", "route", "unit", "dose_unit")
+
+
 class Establishment(_Strict):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{1,40}$")
     name: str
@@ -258,6 +263,30 @@ class Establishment(_Strict):
     # Batches are validated and reported but held before land until a steward accepts the profile
     # (`affluent onboarding accept`, jobs.stages.onboarding).
     onboarding: bool = False
+    # The care sites (units, services) this establishment's encounters may name. A value outside
+    # the list is masked before staging and its row quarantined (conformance.coded_field): a care-site
+    # field can hold a name or an address. Without a list, a care site must be a short unit code
+    # with a digit (jobs.privacy.coded_fields.CARE_SITE_CODE).
+    care_sites: list[str] | None = None
+    # Canonical type or unit column -> words this establishment may send there besides the shared
+    # vocabulary (concept maps, UCUM, reference lists); see jobs.privacy.coded_fields.
+    coded_values: dict[str, list[str]] = {}
+
+    @field_validator("care_sites")
+    @classmethod
+    def _care_sites_listed(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(not v.strip() for v in value)):
+            raise ValueError("list the care sites' names (an empty list would reject every encounter's "
+                             "care site; leave the key out to accept short unit codes only)")
+        return value
+
+    @field_validator("coded_values")
+    @classmethod
+    def _coded_columns(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted(set(value) - set(DECLARABLE_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown coded column(s) {unknown}; declare words for {', '.join(DECLARABLE_COLUMNS)}")
+        return value
 
 
 class Purpose(_Strict):

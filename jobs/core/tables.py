@@ -123,3 +123,44 @@ def ensure_table(spark: SparkSession, path: str, schema, fingerprint: str | None
     if fingerprint is not None:
         builder = builder.property(FINGERPRINT_PROPERTY, fingerprint)
     builder.execute()
+
+
+def _statistics_properties(columns: list[str]) -> dict[str, str]:
+    # Delta takes the listed columns' statistics; none at all when nothing may be listed.
+    return {STATS_COLUMNS: ",".join(columns)} if columns else {NUM_INDEXED_COLUMNS: "0"}
+
+
+def restrict_statistics(spark: SparkSession, path: str, columns: list[str]) -> None:
+    """Set an existing table's statistics to ``columns`` (ids, dates, numbers), when they differ."""
+    wanted = _statistics_properties(columns)
+    current = table_properties(spark, path)
+    if all(current.get(k) == v for k, v in wanted.items()) and (columns or STATS_COLUMNS not in current):
+        return
+    settings = ", ".join(f"'{k}' = '{v}'" for k, v in wanted.items())
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({settings})")
+    if not columns and STATS_COLUMNS in current:
+        spark.sql(f"ALTER TABLE delta.`{path}` UNSET TBLPROPERTIES ('{STATS_COLUMNS}')")
+
+
+def overwrite_table(spark: SparkSession, df, path: str) -> int:
+    """Replace a whole table (schema included) with ``df``, collecting statistics of ids, dates and numbers only.
+
+    For tables rewritten whole at each run (project extracts, gold): a plain
+    overwrite would collect min/max of the first 32 columns, text included,
+    into the commit log. The statistics are narrowed before the write to the
+    columns the table already has, and widened after it to the new schema's.
+    Returns the rows the write committed (its own metrics, whatever commit follows).
+    """
+    from jobs.core.arrow_tables import open_delta
+
+    kept = stats_columns(df.schema)
+    if table_exists(spark, path):
+        existing = {f.name for f in spark.read.format("delta").load(path).schema.fields}
+        restrict_statistics(spark, path, [c for c in kept if c in existing])
+    else:
+        ensure_table(spark, path, df.schema)
+    df.write.format("delta").mode(OVERWRITE).option("overwriteSchema", "true").save(path)
+    (written,) = open_delta(path).history(1)
+    restrict_statistics(spark, path, kept)
+    return int((written.get("operationMetrics") or {}).get("numOutputRows", 0))
+

@@ -40,7 +40,7 @@ from jobs.core.lake import Lake
 from jobs.privacy.policy import PolicyError, establishments_sharing
 from jobs.core.schemas import SILVER_SCHEMAS
 from jobs.terminology.maps import NO_CONCEPT
-from jobs.core.tables import OVERWRITE, table_exists
+from jobs.core.tables import overwrite_table, table_exists
 
 PATIENTS_BY_CONDITION = "patients_by_condition"
 GOLD_PURPOSE = "research_general"
@@ -188,5 +188,5 @@ def build_patients_by_condition(spark: SparkSession, lake: Lake, consortium: Con
                 F.current_timestamp().alias("computed_at"))
     )
     path = lake.gold(PATIENTS_BY_CONDITION)
-    published.write.format("delta").mode(OVERWRITE).option("overwriteSchema", "true").save(path)
+    overwrite_table(spark, published, path)
     return spark.read.format("delta").load(path).count()

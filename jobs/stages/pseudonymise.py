@@ -1,7 +1,9 @@
 """Bronze → staged: keyed pseudonyms, generalised quasi-identifiers, typed values.
 
 What leaves this stage carries no direct identifier: names, addresses, phones,
-e-mails, MRNs, NAMs and free text are dropped; birth dates keep year and
+e-mails, MRNs, NAMs and free text are dropped; a coded field (code, unit, care
+site, type) whose value is outside its vocabulary is masked and its row marked
+for quarantine (:mod:`jobs.privacy.coded_fields`); birth dates keep year and
 month; postal codes keep their first three characters (Canadian FSA), and
 only where at least k persons share them. Keying uses HMAC-SHA256 built from
 Spark functions (:mod:`jobs.privacy.crypto`), never a Python UDF.
@@ -17,6 +19,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from jobs.core.config import Consortium, CsvProfile, Establishment, PersonIdentifierSystem
+from jobs.privacy.coded_fields import UNIT_COLUMNS, declared_vocabulary, guard_coded_fields
 from jobs.privacy.crypto import SparkKey, hmac_sha256_hex
 from jobs.privacy.keys import PseudonymKey
 from jobs.core.lake import Lake
@@ -406,6 +409,8 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
         return PseudonymiseOutcome(establishment_id, batch_id, {}, {}, skipped=True)
     est = consortium.establishment(establishment_id)
     keys = Keyring.for_establishment(spark, key, establishment_id)
+    # Coded fields are checked here, before anything is staged: a name typed into one never leaves bronze.
+    vocabulary = declared_vocabulary(consortium, establishment_id)
     parser = Parser(est)
     staged: dict[str, int] = {}
     duplicates: dict[str, int] = {}
@@ -439,8 +444,9 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
         known = (silver_patients.where(F.col("establishment_id") != establishment_id).select("person_id", "postal_prefix")
                  if silver_patients is not None else spark.createDataFrame([], "person_id string, postal_prefix string"))
         pseudo = suppress_rare_postal_prefixes(pseudo, known, consortium.pipeline.postal_prefix_min_persons)
-        staged["patient"] = _write_staged(spark, lake, "patient", _conform(pseudo, "patient"),
-                                          establishment_id, batch_id, keys.fingerprint)
+        pseudo = guard_coded_fields(_conform(pseudo, "patient"), "patient", vocabulary)
+        staged["patient"] = _write_staged(spark, lake, "patient", pseudo, establishment_id, batch_id,
+                                          keys.fingerprint)
 
     # The person map: this batch's patients first, then those already in silver.
     batch_persons = (
@@ -461,8 +467,15 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
         if facts is None:
             continue
         pseudo = attach_person(pseudonymise_facts(facts, dataset, keys, parser), persons)
-        staged[dataset] = _write_staged(spark, lake, dataset, _conform(pseudo, dataset),
-                                        establishment_id, batch_id, keys.fingerprint)
+        checked = vocabulary
+        if dataset in UNIT_COLUMNS:
+            # The batch's units are judged one by one by the UCUM grammar (a library, not a Spark function).
+            sent = [r[0] for source in UNIT_COLUMNS[dataset].values()
+                    for r in facts.select(F.trim(source)).distinct().collect()]
+            checked = declared_vocabulary(consortium, establishment_id, sent)
+        pseudo = guard_coded_fields(_conform(pseudo, dataset), dataset, checked)
+        staged[dataset] = _write_staged(spark, lake, dataset, pseudo, establishment_id, batch_id,
+                                        keys.fingerprint)
 
     for dataset, rows in staged.items():
         duplicates[dataset] = bronze_rows[dataset] - rows

@@ -88,7 +88,7 @@ from jobs.stages.maintenance import list_folders
 from jobs.privacy.policy import check_policy, shared_establishments
 from jobs.privacy.relink import RelinkRiskExceeded, enforce_relink_bound, published_codes
 from jobs.core.schemas import DATASETS, SILVER_SCHEMAS
-from jobs.core.tables import APPEND, OVERWRITE, check_fingerprint, table_exists, table_version
+from jobs.core.tables import APPEND, check_fingerprint, overwrite_table, table_exists, table_version
 from jobs.core.writer_lock import Mode, writes_lake
 
 MANIFEST = "_manifest"
@@ -162,14 +162,6 @@ def remove_extract(spark: SparkSession, lake: Lake, project_id: str) -> None:
     for name in list_folders(spark, root):
         drop_table_physically(spark, lake.project(project_id, name))
     remove_folder(spark, root)
-
-
-def last_write_rows(spark: SparkSession, path: str) -> int:
-    """Rows the table's latest commit wrote (its own metrics, read from the log with delta-rs)."""
-    from jobs.core.arrow_tables import open_delta
-
-    (latest,) = open_delta(path).history(1)
-    return int((latest.get("operationMetrics") or {}).get("numOutputRows", 0))
 
 
 # ------------------------------------------------------- transforms ----
@@ -277,8 +269,7 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
     for dataset, extract in extracts.items():
         extract = published_codes(extract, dataset, relink)
         path = lake.project(project.id, dataset)
-        extract.write.format("delta").mode(OVERWRITE).option("overwriteSchema", "true").save(path)
-        counts[dataset] = last_write_rows(spark, path)
+        counts[dataset] = overwrite_table(spark, extract, path)
     anonymity_figures = risk = None
     if anonymity is not None:  # k-anonymised with the patient extract
         anonymity_figures = anonymity.figures()

@@ -107,6 +107,7 @@ ROW_RULES = (
     "conformance.date",
     "conformance.number",
     "conformance.code",
+    "conformance.coded_field",
     "plausibility.future_date",
     "plausibility.date_order",
     "plausibility.range",
@@ -428,7 +429,8 @@ def check_failure(check: Check, params: dict) -> Column:
 
 def _reason(check: Check) -> Column:
     """The quarantine reason; parse rules name the columns that did not parse (names only, no value)."""
-    prefix = {"conformance.date": "date:", "conformance.number": "number:"}.get(check.rule)
+    prefix = {"conformance.date": "date:", "conformance.number": "number:",
+              "conformance.coded_field": "coded:"}.get(check.rule)
     if prefix is None:
         return F.lit(check.reason)
     columns = F.transform(F.filter("_parse_errors", lambda e: e.startswith(prefix)),
