@@ -129,7 +129,7 @@ HELPER_COLUMNS = {
     "lab_result": ("_ref_plausible_low", "_ref_plausible_high", "_value_in_reference_unit", *CODE_HELPERS),
     "diagnosis": CODE_HELPERS,
     "medication": CODE_HELPERS,
-    "encounter": ("_birth_year",),
+    "encounter": ("_birth_year", "_reason_well_formed"),
 }
 # The code and vocabulary columns of each coded dataset.
 CODED = {
@@ -263,6 +263,7 @@ def _reference_parameters() -> dict[str, list]:
     return {
         "diagnosis_vocabularies": list(vocabularies.DIAGNOSIS_VOCABULARIES),
         "drug_vocabularies": list(vocabularies.DRUG_VOCABULARIES),
+        "observation_categories": list(vocabularies.OBSERVATION_CATEGORIES),
     }
 
 
@@ -292,7 +293,10 @@ def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFra
     if dataset == "encounter":
         if birth_years is None:
             birth_years = _no_birth_years(staged.sparkSession)
-        return staged.join(birth_years, on="person_id", how="left").select(*staged.columns, "_birth_year")
+        # A visit reason is a code like a diagnosis's: checked for its pattern and check digit alike.
+        reason = vocabularies.well_formed(F.col("visit_reason_source_vocabulary"), F.col("visit_reason_source_value"))
+        return staged.join(birth_years, on="person_id", how="left").select(
+            *staged.columns, "_birth_year", reason.alias("_reason_well_formed"))
     if dataset not in CODED:
         return staged
     spark = staged.sparkSession
