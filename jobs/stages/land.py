@@ -63,7 +63,7 @@ from jobs.core.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY
 from jobs.terminology.concepts import CONCEPT_COMMENTS, with_concepts
 from jobs.terminology.maps import Terminology, default_terminology
 from jobs.core.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
-from jobs.core.tables import STATS_COLUMNS, stats_columns
+from jobs.core.tables import STATS_COLUMNS, add_missing_columns, stats_columns
 from jobs.stages.validate import validated_path
 from jobs.core.writer_lock import Mode, writes_lake
 
@@ -225,6 +225,8 @@ def ensure_silver_table(spark: SparkSession, lake: Lake, dataset: str, key_finge
     """
     path = lake.silver(dataset)
     if table_exists(spark, path):
+        # A silver table made before a column joined the schema gains it (null for the rows it holds).
+        add_missing_columns(spark, path, SILVER_SCHEMAS[dataset], lambda name: column_comment(dataset, name))
         return
     builder = (DeltaTable.createIfNotExists(spark).location(path).comment(TABLE_COMMENTS[dataset])
                .partitionedBy("establishment_id")

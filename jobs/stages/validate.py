@@ -580,8 +580,11 @@ def _expected_columns(spark: SparkSession, lake: Lake, dataset: str, observed: l
     if allow_changes:
         return sorted(observed)
     silver = lake.silver(dataset)
-    columns = (spark.read.format("delta").load(silver).columns if table_exists(spark, silver)
-               else list(silver_columns(dataset)))
+    # Columns the canonical schema adds are added to silver at land (jobs.core.tables.add_missing_columns):
+    # an addition is no change to stop for; a column silver has and the schema dropped still is.
+    columns = list(silver_columns(dataset))
+    if table_exists(spark, silver):
+        columns += spark.read.format("delta").load(silver).columns
     # Standard concepts are derived at land: silver has them, staged rows never do.
     columns = [c for c in columns if c not in CONCEPT_COLUMNS.get(dataset, ())]
     extra = [f.name for f in STAGED_EXTRA_FIELDS] + list(HELPER_COLUMNS.get(dataset, ()))
