@@ -275,3 +275,44 @@ def test_a_sequence_within_derived_ids_keeps_two_same_second_measurements(spark,
     unnumbered = CsvProfile(**{**common, "derived_ids": {}}, derived_id_sequence=["lab_result"])
     assert ("derived_id_sequence.lab_result", "a sequence numbers derived ids: list the headers the record id is "
             "built from under derived_ids.lab_result") in unnumbered.problems()
+
+
+def test_synthea_stop_reason_category_and_dispense_columns_map_to_their_canonical_columns(spark, tmp_path):
+    """Synthea's STOP (conditions, medications), REASONCODE (encounters) and CATEGORY (observations),
+    and a pharmacy's dispense date, mapped under ``columns`` like any other header; the constant
+    code system of the reasons comes from ``constants``, a category word from ``value_maps``."""
+    from jobs.core.config import CsvProfile
+
+    profile = CsvProfile(
+        format="csv", delimiter=",", encoding="utf-8", date_format="yyyy-MM-dd",
+        datetime_format="yyyy-MM-dd'T'HH:mm:ss'Z'", default_action="upsert",
+        columns={"encounter": {"Id": "encounter_ref", "PATIENT": "patient_ref", "START": "visit_start",
+                               "REASONCODE": "reason_code"},
+                 "diagnosis": {"PATIENT": "patient_ref", "CODE": "condition_code", "START": "condition_date",
+                               "STOP": "condition_end_date"},
+                 "lab_result": {"PATIENT": "patient_ref", "CODE": "loinc_code", "DATE": "measured_at",
+                                "CATEGORY": "category"},
+                 "medication": {"PATIENT": "patient_ref", "CODE": "drug_code", "START": "start_date",
+                                "STOP": "end_date", "DISPENSED": "dispense_date"}},
+        derived_ids={"diagnosis": ["PATIENT", "CODE", "START"], "lab_result": ["PATIENT", "CODE", "DATE"],
+                     "medication": ["PATIENT", "CODE", "START"]},
+        constants={"encounter": {"reason_system": "SNOMED"}},
+        value_maps={"category": {"Biochimie": "laboratory"}})
+    assert profile.problems() == []
+    files = {
+        "encounter": "Id,PATIENT,START,REASONCODE\ne1,p1,2026-03-05T09:10:00Z,44054006\ne2,p1,2026-03-06T09:10:00Z,\n",
+        "diagnosis": "START,STOP,PATIENT,CODE\n2026-03-05,2026-04-20,p1,44054006\n2026-03-06,,p1,38341003\n",
+        "lab_result": "DATE,PATIENT,CODE,CATEGORY\n2026-03-05T09:10:00Z,p1,8302-2,vital-signs\n"
+                      "2026-03-05T09:10:00Z,p1,2339-0,Biochimie\n",
+        "medication": "START,STOP,PATIENT,CODE,DISPENSED\n2026-03-05,2026-06-05,p1,860975,2026-03-06\n",
+    }
+    bronze = {}
+    for dataset, text in files.items():
+        path = tmp_path / f"{dataset}.csv"
+        path.write_text(text, encoding="utf-8")
+        bronze[dataset] = sorted(read_csv_file(spark, path, dataset, profile, LINEAGE).bronze[dataset].collect(),
+                                 key=lambda r: r._source_line)
+    assert [(r.reason_code, r.reason_system) for r in bronze["encounter"]] == [("44054006", "SNOMED"), (None, "SNOMED")]
+    assert [r.condition_end_date for r in bronze["diagnosis"]] == ["2026-04-20", None]
+    assert [r.category for r in bronze["lab_result"]] == ["vital-signs", "laboratory"]
+    assert [(r.end_date, r.dispense_date) for r in bronze["medication"]] == [("2026-06-05", "2026-03-06")]

@@ -547,3 +547,56 @@ def test_unknown_dataset_is_refused(spark, tmp_path):
         read_fhir_file(spark, str(tmp_path / "x.json"), "Patient", PROFILE, _lineage("x.json"))
     with pytest.raises(FhirInputError, match="no FHIR Bundle file"):
         read_fhir_bundles(spark, {}, PROFILE, _lineage("x.json"))
+
+
+def test_condition_end_visit_reason_observation_category_and_order_dates(spark, tmp_path):
+    """abatementDateTime / abatementPeriod.end give the condition's end (abatementString is no date);
+    the first reasonCode's coding of a known system gives the visit reason (never its text); the
+    observation-category coding gives the category, components take their Observation's; an order's
+    dispenseRequest.validityPeriod gives the dispense date and, without a dosage end, the end date."""
+    snomed, loinc = "http://snomed.info/sct", "http://loinc.org"
+    category = "http://terminology.hl7.org/CodeSystem/observation-category"
+    patient = {"reference": "Patient/p1"}
+    entries = [
+        {"resourceType": "Condition", "id": "c1", "subject": patient, "onsetDateTime": "2026-01-02",
+         "code": {"coding": [{"system": snomed, "code": "38341003"}]}, "abatementDateTime": "2026-03-04"},
+        {"resourceType": "Condition", "id": "c2", "subject": patient, "onsetDateTime": "2026-01-02",
+         "code": {"coding": [{"system": snomed, "code": "44054006"}]},
+         "abatementPeriod": {"start": "2026-02-01", "end": "2026-02-15"}},
+        {"resourceType": "Condition", "id": "c3", "subject": patient, "onsetDateTime": "2026-01-02",
+         "code": {"coding": [{"system": snomed, "code": "44054006"}]}, "abatementString": "as a child"},
+        {"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"}, "subject": patient,
+         "period": {"start": "2026-01-02T09:00:00Z"},
+         "reasonCode": [{"coding": [{"system": "http://example.org/local", "code": "R1"},
+                                    {"system": snomed, "code": "38341003"}], "text": "Mme Roy, tension"}]},
+        {"resourceType": "Encounter", "id": "e2", "status": "finished", "class": {"code": "AMB"}, "subject": patient,
+         "period": {"start": "2026-01-02T09:00:00Z"}, "reasonCode": [{"text": "only words"}]},
+        {"resourceType": "Observation", "id": "o1", "status": "final", "subject": patient,
+         "effectiveDateTime": "2026-01-02T09:10:00Z",
+         "category": [{"coding": [{"system": "http://example.org/local", "code": "chem"}]},
+                      {"coding": [{"system": category, "code": "vital-signs"}]}],
+         "code": {"coding": [{"system": loinc, "code": "85354-9"}]},
+         "component": [{"code": {"coding": [{"system": loinc, "code": "8480-6"}]},
+                        "valueQuantity": {"value": 120, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}]},
+        {"resourceType": "Observation", "id": "o2", "status": "final", "subject": patient,
+         "effectiveDateTime": "2026-01-02T09:10:00Z", "code": {"coding": [{"system": loinc, "code": "2339-0"}]},
+         "valueQuantity": {"value": 5.1, "system": "http://unitsofmeasure.org", "code": "mmol/L"}},
+        {"resourceType": "MedicationRequest", "id": "m1", "status": "active", "subject": patient,
+         "authoredOn": "2026-01-02", "medicationCodeableConcept": {"coding": [{"system": snomed, "code": "376209006"}]},
+         "dispenseRequest": {"validityPeriod": {"start": "2026-01-03", "end": "2026-07-02"}}},
+        {"resourceType": "MedicationRequest", "id": "m2", "status": "active", "subject": patient,
+         "authoredOn": "2026-01-02", "medicationCodeableConcept": {"coding": [{"system": snomed, "code": "376209006"}]},
+         "dosageInstruction": [{"timing": {"repeat": {"boundsPeriod": {"end": "2026-02-02"}}}}],
+         "dispenseRequest": {"validityPeriod": {"end": "2026-07-02"}}},
+    ]
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in entries]}
+    result = read_fhir_file(spark, _bundle(tmp_path, bundle), "bundle", PROFILE, _lineage("cisss_estuaire/b/x.json"))
+    assert result.quarantine.count() == 0
+    bronze = {d: {r[f"{d}_ref"]: r for r in frame.collect()} for d, frame in result.bronze.items()}
+    assert {k: r.condition_end_date for k, r in bronze["diagnosis"].items()} == {
+        "c1": "2026-03-04", "c2": "2026-02-15", "c3": None}
+    assert {k: (r.reason_code, r.reason_system) for k, r in bronze["encounter"].items()} == {
+        "e1": ("38341003", "SNOMED"), "e2": (None, None)}
+    assert {k: r.category for k, r in bronze["lab_result"].items()} == {"o1/component/0": "vital-signs", "o2": None}
+    assert {k: (r.start_date, r.end_date, r.dispense_date) for k, r in bronze["medication"].items()} == {
+        "m1": ("2026-01-02", "2026-07-02", "2026-01-03"), "m2": ("2026-01-02", "2026-02-02", None)}

@@ -24,8 +24,9 @@ FOREIGN = Path(__file__).parent / "fixtures" / "foreign"
 SHAPES = ("us_ehr_snapshot", "fhir_bundles", "fhir_bulk")
 CSV_EST, BUNDLE_EST, BULK_EST = "clinique_frontiere", "centre_vallee", "institut_nord"
 # Rows of the CSV snapshot planted as invalid (tests/fixtures/foreign/build.py): a malformed SNOMED
-# code, a malformed LOINC code, and two observations contradicting each other under one derived id.
-PLANTED_INVALID = {"diagnosis": 1, "lab_result": 3}
+# code and a malformed LOINC code. The two observations sharing a derived id (same code, same minute)
+# are two measurements: the profile's derived_id_sequence lands both.
+PLANTED_INVALID = {"diagnosis": 1, "lab_result": 1}
 PLANTED_DUPLICATES = {"lab_result": 1}
 
 
@@ -96,8 +97,23 @@ def test_the_csv_snapshot_lands_its_valid_rows_and_reconciles(foreign):
         assert landed >= 0.95 * valid, f"{dataset}: {landed} of {valid} valid rows landed"
         assert _silver(ctx, dataset, CSV_EST).count() == landed
     rules = {(r["dataset"], r["rule"]): r["count"] for r in _quarantine(ctx, CSV_EST).groupBy("dataset", "rule").count().collect()}
-    assert rules == {("diagnosis", "conformance.code"): 1, ("lab_result", "conformance.code"): 1,
-                     ("lab_result", "integrity.unique_key"): 2}
+    assert rules == {("diagnosis", "conformance.code"): 1, ("lab_result", "conformance.code"): 1}
+    # The export's claims and procedures files are not collected: counted, never read.
+    assert ingest["not_collected"] == 4
+
+
+def test_the_snapshot_carries_condition_ends_visit_reasons_and_observation_categories(foreign):
+    ctx, _ = foreign
+    ended = {r.condition_source_value: r.condition_end_date is not None
+             for r in _silver(ctx, "diagnosis", CSV_EST).collect()}
+    assert ended == {"44054006": False, "38341003": False, "195662009": True, "10509002": True,
+                     "15777000": False, "271737000": False}
+    encounters = _silver(ctx, "encounter", CSV_EST).collect()
+    assert {(r.visit_source_value, r.visit_reason_source_value is not None) for r in encounters} == {
+        ("ambulatory", False), ("outpatient", True)}
+    assert {r.visit_reason_source_vocabulary for r in encounters} == {None, "SNOMED"}
+    categories = {r.category: r["count"] for r in _silver(ctx, "lab_result", CSV_EST).groupBy("category").count().collect()}
+    assert set(categories) == {"vital-signs", "laboratory", "survey"} and categories["survey"] == 24
 
 
 def test_standard_vocabularies_and_units_of_the_snapshot_are_kept(foreign):
@@ -228,9 +244,10 @@ def test_the_same_snapshot_delivered_again_changes_no_row(spark, tmp_path, monke
 
 
 def test_csv_files_not_collected_are_counted_per_file_and_never_read(spark, tmp_path):
-    """A Synthea-like export's claims and procedures files, listed as not collected in the CSV profile:
-    the batch is taken, each file's rows are counted in the batch log by file reference, none is read
-    (a body line that would be quarantined if parsed is not), and the manifest's rows add up."""
+    """A Synthea-like export's claims and procedures files (in the fixture) and two more files, listed
+    as not collected in the CSV profile: the batch is taken, each file's rows are counted in the batch
+    log by file reference, none is read (a body line that would be quarantined if parsed is not), and
+    the manifest's rows add up."""
     import hashlib
 
     from jobs.core.config import load_consortium
@@ -241,39 +258,39 @@ def test_csv_files_not_collected_are_counted_per_file_and_never_read(spark, tmp_
     config = _onboard(tmp_path)
     profile_path = config / "establishments" / f"{CSV_EST}.yaml"
     profile = yaml.safe_load(profile_path.read_text(encoding="utf-8"))
-    profile["input"]["files"]["not_collected"] = ["claims_*.csv", "procedures_*.csv"]
+    profile["input"]["files"]["not_collected"] += ["imaging_studies_*.csv", "payer_transitions_*.csv"]
     profile_path.write_text(yaml.safe_dump(profile, allow_unicode=True, sort_keys=False), encoding="utf-8")
     consortium = load_consortium(config)
 
     landing = tmp_path / "landing"
     folder = next((landing / CSV_EST).iterdir())
     extra = {
-        "claims_20261101.csv": b"Id,PATIENTID,PROVIDERID,PRIMARYPATIENTINSURANCEID,DIAGNOSIS1,OUTSTANDING1\n"
+        "imaging_studies_20261101.csv": b"Id,PATIENTID,PROVIDERID,PRIMARYPATIENTINSURANCEID,DIAGNOSIS1,OUTSTANDING1\n"
                                b"c1,59c73cd0,pr1,ins1,44054006,12.5\n"
                                b"c2,\xff\xfe not UTF-8 at all,pr1,,,\n"
                                b"c3,\"a, quoted\nfield over two lines\",pr2,,,\n",
-        "procedures_20261101.csv": b"START,STOP,PATIENT,ENCOUNTER,SYSTEM,CODE,DESCRIPTION,BASE_COST\n"
+        "payer_transitions_20261101.csv": b"START,STOP,PATIENT,ENCOUNTER,SYSTEM,CODE,DESCRIPTION,BASE_COST\n"
                                    b"2026-03-05T09:10:00Z,,59c73cd0,80c7cfa0,http://snomed.info/sct,430193006,"
                                    b"Medication reconciliation (procedure),307.0\n",
     }
     manifest = json.loads((folder / "manifest.json").read_text())
     for name, content in extra.items():
         (folder / name).write_bytes(content)
-        rows = 3 if name.startswith("claims") else 1  # a quoted line break continues its record
+        rows = 3 if name.startswith("imaging") else 1  # a quoted line break continues its record
         manifest["files"].append({"path": name, "sha256": hashlib.sha256(content).hexdigest(), "rows": rows})
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
     lake = Lake(str(tmp_path / "lake"))
     outcome = ingest_batch(spark, lake, landing, consortium, CSV_EST, folder.name)
-    assert outcome.not_collected == 4
+    assert outcome.not_collected == 8
     assert "not_collected" not in outcome.bronze and "not_collected" not in outcome.quarantined
     log = {r.dataset: r for r in read_batch_log(spark, lake).where(F.col("stage") == "ingest").collect()}
     entry = log["not_collected"]
-    assert (entry.status, entry.rows_read, entry.rows_not_collected) == ("ingested", 0, 4)
-    assert entry.message == f"4 entries not collected; files not collected, never read: {folder.name}#5 3 rows, " \
-                            f"{folder.name}#6 1 rows"
+    assert (entry.status, entry.rows_read, entry.rows_not_collected) == ("ingested", 0, 8)
+    assert entry.message == f"8 entries not collected; files not collected, never read: {folder.name}#5 3 rows, " \
+                            f"{folder.name}#6 1 rows, {folder.name}#7 3 rows, {folder.name}#8 1 rows"
     quarantine = spark.read.format("delta").load(lake.quarantine())
-    assert quarantine.where(F.col("source_file").isin(f"{folder.name}#5", f"{folder.name}#6")).count() == 0
+    assert quarantine.where(F.col("source_file").isin(*[f"{folder.name}#{i}" for i in range(5, 9)])).count() == 0
     # Per batch: rows in the manifest = rows read + rows not collected.
     assert sum(f["rows"] for f in manifest["files"]) == sum((r.rows_read or 0) + (r.rows_not_collected or 0)
                                                           for r in log.values())

@@ -46,3 +46,30 @@ def test_silver_tables_keep_statistics_of_ids_dates_and_numbers_only(spark, tmp_
     kept = table_properties(spark, lake.silver("encounter"))[STATS_COLUMNS].split(",")
     assert kept == stats_columns(SILVER_SCHEMAS["encounter"], ("establishment_id",))
     assert "care_site_source_value" not in kept and "visit_source_value" not in kept and "person_id" in kept
+
+
+def test_a_silver_table_made_before_a_column_joined_the_schema_gains_it_with_its_comment(spark, tmp_path):
+    """A lake from before the condition end date: silver lacks the column; the next land adds it (null
+    for the rows it held), with its comment and without statistics, and a row carrying it lands."""
+    from pyspark.sql.types import StructType
+
+    from jobs.core.lake import Lake
+    from jobs.core.schemas import SILVER_SCHEMAS
+    from jobs.stages.land import column_comment, ensure_silver_table
+
+    lake = Lake(str(tmp_path / "lake"))
+    path = lake.silver("diagnosis")
+    full = SILVER_SCHEMAS["diagnosis"]
+    old = StructType([f for f in full.fields if f.name != "condition_end_date"])
+    ensure_table(spark, path, old, partition_by=("establishment_id",))
+    ensure_silver_table(spark, lake, "diagnosis", "fingerprint")
+    fields = {f.name: f for f in spark.read.format("delta").load(path).schema.fields}
+    assert fields["condition_end_date"].dataType == full["condition_end_date"].dataType
+    described = {r.col_name: r.comment for r in spark.sql(f"DESCRIBE TABLE delta.`{path}`").collect()}
+    assert described["condition_end_date"] == column_comment("diagnosis", "condition_end_date")
+    assert "condition_end_date" not in table_properties(spark, path).get(STATS_COLUMNS, "")
+    row = {f.name: None for f in full.fields} | {
+        "condition_occurrence_id": "c1", "person_id": "p1", "establishment_id": "e1", "_batch_id": "b1",
+        "_extracted_at": dt.datetime(2026, 1, 5), "condition_end_date": dt.date(2026, 1, 4)}
+    spark.createDataFrame([row], full).write.format("delta").mode("append").save(path)
+    assert spark.read.format("delta").load(path).first().condition_end_date == dt.date(2026, 1, 4)

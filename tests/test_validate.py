@@ -160,6 +160,9 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
             enc("v7", end=dt.datetime(2025, 11, 30)),                             # plausibility.date_order
             enc("v8", person=None, person_id_flag="unknown_patient"),             # integrity.patient_ref
             enc("v9", person="p10", start=dt.datetime(1999, 5, 1), end=dt.datetime(1999, 5, 2)),  # before birth
+            enc("v10", visit_reason_source_value="38341003", visit_reason_source_vocabulary="SNOMED"),  # lands
+            enc("v11", visit_reason_source_value="44054007", visit_reason_source_vocabulary="SNOMED"),  # check digit
+            enc("v12", visit_reason_source_value="38341003"),                     # conformance.code (no system)
         ],
         "diagnosis": [
             diag("d1"), diag("d2", code="73211009", system="SNOMED"), diag("d3", code="I10", system="ICD10"),
@@ -169,6 +172,8 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
             diag("d7", system="OTHER"),                                           # conformance.code (system)
             diag("d8", on=(later).date()),                                        # plausibility.future_date
             diag("d9", code="K80.2"), diag("d10", code="38341003", system="SNOMED"),  # not in the list: land
+            diag("d11", condition_end_date=dt.date(2025, 12, 1)),                 # plausibility.date_order
+            diag("d12", condition_end_date=dt.date(2025, 12, 20)),                # resolved: lands
         ],
         "lab_result": [
             lab("l1"), lab("l2", value=None, value_source_value="positive"),
@@ -178,6 +183,8 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
             lab("l6", value=0.1),                                                 # plausibility.range (low)
             lab("l7", at=None),                                                   # completeness.required
             lab("l8", code="8302-2", value=172.0, unit_source_value="cm"),        # body height: lands
+            lab("l9", category="laboratory"),                                     # lands
+            lab("l10", category="chemistry"),                                     # conformance.code (category)
         ],
         "medication": [
             med("m1"), med("m2", code="02380080", system="DIN", end=None),
@@ -186,6 +193,8 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
             med("m5", dose_value=-1.0),                                           # plausibility.range
             med("m6", dose_value=None, _parse_errors=["number:dose_value"]),      # conformance.number
             med("m7", code="197361", system="RxNorm"),                            # RxNorm: lands
+            med("m8", drug_dispense_date=dt.date(2025, 12, 21)),                  # dispensed after it ended
+            med("m9", drug_dispense_date=dt.date(2025, 12, 2)),                   # lands
         ],
         "consent": [
             consent("c1"), consent("c2", decision="withdraw"),
@@ -204,6 +213,9 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
         ("encounter", "v4", "completeness.required"): 1, ("encounter", "v5", "conformance.date"): 1,
         ("encounter", "v6", "plausibility.future_date"): 1, ("encounter", "v7", "plausibility.date_order"): 1,
         ("encounter", "v8", "integrity.patient_ref"): 1, ("encounter", "v9", "plausibility.date_order"): 1,
+        ("encounter", "v11", "conformance.code"): 1, ("encounter", "v12", "conformance.code"): 1,
+        ("diagnosis", "d11", "plausibility.date_order"): 1, ("lab_result", "l10", "conformance.code"): 1,
+        ("medication", "m8", "plausibility.date_order"): 1,
         ("diagnosis", "d4", "completeness.required"): 1, ("diagnosis", "d5", "conformance.code"): 1,
         ("diagnosis", "d6", "conformance.code"): 1, ("diagnosis", "d7", "conformance.code"): 1,
         ("diagnosis", "d8", "plausibility.future_date"): 1,
@@ -216,7 +228,7 @@ def test_each_rule_quarantines_exactly_its_defective_rows(spark, lake, consortiu
         ("consent", "c5", "plausibility.date_order"): 1,
     })
     valid = {d: o.valid for d, o in outcome.datasets.items()}
-    assert valid == {"patient": 4, "encounter": 3, "diagnosis": 5, "lab_result": 3, "medication": 3, "consent": 2}
+    assert valid == {"patient": 4, "encounter": 4, "diagnosis": 6, "lab_result": 4, "medication": 4, "consent": 2}
 
     q = spark.read.format("delta").load(lake.quarantine()).where(F.col("stage") == "validate")
     reasons = {r.reason for r in q.collect()}
@@ -362,6 +374,25 @@ def test_a_column_missing_from_the_batch_compared_with_silver_stops_it(spark, la
     with pytest.raises(BatchRejected, match="encounter: rule batch.column_change"):
         validate_batch(spark, lake, consortium, EST, "b2", "incremental")
     assert table_version(spark, lake.silver("encounter")) == version
+
+
+def test_a_column_the_canonical_schema_added_since_silver_was_made_is_no_change(spark, lake, consortium):
+    """A silver encounter table from before visit reasons: the batch is not stopped for the columns the
+    schema added, and land adds them to silver."""
+    from pyspark.sql.types import StructType
+
+    from jobs.core.schemas import SILVER_SCHEMAS
+    from jobs.stages.validate import validate_batch
+
+    added = ("visit_reason_source_value", "visit_reason_source_vocabulary")
+    old = StructType([f for f in SILVER_SCHEMAS["encounter"].fields if f.name not in added])
+    ensure_table(spark, lake.silver("encounter"), old, partition_by=("establishment_id",))
+    stage_batch(spark, lake, "b1", {"encounter": [enc("v1", visit_reason_source_value="38341003",
+                                                      visit_reason_source_vocabulary="SNOMED")]})
+    assert validate_batch(spark, lake, consortium, EST, "b1", "full").datasets["encounter"].valid == 1
+    _land(spark, lake, "b1")
+    (row,) = spark.read.format("delta").load(lake.silver("encounter")).collect()
+    assert (row.visit_reason_source_value, row.visit_reason_source_vocabulary) == ("38341003", "SNOMED")
 
 
 # ------------------------------------------------------------ benchmark ----

@@ -34,10 +34,12 @@ SOURCE_FORMATS: dict[tuple[str, str], str] = {
     ("encounter", "visit_start"): DATETIME,
     ("encounter", "visit_end"): DATETIME,
     ("diagnosis", "condition_date"): DATE,
+    ("diagnosis", "condition_end_date"): DATE,
     ("lab_result", "measured_at"): DATETIME,
     ("lab_result", "value"): NUMBER + "; a qualitative or coded result is kept as text",
     ("medication", "start_date"): DATE,
     ("medication", "end_date"): DATE,
+    ("medication", "dispense_date"): DATE,
     ("medication", "dose"): NUMBER,
     ("consent", "decision_date"): DATE,
     ("consent", "valid_from"): DATE_ONLY,
@@ -95,8 +97,10 @@ RULE_FIXES: dict[str, tuple[str, str]] = {
         "Fix `decimal_separator` (`.` or `,`)."),
     "conformance.code": (
         "A code is not well formed for its system (pattern or check digit), its system is unknown, or an "
-        "action or decision value is not one of the canonical ones.",
-        "Map the system with `constants` or `value_maps`; a malformed code is the establishment's to fix."),
+        "action, decision or observation category is not one of the canonical values. Visit reason codes "
+        "are checked like diagnosis codes.",
+        "Map the system with `constants` or `value_maps` (an establishment's own category words with "
+        "`value_maps.category`: `{Biochimie: laboratory}`); a malformed code is the establishment's to fix."),
     "conformance.coded_field": (
         "A code, unit, care site or type holds a value outside its vocabulary: not UCUM (annotations "
         "only when declared), not a care site the establishment lists, not a word of the concept maps or "
@@ -111,8 +115,8 @@ RULE_FIXES: dict[str, tuple[str, str]] = {
         "Check `date_format` (day and month swapped?) and the manifest's `extracted_at` (with its time "
         "zone); otherwise the establishment corrects the record."),
     "plausibility.date_order": (
-        "An end before its start (an encounter's, a medication's, a consent's validity), or an encounter "
-        "before the patient's year of birth.",
+        "An end before its start (an encounter's, a condition's, a medication's, a consent's validity), a "
+        "medication dispensed after it ended, or an encounter before the patient's year of birth.",
         "Check that start and end are mapped the right way round in `columns`; otherwise the establishment "
         "corrects the record."),
     "plausibility.range": (

@@ -46,18 +46,26 @@ BRONZE_COLUMNS: dict[str, tuple[str, ...]] = {
     "encounter": (
         "encounter_ref", "patient_ref", "visit_start", "visit_end", "visit_type",
         "care_site", "admission_note", "record_action",
+        # The coded reason for the visit (FHIR Encounter.reasonCode, Synthea REASONCODE): a code and its system.
+        "reason_code", "reason_system",
     ),
     "diagnosis": (
         "diagnosis_ref", "encounter_ref", "patient_ref", "condition_code", "condition_system",
         "condition_date", "diagnosis_type", "record_action",
+        # When the condition resolved (FHIR Condition.abatement[x], Synthea STOP).
+        "condition_end_date",
     ),
     "lab_result": (
         "lab_result_ref", "encounter_ref", "patient_ref", "loinc_code", "value", "unit",
         "measured_at", "record_action",
+        # FHIR observation-category code (laboratory, vital-signs, survey…), Synthea CATEGORY.
+        "category",
     ),
     "medication": (
         "medication_ref", "encounter_ref", "patient_ref", "drug_code", "drug_system",
         "start_date", "end_date", "dose", "dose_unit", "route", "record_action",
+        # When the drug was (or, from a FHIR order, may first be) dispensed.
+        "dispense_date",
     ),
     "consent": (
         "consent_ref", "patient_ref", "purpose", "decision", "decision_date",
@@ -150,6 +158,8 @@ SILVER_SCHEMAS: dict[str, StructType] = {
         StructField("visit_end_datetime", TimestampType(), True),
         StructField("visit_source_value", StringType(), True),
         StructField("care_site_source_value", StringType(), True),
+        StructField("visit_reason_source_value", StringType(), True),
+        StructField("visit_reason_source_vocabulary", StringType(), True),
         *_LINEAGE_SILVER,
     ]),
     "diagnosis": StructType([
@@ -158,6 +168,7 @@ SILVER_SCHEMAS: dict[str, StructType] = {
         StructField("establishment_id", StringType(), False),
         StructField("visit_occurrence_id", StringType(), True),
         StructField("condition_start_date", DateType(), True),
+        StructField("condition_end_date", DateType(), True),
         StructField("condition_source_value", StringType(), True),
         StructField("condition_source_vocabulary", StringType(), True),
         StructField("condition_status_source_value", StringType(), True),
@@ -175,6 +186,7 @@ SILVER_SCHEMAS: dict[str, StructType] = {
         StructField("value_as_number", DoubleType(), True),
         StructField("value_source_value", StringType(), True),
         StructField("unit_source_value", StringType(), True),
+        StructField("category", StringType(), True),
         *_LINEAGE_SILVER,
     ]),
     "medication": StructType([
@@ -184,6 +196,7 @@ SILVER_SCHEMAS: dict[str, StructType] = {
         StructField("visit_occurrence_id", StringType(), True),
         StructField("drug_exposure_start_date", DateType(), True),
         StructField("drug_exposure_end_date", DateType(), True),
+        StructField("drug_dispense_date", DateType(), True),
         StructField("drug_source_value", StringType(), True),
         StructField("drug_source_vocabulary", StringType(), True),
         StructField("dose_value", DoubleType(), True),

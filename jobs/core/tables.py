@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.sql.types import (
@@ -51,6 +53,27 @@ def stats_columns(schema: StructType, partition_by: tuple[str, ...] = ()) -> lis
         if is_id or isinstance(field.dataType, numeric):
             kept.append(field.name)
     return kept
+
+
+def add_missing_columns(spark: SparkSession, path: str, schema: StructType,
+                        comment: Callable[[str], str] | None = None) -> list[str]:
+    """Add to an existing table the nullable columns of ``schema`` it lacks (null in its old rows).
+
+    A table created before a column joined the canonical schema (a condition's end date) would
+    otherwise refuse every write that carries it. Only additions: a column the table has and the
+    schema does not, or one of another type, is left for a migration to decide. The new columns get
+    no min/max statistics (they are not in the table's statistics list), which is the safe side.
+    """
+    present = {f.name for f in spark.read.format("delta").load(path).schema.fields}
+    missing = [f for f in schema.fields if f.name not in present]
+    if missing:
+        def described(name: str) -> str:
+            text = comment(name) if comment is not None else ""
+            return " COMMENT '" + text.replace("\\", "\\\\").replace("'", "\\'") + "'" if text else ""
+
+        spec = ", ".join(f"`{f.name}` {f.dataType.simpleString()}{described(f.name)}" for f in missing)
+        spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({spec})")
+    return [f.name for f in missing]
 
 
 def table_exists(spark: SparkSession, path: str) -> bool:
@@ -108,6 +131,7 @@ def ensure_table(spark: SparkSession, path: str, schema, fingerprint: str | None
     if table_exists(spark, path):
         if fingerprint is not None:
             check_fingerprint(spark, path, fingerprint)
+        add_missing_columns(spark, path, schema)
         return
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
     if partition_by:

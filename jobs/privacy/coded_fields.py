@@ -8,7 +8,7 @@ extracts and the commit logs. So, before staged is written, every coded column
 is checked against
 
 - **codes** (``condition_source_value``, ``measurement_source_value``,
-  ``drug_source_value``): well formed for their system
+  ``drug_source_value``, ``visit_reason_source_value``): well formed for their system
   (:func:`jobs.reference.vocabularies.well_formed`); with no known system, a
   short code token with a digit (:data:`UNKNOWN_SYSTEM_CODE`);
 - **units** (``unit_source_value``, ``dose_unit_source_value``): the UCUM
@@ -16,7 +16,7 @@ is checked against
   or a unit the configuration declares (canonical units, reference lists,
   the profile's ``value_maps`` and ``coded_values``);
 - **types** (visit type, diagnosis type, route, sex, consent purpose and
-  decision): the shared vocabulary (concept-map source codes, canonical
+  decision, a lab result's category): the shared vocabulary (concept-map source codes, canonical
   values, the reference lists' routes, declared purposes) plus the words the
   establishment declares under ``coded_values``; a route may also be a
   SNOMED CT identifier (digits);
@@ -83,12 +83,15 @@ TYPE_COLUMNS = {
     "diagnosis": {"condition_status_source_value": "diagnosis_type"},
     "medication": {"route_source_value": "route"},
     "consent": {"decision": "decision", "purpose": "purpose"},
+    "lab_result": {"category": "category"},
 }
 UNIT_COLUMNS = {"lab_result": {"unit_source_value": "unit"}, "medication": {"dose_unit_source_value": "dose_unit"}}
 CODE_COLUMNS = {
     "diagnosis": ("condition_source_value", "condition_source_vocabulary"),
     "lab_result": ("measurement_source_value", "measurement_source_vocabulary"),
     "medication": ("drug_source_value", "drug_source_vocabulary"),
+    # A visit's reason is a condition code, checked as diagnoses are.
+    "encounter": ("visit_reason_source_value", "visit_reason_source_vocabulary"),
 }
 CARE_SITE_COLUMN = ("encounter", "care_site_source_value")
 
@@ -152,6 +155,7 @@ def declared_vocabulary(consortium: Consortium, establishment_id: str, units: It
         "decision": set(DECISIONS),
         # Purposes are compared as sent (consent.json's purpose.declared does the same).
         "purpose": set(consortium.purposes),
+        "category": set(vocabularies.OBSERVATION_CATEGORIES) | declared("category"),
     }
     accepted = declared_units(consortium, establishment_id)
     batch_units = frozenset(u.strip() for u in units if u is not None and unit_conforms(u, accepted))

@@ -5,7 +5,9 @@ on sex, birth-year band and postal prefix still let a researcher re-link a
 person from one to the other by the set of diagnoses or drugs they carry. So
 code sets are quasi-identifiers too, as set-valued (transactional) anonymity
 treats them (Terrovitis et al., *Privacy-preserving anonymization of
-set-valued data*, VLDB 2008):
+set-valued data*, VLDB 2008). The code columns are diagnosis codes, drug codes
+and visit reason codes (which are condition codes: the same kind of item as
+a diagnosis, see :data:`CODE_COLUMNS`):
 
 - **k^m-anonymity, in the extract.** For every person, their published
   demographics plus any ``m`` of their codes are shared by at least ``k``
@@ -70,7 +72,18 @@ class CodeColumn:
 CODE_COLUMNS = (
     CodeColumn("diagnosis", "condition_source_value", "dx", r"^[A-Z][0-9]{2}", "condition_concept_code"),
     CodeColumn("medication", "drug_source_value", "rx", r"^[A-Z]([0-9]{2}.*)?$", "drug_concept_code"),
+    # A visit's coded reason is a condition or finding in the diagnosis code systems (Synthea's REASONCODE is
+    # the SNOMED CT code of the condition treated): it tells what a diagnosis tells, so it is the same kind of
+    # item. A reason equal to one of the person's diagnoses is then one item, not a second one; and a rare
+    # diagnosis suppressed in the diagnosis extract is suppressed as a visit reason too, instead of coming
+    # back through the encounter extract.
+    CodeColumn("encounter", "visit_reason_source_value", "dx", r"^[A-Z][0-9]{2}"),
 )
+
+
+def _kinds(datasets) -> tuple[str, ...]:
+    """The item kinds the code columns of ``datasets`` publish, each once."""
+    return tuple(dict.fromkeys(c.kind for c in CODE_COLUMNS if c.dataset in datasets))
 
 
 class RelinkRiskExceeded(Exception):
@@ -202,7 +215,7 @@ def _regeneralise(item: Column, level: int, kinds: list[str]) -> Column:
     """An item ``kind:code`` published at some level, taken to ``level`` (truncation composes); null if not ``kinds``."""
     kind, code = F.substring_index(item, ":", 1), F.substring_index(item, ":", -1)
     out = F.lit(None).cast("string")
-    for column in (c for c in CODE_COLUMNS if c.kind in kinds):
+    for column in {c.kind: c for c in CODE_COLUMNS if c.kind in kinds}.values():
         out = F.when(kind == column.kind, F.concat(F.lit(f"{column.kind}:"), generalised_code(
             column, code, level))).otherwise(out)
     return out
@@ -257,7 +270,7 @@ def enforce(project_id: str, demographics: DataFrame, qis: list[str], year_band:
         persons = _transactions(demographics, items).localCheckpoint()
         return Linkable(project_id, persons, tuple(qis), year_band, postal_characters, level, kinds)
 
-    kinds = tuple(c.kind for c in CODE_COLUMNS if c.dataset in frames)
+    kinds = _kinds(frames)
 
     original = code_items(frames, 0)
     if original is None:
@@ -368,7 +381,9 @@ def published_linkable(spark, lake, project, manifest: str) -> Linkable | None:
         path = lake.project(project.id, dataset)
         return spark.read.format("delta").load(path) if table_exists(spark, path) else None
 
-    frames = {c.dataset: f for c in CODE_COLUMNS if (f := read(c.dataset)) is not None}
+    # Only extracts that publish their code column: a kind claimed without its codes would compare sets
+    # on items one side does not carry, and so miss re-links.
+    frames = {c.dataset: f for c in CODE_COLUMNS if (f := read(c.dataset)) is not None and c.column in f.columns}
     items = code_items(frames, 0)  # published codes, already at the project's level
     if items is None:
         return None
@@ -382,7 +397,7 @@ def published_linkable(spark, lake, project, manifest: str) -> Linkable | None:
     persons = _transactions(demographics_of(patients, qis, frames), items).localCheckpoint()
     return Linkable(project.id, persons, tuple(qis), int(anonymity.get("year_band", 1)),
                     None if postal is None or postal < 0 else int(postal), int(relink.get("code_level", 0)),
-                    tuple(c.kind for c in CODE_COLUMNS if c.dataset in frames))
+                    _kinds(frames))
 
 
 def enforce_relink_bound(spark, lake, consortium, project, extracts: dict[str, DataFrame], anonymity,

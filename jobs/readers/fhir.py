@@ -84,13 +84,25 @@ Mapping decisions the landing contract leaves open:
 - Condition: the first coding of a known system (ICD-10-CA, ICD-10, SNOMED),
   else the first coding; a Condition coded only as text is quarantined.
   ``condition_date`` is ``onsetDateTime``, ``onsetPeriod.start``, else
-  ``recordedDate`` (``onsetAge``/``onsetString`` are not dates).
+  ``recordedDate`` (``onsetAge``/``onsetString`` are not dates);
+  ``condition_end_date`` is ``abatementDateTime``, else ``abatementPeriod.end``
+  (``abatementAge``/``abatementString`` are not dates).
+- Observation ``category``: the code of the first ``observation-category``
+  coding (``laboratory``, ``vital-signs``, ``survey``…), else the first coded
+  category; a component row takes its Observation's.
 - MedicationRequest: a ``medicationReference`` to a Medication outside the
   resource cannot be resolved from one file and is quarantined; dose from
   ``doseQuantity`` only (``doseRange`` leaves it null); ``route`` is the first
-  route code.
+  route code. ``end_date`` is the dosage's ``timing.repeat.boundsPeriod.end``,
+  else ``dispenseRequest.validityPeriod.end``. ``dispense_date`` is
+  ``dispenseRequest.validityPeriod.start``, the first day the order may be
+  dispensed: an order records no dispense (``initialFill`` has a quantity
+  and a duration, no date), and MedicationDispense, whose ``whenHandedOver``
+  is the dispense itself, is not collected.
 - Encounter: ``care_site`` is ``serviceProvider.display``, else the first
-  location's display; ``admission_note`` joins the ``reasonCode`` texts.
+  location's display; ``admission_note`` joins the ``reasonCode`` texts;
+  ``reason_code``/``reason_system`` are the first ``reasonCode``'s coding (of
+  a known system first), a code and never its text.
 - Consent: the purpose comes from ``provision.purpose`` codings
   (``system|code``) and ``policy.uri`` (the URI itself) looked up in
   ``purpose_codes``; none mapped, or several different purposes, is
@@ -165,6 +177,7 @@ NOT_COLLECTED_TYPES = frozenset(R4_RESOURCE_TYPES - set(RESOURCE_DATASETS) - {BU
 _NOT_COLLECTED = "not_collected"
 
 LOINC_URI = BY_VOCABULARY["LOINC"].uris[0]
+OBSERVATION_CATEGORY_URI = "http://terminology.hl7.org/CodeSystem/observation-category"
 MRN_TYPE_CODE = "MR"  # v2-0203 identifier type: medical record number
 # FHIR code-system URIs → the short names the CSV extracts use (jobs.reference.vocabularies).
 CODE_SYSTEMS = dict(NAMES_BY_FHIR_URI)
@@ -381,6 +394,8 @@ def _map_patient(r: Column, profile: FhirProfile, resolve) -> _Mapping:
 def _map_encounter(r: Column, profile: FhirProfile, resolve) -> _Mapping:
     subject = resolve(r["subject"]["reference"])
     patient_ref = _reference_id(subject, "Patient")
+    # The first reason's coding (of a known system first); its text stays in admission_note, in bronze.
+    reason = _preferred_coding(_first(r["reasonCode"]))
     return _Mapping(
         columns={
             "patient_ref": patient_ref,
@@ -389,6 +404,8 @@ def _map_encounter(r: Column, profile: FhirProfile, resolve) -> _Mapping:
             "visit_type": r["class"]["code"],
             "care_site": F.coalesce(r["serviceProvider"]["display"], _first(r["location"])["location"]["display"]),
             "admission_note": _blank_to_null(F.array_join(F.transform(r["reasonCode"], lambda c: c["text"]), "; ")),
+            "reason_code": reason["code"],
+            "reason_system": _short_system(reason["system"]),
         },
         checks=_patient_checks(r["subject"]["reference"], patient_ref, "subject"),
         retracted=r["status"] == STATUS_ENTERED_IN_ERROR,
@@ -405,6 +422,7 @@ def _map_condition(r: Column, profile: FhirProfile, resolve) -> _Mapping:
             "condition_code": coding["code"],
             "condition_system": _short_system(coding["system"]),
             "condition_date": F.coalesce(r["onsetDateTime"], r["onsetPeriod"]["start"], r["recordedDate"]),
+            "condition_end_date": F.coalesce(r["abatementDateTime"], r["abatementPeriod"]["end"]),
             "diagnosis_type": _first(_first(r["category"])["coding"])["code"],
         },
         checks=[
@@ -444,7 +462,13 @@ def _map_observation(r: Column, profile: FhirProfile, resolve) -> _Mapping:
     }
     measured_at = F.coalesce(r["effectiveDateTime"], r["effectivePeriod"]["start"],
                              r["effectiveInstant"], r["issued"])
-    columns = {**shared, "loinc_code": loinc["code"], "value": value, "unit": unit, "measured_at": measured_at}
+    # The observation-category code (laboratory, vital-signs…), else the first category's first code.
+    codings = F.flatten(F.transform(F.coalesce(r["category"], F.array()), lambda c: F.coalesce(c["coding"], F.array())))
+    category = F.coalesce(_first_where(codings, lambda c: (c["system"] == OBSERVATION_CATEGORY_URI)
+                                       & c["code"].isNotNull())["code"],
+                          _first_where(codings, lambda c: c["code"].isNotNull())["code"])
+    columns = {**shared, "loinc_code": loinc["code"], "value": value, "unit": unit, "measured_at": measured_at,
+               "category": category}
 
     # Components, with their 0-based position in Observation.component (the ref suffix).
     components = F.transform(F.coalesce(r["component"], F.array()), lambda c, i: F.struct(c.alias("c"), i.alias("i")))
@@ -457,7 +481,7 @@ def _map_observation(r: Column, profile: FhirProfile, resolve) -> _Mapping:
         c_value, c_unit, _, _ = _observation_value(x["c"])
         return part(F.concat(F.lit(COMPONENT_PART), x["i"].cast("string")),
                     {**shared, "loinc_code": _loinc(x["c"]["code"])["code"], "value": c_value, "unit": c_unit,
-                     "measured_at": measured_at})
+                     "measured_at": measured_at, "category": category})
 
     own = F.array(part(F.lit(None), columns))
     # Free text is dropped at the smallest unit: a LOINC component whose value is free text
@@ -517,6 +541,7 @@ def _map_medication(r: Column, profile: FhirProfile, resolve) -> _Mapping:
     coding = _preferred_coding(concept)
     dosage = _first(r["dosageInstruction"])
     bounds = dosage["timing"]["repeat"]["boundsPeriod"]
+    validity = r["dispenseRequest"]["validityPeriod"]
     dose = _first(dosage["doseAndRate"])["doseQuantity"]
     no_medication = r["medicationCodeableConcept"].isNull() & reference.isNull()
     return _Mapping(
@@ -526,7 +551,11 @@ def _map_medication(r: Column, profile: FhirProfile, resolve) -> _Mapping:
             "drug_code": coding["code"],
             "drug_system": _short_system(coding["system"]),
             "start_date": F.coalesce(bounds["start"], r["authoredOn"]),
-            "end_date": bounds["end"],
+            # The dosage's end, else the end of the order's validity: no exposure runs past what was authorised.
+            "end_date": F.coalesce(bounds["end"], validity["end"]),
+            # An order records no dispense: the first day it may be dispensed stands for it (MedicationDispense,
+            # which would carry whenHandedOver, is not collected).
+            "dispense_date": validity["start"],
             "dose": dose["value"],
             "dose_unit": F.when(dose.isNotNull(), _unit(dose)),
             "route": _first(dosage["route"]["coding"])["code"],

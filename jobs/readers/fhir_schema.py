@@ -81,7 +81,7 @@ ENCOUNTER = _with_corrupt([
     _f("class", CODING),
     _f("subject", REFERENCE),
     _f("period", PERIOD),
-    _f("reasonCode", ArrayType(StructType([_s("text")]))),
+    _f("reasonCode", ArrayType(StructType([_f("coding", ArrayType(CODING)), _s("text")]))),
     _f("location", ArrayType(StructType([_f("location", REFERENCE)]))),
     _f("serviceProvider", REFERENCE),
 ])
@@ -94,6 +94,8 @@ CONDITION = _with_corrupt([
     _f("encounter", REFERENCE),
     _s("onsetDateTime"),
     _f("onsetPeriod", PERIOD),
+    _s("abatementDateTime"),
+    _f("abatementPeriod", PERIOD),
     _s("recordedDate"),
 ])
 
@@ -111,6 +113,7 @@ _OBSERVATION_VALUE = [
 OBSERVATION_COMPONENT = StructType([_f("code", CODEABLE_CONCEPT), *_OBSERVATION_VALUE])
 OBSERVATION = _with_corrupt([
     _s("status"),
+    _f("category", ArrayType(CODEABLE_CONCEPT)),
     _f("code", CODEABLE_CONCEPT),
     _f("subject", REFERENCE),
     _f("encounter", REFERENCE),
@@ -136,6 +139,7 @@ MEDICATION_REQUEST = _with_corrupt([
     _f("encounter", REFERENCE),
     _s("authoredOn"),
     _f("dosageInstruction", ArrayType(DOSAGE)),
+    _f("dispenseRequest", StructType([_f("validityPeriod", PERIOD)])),
 ])
 
 CONSENT = _with_corrupt([

@@ -78,6 +78,10 @@ BY_VOCABULARY = {s.vocabulary: s for s in SYSTEMS}
 DIAGNOSIS_VOCABULARIES = ("ICD10CA", "ICD10", "ICD10CM", "SNOMED")
 LAB_VOCABULARIES = ("LOINC",)
 DRUG_VOCABULARIES = ("ATC", "DIN", "RxNorm")
+# FHIR R4 observation-category codes (http://terminology.hl7.org/CodeSystem/observation-category), which
+# Synthea's CSV CATEGORY also uses; a profile's value_maps.category maps an establishment's own words.
+OBSERVATION_CATEGORIES = ("social-history", "vital-signs", "imaging", "laboratory", "procedure", "survey",
+                          "exam", "therapy", "activity")
 
 UCUM_URI = "http://unitsofmeasure.org"
 

@@ -63,7 +63,7 @@ from jobs.core.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY
 from jobs.terminology.concepts import CONCEPT_COMMENTS, with_concepts
 from jobs.terminology.maps import Terminology, default_terminology
 from jobs.core.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
-from jobs.core.tables import STATS_COLUMNS, stats_columns
+from jobs.core.tables import STATS_COLUMNS, add_missing_columns, stats_columns
 from jobs.stages.validate import validated_path
 from jobs.core.writer_lock import Mode, writes_lake
 
@@ -161,8 +161,14 @@ COLUMN_COMMENTS = {
     "visit_end_datetime": "Date and time the encounter ended; null while it is ongoing.",
     "visit_source_value": "Encounter type as recorded (e.g. inpatient, outpatient, emergency).",
     "care_site_source_value": "Unit or care site as recorded by the establishment.",
+    "visit_reason_source_value": "Coded reason for the visit as sent (SNOMED CT or ICD-10; FHIR "
+                                 "Encounter.reasonCode, Synthea REASONCODE); null when none was coded. A "
+                                 "quasi-identifier in project extracts, with the diagnosis codes.",
+    "visit_reason_source_vocabulary": "Code system of visit_reason_source_value: SNOMED, ICD10CA, ICD10 or ICD10CM.",
     "condition_occurrence_id": "Pseudonymised diagnosis id, keyed per establishment.",
     "condition_start_date": "Date of the diagnosis (onset or recording).",
+    "condition_end_date": "Date the condition resolved (FHIR abatement, Synthea STOP); null while it is active "
+                          "or when the source does not say.",
     "condition_source_value": "Diagnosis code as sent (ICD-10-CA, ICD-10 or SNOMED CT).",
     "condition_source_vocabulary": "Code system of condition_source_value: ICD10CA, ICD10 or SNOMED.",
     "condition_status_source_value": "Diagnosis type as recorded (e.g. principal, secondary).",
@@ -175,9 +181,15 @@ COLUMN_COMMENTS = {
                        "qualitative results and for units that do not convert (value_source_as_number keeps it).",
     "value_source_value": "Result as reported (text), for qualitative results such as 'positive' or '<0.5'.",
     "unit_source_value": "Unit as reported (UCUM where the establishment uses it).",
+    "category": "Observation category, a FHIR observation-category code: laboratory, vital-signs, survey, "
+                "social-history, exam, imaging, procedure, therapy or activity; null when the source gives none.",
     "drug_exposure_id": "Pseudonymised medication id, keyed per establishment.",
     "drug_exposure_start_date": "Date the medication started.",
-    "drug_exposure_end_date": "Date the medication ended; null when open-ended.",
+    "drug_exposure_end_date": "Date the medication ended (FHIR: the dosage's end, else the end of the order's "
+                              "validity); null when open-ended.",
+    "drug_dispense_date": "Date the drug was dispensed, where the source records it (a CSV column); from a FHIR "
+                          "MedicationRequest, the first day the order may be dispensed "
+                          "(dispenseRequest.validityPeriod.start). Null when unknown.",
     "drug_source_value": "Drug code as sent (ATC substance or Health Canada DIN).",
     "drug_source_vocabulary": "Code system of drug_source_value: ATC or DIN.",
     "dose_value": "Dose per administration.",
@@ -213,6 +225,8 @@ def ensure_silver_table(spark: SparkSession, lake: Lake, dataset: str, key_finge
     """
     path = lake.silver(dataset)
     if table_exists(spark, path):
+        # A silver table made before a column joined the schema gains it (null for the rows it holds).
+        add_missing_columns(spark, path, SILVER_SCHEMAS[dataset], lambda name: column_comment(dataset, name))
         return
     builder = (DeltaTable.createIfNotExists(spark).location(path).comment(TABLE_COMMENTS[dataset])
                .partitionedBy("establishment_id")

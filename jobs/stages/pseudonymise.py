@@ -296,25 +296,33 @@ def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: P
     visit = keys.record_id("encounter", _blank_to_null(c("encounter_ref")))
     if dataset == "encounter":
         start, end = parser.timestamp(c("visit_start")), parser.timestamp(c("visit_end"))
+        reason = F.upper(_blank_to_null(c("reason_code")))
         cols = [
             keys.record_id("encounter", _blank_to_null(c("encounter_ref"))).alias("visit_occurrence_id"),
             F.to_date(start).alias("visit_start_date"), start.alias("visit_start_datetime"),
             F.to_date(end).alias("visit_end_date"), end.alias("visit_end_datetime"),
             F.lower(_blank_to_null(c("visit_type"))).alias("visit_source_value"),
             _blank_to_null(c("care_site")).alias("care_site_source_value"),
+            reason.alias("visit_reason_source_value"),
+            # A constant system (a Synthea profile's SNOMED) says nothing about a visit without a reason.
+            F.when(reason.isNotNull(), vocabulary(c("reason_system"))).alias("visit_reason_source_vocabulary"),
             _errors(_error("date:visit_start_date", c("visit_start"), start),
                     _error("date:visit_end_date", c("visit_end"), end)).alias("_parse_errors"),
         ]
     elif dataset == "diagnosis":
         onset = F.coalesce(parser.date(c("condition_date")), F.to_date(parser.timestamp(c("condition_date"))))
+        ended = F.coalesce(parser.date(c("condition_end_date")),
+                           F.to_date(parser.timestamp(c("condition_end_date"))))
         cols = [
             keys.record_id("diagnosis", _blank_to_null(c("diagnosis_ref"))).alias("condition_occurrence_id"),
             visit.alias("visit_occurrence_id"),
             onset.alias("condition_start_date"),
+            ended.alias("condition_end_date"),
             F.upper(_blank_to_null(c("condition_code"))).alias("condition_source_value"),
             vocabulary(c("condition_system")).alias("condition_source_vocabulary"),
             F.lower(_blank_to_null(c("diagnosis_type"))).alias("condition_status_source_value"),
-            _errors(_error("date:condition_start_date", c("condition_date"), onset)).alias("_parse_errors"),
+            _errors(_error("date:condition_start_date", c("condition_date"), onset),
+                    _error("date:condition_end_date", c("condition_end_date"), ended)).alias("_parse_errors"),
         ]
     elif dataset == "lab_result":
         measured = parser.timestamp(c("measured_at"))
@@ -330,6 +338,7 @@ def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: P
             value.alias("value_as_number"),
             coded_value(c("value")).alias("value_source_value"),
             _blank_to_null(c("unit")).alias("unit_source_value"),
+            F.lower(_blank_to_null(c("category"))).alias("category"),
             _errors(_error("date:measurement_datetime", c("measured_at"), measured),
                     F.when(numeric_looking & value.isNull(), F.lit("number:value_as_number"))).alias("_parse_errors"),
         ]
@@ -337,11 +346,13 @@ def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: P
         start, end = parser.date(c("start_date")), parser.date(c("end_date"))
         start = F.coalesce(start, F.to_date(parser.timestamp(c("start_date"))))
         end = F.coalesce(end, F.to_date(parser.timestamp(c("end_date"))))
+        dispensed = F.coalesce(parser.date(c("dispense_date")), F.to_date(parser.timestamp(c("dispense_date"))))
         dose = parser.number(c("dose"))
         cols = [
             keys.record_id("medication", _blank_to_null(c("medication_ref"))).alias("drug_exposure_id"),
             visit.alias("visit_occurrence_id"),
             start.alias("drug_exposure_start_date"), end.alias("drug_exposure_end_date"),
+            dispensed.alias("drug_dispense_date"),
             F.upper(_blank_to_null(c("drug_code"))).alias("drug_source_value"),
             vocabulary(c("drug_system")).alias("drug_source_vocabulary"),
             dose.alias("dose_value"),
@@ -349,6 +360,7 @@ def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: P
             F.lower(_blank_to_null(c("route"))).alias("route_source_value"),
             _errors(_error("date:drug_exposure_start_date", c("start_date"), start),
                     _error("date:drug_exposure_end_date", c("end_date"), end),
+                    _error("date:drug_dispense_date", c("dispense_date"), dispensed),
                     _error("number:dose_value", c("dose"), dose)).alias("_parse_errors"),
         ]
     elif dataset == "consent":

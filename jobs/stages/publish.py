@@ -33,7 +33,7 @@ The patient extract is k-anonymous on the project's ``quasi_identifiers``
 (:mod:`jobs.privacy.kanonymity`): year of birth and postal prefix generalised along
 one ladder, then the quasi-identifiers of persons still in a class smaller
 than ``k_anonymity`` suppressed (null); those persons keep their rows.
-Diagnosis and drug codes are quasi-identifiers too (:mod:`jobs.privacy.relink`):
+Diagnosis, visit reason and drug codes are quasi-identifiers too (:mod:`jobs.privacy.relink`):
 generalised and suppressed until the extract meets the project's bound on
 re-link risk (k^m-anonymity, on its own and against every other active
 extract as published); a project that cannot meet it is not published, its

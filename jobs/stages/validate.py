@@ -131,7 +131,7 @@ HELPER_COLUMNS = {
     "lab_result": ("_ref_plausible_low", "_ref_plausible_high", "_value_in_reference_unit", *CODE_HELPERS),
     "diagnosis": CODE_HELPERS,
     "medication": CODE_HELPERS,
-    "encounter": ("_birth_year",),
+    "encounter": ("_birth_year", "_reason_well_formed"),
 }
 # The code and vocabulary columns of each coded dataset.
 CODED = {
@@ -265,6 +265,7 @@ def _reference_parameters() -> dict[str, list]:
     return {
         "diagnosis_vocabularies": list(vocabularies.DIAGNOSIS_VOCABULARIES),
         "drug_vocabularies": list(vocabularies.DRUG_VOCABULARIES),
+        "observation_categories": list(vocabularies.OBSERVATION_CATEGORIES),
     }
 
 
@@ -294,7 +295,10 @@ def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFra
     if dataset == "encounter":
         if birth_years is None:
             birth_years = _no_birth_years(staged.sparkSession)
-        return staged.join(birth_years, on="person_id", how="left").select(*staged.columns, "_birth_year")
+        # A visit reason is a code like a diagnosis's: checked for its pattern and check digit alike.
+        reason = vocabularies.well_formed(F.col("visit_reason_source_vocabulary"), F.col("visit_reason_source_value"))
+        return staged.join(birth_years, on="person_id", how="left").select(
+            *staged.columns, "_birth_year", reason.alias("_reason_well_formed"))
     if dataset not in CODED:
         return staged
     spark = staged.sparkSession
@@ -580,8 +584,11 @@ def _expected_columns(spark: SparkSession, lake: Lake, dataset: str, observed: l
     if allow_changes:
         return sorted(observed)
     silver = lake.silver(dataset)
-    columns = (spark.read.format("delta").load(silver).columns if table_exists(spark, silver)
-               else list(silver_columns(dataset)))
+    # Columns the canonical schema adds are added to silver at land (jobs.core.tables.add_missing_columns):
+    # an addition is no change to stop for; a column silver has and the schema dropped still is.
+    columns = list(silver_columns(dataset))
+    if table_exists(spark, silver):
+        columns += spark.read.format("delta").load(silver).columns
     # Standard concepts are derived at land: silver has them, staged rows never do.
     columns = [c for c in columns if c not in CONCEPT_COLUMNS.get(dataset, ())]
     extra = [f.name for f in STAGED_EXTRA_FIELDS] + list(HELPER_COLUMNS.get(dataset, ()))
