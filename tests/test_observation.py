@@ -65,6 +65,22 @@ def test_csv_rows_are_routed_and_only_declared_word_answers_kept(spark):
         result.unpersist()
 
 
+def test_a_file_of_observations_keeps_numbers_and_declared_answers_only(spark, tmp_path):
+    path = tmp_path / "survey.csv"
+    path.write_text("DATE,PATIENT,ENCOUNTER,CATEGORY,CODE,VALUE,UNITS\n"
+                    "2026-05-03T10:40:00Z,p-1,e-p-1,survey,93043-8, no ,\n"
+                    "2026-05-03T10:40:00Z,p-1,e-p-1,survey,93031-3,3,{#}\n"
+                    "2026-05-03T10:40:00Z,p-1,e-p-1,survey,56799-0,5 rue du Port,\n", encoding="utf-8")
+    result = read_csv_file(spark, path, "observation", _profile("synthea_csv"), _lineage(CSV_EST, "b1#0"))
+    try:
+        assert set(result.bronze) == {"observation"}
+        assert {r["observation_code"]: r["value"] for r in result.bronze["observation"].collect()} == {
+            "93043-8": "No", "93031-3": "3", "56799-0": None}
+        assert result.free_text_dropped() == 1
+    finally:
+        result.unpersist()
+
+
 def test_fhir_observations_are_routed_by_category_and_code_system(spark):
     result = read_fhir_file(spark, str(FHIR_BATCH / "bundle-1.json"), "bundle", _profile("synthea_fhir"),
                             _lineage(FHIR_EST, "b1#0"))

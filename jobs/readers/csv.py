@@ -9,6 +9,13 @@ expression over a quoted field). Only well-formed records are parsed, with
 first line when its bytes are invalid in the declared charset, when they are
 UTF-8 in a single-byte profile (``ingest.encoding_mismatch``), when its quotes
 or field count are wrong, or when a field is longer than ``max_field_bytes``.
+
+A ``lab_result`` file of a profile that also maps ``observation`` is routed row
+by row (:func:`routed_to_observation`): a row whose code or category the
+profile's ``observations`` lists, or whose value is one of its declared answers,
+is read with the ``observation`` mapping, any other stays a lab result; each
+record lands in one of the two. An observation keeps a number or a declared
+answer; any other text is dropped and counted (:meth:`ReadResult.free_text_dropped`).
 """
 
 from __future__ import annotations

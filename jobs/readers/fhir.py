@@ -40,11 +40,24 @@ Mapping decisions the landing contract leaves open:
   resources).
 - Any resource whose ``status`` (Condition: ``verificationStatus``) is
   ``entered-in-error`` becomes a ``delete`` row: the source retracts it.
-- Observation: the first ``http://loinc.org`` coding gives ``loinc_code``.
+- Observation: routed per resource (components with it) to ``lab_result`` or
+  ``observation`` (:func:`routes_to_observation`): an observation when a
+  category is one of the profile's ``observations.categories`` (social-history,
+  survey), a code one of its ``observations.codes``, or when neither it nor a
+  component has a LOINC coding (a SNOMED CT observable); a lab result otherwise.
+  A Bundle ``DELETE`` carries no resource to route: it deletes the lab_result
+  record of its url. As a lab result, the first ``http://loinc.org`` coding
+  gives ``loinc_code``; as an observation, the first coding of a known system
+  (else the first) gives ``observation_code``/``observation_system``, and the
+  first category code ``category``.
   ``value`` is ``valueQuantity.value`` as written (unit: the UCUM ``code``,
   else ``unit``; a non-UCUM ``code`` is not a unit), or the first code of
-  ``valueCodeableConcept``, or the text of ``valueBoolean``/``valueInteger``/
-  ``valueDateTime``/``valueTime`` (unit null). Quarantined: ``valueString``
+  ``valueCodeableConcept`` with its system in ``value_system`` (a coded answer,
+  never a number; ``unknown`` when the coding names no system), or the text of
+  ``valueBoolean``/``valueInteger``/``valueDateTime``/``valueTime`` (unit
+  null; an observation takes no date or time as its answer and is quarantined
+  like a Range). An observation's ``valueString`` is its value only when it is
+  one of the profile's ``observations.answers`` (the closed list). Quarantined: ``valueString``
   (free text, which must not reach silver);
   ``valueRange``/``valueRatio``/``valueSampledData``/``valuePeriod``. A LOINC
   Observation with no value at all (an ordered panel, a cancelled test with a
