@@ -37,7 +37,7 @@ projects lose their extract.
 
 Waits for any of the silver Assets (emitted by each ingest DAG's `land`):
 `silver/patient`, `silver/encounter`, `silver/diagnosis`, `silver/lab_result`,
-`silver/medication`, `silver/consent`. **Must stay unpaused**: consent
+`silver/medication`, `silver/consent`, `silver/observation`. **Must stay unpaused**: consent
 withdrawals reach the extracts only through this DAG.
 """,
 )

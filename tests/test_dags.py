@@ -67,7 +67,8 @@ def test_no_cycles_and_stage_order(dagbag):
     for upstream, downstream in zip(chain, chain[1:]):
         assert downstream in ingest.get_task(upstream).downstream_task_ids
     assert {o.name for o in ingest.get_task("land").outlets} == {
-        f"affluent.silver.{d}" for d in ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent")}
+        f"affluent.silver.{d}" for d in ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent",
+                                         "observation")}
 
 
 def test_publish_is_scheduled_on_silver_assets(dagbag):

@@ -38,8 +38,10 @@ PROFILE = FhirProfile(
 )
 EXPECTED_TYPES = {"Patient": 22, "Encounter": 10, "Observation": 64, "Condition": 12,
                   "MedicationRequest": 40, "Consent": 12}
-DATASET_OF = {"Patient": "patient", "Encounter": "encounter", "Condition": "diagnosis",
-              "Observation": "lab_result", "MedicationRequest": "medication", "Consent": "consent"}
+# An Observation lands in lab_result (LOINC-coded) or observation (SNOMED CT, social history, survey…).
+DATASETS_OF = {"Patient": {"patient"}, "Encounter": {"encounter"}, "Condition": {"diagnosis"},
+               "Observation": {"lab_result", "observation"}, "MedicationRequest": {"medication"},
+               "Consent": {"consent"}}
 
 
 def _lineage(source_file: str) -> FileLineage:
@@ -122,7 +124,7 @@ def test_every_hl7_example_is_landed_or_quarantined_exactly_once(hl7):
             per_type[resources[name]["resourceType"]] += 1
         for row in rows:
             name = row["_source_file"].rsplit("/", 1)[-1]
-            assert DATASET_OF[resources[name]["resourceType"]] == dataset
+            assert dataset in DATASETS_OF[resources[name]["resourceType"]]
             assert row["_source_line"] == 1 and row["_resource_id"] == resources[name]["id"]
     for row in hl7["quarantine"]:
         name = row["source_file"].rsplit("/", 1)[-1]
@@ -169,17 +171,29 @@ def test_observation_quantity_value_and_unit(hl7):
     # A SNOMED-coded quantity: its code is not a unit.
     assert _landed(hl7, "lab_result", "Observation-f203.json")["unit"] == "mmol/L"
     row = _landed(hl7, "lab_result", "Observation-bloodgroup.json")
-    assert row["value"] is not None and row["unit"] is None  # valueCodeableConcept: its code
+    # valueCodeableConcept: its code with its system, a concept and never a number.
+    assert (row["value"], row["value_system"], row["unit"]) == ("112144000", "SNOMED", None)
+    assert _landed(hl7, "lab_result", "Observation-f001.json")["value_system"] is None
     row = _landed(hl7, "lab_result", "Observation-f202.json")  # status entered-in-error
     assert row["record_action"] == "delete" and row["value"] is None and row["lab_result_ref"] == "f202"
 
 
-def test_observations_that_cannot_be_lab_results_say_why(hl7):
+def test_observations_that_are_not_lab_results_land_in_observation_or_say_why(hl7):
     reasons = {r["source_file"].rsplit("/", 1)[-1]: (r["rule"], r["reason"]) for r in hl7["quarantine"]}
-    assert "no LOINC coding" in reasons["Observation-656.json"][1]
-    # Components, none LOINC-coded (a local code, or none at all): nothing to land.
-    for name in ("Observation-alcohol-type.json", "Observation-ekg.json"):
-        assert "no component has a LOINC coding" in reasons[name][1], name
+    # Coded in another system than LOINC (an ISO 11073 device code, SNOMED CT): observations.
+    row = _landed(hl7, "observation", "Observation-656.json")
+    assert (row["observation_code"], row["observation_system"], row["value"], row["unit"]) == \
+        ("152584", "urn:iso:std:iso:11073:10101", "820", "cL/s")
+    row = _landed(hl7, "observation", "Observation-abdo-tender.json")
+    assert (row["observation_system"], row["category"], row["value"]) == ("SNOMED", "exam", "true")
+    # Social history, LOINC-coded: an observation, its coded answer a concept.
+    row = _landed(hl7, "observation", "Observation-secondsmoke.json")
+    assert (row["observation_code"], row["category"], row["value"], row["value_system"]) == \
+        ("39243-1", "social-history", "373066001", "SNOMED")
+    # A local panel whose components are SNOMED-coded answers: one observation row per component.
+    rows = _rows_of(hl7, "observation", "Observation-alcohol-type.json")
+    assert {r["value"] for r in rows.values()} == {"35748005", "53410008", "6524003"}
+    assert "valueSampledData has no observation mapping" in reasons["Observation-ekg.json"][1]
     assert "(a Group)" in reasons["Observation-herd1.json"][1]
     assert "contained resource" in reasons["Observation-1minute-apgar-score.json"][1]
     assert all(rule == RULE_UNMAPPED for rule, _ in reasons.values())

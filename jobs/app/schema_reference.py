@@ -36,7 +36,15 @@ SOURCE_FORMATS: dict[tuple[str, str], str] = {
     ("diagnosis", "condition_date"): DATE,
     ("diagnosis", "condition_end_date"): DATE,
     ("lab_result", "measured_at"): DATETIME,
-    ("lab_result", "value"): NUMBER + "; a qualitative or coded result is kept as text",
+    ("lab_result", "value"): NUMBER + "; a qualitative result is kept as text; with `value_system`, a coded "
+                              "answer (`value_as_concept`), never a number",
+    ("lab_result", "value_system"): "code system of a coded answer (FHIR valueCodeableConcept)",
+    ("observation", "observed_at"): DATETIME,
+    ("observation", "value"): NUMBER + "; a word only when one of the profile's `observations.answers` (other "
+                              "text is dropped and counted); with `value_system`, a coded answer",
+    ("observation", "value_system"): "code system of a coded answer (FHIR valueCodeableConcept)",
+    ("observation", "category"): "Observation.category code (social-history, survey…); routes rows with "
+                                 "`observations.categories`",
     ("medication", "start_date"): DATE,
     ("medication", "end_date"): DATE,
     ("medication", "dispense_date"): DATE,
@@ -77,11 +85,15 @@ RULE_FIXES: dict[str, tuple[str, str]] = {
         "never landed anyway."),
     "ingest.unmapped_resource": (
         "A FHIR resource that cannot be mapped: no resourceType, a type under the wrong file, no id, a "
-        "patient reference missing, an Observation without a LOINC code, a value of a type lab_result cannot "
-        "hold, or an Observation whose every coded fact is free text. The free-text-component rule: free "
-        "text never lands and is dropped at the smallest unit: a LOINC component whose value is "
+        "patient reference missing, an Observation without any coding (text only), a value of a type its "
+        "dataset cannot hold (a Range, a Period; a date as an observation's answer), or an Observation whose "
+        "every coded fact is free text. Observations are routed per resource: LOINC-coded ones to "
+        "`lab_result`, SNOMED CT observables, survey and social-history ones (and the profile's "
+        "`observations.codes`) to `observation`. The free-text-component rule: free "
+        "text never lands and is dropped at the smallest unit: a coded component whose value is "
         "`valueString` (a PRAPARE panel's address question) is left out and counted in the batch log's "
-        "message while its coded siblings land; only a resource left with no coded fact is quarantined.",
+        "message while its coded siblings land, unless the string is one of the profile's "
+        "`observations.answers`; only a resource left with no coded fact is quarantined.",
         "Nothing to fix in the profile when the text is free text: the row is accounted for in quarantine. "
         "Otherwise the reason names the element: the establishment fixes the resource."),
     "completeness.required": (
@@ -97,7 +109,8 @@ RULE_FIXES: dict[str, tuple[str, str]] = {
         "Fix `decimal_separator` (`.` or `,`)."),
     "conformance.code": (
         "A code is not well formed for its system (pattern or check digit), its system is unknown, or an "
-        "action, decision or observation category is not one of the canonical values. Visit reason codes "
+        "action, decision or observation category is not one of the canonical values; an observation's code, "
+        "category or coded answer that is not a code token (text where a code belongs). Visit reason codes "
         "are checked like diagnosis codes.",
         "Map the system with `constants` or `value_maps` (an establishment's own category words with "
         "`value_maps.category`: `{Biochimie: laboratory}`); a malformed code is the establishment's to fix."),

@@ -66,6 +66,47 @@ class _Strict(BaseModel):
 NOT_COLLECTED = "not_collected"
 
 
+# Observation.category codes whose results are observations, not lab measurements, unless a profile
+# lists its own (``observations.categories``).
+OBSERVATION_CATEGORIES = ("social-history", "survey")
+
+
+class ObservationRouting(_Strict):
+    """Which results are observations (silver ``observation``) rather than LOINC measurements
+    (``lab_result``), and the closed list of word answers an observation may keep as text.
+
+    A result is an observation when its code is listed under ``codes``, its category under
+    ``categories``, or (FHIR) its code has no LOINC coding; in a CSV file of ``lab_result`` also when
+    its value is one of the ``answers``. Anything else stays a lab result. A word answer lands
+    (``value_as_string``) only when it is one of ``answers``: any other text may be free text
+    and is dropped (counted in the batch log), the rest of the row landing.
+    """
+
+    # Codes (``code``, or ``system|code`` with the system as the export writes it) of observations.
+    codes: list[str] = []
+    # Category codes of observations (FHIR Observation.category; in CSV, the column mapped to
+    # ``category`` under ``columns.observation``).
+    categories: list[str] = list(OBSERVATION_CATEGORIES)
+    # The closed list of word answers ("Never smoker", "Yes"); matched ignoring case and surrounding
+    # blanks, landed as written here.
+    answers: list[str] = []
+
+    @field_validator("answers")
+    @classmethod
+    def _distinct_answers(cls, value: list[str]) -> list[str]:
+        folded = [a.strip().lower() for a in value]
+        if any(not a for a in folded):
+            raise ValueError("an answer cannot be blank")
+        dupes = sorted({a for a in folded if folded.count(a) > 1})
+        if dupes:
+            raise ValueError(f"answers listed twice (case and blanks aside): {dupes}")
+        return value
+
+    def answer_lookup(self) -> dict[str, str]:
+        """Folded answer (lower case, trimmed) → the answer as the profile writes it."""
+        return {a.strip().lower(): a.strip() for a in self.answers}
+
+
 class CsvProfile(_Strict):
     """How one establishment writes its CSV extracts."""
 
@@ -106,6 +147,9 @@ class CsvProfile(_Strict):
     # person-identifier system (``person_identifiers`` in pipeline.yaml) -> the patient file's
     # source header carrying it; the NAM may instead be mapped to ``nam`` under ``columns``.
     person_identifiers: dict[str, str] = {}
+    # Rows of a lab_result file that are observations (codes, categories, word answers), read with
+    # the mapping under ``columns.observation``; the closed list of word answers.
+    observations: ObservationRouting = ObservationRouting()
 
     @field_validator("encoding")
     @classmethod
@@ -187,6 +231,14 @@ class CsvProfile(_Strict):
                             RECORD_REF[dataset]: f"or build it from other columns under derived_ids.{dataset}"}
                     problems.append((f"columns.{dataset}", f"no source for the required column {column}: map a "
                                      f"header to it {hint.get(column, '')}".rstrip()))
+        routing = self.observations
+        if (routing.codes or routing.answers) and "observation" not in self.columns:
+            problems.append(("observations", "observations are read with the mapping under columns.observation: "
+                             "map the observation file's headers there (observation_code, value, observed_at…)"))
+        if self.routes_observations():
+            for header in sorted(set(self.columns["observation"]) & set(self.ignored_columns.get("lab_result", []))):
+                problems.append(("ignored_columns.lab_result", f"{header!r} is mapped under columns.observation, "
+                                 "which reads the observations of lab_result files"))
         for system, header in self.person_identifiers.items():
             if "patient" not in self.columns:
                 problems.append((f"person_identifiers.{system}", "the profile has no patient mapping"))
@@ -195,9 +247,17 @@ class CsvProfile(_Strict):
                                  "columns.patient"))
         return problems
 
+    def routes_observations(self) -> bool:
+        """Whether the rows of lab_result files are routed between lab_result and observation: both
+        datasets are mapped under ``columns``."""
+        return "lab_result" in self.columns and "observation" in self.columns
+
     def expected_headers(self, dataset: str) -> list[str]:
         """The source headers a file of ``dataset`` should have, in the profile's order."""
         headers = list(self.columns[dataset]) + list(self.derived_ids.get(dataset, []))
+        if dataset == "lab_result" and self.routes_observations():
+            # Its observation rows are read with the observation mapping (a CATEGORY column, say).
+            headers += list(self.columns["observation"]) + list(self.derived_ids.get("observation", []))
         headers += self.ignored_columns.get(dataset, [])
         if dataset == "patient":
             headers += list(self.person_identifiers.values())
@@ -219,6 +279,8 @@ class FhirProfile(_Strict):
     # person-identifier system (``person_identifiers`` in pipeline.yaml) -> Patient.identifier system URIs.
     identifier_systems: dict[str, list[str]] = {}
     purpose_codes: dict[str, str] = {}
+    # Which Observations are observations rather than lab results, and the closed list of word answers.
+    observations: ObservationRouting = ObservationRouting()
 
 
 class PersonIdentifierSystem(_Strict):

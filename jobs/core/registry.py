@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-CANONICAL_DATASETS = ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent")
+CANONICAL_DATASETS = ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent", "observation")
 
 # One slot: the tasks that write silver, quarantine, gold and project extracts (land, publish,
 # maintenance with erasure) run one at a time, so VACUUM, erasure's DELETE and a MERGE never overlap.

@@ -20,7 +20,11 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-DATASETS = ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent")
+DATASETS = ("patient", "encounter", "diagnosis", "lab_result", "medication", "consent", "observation")
+
+# A coded answer (``value_as_concept``) is ``<vocabulary>|<code>``, as FHIR writes a token:
+# ``SNOMED|266919005`` (the vocabulary id when the system is known, else its URI as sent).
+CONCEPT_SEPARATOR = "|"
 
 # Values of the canonical ``record_action`` column.
 ACTION_UPSERT = "upsert"
@@ -55,9 +59,11 @@ BRONZE_COLUMNS: dict[str, tuple[str, ...]] = {
         # When the condition resolved (FHIR Condition.abatement[x], Synthea STOP).
         "condition_end_date",
     ),
+    # ``value`` is the result as sent; with ``value_system`` it is a coded answer (a code of that
+    # system: ``value_as_concept``), never a number.
     "lab_result": (
         "lab_result_ref", "encounter_ref", "patient_ref", "loinc_code", "value", "unit",
-        "measured_at", "record_action",
+        "measured_at", "value_system", "record_action",
         # FHIR observation-category code (laboratory, vital-signs, survey…), Synthea CATEGORY.
         "category",
     ),
@@ -71,6 +77,13 @@ BRONZE_COLUMNS: dict[str, tuple[str, ...]] = {
         "consent_ref", "patient_ref", "purpose", "decision", "decision_date",
         "valid_from", "valid_until", "record_action",
     ),
+    # Facts that are not LOINC measurements (OMOP observation): SNOMED-coded observables, survey and
+    # social-history answers, scores. ``category`` is FHIR's Observation.category code
+    # (social-history, survey, exam…); ``value`` with ``value_system`` is a coded answer.
+    "observation": (
+        "observation_ref", "encounter_ref", "patient_ref", "observation_code", "observation_system",
+        "category", "value", "value_system", "unit", "observed_at", "record_action",
+    ),
 }
 
 # The column that identifies a record within one establishment's dataset.
@@ -81,6 +94,7 @@ RECORD_REF: dict[str, str] = {
     "lab_result": "lab_result_ref",
     "medication": "medication_ref",
     "consent": "consent_ref",
+    "observation": "observation_ref",
 }
 
 # Bronze columns that are direct identifiers or free text: they never leave bronze.
@@ -185,6 +199,7 @@ SILVER_SCHEMAS: dict[str, StructType] = {
         StructField("measurement_source_vocabulary", StringType(), True),
         StructField("value_as_number", DoubleType(), True),
         StructField("value_source_value", StringType(), True),
+        StructField("value_as_concept", StringType(), True),
         StructField("unit_source_value", StringType(), True),
         StructField("category", StringType(), True),
         *_LINEAGE_SILVER,
@@ -215,6 +230,22 @@ SILVER_SCHEMAS: dict[str, StructType] = {
         StructField("valid_until", DateType(), True),
         *_LINEAGE_SILVER,
     ]),
+    "observation": StructType([
+        StructField("observation_id", StringType(), False),
+        StructField("person_id", StringType(), False),
+        StructField("establishment_id", StringType(), False),
+        StructField("visit_occurrence_id", StringType(), True),
+        StructField("observation_date", DateType(), True),
+        StructField("observation_datetime", TimestampType(), True),
+        StructField("observation_source_value", StringType(), True),
+        StructField("observation_source_vocabulary", StringType(), True),
+        StructField("category", StringType(), True),
+        StructField("value_as_number", DoubleType(), True),
+        StructField("value_as_string", StringType(), True),
+        StructField("value_as_concept", StringType(), True),
+        StructField("unit_source_value", StringType(), True),
+        *_LINEAGE_SILVER,
+    ]),
 }
 
 # Record key of each silver table within an establishment.
@@ -225,6 +256,7 @@ SILVER_KEY: dict[str, str] = {
     "lab_result": "measurement_id",
     "medication": "drug_exposure_id",
     "consent": "consent_id",
+    "observation": "observation_id",
 }
 
 # Staged rows carry, besides the silver columns, what validation and land need.

@@ -9,6 +9,13 @@ expression over a quoted field). Only well-formed records are parsed, with
 first line when its bytes are invalid in the declared charset, when they are
 UTF-8 in a single-byte profile (``ingest.encoding_mismatch``), when its quotes
 or field count are wrong, or when a field is longer than ``max_field_bytes``.
+
+A ``lab_result`` file of a profile that also maps ``observation`` is routed row
+by row (:func:`routed_to_observation`): a row whose code or category the
+profile's ``observations`` lists, or whose value is one of its declared answers,
+is read with the ``observation`` mapping, any other stays a lab result; each
+record lands in one of the two. An observation keeps a number or a declared
+answer; any other text is dropped and counted (:meth:`ReadResult.free_text_dropped`).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from jobs.core.batchlog import Stage
-from jobs.core.config import CsvProfile
+from jobs.core.config import CsvProfile, ObservationRouting
 from jobs.readers.lines import (decode_strict, in_one_partition, join_quoted_lines, quote_count, read_lines,
                                 utf8_in_single_byte)
 from jobs.core.schemas import BRONZE_COLUMNS, PERSON_IDENTIFIERS, RECORD_REF, bronze_schema
@@ -34,6 +41,11 @@ RULE_MALFORMED = "ingest.malformed_line"
 RULE_ACTION = "ingest.unknown_action"
 RULE_ENCODING_MISMATCH = "ingest.encoding_mismatch"
 RULE_FIELD_TOO_LONG = "ingest.field_too_long"
+LAB_RESULT = "lab_result"
+OBSERVATION = "observation"
+# A number as an observation's value (a score, a count) is kept; any other text must be a declared answer.
+_NUMBER_POINT = r"^[-+]?[0-9]+(\.[0-9]+)?$"
+_NUMBER_COMMA = r"^[-+]?[0-9]+(,[0-9]+)?$"
 # Joins the source values a derived record id is built from (``derived_ids``): a unit separator,
 # which no clinical value holds.
 DERIVED_ID_SEPARATOR = "\u001f"
@@ -83,6 +95,12 @@ class ReadResult:
     notes: tuple[str, ...] = ()
     # The checked records bronze and quarantine are both taken from, cached once parsed.
     cached: DataFrame | None = None
+    # Lines of observations whose word answer is not in the profile's closed list: landed without it.
+    free_text: DataFrame | None = None
+
+    def free_text_dropped(self) -> int:
+        """Answers dropped as possible free text from rows that landed (runs one small Spark job)."""
+        return self.free_text.count() if self.free_text is not None else 0
 
     def unpersist(self) -> None:
         """Release the checked records; call once bronze and quarantine are written."""
@@ -292,14 +310,15 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
         missing = [s for s, c in mapping.items() if c == "record_action"]
         raise HeaderError(f"{lineage.source_file}: line 1: no {missing[0] if missing else 'action'} column "
                           f"(maps to record_action); header is {profile.delimiter.join(header)}")
-    derived_from = profile.derived_ids.get(dataset, [])
-    absent = [h for h in derived_from if h not in header]
-    if absent:
-        raise HeaderError(f"{lineage.source_file}: line 1: no {absent} column(s), which derived_ids.{dataset} "
-                          f"builds the record id from; header is {profile.delimiter.join(header)}")
+    # A lab_result file's rows are routed between lab_result and observation when both are mapped.
+    targets = [dataset, OBSERVATION] if dataset == LAB_RESULT and profile.routes_observations() else [dataset]
+    for target in targets:
+        absent = [h for h in profile.derived_ids.get(target, []) if h not in header]
+        if absent:
+            raise HeaderError(f"{lineage.source_file}: line 1: no {absent} column(s), which derived_ids.{target} "
+                              f"builds the record id from; header is {profile.delimiter.join(header)}")
     identifiers = ({system: header.index(source) for system, source in profile.person_identifiers.items()
                     if source in header} if dataset == "patient" else {})
-    constants = profile.constants.get(dataset, {})
 
     records = read_records(spark, path, profile)
     n_fields, balanced = _field_count(F.col("text"), profile)
@@ -313,21 +332,28 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
     def source(index: int) -> Column:
         return F.nullif(F.trim(F.col("_p").getField(f"c{index}")), F.lit(""))
 
-    def field(canonical: str) -> Column:
+    def field(canonical: str, target: str = dataset) -> Column:
+        """A canonical column of ``target`` read from the record with the profile's mapping of ``target``."""
+        constants = profile.constants.get(target, {})
+        derived_from = profile.derived_ids.get(target, [])
+        at = positions if target == dataset else {
+            c: header.index(h) for h, c in profile.columns[target].items() if h in header}
         if canonical in constants:
             return F.lit(constants[canonical])
-        if canonical == RECORD_REF[dataset] and derived_from:
+        if canonical == RECORD_REF[target] and derived_from:
             # Empty parts stay in place ("a||c" differs from "a|c|"); all empty is no id at all.
             parts = [F.coalesce(source(header.index(h)), F.lit("")) for h in derived_from]
             return F.nullif(F.concat_ws(DERIVED_ID_SEPARATOR, *parts),
                             F.lit(DERIVED_ID_SEPARATOR * (len(parts) - 1)))
+        if canonical == "record_action" and target != dataset:
+            return field("record_action")  # a routed row takes its file's action
         if canonical == "record_action" and "record_action" not in positions:
             return F.lit(profile.default_action)
         if canonical == PERSON_IDENTIFIERS:
             return identifiers_json({system: source(i) for system, i in identifiers.items()})
-        if canonical not in positions:
+        if canonical not in at:
             return F.lit(None).cast("string")
-        value = source(positions[canonical])
+        value = source(at[canonical])
         if canonical == "record_action":
             return action_map[value]
         return _mapped(value, profile.value_maps.get(canonical, {}))
@@ -383,12 +409,28 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
     # join and check the file's lines again.
     checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
 
-    bronze = checked.where(F.col("_rule").isNull()).select(
-        *[field(c).alias(c) for c in BRONZE_COLUMNS[dataset]],
-        *lineage.columns(F.col("line_no")),
-    )
-    if dataset in profile.derived_id_sequence:
-        bronze = number_within_ids(bronze, dataset)
+    accepted = checked.where(F.col("_rule").isNull())
+    routing = profile.observations
+    bronze: dict[str, DataFrame] = {}
+    free_text: DataFrame | None = None
+    if OBSERVATION in targets:
+        to_observation = F.lit(True) if dataset == OBSERVATION else routed_to_observation(
+            routing, field("observation_code", OBSERVATION), field("observation_system", OBSERVATION),
+            field("category", OBSERVATION), field("value", OBSERVATION))
+        kept, dropped = observation_value(field("value", OBSERVATION), routing, profile.decimal_separator)
+        observations = accepted.where(to_observation)
+        bronze[OBSERVATION] = observations.select(
+            *[(kept if c == "value" else field(c, OBSERVATION)).alias(c) for c in BRONZE_COLUMNS[OBSERVATION]],
+            *lineage.columns(F.col("line_no")))
+        free_text = observations.where(dropped).select("line_no")
+        accepted = accepted.where(~to_observation)
+    if dataset != OBSERVATION:
+        bronze[dataset] = accepted.select(*[field(c).alias(c) for c in BRONZE_COLUMNS[dataset]],
+                                          *lineage.columns(F.col("line_no")))
+    for target, frame in list(bronze.items()):
+        if target in profile.derived_id_sequence:
+            frame = number_within_ids(frame, target)
+        bronze[target] = frame.select(*bronze_schema(target).fieldNames())
     # Quarantined lines keep only their shape: their text cannot be pseudonymised.
     quarantine = checked.where(F.col("_rule").isNotNull()).select(
         F.lit(lineage.establishment_id).alias("establishment_id"),
@@ -405,8 +447,36 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
         F.to_json(F.struct(F.col("_n").alias("fields"), F.length("text").alias("characters"))).alias("record_safe"),
         F.current_timestamp().alias("quarantined_at"),
     )
-    return ReadResult(bronze={dataset: bronze.select(*bronze_schema(dataset).fieldNames())},
-                      quarantine=quarantine, notes=notes, cached=checked)
+    return ReadResult(bronze=bronze, quarantine=quarantine, notes=notes, cached=checked, free_text=free_text)
+
+
+def routed_to_observation(routing: ObservationRouting, code: Column, system: Column, category: Column,
+                          value: Column) -> Column:
+    """Whether a row of a lab_result file is an observation: its code (``code`` or ``system|code``) or
+    its category is listed in the profile's ``observations``, or its value is one of the closed list's answers."""
+    listed = F.lit(False)
+    if routing.codes:
+        listed = code.isin(routing.codes) | F.concat_ws("|", system, code).isin(routing.codes)
+    in_category = F.lower(category).isin([c.lower() for c in routing.categories]) if routing.categories else F.lit(False)
+    answers = list(routing.answer_lookup())
+    is_answer = F.lower(F.trim(value)).isin(answers) if answers else F.lit(False)
+    return F.coalesce(listed, F.lit(False)) | F.coalesce(in_category, F.lit(False)) | F.coalesce(is_answer, F.lit(False))
+
+
+def observation_value(value: Column, routing: ObservationRouting, decimal_separator: str) -> tuple[Column, Column]:
+    """``(kept, dropped)``: an observation's value as it may leave the reader, and whether text was dropped.
+
+    A number is kept; a word answer only when it is one of the profile's closed list, written as
+    the list writes it. Any other text may be free text (an address typed into a survey answer):
+    it is dropped, and counted, while the row lands.
+    """
+    text = F.nullif(F.trim(value), F.lit(""))
+    number = _NUMBER_COMMA if decimal_separator == "," else _NUMBER_POINT
+    lookup = routing.answer_lookup()
+    answer = (F.try_element_at(F.create_map(*[F.lit(x) for pair in lookup.items() for x in pair]), F.lower(text))
+              if lookup else F.lit(None).cast("string"))
+    kept = F.when(text.rlike(number), text).otherwise(answer)
+    return kept, F.coalesce(text.isNotNull() & kept.isNull(), F.lit(False))
 
 
 def number_within_ids(bronze: DataFrame, dataset: str) -> DataFrame:
@@ -425,4 +495,4 @@ def number_within_ids(bronze: DataFrame, dataset: str) -> DataFrame:
 
 
 __all__ = ["FileLineage", "ReadResult", "HeaderError", "read_csv_file", "read_header", "read_records",
-           "header_drift", "byte_order_mark", "number_within_ids"]
+           "header_drift", "byte_order_mark", "number_within_ids", "routed_to_observation", "observation_value"]

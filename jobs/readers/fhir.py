@@ -43,11 +43,24 @@ Mapping decisions the landing contract leaves open:
   resources).
 - Any resource whose ``status`` (Condition: ``verificationStatus``) is
   ``entered-in-error`` becomes a ``delete`` row: the source retracts it.
-- Observation: the first ``http://loinc.org`` coding gives ``loinc_code``.
+- Observation: routed per resource (components with it) to ``lab_result`` or
+  ``observation`` (:func:`routes_to_observation`): an observation when a
+  category is one of the profile's ``observations.categories`` (social-history,
+  survey), a code one of its ``observations.codes``, or when neither it nor a
+  component has a LOINC coding (a SNOMED CT observable); a lab result otherwise.
+  A Bundle ``DELETE`` carries no resource to route: it deletes the lab_result
+  record of its url. As a lab result, the first ``http://loinc.org`` coding
+  gives ``loinc_code``; as an observation, the first coding of a known system
+  (else the first) gives ``observation_code``/``observation_system``, and the
+  first category code ``category``.
   ``value`` is ``valueQuantity.value`` as written (unit: the UCUM ``code``,
   else ``unit``; a non-UCUM ``code`` is not a unit), or the first code of
-  ``valueCodeableConcept``, or the text of ``valueBoolean``/``valueInteger``/
-  ``valueDateTime``/``valueTime`` (unit null). Quarantined: ``valueString``
+  ``valueCodeableConcept`` with its system in ``value_system`` (a coded answer,
+  never a number; ``unknown`` when the coding names no system), or the text of
+  ``valueBoolean``/``valueInteger``/``valueDateTime``/``valueTime`` (unit
+  null; an observation takes no date or time as its answer and is quarantined
+  like a Range). An observation's ``valueString`` is its value only when it is
+  one of the profile's ``observations.answers`` (the closed list). Quarantined: ``valueString``
   (free text, which must not reach silver);
   ``valueRange``/``valueRatio``/``valueSampledData``/``valuePeriod``. A LOINC
   Observation with no value at all (an ordered panel, a cancelled test with a
@@ -121,7 +134,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from jobs.core.config import FhirProfile
+from jobs.core.config import FhirProfile, ObservationRouting
 from jobs.readers.csv import RULE_ENCODING, RULE_MALFORMED, STAGE_INGEST, FileLineage, identifiers_json
 from jobs.readers.fhir_schema import (
     BUNDLE,
@@ -160,6 +173,13 @@ METHOD_DELETE = "DELETE"
 COMPONENT_PART = "/component/"
 STATUS_ENTERED_IN_ERROR = "entered-in-error"
 
+LAB_RESULT = "lab_result"
+OBSERVATION = "observation"
+# The value_system of a coded answer whose coding names no system: still a concept, never a number.
+UNKNOWN_SYSTEM = "unknown"
+# An Observation lands in lab_result or in observation, routed per resource (routes_to_observation).
+OBSERVATION_DATASETS = (LAB_RESULT, OBSERVATION)
+
 RESOURCE_DATASETS = {
     "Patient": "patient",
     "Encounter": "encounter",
@@ -169,6 +189,7 @@ RESOURCE_DATASETS = {
     "Consent": "consent",
 }
 DATASET_RESOURCES = {dataset: rtype for rtype, dataset in RESOURCE_DATASETS.items()}
+DATASET_RESOURCES[OBSERVATION] = "Observation"
 BUNDLE_TYPE = "Bundle"
 # R4 resource types the consortium does not collect. A Bundle is not among them: a
 # nested Bundle may hold collected resources, so it is quarantined rather than skipped.
@@ -438,24 +459,85 @@ def _loinc(concept: Column) -> Column:
     return _first_where(concept["coding"], lambda c: (c["system"] == LOINC_URI) & c["code"].isNotNull())
 
 
-def _observation_value(r: Column) -> tuple[Column, Column, Column, Column]:
-    """``(value, unit, has_value, unmapped value[x] name)`` of an Observation or of one of its components."""
+def _observation_value(r: Column, unmapped_names: Sequence[str] = OBSERVATION_VALUE_UNMAPPED,
+                       answers: dict[str, str] | None = None) -> tuple[Column, Column, Column, Column, Column]:
+    """``(value, unit, has_value, unmapped value[x] name, value system)`` of an Observation or of one
+    of its components. A coded answer is its first code with that code's system (``value_system``);
+    a ``valueString`` is a value only when it is one of ``answers`` (folded → as declared)."""
     quantity = r["valueQuantity"]
+    answer = (_lookup(answers, F.lower(F.trim(r["valueString"]))) if answers else F.lit(None).cast("string"))
+    coding = _first(r["valueCodeableConcept"]["coding"])
     value = F.coalesce(
         quantity["value"],
-        _first(r["valueCodeableConcept"]["coding"])["code"],
-        *[r[name] for name in OBSERVATION_VALUE_TEXT],
+        coding["code"],
+        *[r[name] for name in OBSERVATION_VALUE_TEXT if name not in unmapped_names],
+        answer,
     )
+    value_system = F.when(quantity.isNull() & coding["code"].isNotNull(),
+                          F.coalesce(_short_system(coding["system"]), F.lit(UNKNOWN_SYSTEM)))
     has_value = quantity.isNotNull() | r["valueCodeableConcept"].isNotNull() | reduce(
         lambda a, b: a | b, [r[n].isNotNull() for n in OBSERVATION_VALUE_TEXT + OBSERVATION_VALUE_UNMAPPED])
-    unmapped = F.coalesce(*[F.when(r[n].isNotNull(), F.lit(n)) for n in OBSERVATION_VALUE_UNMAPPED])
-    return value, F.when(quantity.isNotNull(), _unit(quantity)), has_value, unmapped
+    unmapped = F.coalesce(*[F.when(r[n].isNotNull(), F.lit(n)) for n in unmapped_names if n != "valueString"])
+    return value, F.when(quantity.isNotNull(), _unit(quantity)), has_value, unmapped, value_system
 
 
-def _map_observation(r: Column, profile: FhirProfile, resolve) -> _Mapping:
+def routes_to_observation(r: Column, routing: ObservationRouting) -> Column:
+    """Whether an Observation is an observation (silver ``observation``) rather than a lab result.
+
+    It is when a code of ``Observation.code`` (``code`` or ``system|code``) is listed in the
+    profile's ``observations.codes``, when one of its categories is listed in
+    ``observations.categories`` (social-history and survey by default), or when neither it nor any
+    of its components has a LOINC coding (a SNOMED CT observable: visual acuity, a score).
+    """
+    codings = F.coalesce(r["code"]["coding"], F.array())
+    listed = (F.exists(codings, lambda c: c["code"].isin(routing.codes)
+                       | F.concat_ws("|", c["system"], c["code"]).isin(routing.codes)
+                       | F.concat_ws("|", _short_system(c["system"]), c["code"]).isin(routing.codes))
+              if routing.codes else F.lit(False))
+    categories = F.flatten(F.transform(F.coalesce(r["category"], F.array()),
+                                       lambda c: F.coalesce(c["coding"]["code"], F.array())))
+    in_category = (F.exists(categories, lambda code: code.isin(routing.categories))
+                   if routing.categories else F.lit(False))
+    loinc = _loinc(r["code"]).isNotNull() | F.exists(F.coalesce(r["component"], F.array()),
+                                                      lambda c: _loinc(c["code"]).isNotNull())
+    return F.coalesce(listed, F.lit(False)) | F.coalesce(in_category, F.lit(False)) | ~F.coalesce(loinc, F.lit(False))
+
+
+def _map_observation(r: Column, profile: FhirProfile, resolve, target: str = LAB_RESULT) -> _Mapping:
+    """An Observation as ``lab_result`` rows (LOINC codes) or ``observation`` rows (any coding)."""
+    is_lab = target == LAB_RESULT
+    answers = None if is_lab else profile.observations.answer_lookup()
+    # An observation's date or time value is no answer it can hold: quarantined like a Range.
+    unmapped_names = OBSERVATION_VALUE_UNMAPPED if is_lab else (*OBSERVATION_VALUE_UNMAPPED, "valueDateTime",
+                                                                 "valueTime")
+    what = "LOINC" if is_lab else "observation"
+
+    def code_of(concept: Column) -> Column:
+        if is_lab:
+            return _loinc(concept)
+        preferred = _preferred_coding(concept)
+        return F.when(preferred["code"].isNotNull(), preferred)
+
+    def value_of(x: Column):
+        return _observation_value(x, unmapped_names, answers)
+
+    def free_text(x: Column) -> Column:
+        """A valueString that is not one of the closed list's answers: possibly free text."""
+        if answers:
+            return x["valueString"].isNotNull() & _lookup(answers, F.lower(F.trim(x["valueString"]))).isNull()
+        return x["valueString"].isNotNull()
+
+    def fact_columns(coding: Column, value: Column, unit: Column, value_system: Column) -> dict[str, Column]:
+        if is_lab:
+            return {"loinc_code": coding["code"], "value": value, "unit": unit, "measured_at": measured_at,
+                    "value_system": value_system, "category": category}
+        return {"observation_code": coding["code"], "observation_system": _short_system(coding["system"]),
+                "category": category, "value": value, "value_system": value_system, "unit": unit,
+                "observed_at": measured_at}
+
     patient_ref = _reference_id(resolve(r["subject"]["reference"]), "Patient")
-    loinc = _loinc(r["code"])
-    value, unit, has_value, unmapped_value = _observation_value(r)
+    code = code_of(r["code"])
+    value, unit, has_value, unmapped_value, value_system = value_of(r)
     shared = {
         "encounter_ref": _reference_id(resolve(r["encounter"]["reference"]), "Encounter"),
         "patient_ref": patient_ref,
@@ -467,68 +549,73 @@ def _map_observation(r: Column, profile: FhirProfile, resolve) -> _Mapping:
     category = F.coalesce(_first_where(codings, lambda c: (c["system"] == OBSERVATION_CATEGORY_URI)
                                        & c["code"].isNotNull())["code"],
                           _first_where(codings, lambda c: c["code"].isNotNull())["code"])
-    columns = {**shared, "loinc_code": loinc["code"], "value": value, "unit": unit, "measured_at": measured_at,
-               "category": category}
+    columns = {**shared, **fact_columns(code, value, unit, value_system)}
 
     # Components, with their 0-based position in Observation.component (the ref suffix).
     components = F.transform(F.coalesce(r["component"], F.array()), lambda c, i: F.struct(c.alias("c"), i.alias("i")))
-    coded = F.filter(components, lambda x: _loinc(x["c"]["code"]).isNotNull())
+    coded = F.filter(components, lambda x: code_of(x["c"]["code"]).isNotNull())
 
     def part(suffix: Column, cols: dict[str, Column]) -> Column:
         return F.struct(suffix.cast("string").alias("_part"), *[c.alias(n) for n, c in cols.items()])
 
     def component_row(x: Column) -> Column:
-        c_value, c_unit, _, _ = _observation_value(x["c"])
+        c_value, c_unit, _, _, c_system = value_of(x["c"])
         return part(F.concat(F.lit(COMPONENT_PART), x["i"].cast("string")),
-                    {**shared, "loinc_code": _loinc(x["c"]["code"])["code"], "value": c_value, "unit": c_unit,
-                     "measured_at": measured_at, "category": category})
+                    {**shared, **fact_columns(code_of(x["c"]["code"]), c_value, c_unit, c_system)})
 
     own = F.array(part(F.lit(None), columns))
-    # Free text is dropped at the smallest unit: a LOINC component whose value is free text
-    # (valueString) is left out and counted, its coded siblings land; so is the Observation's own
-    # valueString when coded components remain. Only an Observation left with no coded fact is
-    # quarantined (see the checks below).
-    free_text_components = F.filter(coded, lambda x: x["c"]["valueString"].isNotNull())
-    coded = F.filter(coded, lambda x: x["c"]["valueString"].isNull())
-    own_free_text = r["valueString"].isNotNull()
+    # Free text is dropped at the smallest unit: a coded component whose value is free text
+    # (valueString, unless an observation's declared answer) is left out and counted, its coded
+    # siblings land; so is the Observation's own valueString when coded components remain. Only an
+    # Observation left with no coded fact is quarantined (see the checks below).
+    free_text_components = F.filter(coded, lambda x: free_text(x["c"]))
+    coded = F.filter(coded, lambda x: ~free_text(x["c"]))
+    own_free_text = free_text(r)
     # The Observation's own row: its value, or the Observation itself when it has no component
-    # (a LOINC Observation with no value at all lands with a null value).
+    # (an Observation with no value at all lands with a null value).
     has_own = (has_value & ~own_free_text) | (F.size(components) == 0)
     retracted = r["status"] == STATUS_ENTERED_IN_ERROR
     rows = (
-        # A retraction deletes the Observation's row and every component's, LOINC-coded or not.
+        # A retraction deletes the Observation's row and every component's, coded or not.
         F.when(retracted, F.concat(own, F.transform(components, component_row)))
         .otherwise(F.concat(F.filter(own, lambda _: has_own), F.transform(coded, component_row)))
     )
     free_text_dropped = F.when(retracted, F.lit(0)).otherwise(
         F.size(free_text_components) + F.when(own_free_text & (F.size(coded) > 0), F.lit(1)).otherwise(F.lit(0)))
 
-    def component_reason(x: Column, what: Column, why: str) -> Column:
-        return F.concat(F.lit("Observation.component["), x["i"].cast("string"), F.lit("]."), what, F.lit(why))
+    def component_reason(x: Column, what_: Column, why: str) -> Column:
+        return F.concat(F.lit("Observation.component["), x["i"].cast("string"), F.lit("]."), what_, F.lit(why))
 
-    unmapped_component = _first(F.filter(coded, lambda x: _observation_value(x["c"])[3].isNotNull()))
+    unmapped_component = _first(F.filter(coded, lambda x: value_of(x["c"])[3].isNotNull()))
+    no_code = (F.lit(f"Observation.code has no LOINC coding (system {LOINC_URI})") if is_lab
+               else F.lit("Observation.code has no coding (text only)"))
+    no_component = (F.lit(f"Observation carries its results in component only, and no component has a LOINC "
+                          f"coding (system {LOINC_URI})") if is_lab
+                    else F.lit("Observation carries its results in component only, and no component has a coding"))
     return _Mapping(
         columns=columns,
         checks=[
             *_patient_checks(r["subject"]["reference"], patient_ref, "subject"),
-            (has_own & loinc.isNull(), F.lit(f"Observation.code has no LOINC coding (system {LOINC_URI})")),
+            (has_own & code.isNull(), no_code),
             (own_free_text & (F.size(coded) == 0),
              F.lit("Observation.valueString is free text and is not landed, and no coded component remains")),
             (~has_own & (F.size(coded) == 0) & (F.size(free_text_components) > 0),
-             F.lit("every LOINC-coded Observation.component is free text (valueString), which is not landed")),
-            (~has_own & (F.size(coded) == 0),
-             F.lit(f"Observation carries its results in component only, and no component has a LOINC coding "
-                   f"(system {LOINC_URI})")),
+             F.lit(f"every {what}-coded Observation.component is free text (valueString), which is not landed")),
+            (~has_own & (F.size(coded) == 0), no_component),
             (~own_free_text & unmapped_value.isNotNull(),
-             F.concat(F.lit("Observation."), unmapped_value, F.lit(" has no lab_result mapping"))),
+             F.concat(F.lit("Observation."), unmapped_value, F.lit(f" has no {target} mapping"))),
             (unmapped_component.isNotNull(),
-             component_reason(unmapped_component, _observation_value(unmapped_component["c"])[3],
-                              " has no lab_result mapping")),
+             component_reason(unmapped_component, value_of(unmapped_component["c"])[3],
+                              f" has no {target} mapping")),
         ],
         retracted=retracted,
         rows=rows,
         free_text_dropped=free_text_dropped,
     )
+
+
+def _map_observation_fact(r: Column, profile: FhirProfile, resolve) -> _Mapping:
+    return _map_observation(r, profile, resolve, target=OBSERVATION)
 
 
 def _map_medication(r: Column, profile: FhirProfile, resolve) -> _Mapping:
@@ -625,6 +712,7 @@ _MAPPERS = {
     "lab_result": _map_observation,
     "medication": _map_medication,
     "consent": _map_consent,
+    "observation": _map_observation_fact,
 }
 
 
@@ -809,13 +897,26 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
 
     upsert_rows = ~is_delete & F.col("_text").isNotNull()
     for dataset in datasets:
+        if dataset == OBSERVATION:
+            continue  # an Observation is parsed once, as _r_lab_result, whichever dataset it lands in
         rtype_name = DATASET_RESOURCES[dataset]
         parsed = parsed.withColumn(
             f"_r_{dataset}",
             F.when(upsert_rows & (F.col("_type") == rtype_name),
                    F.from_json("_text", RESOURCE_SCHEMAS[rtype_name], JSON_OPTIONS)))
+    if OBSERVATION in datasets:
+        # Routed per resource, so an entry's rows (its components) are all in one dataset. A DELETE
+        # carries no resource to route: it deletes the lab_result record of its url.
+        observation = F.col(f"_r_{LAB_RESULT}")
+        parsed = parsed.withColumn("_dataset", F.when(
+            (F.col("_dataset") == LAB_RESULT) & observation.isNotNull()
+            & routes_to_observation(observation, profile.observations), F.lit(OBSERVATION))
+            .otherwise(F.col("_dataset")))
 
-    mappings = {d: _MAPPERS[d](F.col(f"_r_{d}"), profile, resolve) for d in datasets}
+    def resource(dataset: str) -> Column:
+        return F.col(f"_r_{LAB_RESULT if dataset == OBSERVATION else dataset}")
+
+    mappings = {d: _MAPPERS[d](resource(d), profile, resolve) for d in datasets}
 
     safe_type = F.coalesce(_safe_token(F.col("_type"), _TYPE_NAME, "an invalid resourceType"),
                            F.lit("(none)"))
@@ -846,7 +947,7 @@ def _classify(units: DataFrame, datasets: Sequence[str], expected: str | None, p
                         F.concat(F.lit("resource type "), safe_type, F.lit(" is not a FHIR R4 resource type"))))
     action = F.lit(ACTION_UPSERT)
     for dataset, mapping in mappings.items():
-        r = F.col(f"_r_{dataset}")
+        r = resource(dataset)
         of_type = F.col("_dataset") == dataset
         rule_reason.append((of_type & ~is_delete & r[CORRUPT_FIELD].isNotNull(), RULE_MALFORMED,
                             F.lit(f"the {DATASET_RESOURCES[dataset]} does not fit the FHIR R4 structure "
@@ -996,8 +1097,10 @@ def read_fhir_file(spark: SparkSession, path: str, dataset: str, profile: FhirPr
     """
     if dataset in DATASETS:
         units = _ndjson_units(spark, path, lineage.source_file)
-        classified = _classify(units, [dataset], DATASET_RESOURCES[dataset], profile, resolve_urls=False)
-        return _split(classified, [dataset], dataset, lineage)
+        # An Observation file feeds lab_result and observation, whichever of the two the manifest names.
+        targets = list(OBSERVATION_DATASETS) if dataset in OBSERVATION_DATASETS else [dataset]
+        classified = _classify(units, targets, DATASET_RESOURCES[dataset], profile, resolve_urls=False)
+        return _split(classified, targets, dataset, lineage)
     if dataset == DATASET_BUNDLE:
         return read_fhir_bundles(spark, {path: lineage.source_file}, profile, lineage)
     if dataset == DATASET_RESOURCE:

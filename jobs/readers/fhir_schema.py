@@ -113,6 +113,7 @@ _OBSERVATION_VALUE = [
 OBSERVATION_COMPONENT = StructType([_f("code", CODEABLE_CONCEPT), *_OBSERVATION_VALUE])
 OBSERVATION = _with_corrupt([
     _s("status"),
+    # Routes the Observation (social-history, survey → observation) and lands as ``category``.
     _f("category", ArrayType(CODEABLE_CONCEPT)),
     _f("code", CODEABLE_CONCEPT),
     _f("subject", REFERENCE),

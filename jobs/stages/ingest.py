@@ -124,7 +124,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     not_collected_files: dict[str, int] = {}
     not_collected_types: dict[str, dict[str, int]] = {}
     whole_files_not_collected: dict[str, int] = {}
-    # Free-text parts (an Observation component's valueString) left out of FHIR entries that landed.
+    # Free-text parts left out of entries that landed: an Observation component's valueString (FHIR),
+    # an observation's word answer outside the profile's closed list (CSV).
     free_text_dropped: dict[str, int] = {}
 
     def reject(index: int, message: str) -> BatchRejected:
@@ -190,6 +191,12 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                     types = not_collected_types.setdefault(entry.dataset, {})
                     for rtype, n in reads.not_collected_types.items():
                         types[rtype] = types.get(rtype, 0) + n
+            dropped_answers = getattr(result, "free_text_dropped", None)
+            if dropped_answers is not None:
+                # CSV: observation answers outside the profile's closed list, dropped from rows that landed.
+                n = dropped_answers()
+                if n:
+                    free_text_dropped["observation"] = free_text_dropped.get("observation", 0) + n
             for dataset, frame in result.bronze.items():
                 bronze_parts.setdefault(dataset, []).append(frame)
             quarantine_parts.append(result.quarantine)
@@ -260,7 +267,8 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
             said.append(f"{not_collected[d]} entries not collected" + (f" ({types})" if types else ""))
         if free_text_dropped.get(d):
             said.append(f"{free_text_dropped[d]} free-text part(s) dropped from entries that landed (an "
-                        "Observation component's or value's valueString)")
+                        "Observation component's or value's valueString, an answer outside the profile's "
+                        "observations.answers)")
         if d == NOT_COLLECTED and whole_files_not_collected:
             # Per file, by its manifest reference (a delivered name may hold identifiers).
             files = sorted(whole_files_not_collected.items(), key=lambda item: _file_index(item[0]))

@@ -136,6 +136,9 @@ TABLE_COMMENTS = {
     "lab_result": "Laboratory results (OMOP measurement) coded in LOINC, numeric value and unit as reported.",
     "medication": "Medication orders and exposures (OMOP drug_exposure) coded in ATC, DIN or RxNorm.",
     "consent": "Consent decisions of patients per purpose, with their validity.",
+    "observation": "Observations (OMOP observation) that are not LOINC measurements: SNOMED CT observables, "
+                   "survey and social-history answers, scores. An answer is a number, a concept "
+                   "(value_as_concept) or a word of the establishment's closed list (value_as_string).",
 }
 
 COLUMN_COMMENTS = {
@@ -183,6 +186,17 @@ COLUMN_COMMENTS = {
     "unit_source_value": "Unit as reported (UCUM where the establishment uses it).",
     "category": "Observation category, a FHIR observation-category code: laboratory, vital-signs, survey, "
                 "social-history, exam, imaging, procedure, therapy or activity; null when the source gives none.",
+    "value_as_concept": "Coded answer as <vocabulary>|<code> (e.g. SNOMED|266919005 for 'Never smoker'); null when "
+                        "the result is a number or a word. Never read as a number.",
+    "observation_id": "Pseudonymised observation id, keyed per establishment.",
+    "observation_date": "Date of the observation.",
+    "observation_datetime": "Date and time of the observation.",
+    "observation_source_value": "Code of the observation as sent (SNOMED CT, LOINC survey question, or a code the "
+                                "establishment's profile routes here, such as QALY).",
+    "observation_source_vocabulary": "Code system of observation_source_value (SNOMED, LOINC…; the system as sent "
+                                     "when unknown).",
+    "value_as_string": "Word answer from the establishment's declared closed list (e.g. 'Never smoker', 'Yes'), or "
+                       "true/false; any other text is dropped at ingest as possible free text.",
     "drug_exposure_id": "Pseudonymised medication id, keyed per establishment.",
     "drug_exposure_start_date": "Date the medication started.",
     "drug_exposure_end_date": "Date the medication ended (FHIR: the dosage's end, else the end of the order's "
@@ -205,6 +219,8 @@ COLUMN_COMMENTS = {
 
 
 def column_comment(dataset: str, column: str) -> str:
+    if dataset == "observation" and column == "value_as_number":
+        return "Numeric answer or score as reported (unit_source_value), not converted."
     if column == "visit_occurrence_id" and dataset != "encounter":
         return "Encounter the record belongs to (silver.encounter.visit_occurrence_id); null when none was given."
     return COLUMN_COMMENTS.get(column) or CONCEPT_COMMENTS.get(column, "")

@@ -25,7 +25,7 @@ from jobs.privacy.keys import PseudonymKey
 from jobs.core.lake import Lake
 from jobs.core.batchlog import Stage, Status
 from jobs.core.ops import append_batch_log, batches_with_status
-from jobs.core.schemas import BRONZE_COLUMNS, DATASETS, PERSON_IDENTIFIERS, staged_schema
+from jobs.core.schemas import BRONZE_COLUMNS, CONCEPT_SEPARATOR, DATASETS, PERSON_IDENTIFIERS, staged_schema
 from jobs.reference.vocabularies import VOCABULARY_TOKENS, luhn_ok, vocabulary_of
 from jobs.core.tables import OVERWRITE, ensure_table, table_exists
 from jobs.core.writer_lock import Mode, writes_lake
@@ -112,6 +112,12 @@ def coded_value(col: Column) -> Column:
     return F.when(F.coalesce(coded, F.lit(False)), text)
 
 
+def coded_answer(value: Column, system: Column) -> Column:
+    """``<vocabulary>|<code>`` of a coded answer (a value with its code system); null for any other value."""
+    code, vocab = _blank_to_null(value), vocabulary(system)
+    return F.when(code.isNotNull() & vocab.isNotNull(), F.concat(vocab, F.lit(CONCEPT_SEPARATOR), code))
+
+
 class Parser:
     """Typed values from an establishment's text, with the list of what failed to parse."""
 
@@ -123,6 +129,19 @@ class Parser:
             self.decimal = profile.decimal_separator
         else:  # FHIR: ISO-8601 dates, dateTimes and partial dates
             self.datetime_formats, self.date_formats, self.decimal = [], [], "."
+        # The closed list of word answers an observation may keep (folded → as the profile writes it).
+        self.answers = profile.observations.answer_lookup()
+
+    def answer(self, col: Column) -> Column:
+        """A word answer of the profile's closed list, as the list writes it; null for anything else.
+
+        The reader already dropped other text; checked again here because nothing but a declared
+        answer may leave bronze as text. A boolean (FHIR valueBoolean) is its own closed list.
+        """
+        folded = F.lower(_blank_to_null(col))
+        listed = (F.try_element_at(F.create_map(*[F.lit(x) for pair in self.answers.items() for x in pair]), folded)
+                  if self.answers else F.lit(None).cast("string"))
+        return F.coalesce(listed, F.when(folded.isin("true", "false"), folded))
 
     def timestamp(self, col: Column) -> Column:
         text = _blank_to_null(col)
@@ -290,7 +309,8 @@ def attach_person(facts: DataFrame, persons: DataFrame) -> DataFrame:
 
 
 def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: Parser) -> DataFrame:
-    """Encounters, diagnoses, lab results, medications and consents: keyed ids, typed values, no free text."""
+    """Encounters, diagnoses, lab results, medications, consents and observations: keyed ids, typed values,
+    no free text (an observation keeps text only when it is one of the profile's closed list of answers)."""
     c = F.col
     patient_key = keys.record_id("patient", _blank_to_null(c("patient_ref"))).alias("patient_key")
     visit = keys.record_id("encounter", _blank_to_null(c("encounter_ref")))
@@ -326,9 +346,11 @@ def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: P
         ]
     elif dataset == "lab_result":
         measured = parser.timestamp(c("measured_at"))
-        value = parser.number(c("value"))
+        concept = coded_answer(c("value"), c("value_system"))
+        # A coded answer is a concept, never a number (266919005 is "Never smoker", not a count).
+        value = F.when(concept.isNull(), parser.number(c("value")))
         # Qualitative results ("positive", "<0.5") are kept as text, not errors.
-        numeric_looking = _blank_to_null(c("value")).rlike(r"^[-+]?[0-9][0-9.,]*$")
+        numeric_looking = concept.isNull() & _blank_to_null(c("value")).rlike(r"^[-+]?[0-9][0-9.,]*$")
         cols = [
             keys.record_id("lab_result", _blank_to_null(c("lab_result_ref"))).alias("measurement_id"),
             visit.alias("visit_occurrence_id"),
@@ -337,6 +359,7 @@ def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: P
             F.when(_blank_to_null(c("loinc_code")).isNotNull(), F.lit("LOINC")).alias("measurement_source_vocabulary"),
             value.alias("value_as_number"),
             coded_value(c("value")).alias("value_source_value"),
+            concept.alias("value_as_concept"),
             _blank_to_null(c("unit")).alias("unit_source_value"),
             F.lower(_blank_to_null(c("category"))).alias("category"),
             _errors(_error("date:measurement_datetime", c("measured_at"), measured),
@@ -374,6 +397,23 @@ def pseudonymise_facts(bronze: DataFrame, dataset: str, keys: Keyring, parser: P
             _errors(_error("date:decision_date", c("decision_date"), decided),
                     _error("date:valid_from", c("valid_from"), start),
                     _error("date:valid_until", c("valid_until"), until)).alias("_parse_errors"),
+        ]
+    elif dataset == "observation":
+        observed = parser.timestamp(c("observed_at"))
+        concept = coded_answer(c("value"), c("value_system"))
+        number = F.when(concept.isNull(), parser.number(c("value")))
+        cols = [
+            keys.record_id("observation", _blank_to_null(c("observation_ref"))).alias("observation_id"),
+            visit.alias("visit_occurrence_id"),
+            F.to_date(observed).alias("observation_date"), observed.alias("observation_datetime"),
+            _blank_to_null(c("observation_code")).alias("observation_source_value"),
+            vocabulary(c("observation_system")).alias("observation_source_vocabulary"),
+            F.lower(_blank_to_null(c("category"))).alias("category"),
+            number.alias("value_as_number"),
+            F.when(concept.isNull() & number.isNull(), parser.answer(c("value"))).alias("value_as_string"),
+            concept.alias("value_as_concept"),
+            _blank_to_null(c("unit")).alias("unit_source_value"),
+            _errors(_error("date:observation_datetime", c("observed_at"), observed)).alias("_parse_errors"),
         ]
     else:
         raise ValueError(f"no pseudonymisation for dataset {dataset!r}")

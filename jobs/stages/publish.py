@@ -97,7 +97,7 @@ log = logging.getLogger(__name__)
 # Columns that identify a person or a record: rekeyed per project.
 IDENTIFIER_COLUMNS = frozenset({
     "person_id", "patient_key", "visit_occurrence_id", "condition_occurrence_id",
-    "measurement_id", "drug_exposure_id", "consent_id",
+    "measurement_id", "drug_exposure_id", "consent_id", "observation_id",
 })
 
 PRECISION_DAY = "day"
