@@ -33,6 +33,8 @@ DIABETES, HYPERTENSION, DIABETES_TYPO = "44054006", "38341003", "44054007"  # th
 
 CSV_PROFILE = {
     "id": CSV_EST, "name": "Clinique Synthea", "landing_folder": CSV_EST,
+    # Synthea's encounter class the visit maps do not name: declared, it lands with visit concept 0.
+    "coded_values": {"visit_type": ["wellness"]},
     "input": {
         "format": "csv", "delimiter": ",", "quote": '"', "encoding": "utf-8",
         "date_format": "yyyy-MM-dd", "datetime_format": "yyyy-MM-dd'T'HH:mm:ss'Z'", "decimal_separator": ".",
