@@ -33,8 +33,8 @@ from jobs.generate.defects import apply_field_defects
 from jobs.generate.fhir_writer import DELETIONS_FILE, RESOURCE_TYPES, write_deletions, write_ndjson
 from jobs.generate.formats import is_valid_nam
 from jobs.generate.people import GenerationError, make_links, make_population, names_as_typed, phones_as_typed
-from jobs.generate.timeline import CHANGE_DELETE, plan_versions
-from jobs.core.schemas import DATASETS, RECORD_REF
+from jobs.generate.timeline import CHANGE_DELETE, GENERATED_DATASETS, plan_versions
+from jobs.core.schemas import RECORD_REF
 
 MANIFEST = "manifest.json"
 KIND_FULL = "full"
@@ -241,7 +241,7 @@ def generate_consortium(out_dir: Path, consortium: Consortium, patients: int, ba
             folder = out_dir / "landing" / est.landing_folder / batch_id
             entries: list[dict] = []
             deleted: list[tuple[str, str]] = []
-            for dataset in DATASETS:
+            for dataset in GENERATED_DATASETS:
                 rows = versions[dataset][batch]
                 rows = rows[rows["_est"].to_numpy() == index]
                 rows = apply_field_defects(defect_rng, rows, dataset, extracted_at)

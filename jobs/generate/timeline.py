@@ -18,6 +18,10 @@ from jobs.generate.clinical import DECISION_PERMIT, lab_values
 from jobs.generate.defects import plan_defects
 from jobs.generate.people import phones_as_typed
 from jobs.core.schemas import DATASETS
+
+# What the synthetic consortium delivers: every dataset but ``observation`` (surveys, social history and
+# scores come from real exports; see tests/fixtures/observation).
+GENERATED_DATASETS = tuple(d for d in DATASETS if d != "observation")
 from jobs import reference
 
 UPDATE_RATE = 0.02
@@ -78,13 +82,13 @@ def _update(rng: np.random.Generator, dataset: str, frame: pd.DataFrame, rows: n
 def plan_versions(rng: np.random.Generator, tables: dict[str, pd.DataFrame], calendar: Calendar,
                   defect_rate: float, population: pd.DataFrame) -> dict[str, list[pd.DataFrame]]:
     """Rows delivered by each batch, per dataset, with their planned defect (``_defect``)."""
-    versions: dict[str, list[pd.DataFrame]] = {d: [] for d in DATASETS}
+    versions: dict[str, list[pd.DataFrame]] = {d: [] for d in GENERATED_DATASETS}
     ends = calendar.window_ends()
     for table in tables.values():
         table["_frozen"] = False
         table["_deleted"] = False
     for batch in range(calendar.batches):
-        for dataset in DATASETS:
+        for dataset in GENERATED_DATASETS:
             table = tables[dataset]
             created = table["_batch"].to_numpy()
             parts = [table[created == batch].assign(_change=CHANGE_NEW)]
