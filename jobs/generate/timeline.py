@@ -18,11 +18,11 @@ from jobs.generate.clinical import DECISION_PERMIT, lab_values
 from jobs.generate.defects import plan_defects
 from jobs.generate.people import phones_as_typed
 from jobs.core.schemas import DATASETS
+from jobs import reference
 
 # What the synthetic consortium delivers: every dataset but ``observation`` (surveys, social history and
 # scores come from real exports; see tests/fixtures/observation).
 GENERATED_DATASETS = tuple(d for d in DATASETS if d != "observation")
-from jobs import reference
 
 UPDATE_RATE = 0.02
 DELETE_RATE = 0.005
