@@ -580,8 +580,12 @@ def _second_layer(project: Project, plan_: Plan, released, accuracy: dict, hidde
         small = small or (ROWS in row and (row[ROWS] or 0) < project.min_cell_size)
         for name, internal in plan_.keys:
             out[name].append(row[internal])
-        for aggregate in plan_.aggregates:
-            value, low, high = _cell(aggregate, row, accuracy, hidden, base)
+        cells = [(aggregate, *_cell(aggregate, row, accuracy, hidden, base)) for aggregate in plan_.aggregates]
+        # A noisy count just over the threshold can round under it (12 → 10 with a base of 5): the
+        # released, rounded count is held to the threshold too.
+        small = small or any(a.name in counts and v is not None and v < project.min_cell_size
+                             for a, v, _, _ in cells)
+        for aggregate, value, low, high in cells:
             if small:
                 value = low = high = None
                 suppressed += 1
