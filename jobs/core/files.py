@@ -26,6 +26,13 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), path.removeprefix("file://").removeprefix("file:").rstrip("/") or "/"
 
 
+def qualified(path: str) -> str:
+    """``path`` as Hadoop qualifies it (``file:/abs/path``, ``s3a://bucket/key``): the form of Spark's file columns."""
+    if path.startswith("s3a://"):
+        return path.rstrip("/")
+    return "file:" + os.path.abspath(path.removeprefix("file://").removeprefix("file:"))
+
+
 def spark_path(path: str, name: str) -> str:
     """``name`` (as Arrow names it, under ``path``'s file system) in the form Spark writes."""
     return f"s3a://{name}" if path.startswith("s3a://") else f"file:{name}"

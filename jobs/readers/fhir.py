@@ -757,12 +757,7 @@ def _source_files(spark: SparkSession, sources: Mapping[str, str]) -> Callable[[
     The column holds the path as Hadoop qualifies it (``file:/…``), so the keys are qualified
     the same way. A file without a source fails the read: its rows would have no lineage.
     """
-    conf = spark.sparkContext._jsc.hadoopConfiguration()
-    hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path  # type: ignore[union-attr]  # set while the context runs
-
-    def qualified(path: str) -> str:
-        p = hadoop_path(path)
-        return p.getFileSystem(conf).makeQualified(p).toString()
+    from jobs.core.files import qualified
 
     table = {qualified(path): source for path, source in sources.items()}
 
