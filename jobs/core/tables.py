@@ -1,11 +1,20 @@
-"""Delta table helpers shared by every stage: key fingerprints and write metrics."""
+"""Delta table helpers shared by every stage: key fingerprints, write metrics, and every Delta operation as SQL.
+
+Every operation on a Delta table is a SQL statement (``CREATE TABLE``,
+``MERGE INTO``, ``DELETE``, ``VACUUM``, ``OPTIMIZE``, ``DESCRIBE HISTORY``) or
+a DataFrame read/write, never the ``DeltaTable`` Python API: the API reaches
+Delta's JVM classes through py4j (classic session) or through Delta's Spark
+Connect plugin, while SQL is planned by the Delta SQL extension of any Spark
+session, in-process or the Spark service reached through Spark Connect.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import uuid
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
-from delta.tables import DeltaTable
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql.types import (
     ByteType,
     DateType,
@@ -77,7 +86,105 @@ def add_missing_columns(spark: SparkSession, path: str, schema: StructType,
 
 
 def table_exists(spark: SparkSession, path: str) -> bool:
-    return DeltaTable.isDeltaTable(spark, path)
+    """Whether ``path`` holds a Delta table; read from its log with delta-rs (no Spark job, no JVM call)."""
+    from jobs.core.arrow_tables import open_delta
+
+    return open_delta(path) is not None
+
+
+def table_ref(path: str) -> str:
+    """``delta.`<path>``` as SQL names a table by its location (a backtick in the path doubled)."""
+    return "delta.`" + path.replace("`", "``") + "`"
+
+
+def sql_string(text: str) -> str:
+    """A SQL string literal of ``text``."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@contextmanager
+def temp_view(frame: DataFrame) -> Iterator[str]:
+    """``frame`` as a temporary view of a fresh name, dropped afterwards; the name for SQL to read it by."""
+    name = "affluent_src_" + uuid.uuid4().hex
+    frame.createOrReplaceTempView(name)
+    try:
+        yield name
+    finally:
+        frame.sparkSession.catalog.dropTempView(name)
+
+
+def create_table(spark: SparkSession, path: str, schema: StructType, *, partition_by: Iterable[str] = (),
+                 comment: str | None = None, properties: dict[str, str] | None = None,
+                 column_comment: Callable[[str], str] | None = None) -> None:
+    """``CREATE TABLE IF NOT EXISTS`` at ``path`` with ``schema`` (nullability and column comments kept)."""
+    def column(field) -> str:
+        spec = f"`{field.name}` {field.dataType.simpleString()}"
+        if not field.nullable:
+            spec += " NOT NULL"
+        text = column_comment(field.name) if column_comment is not None else field.metadata.get("comment")
+        return spec + (f" COMMENT {sql_string(text)}" if text else "")
+
+    statement = f"CREATE TABLE IF NOT EXISTS {table_ref(path)} ({', '.join(column(f) for f in schema.fields)}) USING DELTA"
+    partitions = list(partition_by)
+    if partitions:
+        statement += " PARTITIONED BY (" + ", ".join(f"`{c}`" for c in partitions) + ")"
+    if comment:
+        statement += f" COMMENT {sql_string(comment)}"
+    if properties:
+        statement += " TBLPROPERTIES (" + ", ".join(f"{sql_string(k)} = {sql_string(v)}"
+                                                    for k, v in properties.items()) + ")"
+    spark.sql(statement)
+
+
+def merge_into(spark: SparkSession, path: str, source: DataFrame, condition: str, *clauses: str) -> Row | None:
+    """``MERGE INTO`` the table at ``path`` (alias ``t``) from ``source`` (alias ``s``); its metrics row.
+
+    ``clauses`` are the ``WHEN [NOT] MATCHED … THEN …`` parts, in order. The metrics
+    (``num_affected_rows``, ``num_updated_rows``, ``num_deleted_rows``, ``num_inserted_rows``) are the
+    MERGE's own: no history read, and no other writer's commit mistaken for it.
+    """
+    with temp_view(source) as view:
+        return spark.sql(f"MERGE INTO {table_ref(path)} AS t USING {view} AS s ON {condition} "
+                         + " ".join(clauses)).first()
+
+
+def update_set(columns: Iterable[str]) -> str:
+    """``c = s.c, …`` for a MERGE's ``UPDATE SET`` / ``INSERT`` of named columns."""
+    return ", ".join(f"`{c}` = s.`{c}`" for c in columns)
+
+
+def insert_values(columns: Iterable[str]) -> str:
+    """``(c, …) VALUES (s.c, …)`` for a MERGE's ``INSERT``."""
+    names = list(columns)
+    return "(" + ", ".join(f"`{c}`" for c in names) + ") VALUES (" + ", ".join(f"s.`{c}`" for c in names) + ")"
+
+
+def delete_where(spark: SparkSession, path: str, condition: str | None = None) -> int:
+    """``DELETE FROM`` the table at ``path`` (every row when ``condition`` is ``None``); the rows deleted."""
+    where = f" WHERE {condition}" if condition else ""
+    row = spark.sql(f"DELETE FROM {table_ref(path)}{where}").first()
+    return int((row.asDict().get("num_affected_rows") if row is not None else 0) or 0)
+
+
+def vacuum(spark: SparkSession, path: str, retain_hours: float) -> None:
+    """``VACUUM`` the table: files out of its current version for longer than ``retain_hours`` are removed."""
+    spark.sql(f"VACUUM {table_ref(path)} RETAIN {retain_hours} HOURS").collect()
+
+
+def compact(spark: SparkSession, path: str) -> None:
+    """``OPTIMIZE`` (bin-packing compaction of small files)."""
+    spark.sql(f"OPTIMIZE {table_ref(path)}").collect()
+
+
+def last_commit(path: str) -> dict:
+    """The table's newest commit (``operation``, ``operationMetrics``…), read from its log with delta-rs."""
+    from jobs.core.arrow_tables import open_delta
+
+    table = open_delta(path)
+    if table is None:
+        raise FileNotFoundError(f"no Delta table at {path}")
+    (commit,) = table.history(1)
+    return commit
 
 
 def table_properties(spark: SparkSession, path: str) -> dict[str, str]:
@@ -133,20 +240,11 @@ def ensure_table(spark: SparkSession, path: str, schema, fingerprint: str | None
             check_fingerprint(spark, path, fingerprint)
         add_missing_columns(spark, path, schema)
         return
-    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
-    if partition_by:
-        builder = builder.partitionedBy(*partition_by)
-    if comment:
-        builder = builder.comment(comment)
     # Statistics of ids, dates and numbers only (see stats_columns); none at all when there is none of them.
-    kept = stats_columns(schema, partition_by)
-    builder = (builder.property(STATS_COLUMNS, ",".join(kept)) if kept
-               else builder.property(NUM_INDEXED_COLUMNS, "0"))
-    for key, value in (properties or {}).items():
-        builder = builder.property(key, value)
+    props = _statistics_properties(stats_columns(schema, partition_by)) | dict(properties or {})
     if fingerprint is not None:
-        builder = builder.property(FINGERPRINT_PROPERTY, fingerprint)
-    builder.execute()
+        props[FINGERPRINT_PROPERTY] = fingerprint
+    create_table(spark, path, schema, partition_by=partition_by, comment=comment, properties=props)
 
 
 def _statistics_properties(columns: list[str]) -> dict[str, str]:
@@ -175,8 +273,6 @@ def overwrite_table(spark: SparkSession, df, path: str) -> int:
     columns the table already has, and widened after it to the new schema's.
     Returns the rows the write committed (its own metrics, whatever commit follows).
     """
-    from jobs.core.arrow_tables import open_delta
-
     kept = stats_columns(df.schema)
     if table_exists(spark, path):
         existing = {f.name for f in spark.read.format("delta").load(path).schema.fields}
@@ -184,7 +280,7 @@ def overwrite_table(spark: SparkSession, df, path: str) -> int:
     else:
         ensure_table(spark, path, df.schema)
     df.write.format("delta").mode(OVERWRITE).option("overwriteSchema", "true").save(path)
-    (written,) = open_delta(path).history(1)
+    written = last_commit(path)
     restrict_statistics(spark, path, kept)
     return int((written.get("operationMetrics") or {}).get("numOutputRows", 0))
 
