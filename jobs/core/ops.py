@@ -39,7 +39,7 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType, Tim
 
 from jobs.core.batchlog import BATCH_LOG, BATCH_LOG_COLUMNS, LEGACY_KIND_PATTERN, Stage, Status
 from jobs.core.lake import Lake
-from jobs.core.tables import APPEND, table_exists
+from jobs.core.tables import APPEND, cast_to, table_exists
 
 BATCH_LOG_SCHEMA = StructType([
     StructField("establishment_id", StringType(), False),
@@ -96,7 +96,7 @@ def read_batch_log(spark: SparkSession, lake: Lake) -> DataFrame:
     log = spark.read.format("delta").load(lake.ops(BATCH_LOG))
     for field in BATCH_LOG_SCHEMA.fields:
         if field.name not in log.columns:
-            log = log.withColumn(field.name, F.lit(None).cast(field.dataType))
+            log = log.withColumn(field.name, cast_to(F.lit(None), field.dataType))
     legacy_kind = F.nullif(F.regexp_extract(F.col("message"), LEGACY_KIND_PATTERN, 1), F.lit(""))
     return log.withColumn("kind", F.coalesce(F.col("kind"), legacy_kind)).select(BATCH_LOG_SCHEMA.fieldNames())
 

@@ -14,9 +14,10 @@ import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
-from pyspark.sql import DataFrame, Row, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql.types import (
     ByteType,
+    DataType,
     DateType,
     DecimalType,
     DoubleType,
@@ -83,6 +84,17 @@ def add_missing_columns(spark: SparkSession, path: str, schema: StructType,
         spec = ", ".join(f"`{f.name}` {f.dataType.simpleString()}{described(f.name)}" for f in missing)
         spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({spec})")
     return [f.name for f in missing]
+
+
+def cast_to(column: Column, data_type: DataType) -> Column:
+    """``column`` cast to ``data_type``, named by its SQL type name.
+
+    Through Spark Connect a cast to a ``DataType`` object travels with an explicit collation, and
+    the column's string type is then written to the Delta log as ``string collate UTF8_BINARY``,
+    which other readers of the lake (delta-rs: the gateway, stewards' tools) refuse. The type's
+    name is parsed by the service into the plain type.
+    """
+    return column.cast(data_type.simpleString())
 
 
 def table_exists(spark: SparkSession, path: str) -> bool:

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from jobs.core.tables import cast_to
+
 YEAR_OF_BIRTH = "year_of_birth"
 MONTH_OF_BIRTH = "month_of_birth"
 POSTAL_PREFIX = "postal_prefix"
@@ -105,7 +107,7 @@ def _one_value_per_person(patients: DataFrame, qis: list[str]) -> DataFrame:
 
 
 def _at_level(persons: DataFrame, qis: list[str], level: int) -> DataFrame:
-    return persons.select("person_id", *[generalised(q, level).cast(persons.schema[q].dataType).alias(q)
+    return persons.select("person_id", *[cast_to(generalised(q, level), persons.schema[q].dataType).alias(q)
                                          for q in qis])
 
 
@@ -152,7 +154,7 @@ def k_anonymise(patients: DataFrame, quasi_identifiers: list[str], k: int) -> tu
     decided = persons.select(F.col("person_id").alias("_k_person"), F.col(_SUPPRESSED).alias(_SUPPRESSED),
                              *[F.col(q).alias(f"_g_{q}") for q in qis])
     out = patients.join(decided, F.col("person_id") == F.col("_k_person"), how="left").select(*[
-        F.when(F.col(_SUPPRESSED), F.lit(None)).otherwise(F.col(f"_g_{c}")).cast(patients.schema[c].dataType).alias(c)
+        cast_to(F.when(F.col(_SUPPRESSED), F.lit(None)).otherwise(F.col(f"_g_{c}")), patients.schema[c].dataType).alias(c)
         if c in qis else F.col(c) for c in patients.columns])
     # Every person left with quasi-identifiers has them at the level reached.
     generalised_persons = total - suppressed if level > 0 else 0

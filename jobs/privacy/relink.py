@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from jobs.core.tables import cast_to
 from jobs.privacy.kanonymity import POSTAL_PREFIX, YEAR_OF_BIRTH
 
 # (ICD-10 characters kept, ATC characters kept); None = the code as in silver.
@@ -347,7 +348,7 @@ def published_codes(frame: DataFrame, dataset: str, outcome: RelinkOutcome) -> D
     return (frame.withColumn("_r_code", code).withColumn("_r_item_of_row", item)
             .join(kept, (F.col("person_id") == F.col("_r_person")) & (F.col("_r_item_of_row") == F.col("_r_item")),
                   how="left")
-            .select(*[F.when(F.col("_r_kept"), published[c]).cast(frame.schema[c].dataType).alias(c)
+            .select(*[cast_to(F.when(F.col("_r_kept"), published[c]), frame.schema[c].dataType).alias(c)
                       if c in published else F.col(c) for c in frame.columns]))
 
 def declared_bound(consortium, project) -> RelinkBound:

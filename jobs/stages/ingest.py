@@ -46,7 +46,7 @@ from jobs.stages.landing import BUNDLE, MANIFEST, NOT_COLLECTED, check_batch
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.core.schemas import QUARANTINE_SCHEMA, bronze_schema
-from jobs.core.tables import OVERWRITE, ensure_table
+from jobs.core.tables import OVERWRITE, cast_to, ensure_table
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.INGEST
@@ -226,7 +226,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         qpath = lake.quarantine()
         ensure_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",),
                      comment="Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
-        (quarantine.select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
+        (quarantine.select([cast_to(F.col(f.name), f.dataType) for f in QUARANTINE_SCHEMA.fields])
          .write.format("delta").mode(OVERWRITE)
          .option("replaceWhere", f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
          .save(qpath))

@@ -20,14 +20,14 @@ from pyspark.sql.window import Window
 
 from jobs.core.config import Consortium, CsvProfile, Establishment, PersonIdentifierSystem
 from jobs.privacy.coded_fields import UNIT_COLUMNS, declared_vocabulary, guard_coded_fields
-from jobs.privacy.crypto import SparkKey, hmac_sha256_hex
+from jobs.privacy.crypto import ServiceKey, SparkKey, hmac_sha256_hex
 from jobs.privacy.keys import PseudonymKey
 from jobs.core.lake import Lake
 from jobs.core.batchlog import Stage, Status
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.core.schemas import BRONZE_COLUMNS, CONCEPT_SEPARATOR, DATASETS, PERSON_IDENTIFIERS, staged_schema
 from jobs.reference.vocabularies import VOCABULARY_TOKENS, luhn_ok, vocabulary_of
-from jobs.core.tables import OVERWRITE, ensure_table, table_exists
+from jobs.core.tables import OVERWRITE, cast_to, ensure_table, table_exists
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.PSEUDONYMISE
@@ -52,7 +52,7 @@ class Keyring:
     fingerprint: str
 
     @classmethod
-    def for_establishment(cls, spark: SparkSession, key: PseudonymKey, establishment_id: str) -> "Keyring":
+    def for_establishment(cls, spark: SparkSession, key: PseudonymKey | ServiceKey, establishment_id: str) -> "Keyring":
         return cls(SparkKey(spark, key.person_key()), SparkKey(spark, key.establishment_key(establishment_id)),
                    key.fingerprint)
 
@@ -203,7 +203,7 @@ def _lineage(extra: dict[str, Column] | None = None) -> list[Column]:
 
 def _conform(df: DataFrame, dataset: str) -> DataFrame:
     """The staged schema's contract: its columns, in order, with their types."""
-    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in staged_schema(dataset).fields])
+    return df.select([cast_to(F.col(f.name), f.dataType).alias(f.name) for f in staged_schema(dataset).fields])
 
 
 def normalise_identifier(system: PersonIdentifierSystem, value: Column) -> Column:

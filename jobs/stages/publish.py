@@ -87,7 +87,7 @@ from jobs.stages.maintenance import list_folders
 from jobs.privacy.policy import check_policy, shared_establishments
 from jobs.privacy.relink import RelinkRiskExceeded, enforce_relink_bound, published_codes
 from jobs.core.schemas import DATASETS, SILVER_SCHEMAS
-from jobs.core.tables import APPEND, check_fingerprint, delete_where, overwrite_table, table_exists, table_version
+from jobs.core.tables import APPEND, cast_to, check_fingerprint, delete_where, overwrite_table, table_exists, table_version
 from jobs.core.writer_lock import Mode, writes_lake
 
 MANIFEST = "_manifest"
@@ -207,7 +207,7 @@ def project_extract(silver: DataFrame, dataset: str, project: Project, establish
             out = F.lit(None)
         else:
             out = col
-        columns.append(out.cast(data_type).alias(name))
+        columns.append(cast_to(out, data_type).alias(name))
     return (
         silver.where(F.col("establishment_id").isin(establishments))
         .join(persons, on="person_id", how="left_semi")

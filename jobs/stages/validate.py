@@ -87,7 +87,7 @@ from jobs.core.schemas import (
     silver_columns,
     staged_schema,
 )
-from jobs.core.tables import OVERWRITE, ensure_table, table_exists
+from jobs.core.tables import OVERWRITE, cast_to, ensure_table, table_exists
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.VALIDATE
@@ -605,7 +605,7 @@ def _quarantine_rows(flagged: DataFrame, dataset: str, staged_columns: list[str]
         F.col("_resource_id_hash").alias("resource_id_hash"), F.col("person_id"),
         F.to_json(F.struct(*staged_columns), {"ignoreNullFields": "false"}).alias("record_safe"),
         F.lit(now).cast("timestamp").alias("quarantined_at"),
-    ).select([F.col(f.name).cast(f.dataType) for f in QUARANTINE_SCHEMA.fields])
+    ).select([cast_to(F.col(f.name), f.dataType) for f in QUARANTINE_SCHEMA.fields])
 
 
 def _replace(df: DataFrame, path: str, predicate: str) -> None:
@@ -750,7 +750,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
             rows_out = kept.get(dataset) if not failures else None
             if rows_out is None:
                 rows_out = spark.createDataFrame([], staged_schema(dataset))
-            _replace(rows_out.select([F.col(f.name).cast(f.dataType) for f in staged_schema(dataset).fields]),
+            _replace(rows_out.select([cast_to(F.col(f.name), f.dataType) for f in staged_schema(dataset).fields]),
                      vpath, predicate)
     finally:
         for frame in persisted:
