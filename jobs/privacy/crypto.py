@@ -97,6 +97,7 @@ class ServiceKey:
 
     def __init__(self, spark: SparkSession):
         register_keyed_functions(spark)
+        self._spark = spark
         # Public and one-way, as PseudonymKey.fingerprint; it fails here when the service holds no key.
         self.fingerprint: str = spark.range(1).select(F.call_function(FINGERPRINT_FUNCTION)).collect()[0][0]
 
@@ -114,6 +115,18 @@ class ServiceKey:
 
     def project_key(self, project_id: str) -> ServicePurpose:
         return self.derive(f"project:{project_id}")
+
+    def hmac_hex(self, purpose: ServicePurpose, messages: list[str]) -> list[str]:
+        """Hex HMAC-SHA256 of each message under the purpose's sub-key, computed by the service (one job).
+
+        For the few values a steward's command needs as values (an erasure's patient key and project
+        pseudonyms): the messages travel to the service as data, the key stays there.
+        """
+        if not messages:
+            return []
+        frame = self._spark.createDataFrame([(i, m) for i, m in enumerate(messages)], "i long, m string")
+        rows = frame.select("i", hmac_sha256_hex(SparkKey(self._spark, purpose), "m").alias("h")).collect()
+        return [h for _, h in sorted((r.i, r.h) for r in rows)]
 
 
 _REGISTERED: set[str] = set()

@@ -64,6 +64,7 @@ from pyspark.sql.types import ArrayType, IntegerType, LongType, MapType, StringT
 from jobs.core import clock
 from jobs.core.config import Consortium
 from jobs.stages.gold import PATIENTS_BY_CONDITION, build_patients_by_condition
+from jobs.privacy.crypto import ServiceKey
 from jobs.privacy.keys import PseudonymKey
 from jobs.core.lake import (BRONZE, DIRECT_IDENTIFIERS, GOLD, LANDING, OPS, PATIENT_KEYS, PATIENT_REFERENCES, PERSON_IDS, PROJECTS,
                        ZONES, Lake, Zone)
@@ -141,16 +142,23 @@ def _hex_hmac(key: bytes, message: str) -> str:
     return hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def patient_key_of(key: PseudonymKey, establishment_id: str, patient_ref: str) -> str:
+def _keyed(key: PseudonymKey | ServiceKey, sub_key, messages: list[str]) -> list[str]:
+    """Hex HMACs of ``messages`` under ``sub_key``: here with this process's key, or by the Spark service."""
+    if isinstance(key, ServiceKey):
+        return key.hmac_hex(sub_key, messages)
+    return [_hex_hmac(sub_key, m) for m in messages]
+
+
+def patient_key_of(key: PseudonymKey | ServiceKey, establishment_id: str, patient_ref: str) -> str:
     """The ``silver.patient.patient_key`` of an establishment's patient reference."""
     ref = (patient_ref or "").strip(" ")
     if not ref:
         raise ErasureError("an erasure request needs the patient's reference at the establishment; none given")
-    return _hex_hmac(key.establishment_key(establishment_id), f"patient:{ref}")
+    return _keyed(key, key.establishment_key(establishment_id), [f"patient:{ref}"])[0]
 
 
 @writes_lake(Mode.SHARED)
-def request_erasure(spark: SparkSession, lake: Lake, key: PseudonymKey, establishment_id: str,
+def request_erasure(spark: SparkSession, lake: Lake, key: PseudonymKey | ServiceKey, establishment_id: str,
                     patient_ref: str) -> str:
     """Record a pending erasure request (patient key only); return its request id.
 
@@ -200,7 +208,7 @@ def _resolve(spark: SparkSession, lake: Lake, establishment_id: str, patient_key
     return _Person(tuple(persons), tuple(sorted(refs | {(establishment_id, patient_key)})))
 
 
-def _erase_from_zone(spark: SparkSession, lake: Lake, zone: Zone, key: PseudonymKey, person: _Person
+def _erase_from_zone(spark: SparkSession, lake: Lake, zone: Zone, key: PseudonymKey | ServiceKey, person: _Person
                      ) -> tuple[dict[str, int], dict[str, str]]:
     """Rows removed per table, and the tables' paths."""
     removed: dict[str, int] = {}
@@ -225,12 +233,11 @@ def _erase_from_zone(spark: SparkSession, lake: Lake, zone: Zone, key: Pseudonym
     return removed, tables
 
 
-def _project_pseudonyms(key: PseudonymKey, project_id: str, person: _Person) -> list[str]:
-    project_key = key.project_key(project_id)
-    return [_hex_hmac(project_key, p) for p in person.person_ids]
+def _project_pseudonyms(key: PseudonymKey | ServiceKey, project_id: str, person: _Person) -> list[str]:
+    return _keyed(key, key.project_key(project_id), list(person.person_ids))
 
 
-def _erase_patient_references(spark: SparkSession, path: str, key: PseudonymKey, person: _Person) -> int:
+def _erase_patient_references(spark: SparkSession, path: str, key: PseudonymKey | ServiceKey, person: _Person) -> int:
     """Bronze: each row's patient reference keyed in Spark as pseudonymisation does, compared with the person's keys."""
     from jobs.stages.pseudonymise import Keyring
 
@@ -260,7 +267,7 @@ class ContentProof:
     found: dict[tuple[str, str], int]
 
 
-def _bronze_keyed_references(spark: SparkSession, name: str, path: str, key: PseudonymKey,
+def _bronze_keyed_references(spark: SparkSession, name: str, path: str, key: PseudonymKey | ServiceKey,
                              establishments: set[str]):
     """Bronze holds references in clear: every data file's references, keyed as pseudonymisation keys them."""
     from jobs.stages.pseudonymise import Keyring
@@ -285,7 +292,7 @@ def _cleaned(zone: Zone) -> bool:
     return zone.name == GOLD or (bool(zone.holds - {DIRECT_IDENTIFIERS}) and zone.name not in (OPS, LANDING))
 
 
-def prove_erased(spark: SparkSession, lake: Lake, key: PseudonymKey, persons: list[_Person],
+def prove_erased(spark: SparkSession, lake: Lake, key: PseudonymKey | ServiceKey, persons: list[_Person],
                  zones: tuple[str, ...] | None = None) -> ContentProof:
     """Scan the contents of every table of every zone but landing for the persons' ids and keyed references.
 
@@ -335,7 +342,7 @@ def _refuse_if_found(proof: ContentProof, then: str) -> None:
 
 
 @writes_lake(Mode.EXCLUSIVE)
-def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, key: PseudonymKey) -> ErasureOutcome:
+def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, key: PseudonymKey | ServiceKey) -> ErasureOutcome:
     """Apply every pending erasure request, in every zone; prove it by content; write one receipt per request.
 
     Every table of every zone that may hold a person is purged of deletion
