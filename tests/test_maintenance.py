@@ -135,7 +135,9 @@ def test_a_transient_table_whose_files_cannot_hold_the_batch_gets_no_delete(spar
         paths[dataset] = path = lake.staged(dataset)
         schema = staged_schema(dataset)
         ensure_table(spark, path, schema, partition_by=("establishment_id",))
-        row = {f.name: None for f in schema.fields} | {"establishment_id": "chu_laurentides", "_batch_id": batch}
+        row = {f.name: None for f in schema.fields} | {"establishment_id": "chu_laurentides", "_batch_id": batch,
+                                                       "record_action": "upsert", "_parse_errors": [],
+                                                       "_source_file": f"{batch}#0"}
         spark.createDataFrame([row], schema).write.format("delta").mode("append").save(path)
     assert may_hold_batch(paths["patient"], "chu_laurentides", "b1")
     assert not may_hold_batch(paths["patient"], "chu_laurentides", "b2")

@@ -99,6 +99,14 @@ def test_a_table_made_ready_once_is_not_looked_at_again_and_another_key_is_refus
     ready_table(spark, path, wider, "fp-1", partition_by=("establishment_id",))
     assert "consent_note_id" in spark.read.format("delta").load(path).columns
 
+    # The table made again with another key, by another process: the remembered one is not taken for it.
+    import shutil
+
+    shutil.rmtree(path)
+    ensure_table(spark, path, schema, "fp-2", partition_by=("establishment_id",))
+    with pytest.raises(KeyMismatchError, match="fp-2"):
+        ready_table(spark, path, wider, "fp-1", partition_by=("establishment_id",))
+
 
 def test_a_write_s_own_count_is_read_from_its_tagged_commit_after_another_writer_s(spark, tmp_path):
     from jobs.core.tables import new_commit_tag, tagged_commit, written_rows

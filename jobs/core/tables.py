@@ -291,17 +291,23 @@ def overwrite_table(spark: SparkSession, df, path: str) -> int:
 #
 # A stage writes the same few tables at every batch. Checking each of them with Spark before every write
 # (its properties, its schema) costs a round trip to the Spark service apiece; the log holds both, and
-# delta-rs reads it in the client. A table found ready is remembered for the process: a later batch
-# writes to it without a look, as long as its log is still where it was.
-_READY: dict[str, tuple[str | None, frozenset[str]]] = {}
+# delta-rs reads it in the client. A table found ready is remembered for the process, with the identity
+# of its first commit file: a later batch writes to it without a look while that file is the same one (a
+# table dropped and made again, perhaps with another key, has a new one and is checked again).
+_READY: dict[str, tuple[str | None, frozenset[str], tuple[int, int]]] = {}
 
 
-def _log_present(path: str) -> bool:
-    """Whether the table's log folder is still there (cheap on local disk; assumed elsewhere)."""
+def _first_commit_identity(path: str) -> tuple[int, int] | None:
+    """Inode and modification time of the table's version-0 commit file; None off local disk or without it
+    (object storage, or a log whose first commits were cleaned up): then the table is read every time."""
     if "://" in path and not path.startswith("file:"):
-        return True
+        return None
     local = path.removeprefix("file://").removeprefix("file:")
-    return os.path.isdir(os.path.join(local, "_delta_log"))
+    try:
+        found = os.stat(os.path.join(local, "_delta_log", "0" * 20 + ".json"))
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
 def forget_ready_tables() -> None:
@@ -322,7 +328,8 @@ def ready_table(spark: SparkSession, path: str, schema: StructType, fingerprint:
     """
     names = frozenset(schema.fieldNames())
     known = _READY.get(path)
-    if known is not None and known[0] == fingerprint and names <= known[1] and _log_present(path):
+    if (known is not None and known[0] == fingerprint and names <= known[1]
+            and known[2] == _first_commit_identity(path)):
         return
     from jobs.core.arrow_tables import open_delta
 
@@ -333,7 +340,7 @@ def ready_table(spark: SparkSession, path: str, schema: StructType, fingerprint:
             props[FINGERPRINT_PROPERTY] = fingerprint
         create_table(spark, path, schema, partition_by=partition_by, comment=comment, properties=props,
                      column_comment=column_comment)
-        _READY[path] = (fingerprint, names)
+        _remember(path, fingerprint, names)
         return
     stored = (table.metadata().configuration or {}).get(FINGERPRINT_PROPERTY)
     if fingerprint is not None and stored is not None and stored != fingerprint:
@@ -345,7 +352,13 @@ def ready_table(spark: SparkSession, path: str, schema: StructType, fingerprint:
     present = {f.name for f in table.schema().fields}
     if names - present:
         add_missing_columns(spark, path, schema, column_comment)
-    _READY[path] = (fingerprint, names | present)
+    _remember(path, fingerprint, names | present)
+
+
+def _remember(path: str, fingerprint: str | None, columns: frozenset[str]) -> None:
+    identity = _first_commit_identity(path)
+    if identity is not None:
+        _READY[path] = (fingerprint, columns, identity)
 
 
 def fingerprint_of(path: str) -> str | None:
