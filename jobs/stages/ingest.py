@@ -230,8 +230,9 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
         write_ingest_quarantine(spark, lake, reduce(DataFrame.unionByName, quarantine_parts), establishment_id,
                                 batch_id)
         # What the tables now hold of the batch, counted once over all of them (one Spark job).
-        bronze_counts: dict[str, int] = {}
-        bronze_entries: dict[str, int] = {}
+        # Every dataset read is counted, an empty file's too (its batch-log entry says 0 rows read).
+        bronze_counts: dict[str, int] = dict.fromkeys(bronze_parts, 0)
+        bronze_entries: dict[str, int] = dict.fromkeys(bronze_parts, 0)
         quarantined: dict[str, int] = {}
         per_file: dict[str, int] = dict(not_collected_files)
         for r in batch_counts(spark, lake, list(bronze_parts), establishment_id, batch_id):
