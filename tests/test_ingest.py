@@ -261,3 +261,17 @@ def test_a_rejected_batch_ends_the_run_with_the_line_batches_shows_and_redeliver
 
     _edit_manifest(folder, lambda m: m["files"][0].update(rows=3))  # re-delivered, corrected
     assert pending_batches(lake, landing, load_consortium(CONFIG_DIR), "chu_laurentides") == ["20260105-001"]
+
+
+def test_an_empty_file_is_logged_as_a_dataset_read_with_no_rows(spark, consortium, tmp_path):
+    """An export of no records is still a dataset of the batch: its ingested entry says 0 rows read (land
+    reads it as an empty file, whose absence of records deletes nothing)."""
+    lake, landing = Lake(str(tmp_path / "lake")), tmp_path / "landing"
+    write_batch(landing, "chu_laurentides", "20260105-001", {
+        "patients.csv": ("patient", latin1_csv(LAURENTIDES_PATIENT_HEADER, PATIENTS[:1])),
+        "sejours.csv": ("encounter", latin1_csv(LAURENTIDES_ENCOUNTER_HEADER, [])),
+    })
+    outcome = ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")
+    assert outcome.bronze == {"patient": 1, "encounter": 0}
+    log = {r.dataset: r for r in read_batch_log(spark, lake).where(F.col("stage") == "ingest").collect()}
+    assert (log["encounter"].rows_read, log["encounter"].status) == (0, "ingested")

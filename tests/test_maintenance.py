@@ -121,3 +121,31 @@ def test_rows_matching_keys_are_deleted_and_a_table_without_them_gets_no_commit(
     (info,) = [json.loads(line)["commitInfo"] for line in log if '"commitInfo"' in line]
     # The commit records the condition, never the id.
     assert info["operation"] == "MERGE" and "p1" not in json.dumps(info["operationParameters"])
+
+
+def test_a_transient_table_whose_files_cannot_hold_the_batch_gets_no_delete(spark, tmp_path):
+    """The files' partition values and ``_batch_id`` statistics rule a table out: no DELETE, no commit."""
+    from jobs.core.schemas import staged_schema
+    from jobs.core.tables import ensure_table, table_version
+    from jobs.stages.maintenance import may_hold_batch, purge_transient
+
+    lake = Lake(str(tmp_path / "lake"))
+    paths = {}
+    for dataset, batch in (("consent", "b2"), ("patient", "b1")):
+        paths[dataset] = path = lake.staged(dataset)
+        schema = staged_schema(dataset)
+        ensure_table(spark, path, schema, partition_by=("establishment_id",))
+        row = {f.name: None for f in schema.fields} | {"establishment_id": "chu_laurentides", "_batch_id": batch,
+                                                       "record_action": "upsert", "_parse_errors": [],
+                                                       "_source_file": f"{batch}#0"}
+        spark.createDataFrame([row], schema).write.format("delta").mode("append").save(path)
+    assert may_hold_batch(paths["patient"], "chu_laurentides", "b1")
+    assert not may_hold_batch(paths["patient"], "chu_laurentides", "b2")
+    assert not may_hold_batch(paths["patient"], "other", "b1")
+    before = table_version(spark, paths["consent"])
+
+    removed = purge_transient(spark, lake, "chu_laurentides", "b1")
+
+    assert removed == {"staged.consent": 0, "staged.patient": 1}
+    assert table_version(spark, paths["consent"]) == before
+    assert spark.read.format("delta").load(paths["patient"]).count() == 0

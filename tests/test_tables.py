@@ -73,3 +73,47 @@ def test_a_silver_table_made_before_a_column_joined_the_schema_gains_it_with_its
         "_extracted_at": dt.datetime(2026, 1, 5), "condition_end_date": dt.date(2026, 1, 4)}
     spark.createDataFrame([row], full).write.format("delta").mode("append").save(path)
     assert spark.read.format("delta").load(path).first().condition_end_date == dt.date(2026, 1, 4)
+
+
+def test_a_table_made_ready_once_is_not_looked_at_again_and_another_key_is_refused(spark, tmp_path):
+    """``ready_table`` creates the table with the key's fingerprint; the same key then writes without a look,
+    another key is refused from the log, and a column the schema gained is added to the existing table."""
+    import pytest
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    from jobs.core.tables import FINGERPRINT_PROPERTY, forget_ready_tables, ready_table, table_version
+    from jobs.privacy.keys import KeyMismatchError
+
+    path = str(tmp_path / "staged" / "consent")
+    schema = staged_schema("consent")
+    ready_table(spark, path, schema, "fp-1", partition_by=("establishment_id",))
+    assert table_properties(spark, path)[FINGERPRINT_PROPERTY] == "fp-1"
+    version = table_version(spark, path)
+    ready_table(spark, path, schema, "fp-1", partition_by=("establishment_id",))
+    assert table_version(spark, path) == version  # no commit, no ALTER
+    with pytest.raises(KeyMismatchError, match="fp-1"):
+        ready_table(spark, path, schema, "fp-2", partition_by=("establishment_id",))
+
+    forget_ready_tables()
+    wider = StructType(schema.fields + [StructField("consent_note_id", StringType(), True)])
+    ready_table(spark, path, wider, "fp-1", partition_by=("establishment_id",))
+    assert "consent_note_id" in spark.read.format("delta").load(path).columns
+
+    # The table made again with another key, by another process: the remembered one is not taken for it.
+    import shutil
+
+    shutil.rmtree(path)
+    ensure_table(spark, path, schema, "fp-2", partition_by=("establishment_id",))
+    with pytest.raises(KeyMismatchError, match="fp-2"):
+        ready_table(spark, path, wider, "fp-1", partition_by=("establishment_id",))
+
+
+def test_a_write_s_own_count_is_read_from_its_tagged_commit_after_another_writer_s(spark, tmp_path):
+    from jobs.core.tables import new_commit_tag, tagged_commit, written_rows
+
+    path = str(tmp_path / "t")
+    tag = new_commit_tag()
+    spark.createDataFrame([("a",), ("b",), ("c",)], "x string").write.format("delta") \
+        .option("userMetadata", tag).save(path)
+    spark.createDataFrame([("d",)], "x string").write.format("delta").mode("append").save(path)  # another writer
+    assert written_rows(tagged_commit(path, tag)) == 3

@@ -10,6 +10,7 @@ session, in-process or the Spark service reached through Spark Connect.
 
 from __future__ import annotations
 
+import os
 import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
@@ -296,3 +297,123 @@ def overwrite_table(spark: SparkSession, df, path: str) -> int:
     restrict_statistics(spark, path, kept)
     return int((written.get("operationMetrics") or {}).get("numOutputRows", 0))
 
+
+
+# ------------------------------------------------- tables made once ----
+#
+# A stage writes the same few tables at every batch. Checking each of them with Spark before every write
+# (its properties, its schema) costs a round trip to the Spark service apiece; the log holds both, and
+# delta-rs reads it in the client. A table found ready is remembered for the process, with the identity
+# of its first commit file: a later batch writes to it without a look while that file is the same one (a
+# table dropped and made again, perhaps with another key, has a new one and is checked again).
+_READY: dict[str, tuple[str | None, frozenset[str], tuple[int, int]]] = {}
+
+
+def _first_commit_identity(path: str) -> tuple[int, int] | None:
+    """Inode and modification time of the table's version-0 commit file; None off local disk or without it
+    (object storage, or a log whose first commits were cleaned up): then the table is read every time."""
+    if "://" in path and not path.startswith("file:"):
+        return None
+    local = path.removeprefix("file://").removeprefix("file:")
+    try:
+        found = os.stat(os.path.join(local, "_delta_log", "0" * 20 + ".json"))
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
+
+
+def forget_ready_tables() -> None:
+    """Forget which tables were found ready (after a table is dropped or rebuilt in this process)."""
+    _READY.clear()
+
+
+def ready_table(spark: SparkSession, path: str, schema: StructType, fingerprint: str | None = None, *,
+                partition_by: tuple[str, ...] = (), properties: dict[str, str] | None = None,
+                comment: str | None = None, column_comment: Callable[[str], str] | None = None) -> None:
+    """:func:`ensure_table` without a Spark round trip once the table exists, and without a look at all once
+    this process has found it ready.
+
+    An existing table is checked from its log with delta-rs: the key fingerprint property
+    (:class:`KeyMismatchError` when another key wrote it) and the columns it lacks, added by
+    ``ALTER TABLE`` only then. A missing one is created with ``CREATE TABLE`` (the fingerprint and
+    statistics properties on it before any row reaches it).
+    """
+    names = frozenset(schema.fieldNames())
+    known = _READY.get(path)
+    if (known is not None and known[0] == fingerprint and names <= known[1]
+            and known[2] == _first_commit_identity(path)):
+        return
+    from jobs.core.arrow_tables import open_delta
+
+    table = open_delta(path)
+    if table is None:
+        props = _statistics_properties(stats_columns(schema, partition_by)) | dict(properties or {})
+        if fingerprint is not None:
+            props[FINGERPRINT_PROPERTY] = fingerprint
+        create_table(spark, path, schema, partition_by=partition_by, comment=comment, properties=props,
+                     column_comment=column_comment)
+        _remember(path, fingerprint, names)
+        return
+    stored = (table.metadata().configuration or {}).get(FINGERPRINT_PROPERTY)
+    if fingerprint is not None and stored is not None and stored != fingerprint:
+        raise KeyMismatchError(
+            f"{path} was written with the key whose fingerprint is {stored}; the current key's is "
+            f"{fingerprint}. Pseudonyms from two keys must never be mixed: use the original key, "
+            "or rebuild the lake from bronze with the new one."
+        )
+    present = {f.name for f in table.schema().fields}
+    if names - present:
+        add_missing_columns(spark, path, schema, column_comment)
+    _remember(path, fingerprint, names | present)
+
+
+def _remember(path: str, fingerprint: str | None, columns: frozenset[str]) -> None:
+    identity = _first_commit_identity(path)
+    if identity is not None:
+        _READY[path] = (fingerprint, columns, identity)
+
+
+def fingerprint_of(path: str) -> str | None:
+    """The key fingerprint property of the table at ``path`` (``None`` without one or without a table); delta-rs."""
+    from jobs.core.arrow_tables import open_delta
+
+    table = open_delta(path)
+    return None if table is None else (table.metadata().configuration or {}).get(FINGERPRINT_PROPERTY)
+
+
+def require_fingerprint(path: str, fingerprint: str) -> None:
+    """:func:`check_fingerprint` read from the log with delta-rs (no Spark round trip)."""
+    stored = fingerprint_of(path)
+    if stored is not None and stored != fingerprint:
+        raise KeyMismatchError(
+            f"{path} was written with the key whose fingerprint is {stored}; the current key's is "
+            f"{fingerprint}. Pseudonyms from two keys must never be mixed: use the original key, "
+            "or rebuild the lake from bronze with the new one."
+        )
+
+
+def new_commit_tag() -> str:
+    """A unique ``userMetadata`` for one write, to find that write's commit among other writers'."""
+    return "affluent-write-" + uuid.uuid4().hex
+
+
+def tagged_commit(path: str, tag: str, depth: int = 50) -> dict:
+    """The commit of the write made with ``option("userMetadata", tag)``, read from the log with delta-rs.
+
+    The newest commit is not necessarily one's own (another establishment's batch writes the same table):
+    the tag names it. Its ``operationMetrics`` (``numOutputRows``…) are the write's own counts.
+    """
+    from jobs.core.arrow_tables import open_delta
+
+    table = open_delta(path)
+    if table is None:
+        raise FileNotFoundError(f"no Delta table at {path}")
+    for commit in table.history(depth):
+        if commit.get("userMetadata") == tag:
+            return commit
+    raise LookupError(f"no commit tagged {tag} among the last {depth} of {path}")
+
+
+def written_rows(commit: dict) -> int:
+    """Rows a write committed (``numOutputRows`` of its operation metrics)."""
+    return int((commit.get("operationMetrics") or {}).get("numOutputRows", 0) or 0)

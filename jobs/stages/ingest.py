@@ -42,11 +42,11 @@ from jobs.core.config import Consortium, CsvProfile
 from jobs.core.lake import Lake, file_reference
 from jobs.core.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.stages.batch_queue import delivered_manifest, redelivery_conflict
-from jobs.stages.landing import BUNDLE, MANIFEST, NOT_COLLECTED, check_batch
+from jobs.stages.landing import BUNDLE, MANIFEST, NOT_COLLECTED, Batch, check_batch
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.core.schemas import QUARANTINE_SCHEMA, bronze_schema
-from jobs.core.tables import OVERWRITE, cast_to, ensure_table
+from jobs.core.tables import OVERWRITE, cast_to, ready_table
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.INGEST
@@ -81,6 +81,43 @@ def _read_bundles(spark, sources: dict[str, str], est, lineage: FileLineage):
     from jobs.readers.fhir import read_fhir_bundles
 
     return read_fhir_bundles(spark, sources, est.input, lineage)
+
+
+class _FileRefused(Exception):
+    """A file of the batch stops it (its position in the manifest and why)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index, self.message = index, message
+
+
+def header_changes(batch: Batch, profile: CsvProfile, consortium: Consortium, establishment_id: str) -> dict[str, str]:
+    """Per dataset, how a CSV batch's headers drift from the profile's mapping (when its rules allow it).
+
+    Raises :class:`_FileRefused` for a header that cannot be read or that drifts where the batch rules
+    do not allow it. Reads the first lines of the files only, from Python.
+    """
+    changes: dict[str, str] = {}
+    for index, entry in enumerate(batch.files):
+        reference = file_reference(batch.batch_id, index)
+        try:
+            header = read_header(batch.file_path(entry), profile, reference)
+        except HeaderError as exc:
+            raise _FileRefused(index, str(exc)) from None
+        if entry.dataset == NOT_COLLECTED:
+            continue  # no mapping to drift from: its header is decoded, its records only counted
+        mapping = profile.expected_headers(entry.dataset)
+        change = header_drift(header, mapping)
+        if change and not consortium.batch_rules(establishment_id, entry.dataset).allow_column_changes:
+            raise _FileRefused(index, (
+                f"{reference}: the source header differs from the profile's {entry.dataset} mapping "
+                f"({change}); header {header}, profile expects {list(mapping)}. Nothing was ingested: "
+                f"update config/establishments/{establishment_id}.yaml or ask the establishment to restore "
+                "its export (batch_rules.allow_column_changes lets drifted files land, with the missing "
+                "columns NULL)."))
+        if change:
+            changes[entry.dataset] = change
+    return changes
 
 
 @writes_lake(Mode.SHARED)
@@ -138,24 +175,10 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
 
     if isinstance(est.input, CsvProfile):
         # Every header is checked before any file is read, so a drifted file stops the batch whole.
-        for index, entry in enumerate(batch.files):
-            try:
-                header = read_header(batch.file_path(entry), est.input, file_reference(batch_id, index))
-            except HeaderError as exc:
-                raise reject(index, str(exc)) from None
-            if entry.dataset == NOT_COLLECTED:
-                continue  # no mapping to drift from: its header is decoded, its records only counted
-            mapping = est.input.expected_headers(entry.dataset)
-            change = header_drift(header, mapping)
-            if change and not consortium.batch_rules(establishment_id, entry.dataset).allow_column_changes:
-                raise reject(index, (
-                    f"{file_reference(batch_id, index)}: the source header differs from the profile's {entry.dataset} mapping "
-                    f"({change}); header {header}, profile expects {list(mapping)}. Nothing was ingested: "
-                    f"update config/establishments/{establishment_id}.yaml or ask the establishment to restore "
-                    "its export (batch_rules.allow_column_changes lets drifted files land, with the missing "
-                    "columns NULL)."))
-            if change:
-                column_changes[entry.dataset] = change
+        try:
+            column_changes = header_changes(batch, est.input, consortium, establishment_id)
+        except _FileRefused as refused:
+            raise reject(refused.index, refused.message) from None
     # A batch's Bundles are read all at once: a plan per Bundle, unioned, would grow with their number
     # and take longer to plan than to run. Path → the file's reference (its lineage).
     bundles = {str(batch.file_path(entry)): file_reference(batch_id, index)
@@ -202,42 +225,23 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
             quarantine_parts.append(result.quarantine)
             results.append(result)
 
-        batch_filter = (F.col("_establishment") == establishment_id) & (F.col("_batch_id") == batch_id)
-        bronze_counts: dict[str, int] = {}
-        bronze_entries: dict[str, int] = {}
-        per_file: dict[str, int] = dict(not_collected_files)
         for dataset, frames in bronze_parts.items():
-            path = lake.bronze(dataset)
-            ensure_table(spark, path, bronze_schema(dataset), partition_by=("_establishment", "_batch_id"),
-                         comment=f"Bronze {dataset}: parsed, still identifying. Pipeline only; purged after retention.")
-            frame = reduce(DataFrame.unionByName, frames)
-            (frame.write.format("delta").mode(OVERWRITE)
-             .option("replaceWhere", f"_establishment = '{establishment_id}' AND _batch_id = '{batch_id}'").save(path))
-            # An entry may land several rows (an Observation's components): entries are distinct lines.
-            counts = (spark.read.format("delta").load(path).where(batch_filter)
-                      .groupBy("_source_file").agg(F.count(F.lit(1)).alias("rows"),
-                                                   F.count_distinct("_source_line").alias("entries")).collect())
-            bronze_counts[dataset] = sum(r["rows"] for r in counts)
-            bronze_entries[dataset] = sum(r["entries"] for r in counts)
-            for r in counts:
-                per_file[r["_source_file"]] = per_file.get(r["_source_file"], 0) + r["entries"]
-
-        quarantine = reduce(DataFrame.unionByName, quarantine_parts)
-        qpath = lake.quarantine()
-        ensure_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",),
-                     comment="Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
-        (quarantine.select([cast_to(F.col(f.name), f.dataType) for f in QUARANTINE_SCHEMA.fields])
-         .write.format("delta").mode(OVERWRITE)
-         .option("replaceWhere", f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
-         .save(qpath))
-        qrows = (spark.read.format("delta").load(qpath)
-                 .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                        & (F.col("stage") == STAGE))
-                 .groupBy("dataset", "source_file").count().collect())
+            write_bronze(spark, lake, dataset, reduce(DataFrame.unionByName, frames), establishment_id, batch_id)
+        write_ingest_quarantine(spark, lake, reduce(DataFrame.unionByName, quarantine_parts), establishment_id,
+                                batch_id)
+        # What the tables now hold of the batch, counted once over all of them (one Spark job).
+        # Every dataset read is counted, an empty file's too (its batch-log entry says 0 rows read).
+        bronze_counts: dict[str, int] = dict.fromkeys(bronze_parts, 0)
+        bronze_entries: dict[str, int] = dict.fromkeys(bronze_parts, 0)
         quarantined: dict[str, int] = {}
-        for r in qrows:
-            quarantined[r["dataset"]] = quarantined.get(r["dataset"], 0) + r["count"]
-            per_file[r["source_file"]] = per_file.get(r["source_file"], 0) + r["count"]
+        per_file: dict[str, int] = dict(not_collected_files)
+        for r in batch_counts(spark, lake, list(bronze_parts), establishment_id, batch_id):
+            if r["zone"] == "bronze":
+                bronze_counts[r["dataset"]] = bronze_counts.get(r["dataset"], 0) + r["rows"]
+                bronze_entries[r["dataset"]] = bronze_entries.get(r["dataset"], 0) + r["entries"]
+            else:
+                quarantined[r["dataset"]] = quarantined.get(r["dataset"], 0) + r["rows"]
+            per_file[r["source_file"]] = per_file.get(r["source_file"], 0) + r["entries"]
     finally:
         # The readers' cached parses, released even when a write or a count fails.
         for result in results:
@@ -287,6 +291,56 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     ])
     return IngestOutcome(establishment_id, batch_id, batch.kind.value, bronze_counts, quarantined,
                          not_collected=sum(not_collected.values()))
+
+
+BRONZE_COMMENT = "Bronze {dataset}: parsed, still identifying. Pipeline only; purged after retention."
+QUARANTINE_COMMENT = "Rejected rows (no identifier) with the stage, rule and reason that rejected them."
+
+
+def write_bronze(spark: SparkSession, lake: Lake, dataset: str, frame: DataFrame, establishment_id: str,
+                 batch_id: str) -> None:
+    """Replace the batch's rows of a bronze table with ``frame``: one commit per table and batch."""
+    path = lake.bronze(dataset)
+    ready_table(spark, path, bronze_schema(dataset), partition_by=("_establishment", "_batch_id"),
+                comment=BRONZE_COMMENT.format(dataset=dataset))
+    (frame.write.format("delta").mode(OVERWRITE)
+     .option("replaceWhere", f"_establishment = '{establishment_id}' AND _batch_id = '{batch_id}'").save(path))
+
+
+def write_ingest_quarantine(spark: SparkSession, lake: Lake, quarantine: DataFrame, establishment_id: str,
+                            batch_id: str) -> None:
+    """Replace the batch's ingest rows of the quarantine table (one commit)."""
+    qpath = lake.quarantine()
+    ready_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",), comment=QUARANTINE_COMMENT)
+    (quarantine.select([cast_to(F.col(f.name), f.dataType) for f in QUARANTINE_SCHEMA.fields])
+     .write.format("delta").mode(OVERWRITE)
+     .option("replaceWhere", f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
+     .save(qpath))
+
+
+def batch_counts(spark: SparkSession, lake: Lake, datasets: list[str], establishment_id: str,
+                 batch_id: str) -> list:
+    """Rows and entries of the batch per zone (``bronze``, ``quarantine``), dataset and source file, as written.
+
+    Read back from the tables (what reconciles is what they hold), all of them in one query. An entry
+    may land several bronze rows (an Observation's components): entries are the distinct source lines;
+    a quarantined row is one entry.
+    """
+    def bronze(dataset: str) -> DataFrame:
+        return (spark.read.format("delta").load(lake.bronze(dataset))
+                .where((F.col("_establishment") == establishment_id) & (F.col("_batch_id") == batch_id))
+                .select(F.lit("bronze").alias("zone"), F.lit(dataset).alias("dataset"),
+                        F.col("_source_file").alias("source_file"), F.col("_source_line").cast("long").alias("line")))
+
+    quarantine = (spark.read.format("delta").load(lake.quarantine())
+                  .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                         & (F.col("stage") == STAGE))
+                  # A quarantined row counts as its own entry whatever its line (null-safe: a line may be unknown).
+                  .select(F.lit("quarantine").alias("zone"), "dataset", "source_file",
+                          F.monotonically_increasing_id().alias("line")))
+    rows = reduce(DataFrame.unionByName, [bronze(d) for d in datasets] + [quarantine])
+    return (rows.groupBy("zone", "dataset", "source_file")
+            .agg(F.count(F.lit(1)).alias("rows"), F.count_distinct("line").alias("entries")).collect())
 
 
 def _file_index(reference: str) -> int:

@@ -61,8 +61,8 @@ from jobs.core.ops import append_batch_log, batches_with_status, read_batch_log
 from jobs.core.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY, SILVER_SCHEMAS, silver_columns
 from jobs.terminology.concepts import CONCEPT_COMMENTS, with_concepts
 from jobs.terminology.maps import Terminology, default_terminology
-from jobs.core.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
-from jobs.core.tables import STATS_COLUMNS, add_missing_columns, create_table, insert_values, merge_into, stats_columns
+from jobs.core.tables import DELETION_VECTORS, create_table, insert_values, merge_into, ready_table, require_fingerprint
+from jobs.core.tables import table_exists
 from jobs.core.tables import update_set
 from jobs.stages.validate import validated_path
 from jobs.core.writer_lock import Mode, writes_lake
@@ -103,6 +103,8 @@ class Figures:
     quarantined_ingest: int
     quarantined_validate: int
     duplicates: int
+    # Of the rows landed, the deletes (a MERGE without any needs no tombstone write).
+    deletes: int = 0
 
     @property
     def quarantined(self) -> int:
@@ -239,20 +241,13 @@ def ensure_silver_table(spark: SparkSession, lake: Lake, dataset: str, key_finge
     rewritten: erasure and maintenance purge them (``REORG ... APPLY (PURGE)``)
     before VACUUM.
     """
-    path = lake.silver(dataset)
-    if table_exists(spark, path):
-        # A silver table made before a column joined the schema gains it (null for the rows it holds).
-        add_missing_columns(spark, path, SILVER_SCHEMAS[dataset], lambda name: column_comment(dataset, name))
-        return
-    create_table(spark, path, SILVER_SCHEMAS[dataset], partition_by=("establishment_id",),
-                 comment=TABLE_COMMENTS[dataset], column_comment=lambda name: column_comment(dataset, name),
-                 properties={
-                     CHANGE_DATA_FEED: "true",
-                     DELETION_VECTORS: str(deletion_vectors).lower(),
-                     "delta.setTransactionRetentionDuration": TXN_RETENTION,
-                     FINGERPRINT_PROPERTY: key_fingerprint,
-                     STATS_COLUMNS: ",".join(stats_columns(SILVER_SCHEMAS[dataset], ("establishment_id",))),
-                 })
+    ready_table(spark, lake.silver(dataset), SILVER_SCHEMAS[dataset], key_fingerprint, partition_by=("establishment_id",),
+                comment=TABLE_COMMENTS[dataset], column_comment=lambda name: column_comment(dataset, name),
+                properties={
+                    CHANGE_DATA_FEED: "true",
+                    DELETION_VECTORS: str(deletion_vectors).lower(),
+                    "delta.setTransactionRetentionDuration": TXN_RETENTION,
+                })
 
 
 def _location(path: str) -> str:
@@ -268,6 +263,7 @@ def register_silver_tables(spark: SparkSession, lake: Lake) -> list[str]:
     this one; dropping the name of a table created with a LOCATION leaves its data.
     """
     spark.sql(f"CREATE SCHEMA IF NOT EXISTS {SILVER_SCHEMA_NAME}")
+    registered = _registered_locations(spark)
     names = []
     for dataset in DATASETS:
         path = lake.silver(dataset)
@@ -275,15 +271,27 @@ def register_silver_tables(spark: SparkSession, lake: Lake) -> list[str]:
             continue
         name = f"{SILVER_SCHEMA_NAME}.{dataset}"
         location = _location(path)
-        if spark.catalog.tableExists(name):
-            current = spark.sql(f"DESCRIBE DETAIL {name}").select("location").collect()[0].location
-            if _location(current) == location:
+        if dataset in registered:
+            current = registered[dataset]
+            if current is not None and _location(current) == location:
                 names.append(name)
                 continue
             spark.sql(f"DROP TABLE {name}")
         spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING DELTA LOCATION '{location}'")
         names.append(name)
     return names
+
+
+def _registered_locations(spark: SparkSession) -> dict[str, str | None]:
+    """Each table registered in the silver schema and its location (None when the catalog gives none), from
+    one ``SHOW TABLE EXTENDED``: asking each name (``DESCRIBE DETAIL``, which also sizes every file) costs
+    two round trips a table at every land."""
+    found: dict[str, str | None] = {}
+    for row in spark.sql(f"SHOW TABLE EXTENDED IN {SILVER_SCHEMA_NAME} LIKE '*'").collect():
+        locations = [line.removeprefix("Location:").strip() for line in (row.information or "").splitlines()
+                     if line.startswith("Location:")]
+        found[row.tableName] = locations[0] if locations else None
+    return found
 
 
 @contextmanager
@@ -364,11 +372,14 @@ def _merge_counts(row) -> MergeCounts:
 
 
 def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataFrame, establishment_id: str,
-                      batch_id: str, terminology: Terminology | None = None) -> MergeCounts:
+                      batch_id: str, terminology: Terminology | None = None, *,
+                      deletes: int | None = None) -> MergeCounts:
     """MERGE one batch's valid rows of ``dataset`` into silver (see the module's rules).
 
     ``rows`` have the silver source columns plus ``record_action``, one row per record key;
     their standard concepts are derived here (``terminology``, or the configuration's maps).
+    ``deletes``, when the caller counted them, is how many rows are deletes: none means no tombstone
+    to write and no Spark job to look for one.
     A stored record is updated only when the batch's version is newer *and* its content
     (:func:`content_columns`, concepts included) differs: the same record delivered again changes
     no row, no file and nothing in the change feed. Returns what the MERGE inserted, updated and deleted.
@@ -396,6 +407,8 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
             f"AND (s._deleted_at IS NULL OR s._extracted_at > s._deleted_at) THEN INSERT {insert_values(columns)}")
     counts = _merge_counts(metrics)
 
+    if deletes == 0:
+        return counts  # the caller counted no delete among the rows: no tombstone to write, nothing to look at
     deleted = rows.where(F.col("record_action") == ACTION_DELETE).select(
         F.col("establishment_id"), F.lit(dataset).alias("dataset"), F.col(key).alias("record_id"),
         F.col("_extracted_at").alias("deleted_at"), F.col("_batch_id").alias("batch_id"))
@@ -421,16 +434,8 @@ def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establi
     version. Only records extracted before the snapshot are considered. Returns the number deleted.
     """
     key = SILVER_KEY[dataset]
-    present = (spark.read.format("delta").load(lake.staged(dataset))
-               .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)
-                      & F.col(key).isNotNull())
-               .select(key).distinct())
-    absent = (spark.read.format("delta").load(lake.silver(dataset))
-              .where((F.col("establishment_id") == establishment_id) & (F.col("_extracted_at") < F.lit(extracted_at)))
-              .select("establishment_id", key).join(present, on=key, how="left_anti")
-              .select("establishment_id", F.col(key).alias("record_id"), F.lit(dataset).alias("dataset"),
-                      F.lit(extracted_at).cast("timestamp").alias("deleted_at"), F.lit(batch_id).alias("batch_id"))
-              .localCheckpoint())
+    # Checkpointed: the set is fixed before the MERGE changes silver, for the tombstones that follow it.
+    absent = _absent_records(spark, lake, dataset, establishment_id, batch_id, extracted_at).localCheckpoint()
     gone = absent.count()
     if gone == 0:
         return 0
@@ -443,6 +448,40 @@ def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establi
     with _idempotent_write(spark, app_id):
         _merge_tombstones(spark, _deletions(spark, lake), absent, establishment_id, dataset)
     return gone
+
+
+def _absent_records(spark: SparkSession, lake: Lake, dataset: str, establishment_id: str, batch_id: str,
+                    extracted_at) -> DataFrame:
+    """The establishment's silver records of ``dataset`` extracted before a full snapshot that it does not hold,
+    as tombstones (:data:`DELETIONS_SCHEMA`)."""
+    key = SILVER_KEY[dataset]
+    present = (spark.read.format("delta").load(lake.staged(dataset))
+               .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)
+                      & F.col(key).isNotNull())
+               .select(key).distinct())
+    return (spark.read.format("delta").load(lake.silver(dataset))
+            .where((F.col("establishment_id") == establishment_id) & (F.col("_extracted_at") < F.lit(extracted_at)))
+            .select("establishment_id", key).join(present, on=key, how="left_anti")
+            .select("establishment_id", F.col(key).alias("record_id"), F.lit(dataset).alias("dataset"),
+                    F.lit(extracted_at).cast("timestamp").alias("deleted_at"), F.lit(batch_id).alias("batch_id")))
+
+
+def absent_counts(spark: SparkSession, lake: Lake, datasets: list[str], establishment_id: str, batch_id: str,
+                  extracted_at) -> dict[str, int]:
+    """How many records of each dataset a full snapshot no longer holds, in one query over every dataset.
+
+    Most snapshots delete nothing: only a dataset counted here goes on to :func:`delete_absent_records`
+    (a checkpoint, a count and two MERGEs), instead of every dataset paying for the first two.
+    """
+    if not datasets:
+        return {}
+    frames = [_absent_records(spark, lake, d, establishment_id, batch_id, extracted_at).select("dataset")
+              for d in datasets]
+    union = frames[0]
+    for frame in frames[1:]:
+        union = union.unionByName(frame)
+    counted = {r.dataset: int(r["count"]) for r in union.groupBy("dataset").count().collect()}
+    return {d: counted.get(d, 0) for d in datasets}
 
 
 def _snapshot(lake: Lake, establishment_id: str, batch_id: str):
@@ -462,14 +501,10 @@ def _latest_entries(log: DataFrame) -> DataFrame:
 def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, Figures]:
     """Per dataset: rows read, valid, quarantined (ingest, validate) and duplicates of one batch."""
     log = {key: entry for key, entry in latest_batch_entries(lake, establishment_id, batch_id).items() if key[0]}
-    validate_q: dict[str, int] = {}
-    if table_exists(spark, lake.quarantine()):
-        validate_q = {r.dataset: r["count"] for r in spark.read.format("delta").load(lake.quarantine())
-                      .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
-                             & (F.col("stage") == Stage.VALIDATE.value))
-                      .groupBy("dataset").count().collect()}
-    datasets = sorted({d for d, stage in log if d and stage in (Stage.INGEST, Stage.VALIDATE)} | set(validate_q))
-    valid = _validated_rows(spark, lake, establishment_id, batch_id, datasets)
+    logged = sorted({d for d, stage in log if d and stage in (Stage.INGEST, Stage.VALIDATE)})
+    # Rows quarantined at validation and rows waiting in validated/, in one query (one Spark job).
+    validate_q, valid, deletes = _batch_rows(spark, lake, establishment_id, batch_id, logged)
+    datasets = sorted(set(logged) | set(validate_q))
     figures = {}
     for dataset in datasets:
         ingest = log.get((dataset, Stage.INGEST.value))
@@ -480,24 +515,45 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
                 f"batch {establishment_id}/{batch_id}, dataset {dataset}: no ingest entry in the batch log, so the "
                 "rows read are unknown. Ingest the batch through the pipeline before landing it.")
         figures[dataset] = Figures(int(ingest["rows_read"] or 0), landed, int(ingest["rows_quarantined"] or 0),
-                                   int(validate_q.get(dataset, 0)), int((dedup["rows_duplicates"] if dedup else 0) or 0))
+                                   int(validate_q.get(dataset, 0)), int((dedup["rows_duplicates"] if dedup else 0) or 0),
+                                   int(deletes.get(dataset, 0)))
     return figures
 
 
-def _validated_rows(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
-                    datasets: list[str]) -> dict[str, int]:
-    """Rows of the batch waiting in ``validated/``, per dataset: one query over every dataset's table."""
-    paths = {d: validated_path(lake, d) for d in datasets}
-    parts = [spark.read.format("delta").load(path)
-             .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
-             .select(F.lit(d).alias("dataset"))
-             for d, path in paths.items() if table_exists(spark, path)]
+def _batch_rows(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
+               datasets: list[str]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Rows of the batch quarantined at validation, rows waiting in ``validated/`` and the deletes among
+    them, per dataset.
+
+    One query over the quarantine table and every dataset's validated table, whatever their number.
+    """
+    parts = []
+    if table_exists(spark, lake.quarantine()):
+        parts.append(spark.read.format("delta").load(lake.quarantine())
+                     .where((F.col("establishment_id") == establishment_id) & (F.col("batch_id") == batch_id)
+                            & (F.col("stage") == Stage.VALIDATE.value))
+                     .select(F.lit("quarantine").alias("zone"), "dataset", F.lit(False).alias("is_delete")))
+    parts += [spark.read.format("delta").load(path)
+              .where((F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
+              .select(F.lit("validated").alias("zone"), F.lit(d).alias("dataset"),
+                      (F.col("record_action") == ACTION_DELETE).alias("is_delete"))
+              for d, path in ((d, validated_path(lake, d)) for d in datasets) if table_exists(spark, path)]
+    quarantined: dict[str, int] = {}
+    valid: dict[str, int] = {}
+    deletes: dict[str, int] = {}
     if not parts:
-        return {}
+        return quarantined, valid, deletes
     union = parts[0]
     for part in parts[1:]:
         union = union.unionByName(part)
-    return {r.dataset: r["count"] for r in union.groupBy("dataset").count().collect()}
+    counted = union.groupBy("zone", "dataset").agg(F.count(F.lit(1)).alias("rows"),
+                                                   F.count_if(F.col("is_delete")).alias("deletes"))
+    for r in counted.collect():
+        if r.zone == "quarantine":
+            quarantined[r.dataset] = r.rows
+        else:
+            valid[r.dataset], deletes[r.dataset] = r.rows, r.deletes
+    return quarantined, valid, deletes
 
 
 def _require_validated(lake: Lake, establishment_id: str, batch_id: str) -> None:
@@ -544,13 +600,14 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
 
     to_land = [d for d, f in figures.items() if f.landed > 0]
     for dataset in to_land:
-        check_fingerprint(spark, lake.silver(dataset), key_fingerprint)
+        require_fingerprint(lake.silver(dataset), key_fingerprint)
     counts: dict[str, MergeCounts] = {}
     for dataset in to_land:
         ensure_silver_table(spark, lake, dataset, key_fingerprint)
         rows = spark.read.format("delta").load(validated_path(lake, dataset)).where(
             (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
-        counts[dataset] = merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id, terminology)
+        counts[dataset] = merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id, terminology,
+                                            deletes=figures[dataset].deletes)
     unchanged = {d: f.landed - counts.get(d, MergeCounts()).changed for d, f in figures.items()}
 
     # A full batch is a snapshot: what it no longer holds was deleted at the source. Not when a row's
@@ -558,6 +615,7 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     snapshot_notes: dict[str, str] = {}
     kind, extracted_at = _snapshot(lake, establishment_id, batch_id)
     if kind == BatchKind.FULL:
+        judged = []
         for dataset, f in figures.items():
             if dataset in NOT_BY_ABSENCE or not table_exists(spark, lake.silver(dataset)):
                 continue
@@ -567,7 +625,10 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
                                               f"{f.quarantined_ingest} line(s) quarantined at ingest may be "
                                               "some of them") + ")")
                 continue
-            gone = delete_absent_records(spark, lake, dataset, establishment_id, batch_id, extracted_at)
+            judged.append(dataset)
+        for dataset, absent in absent_counts(spark, lake, judged, establishment_id, batch_id, extracted_at).items():
+            gone = (delete_absent_records(spark, lake, dataset, establishment_id, batch_id, extracted_at)
+                    if absent else 0)
             snapshot_notes[dataset] = f"; full snapshot: {gone} record(s) absent from it deleted"
 
     append_batch_log(spark, lake, [

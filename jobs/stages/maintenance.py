@@ -225,8 +225,45 @@ def purge_transient(spark: SparkSession, lake: Lake, establishment_id: str, batc
         if not zone.transient:
             continue
         for name, path in zone_tables(spark, lake, zone.name).items():
-            removed[name] = delete_batch(spark, path, establishment_id, batch_id)
+            # A table whose files cannot hold the batch (their statistics say so) needs no DELETE: each one
+            # is a Spark job, and a batch rarely carries every dataset.
+            removed[name] = (delete_batch(spark, path, establishment_id, batch_id)
+                             if may_hold_batch(path, establishment_id, batch_id) else 0)
     return removed
+
+
+def may_hold_batch(path: str, establishment_id: str, batch_id: str) -> bool:
+    """Whether a transient table may hold rows of the batch, from its files' partition values and min/max
+    statistics (``establishment_id``, ``_batch_id``), read from the log with delta-rs (no Spark job).
+
+    A file the log cannot rule out (no statistics, a value in its range) counts as holding the batch:
+    only a certain absence skips the DELETE.
+    """
+    import pyarrow as pa
+
+    from jobs.core.arrow_tables import open_delta
+
+    table = open_delta(path)
+    if table is None:
+        return False
+    actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
+    files = len(actions.get("path") or [])
+
+    def column(name: str) -> list:
+        return actions.get(name) or [None] * files
+
+    def within(value: str, low, high) -> bool:
+        return low is None or high is None or low <= value <= high
+
+    partitions = actions.get("partition.establishment_id")
+    for i, (low_e, high_e, low_b, high_b) in enumerate(zip(
+            column("min.establishment_id"), column("max.establishment_id"),
+            column("min._batch_id"), column("max._batch_id"))):
+        establishment_ok = (partitions[i] == establishment_id if partitions is not None
+                            else within(establishment_id, low_e, high_e))
+        if establishment_ok and within(batch_id, low_b, high_b):
+            return True
+    return False
 
 
 def delete_batch(spark: SparkSession, path: str, establishment_id: str, batch_id: str) -> int:

@@ -27,7 +27,7 @@ from jobs.core.batchlog import Stage, Status
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.core.schemas import BRONZE_COLUMNS, CONCEPT_SEPARATOR, DATASETS, PERSON_IDENTIFIERS, staged_schema
 from jobs.reference.vocabularies import VOCABULARY_TOKENS, luhn_ok, vocabulary_of
-from jobs.core.tables import OVERWRITE, cast_to, ensure_table, table_exists
+from jobs.core.tables import OVERWRITE, cast_to, new_commit_tag, ready_table, table_exists, tagged_commit, written_rows
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.PSEUDONYMISE
@@ -441,11 +441,15 @@ def _bronze_batch(spark: SparkSession, lake: Lake, dataset: str, establishment_i
 
 def _write_staged(spark: SparkSession, lake: Lake, dataset: str, df: DataFrame, establishment_id: str,
                   batch_id: str, fingerprint: str) -> int:
+    """Replace the batch's rows of a staged table (one commit); the rows written, from that commit's metrics."""
     path = lake.staged(dataset)
-    ensure_table(spark, path, staged_schema(dataset), fingerprint, partition_by=("establishment_id",))
+    ready_table(spark, path, staged_schema(dataset), fingerprint, partition_by=("establishment_id",))
     predicate = f"establishment_id = '{establishment_id}' AND _batch_id = '{batch_id}'"
-    (df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).save(path))
-    return spark.read.format("delta").load(path).where(predicate).count()
+    tag = new_commit_tag()
+    (df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).option("userMetadata", tag)
+     .save(path))
+    # The write's own count: reading the batch back would cost a Spark job for a figure the commit holds.
+    return written_rows(tagged_commit(path, tag))
 
 
 @writes_lake(Mode.SHARED)

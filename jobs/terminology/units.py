@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -63,9 +64,33 @@ class CanonicalUnits:
 
 @cache
 def _registry():
+    """The UCUM registry, once per process. Parsing pint's and UCUM's definition files is most of its
+    cost (seconds, at every command that loads the configuration): pint keeps the parsed definitions in
+    a cache folder, used when one private to the user can be had. A cache file another process is
+    writing at that moment fails to load: the registry is then built without the cache."""
     from ucumvert import PintUcumRegistry
 
+    folder = _definitions_cache()
+    if folder is not None:
+        try:
+            return PintUcumRegistry(cache_folder=folder)
+        except Exception:  # noqa: BLE001 - a truncated or stale cache file: pickle, EOF and pint errors alike
+            pass
     return PintUcumRegistry()
+
+
+def _definitions_cache() -> Path | None:
+    """``<user cache>/affluent/pint``; None when it cannot be made, or when others may write to it (pint
+    loads pickles from it: only a folder of the user's own, closed to everyone else, is used)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "affluent" / "pint"
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        found = base.stat()
+    except OSError:
+        return None
+    if found.st_uid != os.getuid() or found.st_mode & 0o077:
+        return None
+    return base
 
 
 def _spellings(unit: str) -> list[str]:
