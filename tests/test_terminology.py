@@ -241,13 +241,15 @@ def test_the_demo_query_counts_one_row_per_visit_concept_across_establishments(t
         assert abs(row["visits"] - truth) <= 3 * half_width, (concept, row)
 
 
-def test_the_ucum_definitions_cache_is_a_folder_of_the_user_s_own_closed_to_others(tmp_path, monkeypatch):
+def test_the_ucum_definitions_cache_is_a_folder_of_the_user_s_own_closed_to_others(tmp_path):
     """pint loads pickles from it: a folder others may write to is not used (the registry is built without it)."""
     from jobs.terminology import units
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    folder = units._definitions_cache()
-    assert folder == tmp_path / "affluent" / "pint"
+    from jobs.core.settings import PROJECT_ROOT
+
+    assert units._definitions_cache() == PROJECT_ROOT / ".cache" / "pint"  # ignored by git, beside the jars
+    folder = units._definitions_cache(tmp_path / "pint")
+    assert folder == tmp_path / "pint"
     assert folder.stat().st_mode & 0o777 == 0o700
     folder.chmod(0o777)
-    assert units._definitions_cache() is None
+    assert units._definitions_cache(tmp_path / "pint") is None

@@ -79,10 +79,13 @@ def _registry():
     return PintUcumRegistry()
 
 
-def _definitions_cache() -> Path | None:
-    """``<user cache>/affluent/pint``; None when it cannot be made, or when others may write to it (pint
-    loads pickles from it: only a folder of the user's own, closed to everyone else, is used)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "affluent" / "pint"
+def _definitions_cache(base: Path | None = None) -> Path | None:
+    """``.cache/pint`` in the project (ignored by git, beside the cached jars); None when it cannot be made,
+    or when others may write to it (pint loads pickles from it: only a folder of the user's own, closed to
+    everyone else, is used)."""
+    from jobs.core.settings import PROJECT_ROOT
+
+    base = base or PROJECT_ROOT / ".cache" / "pint"
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         found = base.stat()
