@@ -85,10 +85,15 @@ def silver_assets() -> list:
 
 
 def task_context():
-    """The pipeline context of an Airflow task: settings from the environment, Spark from ``spark_default``.
+    """The pipeline context of an Airflow task: a client of the Spark service, else Spark from ``spark_default``.
 
-    Called inside tasks only, never at parse time (the connection look-up needs a running task).
+    The service's connection (``affluent_spark``) wins: the task then starts no
+    Spark and ``spark_default`` is not consulted. Called inside tasks only,
+    never at parse time (the connection look-ups need a running task).
     """
+    from jobs.core.session import remote_url
     from jobs.stages.pipeline import Context, spark_master_from_connection
 
+    if remote_url():
+        return Context.from_env()
     return Context.from_env(spark_master=spark_master_from_connection("spark_default"))
