@@ -33,14 +33,13 @@ from __future__ import annotations
 import datetime as dt
 from enum import Enum
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType, TimestampType
 
 from jobs.core.batchlog import BATCH_LOG, BATCH_LOG_COLUMNS, LEGACY_KIND_PATTERN, Stage, Status
 from jobs.core.lake import Lake
-from jobs.core.tables import APPEND
+from jobs.core.tables import APPEND, table_exists
 
 BATCH_LOG_SCHEMA = StructType([
     StructField("establishment_id", StringType(), False),
@@ -92,7 +91,7 @@ def _plain(value):
 
 def read_batch_log(spark: SparkSession, lake: Lake) -> DataFrame:
     """The batch log in :data:`BATCH_LOG_SCHEMA`, or an empty frame before the first batch."""
-    if not DeltaTable.isDeltaTable(spark, lake.ops(BATCH_LOG)):
+    if not table_exists(spark, lake.ops(BATCH_LOG)):
         return spark.createDataFrame([], BATCH_LOG_SCHEMA)
     log = spark.read.format("delta").load(lake.ops(BATCH_LOG))
     for field in BATCH_LOG_SCHEMA.fields:

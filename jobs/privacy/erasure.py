@@ -57,7 +57,6 @@ import hmac
 import uuid
 from dataclasses import dataclass, field
 
-from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, IntegerType, LongType, MapType, StringType, StructField, StructType, TimestampType
@@ -70,7 +69,7 @@ from jobs.core.lake import (BRONZE, DIRECT_IDENTIFIERS, GOLD, LANDING, OPS, PATI
                        ZONES, Lake, Zone)
 from jobs.stages.maintenance import (delete_matching, forget_history, keys_frame, mentions, table_contents, table_files,
                               vacuum_now, zone_tables)
-from jobs.core.tables import APPEND, purge_deletion_vectors, table_exists, table_version
+from jobs.core.tables import APPEND, merge_into, purge_deletion_vectors, table_exists, table_version
 from jobs.core.writer_lock import Mode, writes_lake
 
 ERASURE_REQUESTS = "erasure_requests"
@@ -423,10 +422,10 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
     # mergeSchema: receipts written before the proof's columns existed gain them.
     spark.createDataFrame(receipts, RECEIPT_SCHEMA).write.format("delta").mode(APPEND).option(
         "mergeSchema", "true").save(lake.ops(ERASURE_RECEIPTS))
-    done_ids = keys_frame(spark, "request_id string", [(r,) for r in done])
-    (DeltaTable.forPath(spark, requests_path).alias("t").merge(done_ids.alias("s"), "t.request_id = s.request_id")
-     .whenMatchedUpdate(condition=F.col("t.status") != F.lit(STATUS_DONE),
-                        set={"status": F.lit(STATUS_DONE), "processed_at": F.lit(processed_at)}).execute())
+    done_ids = keys_frame(spark, "request_id string, processed_at timestamp", [(r, processed_at) for r in done])
+    merge_into(spark, requests_path, done_ids, "t.request_id = s.request_id",
+               f"WHEN MATCHED AND t.status != '{STATUS_DONE}' "
+               f"THEN UPDATE SET status = '{STATUS_DONE}', processed_at = s.processed_at")
     return ErasureOutcome(processed=tuple(done), pending=tuple(still_pending), rows_removed=totals,
                           vacuumed=tuple(vacuumed), scanned_tables=proof.tables,
                           scanned_data_files=proof.data_files, scanned_log_files=proof.log_files)

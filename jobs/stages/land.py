@@ -49,7 +49,6 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType, TimestampType
@@ -63,7 +62,8 @@ from jobs.core.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY
 from jobs.terminology.concepts import CONCEPT_COMMENTS, with_concepts
 from jobs.terminology.maps import Terminology, default_terminology
 from jobs.core.tables import DELETION_VECTORS, FINGERPRINT_PROPERTY, check_fingerprint, table_exists
-from jobs.core.tables import STATS_COLUMNS, add_missing_columns, stats_columns
+from jobs.core.tables import STATS_COLUMNS, add_missing_columns, create_table, insert_values, merge_into, stats_columns
+from jobs.core.tables import update_set
 from jobs.stages.validate import validated_path
 from jobs.core.writer_lock import Mode, writes_lake
 
@@ -244,16 +244,15 @@ def ensure_silver_table(spark: SparkSession, lake: Lake, dataset: str, key_finge
         # A silver table made before a column joined the schema gains it (null for the rows it holds).
         add_missing_columns(spark, path, SILVER_SCHEMAS[dataset], lambda name: column_comment(dataset, name))
         return
-    builder = (DeltaTable.createIfNotExists(spark).location(path).comment(TABLE_COMMENTS[dataset])
-               .partitionedBy("establishment_id")
-               .property(CHANGE_DATA_FEED, "true")
-               .property(DELETION_VECTORS, str(deletion_vectors).lower())
-               .property("delta.setTransactionRetentionDuration", TXN_RETENTION)
-               .property(FINGERPRINT_PROPERTY, key_fingerprint)
-               .property(STATS_COLUMNS, ",".join(stats_columns(SILVER_SCHEMAS[dataset], ("establishment_id",)))))
-    for f in SILVER_SCHEMAS[dataset].fields:
-        builder = builder.addColumn(f.name, f.dataType, nullable=f.nullable, comment=column_comment(dataset, f.name))
-    builder.execute()
+    create_table(spark, path, SILVER_SCHEMAS[dataset], partition_by=("establishment_id",),
+                 comment=TABLE_COMMENTS[dataset], column_comment=lambda name: column_comment(dataset, name),
+                 properties={
+                     CHANGE_DATA_FEED: "true",
+                     DELETION_VECTORS: str(deletion_vectors).lower(),
+                     "delta.setTransactionRetentionDuration": TXN_RETENTION,
+                     FINGERPRINT_PROPERTY: key_fingerprint,
+                     STATS_COLUMNS: ",".join(stats_columns(SILVER_SCHEMAS[dataset], ("establishment_id",))),
+                 })
 
 
 def _location(path: str) -> str:
@@ -301,13 +300,24 @@ def _idempotent_write(spark: SparkSession, app_id: str, version: int = 1):
 
 # --------------------------------------------------------------- merge ----
 
-def _deletions(spark: SparkSession, lake: Lake) -> DeltaTable:
+def _deletions(spark: SparkSession, lake: Lake) -> str:
+    """The tombstone table's path, created when missing."""
     path = lake.ops(DELETIONS)
-    (DeltaTable.createIfNotExists(spark).location(path).addColumns(DELETIONS_SCHEMA)
-     .partitionedBy("establishment_id")
-     .comment("Record ids deleted from silver and when (no person data): an older batch may not bring them back.")
-     .execute())
-    return DeltaTable.forPath(spark, path)
+    if not table_exists(spark, path):
+        create_table(spark, path, DELETIONS_SCHEMA, partition_by=("establishment_id",),
+                     comment="Record ids deleted from silver and when (no person data): "
+                             "an older batch may not bring them back.")
+    return path
+
+
+def _merge_tombstones(spark: SparkSession, path: str, tombstones: DataFrame, establishment_id: str,
+                      dataset: str) -> None:
+    """Record ``tombstones`` (:data:`DELETIONS_SCHEMA`): a later deletion of a record replaces an earlier one."""
+    merge_into(spark, path, tombstones.select(*DELETIONS_SCHEMA.fieldNames()),
+               f"t.establishment_id = '{establishment_id}' AND t.dataset = '{dataset}' "
+               "AND t.establishment_id = s.establishment_id AND t.dataset = s.dataset AND t.record_id = s.record_id",
+               "WHEN MATCHED AND s.deleted_at > t.deleted_at THEN UPDATE SET *",
+               "WHEN NOT MATCHED THEN INSERT *")
 
 
 # Lineage says which delivery brought a version, not what the record holds: a record whose content
@@ -345,8 +355,7 @@ class MergeCounts:
         return self.inserted + self.updated + self.deleted
 
 
-def _merge_counts(metrics: DataFrame | None) -> MergeCounts:
-    row = metrics.first() if metrics is not None else None
+def _merge_counts(row) -> MergeCounts:
     if row is None:
         return MergeCounts()
     values = row.asDict()
@@ -369,7 +378,7 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
     columns = list(silver_columns(dataset))
     app_id = f"affluent.land.{establishment_id}.{batch_id}.{dataset}"
     deletions = _deletions(spark, lake)
-    tombstones = (deletions.toDF()
+    tombstones = (spark.read.format("delta").load(deletions)
                   .where((F.col("establishment_id") == establishment_id) & (F.col("dataset") == dataset))
                   .select(F.col("record_id").alias(key), F.col("deleted_at").alias("_deleted_at")))
     source = (rows.select(*columns, "record_action")
@@ -377,17 +386,14 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
               .select(*columns, "record_action", "_deleted_at"))
     same_record = f"t.establishment_id = '{establishment_id}' AND t.establishment_id = s.establishment_id AND t.{key} = s.{key}"
     with _idempotent_write(spark, app_id):
-        metrics = (DeltaTable.forPath(spark, lake.silver(dataset)).alias("t")
-                   .merge(source.alias("s"), same_record)
-                   .whenMatchedDelete(condition=f"s.record_action = '{ACTION_DELETE}' "
-                                                "AND s._extracted_at >= t._extracted_at")
-                   .whenMatchedUpdate(condition=f"s.record_action = '{ACTION_UPSERT}' "
-                                                f"AND s._extracted_at > t._extracted_at AND {content_differs(dataset)}",
-                                      set={c: f"s.{c}" for c in columns})
-                   .whenNotMatchedInsert(condition=f"s.record_action = '{ACTION_UPSERT}' "
-                                                   "AND (s._deleted_at IS NULL OR s._extracted_at > s._deleted_at)",
-                                         values={c: f"s.{c}" for c in columns})
-                   .execute())
+        metrics = merge_into(
+            spark, lake.silver(dataset), source, same_record,
+            f"WHEN MATCHED AND s.record_action = '{ACTION_DELETE}' AND s._extracted_at >= t._extracted_at "
+            "THEN DELETE",
+            f"WHEN MATCHED AND s.record_action = '{ACTION_UPSERT}' AND s._extracted_at > t._extracted_at "
+            f"AND {content_differs(dataset)} THEN UPDATE SET {update_set(columns)}",
+            f"WHEN NOT MATCHED AND s.record_action = '{ACTION_UPSERT}' "
+            f"AND (s._deleted_at IS NULL OR s._extracted_at > s._deleted_at) THEN INSERT {insert_values(columns)}")
     counts = _merge_counts(metrics)
 
     deleted = rows.where(F.col("record_action") == ACTION_DELETE).select(
@@ -396,13 +402,7 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
     if deleted.isEmpty():
         return counts
     with _idempotent_write(spark, app_id):
-        (deletions.alias("t")
-         .merge(deleted.alias("s"), f"t.establishment_id = '{establishment_id}' AND t.dataset = '{dataset}' "
-                                    "AND t.establishment_id = s.establishment_id AND t.dataset = s.dataset "
-                                    "AND t.record_id = s.record_id")
-         .whenMatchedUpdateAll(condition="s.deleted_at > t.deleted_at")
-         .whenNotMatchedInsertAll()
-         .execute())
+        _merge_tombstones(spark, deletions, deleted, establishment_id, dataset)
     return counts
 
 
@@ -436,19 +436,12 @@ def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establi
         return 0
     app_id = f"affluent.land.{establishment_id}.{batch_id}.{dataset}.absent"
     with _idempotent_write(spark, app_id):
-        (DeltaTable.forPath(spark, lake.silver(dataset)).alias("t")
-         .merge(absent.alias("s"), f"t.establishment_id = '{establishment_id}' AND t.establishment_id = s.establishment_id "
-                                   f"AND t.{key} = s.record_id")
-         .whenMatchedDelete(condition="t._extracted_at < s.deleted_at")
-         .execute())
+        merge_into(spark, lake.silver(dataset), absent,
+                   f"t.establishment_id = '{establishment_id}' AND t.establishment_id = s.establishment_id "
+                   f"AND t.{key} = s.record_id",
+                   "WHEN MATCHED AND t._extracted_at < s.deleted_at THEN DELETE")
     with _idempotent_write(spark, app_id):
-        (_deletions(spark, lake).alias("t")
-         .merge(absent.select(*DELETIONS_SCHEMA.fieldNames()).alias("s"),
-                f"t.establishment_id = '{establishment_id}' AND t.dataset = '{dataset}' "
-                "AND t.establishment_id = s.establishment_id AND t.dataset = s.dataset AND t.record_id = s.record_id")
-         .whenMatchedUpdateAll(condition="s.deleted_at > t.deleted_at")
-         .whenNotMatchedInsertAll()
-         .execute())
+        _merge_tombstones(spark, _deletions(spark, lake), absent, establishment_id, dataset)
     return gone
 
 

@@ -18,14 +18,14 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.core import files
 from jobs.core.lake import DIRECT_IDENTIFIERS, LANDING, PROJECTS, ZONES, Lake
 from jobs.core.schemas import DATASETS
-from jobs.core.tables import purge_deletion_vectors, table_exists, table_version
+from jobs.core.tables import compact, delete_where, merge_into, purge_deletion_vectors, table_exists, table_version
+from jobs.core.tables import vacuum
 from jobs.core.writer_lock import Mode, writes_lake
 
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
@@ -47,7 +47,7 @@ def retention_check_disabled(spark: SparkSession):
 def vacuum_now(spark: SparkSession, path: str) -> None:
     """Remove every file no longer in the table's current version."""
     with retention_check_disabled(spark):
-        DeltaTable.forPath(spark, path).vacuum(0)
+        vacuum(spark, path, 0)
 
 
 def keys_frame(spark: SparkSession, schema: str, rows: list[tuple]) -> DataFrame:
@@ -74,9 +74,8 @@ def delete_matching(spark: SparkSession, path: str, keys: DataFrame, columns: li
         return 0
     condition = " AND ".join(f"t.`{c}` = s.`{c}`" for c in columns)
     # The MERGE returns its own metrics: no history read, and no other writer's commit mistaken for it.
-    metrics = (DeltaTable.forPath(spark, path).alias("t").merge(keys.alias("s"), condition)
-               .whenMatchedDelete().execute().collect()[0])
-    return int(metrics.num_deleted_rows or 0)
+    metrics = merge_into(spark, path, keys, condition, "WHEN MATCHED THEN DELETE")
+    return int((metrics.num_deleted_rows if metrics is not None else 0) or 0)
 
 
 def list_folders(spark: SparkSession, path: str) -> list[str]:
@@ -203,10 +202,8 @@ def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.d
         if DIRECT_IDENTIFIERS not in zone.holds or zone.name == LANDING:
             continue
         for name, path in zone_tables(spark, lake, zone.name).items():
-            table = DeltaTable.forPath(spark, path)
-            table.delete(F.col("_ingested_at") < F.lit(cutoff))
-            metrics = table.history(1).select("operation", "operationMetrics").collect()[0]
-            n = int((metrics.operationMetrics or {}).get("numDeletedRows", 0)) if metrics.operation == "DELETE" else 0
+            # The session's time zone is UTC (jobs.core.session), as the cutoff is.
+            n = delete_where(spark, path, f"_ingested_at < TIMESTAMP '{cutoff.isoformat(sep=' ')}'")
             removed[name.split(".", 1)[1] if zone.name == "bronze" else name] = n
             if n:
                 purge_deletion_vectors(spark, path)
@@ -305,9 +302,8 @@ def compact_and_vacuum(spark: SparkSession, lake: Lake, retain_hours: int = 168)
     for path in paths:
         if not table_exists(spark, path):
             continue
-        table = DeltaTable.forPath(spark, path)
-        table.optimize().executeCompaction()
+        compact(spark, path)
         purge_deletion_vectors(spark, path)
-        table.vacuum(retain_hours)
+        vacuum(spark, path, retain_hours)
         done.append(path.rsplit("/", 2)[-2] + "." + path.rsplit("/", 1)[-1])
     return {"compacted": done}

@@ -61,7 +61,6 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
-from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
@@ -88,7 +87,7 @@ from jobs.stages.maintenance import list_folders
 from jobs.privacy.policy import check_policy, shared_establishments
 from jobs.privacy.relink import RelinkRiskExceeded, enforce_relink_bound, published_codes
 from jobs.core.schemas import DATASETS, SILVER_SCHEMAS
-from jobs.core.tables import APPEND, check_fingerprint, overwrite_table, table_exists, table_version
+from jobs.core.tables import APPEND, check_fingerprint, delete_where, overwrite_table, table_exists, table_version
 from jobs.core.writer_lock import Mode, writes_lake
 
 MANIFEST = "_manifest"
@@ -152,7 +151,7 @@ def drop_table_physically(spark: SparkSession, path: str) -> None:
     VACUUM is needed first: nothing is left to travel back to.
     """
     if table_exists(spark, path):
-        DeltaTable.forPath(spark, path).delete()
+        delete_where(spark, path)
     remove_folder(spark, path)
 
 

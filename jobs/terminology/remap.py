@@ -23,13 +23,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from functools import reduce
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.core.lake import Lake
 from jobs.core.schemas import CONCEPT_FIELDS, SILVER_KEY
-from jobs.core.tables import table_exists
+from jobs.core.tables import merge_into, table_exists, update_set
 from jobs.terminology.concepts import concept_columns, with_concepts
 from jobs.terminology.maps import Terminology
 from jobs.core.writer_lock import Mode, writes_lake
@@ -89,10 +88,8 @@ def remap_silver(spark: SparkSession, lake: Lake, terminology: Terminology,
         key = SILVER_KEY[dataset]
         columns = concept_columns(dataset)
         with _commit_metadata(spark, f"{REMAP_PREFIX}: {count} row(s) re-derived with {', '.join(refs)}"):
-            (DeltaTable.forPath(spark, path).alias("t")
-             .merge(changes.alias("s"), f"t.establishment_id = s.establishment_id AND t.{key} = s.{key}")
-             # The MERGE itself compares too: a row whose concepts already agree is never rewritten.
-             .whenMatchedUpdate(condition=" OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns),
-                                set={c: f"s.{c}" for c in columns})
-             .execute())
+            # The MERGE itself compares too: a row whose concepts already agree is never rewritten.
+            merge_into(spark, path, changes, f"t.establishment_id = s.establishment_id AND t.{key} = s.{key}",
+                       "WHEN MATCHED AND (" + " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in columns)
+                       + f") THEN UPDATE SET {update_set(columns)}")
     return updated
