@@ -254,6 +254,9 @@ def _stop_spark_with_airflow(asked: bool) -> None:
     from jobs.core import spark_service
 
     if asked:
+        from jobs.core.session import close_clients
+
+        close_clients()  # this process's own session (the key check's) ends before its service
         stopped = spark_service.stop()
         print(f"Spark service at {stopped.address} stopped." if stopped else "No Spark service was running.")
         return
