@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 
 from jobs.core import spark_service
@@ -72,7 +73,10 @@ def use_service_here(classic: bool = False) -> ServiceState | None:
 
     if spark_service.spark_mode(classic) == spark_service.MODE_CLASSIC or remote_url():
         return None
-    state, _ = attach(os.environ)
+    state, started = attach(os.environ)
+    if started:  # on stderr: stdout carries the command's own results
+        print(f"started the Spark service at {state.address} (pid {state.pid}); it keeps running for the next "
+              "command, `affluent spark stop` ends it", file=sys.stderr)
     become_client(state)
     return state
 
