@@ -250,8 +250,9 @@ def jvm_census(service_pid: int | None) -> str:
     """Which Spark JVMs run for this demo: the service's, and any in this process or the tasks it runs."""
     from jobs.app.spark_client import spark_jvms
 
-    here = spark_jvms(os.getpid())
     service = spark_jvms(service_pid) if service_pid else []
+    # A service this process started is its child (detached, in its own session): not one of its JVMs.
+    here = [pid for pid in spark_jvms(os.getpid()) if pid not in service]
     return (f"Spark JVMs: {len(service) + len(here)} — the service's: {len(service)} "
             f"(pids {', '.join(map(str, service)) or 'none'}); in this process and its tasks: {len(here)}")
 
