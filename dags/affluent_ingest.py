@@ -13,14 +13,13 @@ from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from jobs.core.batchlog import QueueState, Stage, Status
-from jobs.core.registry import LAKE_WRITERS_POOL, establishments, silver_assets, task_context
+from jobs.core.registry import LAKE_WRITERS_POOL, establishments, retry_args, silver_assets, task_context
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ARGS = {
     "owner": "data-engineering",
-    "retries": 2,
-    "retry_delay": timedelta(minutes=2),
+    **retry_args(),  # AFFLUENT_TASK_RETRIES, AFFLUENT_TASK_RETRY_DELAY_SECONDS
     "execution_timeout": timedelta(hours=2),
 }
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task
 
-from jobs.core.registry import LAKE_WRITERS_POOL, silver_assets, task_context
+from jobs.core.registry import LAKE_WRITERS_POOL, retry_args, silver_assets, task_context
 
 
 @dag(
@@ -21,8 +21,8 @@ from jobs.core.registry import LAKE_WRITERS_POOL, silver_assets, task_context
     max_active_runs=1,
     tags=["affluent", "maintenance"],
     # Every task deletes or rewrites lake files: one at a time with land and publish (one-slot pool).
-    default_args={"owner": "data-engineering", "retries": 1, "retry_delay": timedelta(minutes=10),
-                  "execution_timeout": timedelta(hours=4), "pool": LAKE_WRITERS_POOL},
+    default_args={"owner": "data-engineering", **retry_args(), "execution_timeout": timedelta(hours=4),
+                  "pool": LAKE_WRITERS_POOL},
     doc_md="""
 ### Maintenance
 

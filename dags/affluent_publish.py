@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import AssetAny, dag, task
 
-from jobs.core.registry import LAKE_WRITERS_POOL, silver_assets, task_context
+from jobs.core.registry import LAKE_WRITERS_POOL, retry_args, silver_assets, task_context
 
 
 @dag(
@@ -22,8 +22,8 @@ from jobs.core.registry import LAKE_WRITERS_POOL, silver_assets, task_context
     max_active_runs=1,
     tags=["affluent", "publish"],
     # Publish rewrites extracts and gold: one at a time with land, erasure and VACUUM (one-slot pool).
-    default_args={"owner": "data-stewardship", "retries": 1, "retry_delay": timedelta(minutes=5),
-                  "execution_timeout": timedelta(hours=2), "pool": LAKE_WRITERS_POOL},
+    default_args={"owner": "data-stewardship", **retry_args(), "execution_timeout": timedelta(hours=2),
+                  "pool": LAKE_WRITERS_POOL},
     doc_md="""
 ### Publish project extracts and gold
 

@@ -209,3 +209,20 @@ def test_dags_show_the_establishment_name_and_every_task_says_what_it_reads_and_
             if task.task_id != "select_batch":
                 assert "**Reads**" in task.doc_md and "**Writes**" in task.doc_md and "Re-run" in task.doc_md
     assert "silver/consent" in dagbag.dags["affluent_publish"].doc_md
+
+
+def test_task_retries_come_soon_and_are_configurable(monkeypatch, dagbag):
+    """A task that finds the Spark service restarting is retried within a minute; the environment can say otherwise."""
+    from datetime import timedelta
+
+    from jobs.core.registry import ENV_TASK_RETRIES, ENV_TASK_RETRY_DELAY, retry_args
+
+    for dag in dagbag.dags.values():
+        for task in dag.tasks:
+            assert task.retry_delay <= timedelta(minutes=1), (dag.dag_id, task.task_id)
+    monkeypatch.setenv(ENV_TASK_RETRIES, "5")
+    monkeypatch.setenv(ENV_TASK_RETRY_DELAY, "7")
+    assert retry_args() == {"retries": 5, "retry_delay": timedelta(seconds=7)}
+    monkeypatch.setenv(ENV_TASK_RETRY_DELAY, "soon")
+    with pytest.raises(ValueError, match=ENV_TASK_RETRY_DELAY):
+        retry_args()

@@ -87,6 +87,9 @@ def _stage_command(stage: str):
         from jobs.core.writer_lock import BatchAlreadyRunning
 
         try:
+            from jobs.app.spark_client import use_service_here
+
+            use_service_here(args.classic)  # a client of the Spark service (started if none runs), holding no key
             pipeline.require_key(ctx)  # fail closed before anything is read or written
             batches = [args.batch] if args.batch else pipeline.pending(ctx, args.establishment)
             for batch in batches:
@@ -205,19 +208,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from jobs.app.demo import run_demo
 
     return run_demo(patients=args.patients, batches=args.batches, seed=args.seed, defect_rate=args.defect_rate,
-                    workdir=Path(args.workdir))
+                    workdir=Path(args.workdir), classic=args.classic, keep_spark=args.keep_spark)
 
 
 def _cmd_airflow(args: argparse.Namespace) -> int:
     from jobs.app.airflow_local import run_standalone, stop_standalone
     from jobs.app.demo import airflow_env, describe_lake, prepare_airflow
 
+    from jobs.core import spark_service
+
     if args.stop:
-        return stop_standalone(Path(args.workdir).resolve() / "airflow")
+        code = stop_standalone(Path(args.workdir).resolve() / "airflow")
+        _stop_spark_with_airflow(args.stop_spark)
+        return code
     env = airflow_env(Path(args.workdir), keep_exported=True)
     print(f"Starting Airflow standalone with the project's DAGs (AIRFLOW_HOME={env['AIRFLOW_HOME']}).")
     for line in describe_lake(env):
         print(f"  {line}")
+    if spark_service.spark_mode(args.classic) == spark_service.MODE_SERVICE:
+        from jobs.app.spark_client import airflow_client_env, attach
+
+        state, started = attach(env)  # the key goes to the service; the tasks get its address and token only
+        env = airflow_client_env(env, state)
+        after = "stops with Airflow" if args.stop_spark else "keeps running after Airflow stops (`affluent spark stop`)"
+        print(f"  Spark: {'started' if started else 'reusing'} the service at {state.address} (pid {state.pid}); "
+              f"every task is its client (connection affluent_spark); it {after}")
+    else:
+        print("  Spark: classic, one Spark per task process")
     print(f"UI: http://localhost:{args.port}  — login and password are printed by Airflow below and kept in "
           f"{env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated")
     print("Stop with Ctrl-C here, or `make airflow-stop` from another terminal.")
@@ -226,7 +243,27 @@ def _cmd_airflow(args: argparse.Namespace) -> int:
     env.setdefault("AIRFLOW__API__BASE_URL", f"http://localhost:{args.port}")
     env.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"http://localhost:{args.port}/execution/")
     prepare_airflow(env)  # metadata database and the lake writers' pool, before the scheduler starts
-    return run_standalone(env)
+    try:
+        return run_standalone(env)
+    finally:
+        _stop_spark_with_airflow(args.stop_spark)
+
+
+def _stop_spark_with_airflow(asked: bool) -> None:
+    """Stop the Spark service when the user asked for it (``--stop-spark``); otherwise say it still runs."""
+    from jobs.core import spark_service
+
+    if asked:
+        from jobs.core.session import close_clients
+
+        close_clients()  # this process's own session (the key check's) ends before its service
+        stopped = spark_service.stop()
+        print(f"Spark service at {stopped.address} stopped." if stopped else "No Spark service was running.")
+        return
+    running = spark_service.read_state()
+    if running is not None:
+        print(f"The Spark service keeps running at {running.address} (pid {running.pid}); "
+              "`affluent spark stop` ends it.")
 
 
 def _cmd_spark(args: argparse.Namespace) -> int:
@@ -253,6 +290,12 @@ def _cmd_spark(args: argparse.Namespace) -> int:
         return 1
     print(running.describe())
     return 0
+
+
+def _add_classic(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classic", action="store_true",
+                        help="run Spark inside this process instead of as a client of the Spark service "
+                        "(as AFFLUENT_SPARK_MODE=classic)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"{text}, for one batch or every pending batch of an establishment")
         p.add_argument("--establishment", required=True)
         p.add_argument("--batch", help="batch id (default: every pending batch, in delivery order)")
+        _add_classic(p)
         p.set_defaults(func=_stage_command(stage))
 
     from jobs.terminology.commands import add_mapping_commands
@@ -335,12 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--defect-rate", type=float, default=0.01)
     demo.add_argument("--workdir", default="demo", help="where the demo's lake and Airflow home go")
+    demo.add_argument("--keep-spark", action="store_true",
+                      help="leave the Spark service running at the end if the demo started it (default: stop it)")
+    _add_classic(demo)
     demo.set_defaults(func=_cmd_demo)
 
     airflow = sub.add_parser("airflow", help="Start `airflow standalone` with the project's DAGs (UI + scheduler)")
     airflow.add_argument("--workdir", default="demo")
     airflow.add_argument("--port", type=int, default=8080)
     airflow.add_argument("--stop", action="store_true", help="stop the Airflow started from this work folder")
+    airflow.add_argument("--stop-spark", action="store_true",
+                         help="stop the Spark service too when Airflow stops (default: it keeps running, warm, "
+                         "for the next command; `affluent spark stop` ends it)")
+    _add_classic(airflow)
     airflow.set_defaults(func=_cmd_airflow)
 
     spark = sub.add_parser("spark", help="The Spark service (Spark Connect) that commands and Airflow tasks share")

@@ -131,8 +131,13 @@ def _demo_key(workdir: Path) -> Path:
     return path
 
 
-def run_dags(env: dict[str, str], establishments: list[str], publish: bool = True) -> dict[str, list[tuple[str, str]]]:
-    """Run each establishment's ingest DAG for every pending batch, then publish; return run states."""
+def run_dags(env: dict[str, str], establishments: list[str], publish: bool = True,
+             census=None) -> dict[str, list[tuple[str, str]]]:
+    """Run each establishment's ingest DAG for every pending batch, then publish; return run states.
+
+    ``census`` (a callable returning one line) is printed after each DAG run:
+    a JVM a task started in this process would still be alive then.
+    """
     os.environ.update(env)
     from airflow.dag_processing.dagbag import DagBag
 
@@ -152,11 +157,15 @@ def run_dags(env: dict[str, str], establishments: list[str], publish: bool = Tru
             state = str(run.state)
             _say(f"{dag.dag_id}: batch {batch} {state} in {time.monotonic() - started:.0f} s"
                  f"{_landed_figures(ctx, est, batch)}")
+            if census is not None:
+                _say(census())
             states.setdefault(est, []).append((batch, state))
     if publish:
         started = time.monotonic()
         run = bag.dags["affluent_publish"].test()
         _say(f"affluent_publish {run.state} in {time.monotonic() - started:.0f} s")
+        if census is not None:
+            _say(census())
         states["publish"] = [("-", str(run.state))]
     return states
 
@@ -218,11 +227,57 @@ def print_summary(ctx) -> None:
     quarantine.groupBy("establishment_id", "rule").count().orderBy("establishment_id", "rule").show(100, truncate=False)
 
 
-def run_demo(patients: int, batches: int, seed: int, defect_rate: float, workdir: Path) -> int:
+def use_spark_service(env: dict[str, str], classic: bool) -> tuple[dict[str, str], object | None, bool]:
+    """The environment the DAGs run in: a client of the Spark service (started if none runs), holding no key.
+
+    Returns that environment, the service (None when classic) and whether it was started now.
+    """
+    from jobs.core import spark_service
+
+    if spark_service.spark_mode(classic) == spark_service.MODE_CLASSIC:
+        return env, None, False
+    from jobs.app.spark_client import airflow_client_env, attach
+
+    state, started = attach(env)  # the key (exported, or the demo's key file) goes to the service only
+    for name in spark_service.KEY_ENVIRONMENT:  # the tasks run in this process: it must not hold the key
+        os.environ.pop(name, None)
+    _say(f"Spark: {'started' if started else 'reusing'} the service at {state.address} (pid {state.pid}); every "
+         "task is its client through the Airflow connection affluent_spark")
+    return airflow_client_env(env, state), state, started
+
+
+def jvm_census(service_pid: int | None) -> str:
+    """Which Spark JVMs run for this demo: the service's, and any in this process or the tasks it runs."""
+    from jobs.app.spark_client import spark_jvms
+
+    service = spark_jvms(service_pid) if service_pid else []
+    # A service this process started is its child (detached, in its own session): not one of its JVMs.
+    here = [pid for pid in spark_jvms(os.getpid()) if pid not in service]
+    return (f"Spark JVMs: {len(service) + len(here)} — the service's: {len(service)} "
+            f"(pids {', '.join(map(str, service)) or 'none'}); in this process and its tasks: {len(here)}")
+
+
+def run_demo(patients: int, batches: int, seed: int, defect_rate: float, workdir: Path, classic: bool = False,
+             keep_spark: bool = False) -> int:
     started = time.monotonic()
     workdir = workdir.resolve()
-    env = airflow_env(workdir)
+    env, service, service_started = use_spark_service(airflow_env(workdir), classic)
     os.environ.update(env)
+    try:
+        return _run_demo(patients, batches, seed, defect_rate, workdir, env, started,
+                         getattr(service, "pid", None))
+    finally:
+        if service_started and not keep_spark:
+            from jobs.core import spark_service
+            from jobs.core.session import close_clients
+
+            close_clients()
+            spark_service.stop(service.state_dir)  # type: ignore[union-attr]
+            _say("stopped the Spark service the demo started (--keep-spark leaves it running)")
+
+
+def _run_demo(patients: int, batches: int, seed: int, defect_rate: float, workdir: Path, env: dict[str, str],
+              started: float, service_pid: int | None) -> int:
     from jobs.stages import pipeline
     from jobs.core.config import load_consortium
     from jobs.generate import generate_consortium
@@ -236,7 +291,7 @@ def run_demo(patients: int, batches: int, seed: int, defect_rate: float, workdir
     log = workdir / "airflow" / "logs" / "demo.log"
     _say(f"running the DAGs with Airflow (dag.test); their logs go to {log}")
     with logs_to(log):
-        states = run_dags(env, sorted(consortium.establishments))
+        states = run_dags(env, sorted(consortium.establishments), census=lambda: jvm_census(service_pid))
         ctx = pipeline.Context.from_env()
     print_summary(ctx)
     failed = [(est, b, s) for est, runs in states.items() for b, s in runs if not s.endswith("success")]

@@ -24,6 +24,28 @@ LAKE_WRITERS_POOL_SLOTS = 1
 LAKE_WRITERS_POOL_DESCRIPTION = "One lake-writing task at a time: land, publish, maintenance and erasure"
 
 
+# Retries of every task: a task that finds the Spark service down (restarting, or stopped for an upgrade)
+# fails naming its address and succeeds on a retry once the service is back, so retries come soon and
+# a few times. Errors no retry can fix (a rejected batch, a missing key) fail at once whatever this says.
+ENV_TASK_RETRIES = "AFFLUENT_TASK_RETRIES"
+ENV_TASK_RETRY_DELAY = "AFFLUENT_TASK_RETRY_DELAY_SECONDS"
+DEFAULT_TASK_RETRIES = 3
+DEFAULT_TASK_RETRY_DELAY_S = 30
+
+
+def retry_args() -> dict:
+    """``retries`` and ``retry_delay`` for a DAG's ``default_args``, from the environment (read at parse time)."""
+    from datetime import timedelta
+
+    values = {}
+    for name, default in ((ENV_TASK_RETRIES, DEFAULT_TASK_RETRIES), (ENV_TASK_RETRY_DELAY, DEFAULT_TASK_RETRY_DELAY_S)):
+        raw = os.environ.get(name, "").strip()
+        if raw and not raw.isdigit():
+            raise ValueError(f"{name}={raw!r}: a whole number is expected")
+        values[name] = int(raw) if raw else default
+    return {"retries": values[ENV_TASK_RETRIES], "retry_delay": timedelta(seconds=values[ENV_TASK_RETRY_DELAY])}
+
+
 @dataclass(frozen=True)
 class EstablishmentEntry:
     id: str
@@ -63,10 +85,15 @@ def silver_assets() -> list:
 
 
 def task_context():
-    """The pipeline context of an Airflow task: settings from the environment, Spark from ``spark_default``.
+    """The pipeline context of an Airflow task: a client of the Spark service, else Spark from ``spark_default``.
 
-    Called inside tasks only, never at parse time (the connection look-up needs a running task).
+    The service's connection (``affluent_spark``) wins: the task then starts no
+    Spark and ``spark_default`` is not consulted. Called inside tasks only,
+    never at parse time (the connection look-ups need a running task).
     """
+    from jobs.core.session import remote_url
     from jobs.stages.pipeline import Context, spark_master_from_connection
 
+    if remote_url():
+        return Context.from_env()
     return Context.from_env(spark_master=spark_master_from_connection("spark_default"))

@@ -218,6 +218,13 @@ def get_connect(url: str) -> SparkSession:
     return spark
 
 
+def close_clients() -> None:
+    """End this process's client sessions (before their service stops: a session left open waits for it at exit)."""
+    while _CLIENTS:
+        _, spark = _CLIENTS.popitem()
+        spark.stop()
+
+
 def get_spark(settings: Settings | None = None, app_name: str = "affluent", extra_conf: dict[str, str] | None = None,
               classic: bool = False) -> SparkSession:
     """The Spark service's client session when one is configured (:func:`remote_url`), else a classic one.

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,29 @@ class SparkServiceError(RuntimeError):
 
 class SparkServiceUnavailable(SparkServiceError):
     """A client found no service at the configured address (or it refused the client's token)."""
+
+
+class ServiceKeyMismatch(SparkServiceError):
+    """The running service holds another pseudonymisation key than the one the command was given."""
+
+
+# How a command runs its Spark work: as a client of the Spark service (the default; the command starts
+# the service when none runs), or "classic", in a Spark of its own inside the process (tests, debugging).
+ENV_MODE = "AFFLUENT_SPARK_MODE"
+MODE_SERVICE = "service"
+MODE_CLASSIC = "classic"
+# Where a command finds the pseudonymisation key it hands to the service (jobs.privacy.keys reads the same).
+KEY_ENVIRONMENT = ("AFFLUENT_PSEUDONYM_KEY", "AFFLUENT_PSEUDONYM_KEY_FILE")
+
+
+def spark_mode(classic: bool = False) -> str:
+    """``classic`` when asked (a flag, or ``AFFLUENT_SPARK_MODE=classic``), else ``service``; other values refused."""
+    if classic:
+        return MODE_CLASSIC
+    value = os.environ.get(ENV_MODE, MODE_SERVICE).strip().lower() or MODE_SERVICE
+    if value not in (MODE_SERVICE, MODE_CLASSIC):
+        raise SparkServiceError(f"{ENV_MODE}={value!r}: use {MODE_SERVICE} (the default) or {MODE_CLASSIC}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -173,17 +197,22 @@ def _free_port(preferred: int) -> int:
 _CLIENT_ENVIRONMENT = ("SPARK_CONNECT_MODE_ENABLED", "SPARK_REMOTE", "AFFLUENT_SPARK_REMOTE", "AFFLUENT_SPARK_TOKEN")
 
 
-def _service_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _CLIENT_ENVIRONMENT}
+def _service_environment(key_source: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without its client settings, with the key of ``key_source`` (and no other)."""
+    env = {k: v for k, v in os.environ.items() if k not in _CLIENT_ENVIRONMENT + KEY_ENVIRONMENT}
+    env.update({name: key_source[name] for name in KEY_ENVIRONMENT if key_source.get(name)})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
     return env
 
 
-def start(folder: Path | str | None = None, port: int | None = None, timeout: float = START_TIMEOUT_S) -> ServiceState:
+def start(folder: Path | str | None = None, port: int | None = None, timeout: float = START_TIMEOUT_S,
+          key_source: Mapping[str, str] | None = None) -> ServiceState:
     """Start the service unless one runs already (then return it); wait until it accepts clients.
 
     The service runs detached (its own session), so it outlives the command, the
-    DAG run or the Airflow that started it; ``stop`` ends it.
+    DAG run or the Airflow that started it; ``stop`` ends it. It reads the key
+    from ``key_source``'s ``AFFLUENT_PSEUDONYM_KEY`` or ``AFFLUENT_PSEUDONYM_KEY_FILE``
+    (default: this process's environment), given to its environment only.
     """
     folder = state_dir(folder)
     running = read_state(folder)
@@ -192,7 +221,8 @@ def start(folder: Path | str | None = None, port: int | None = None, timeout: fl
     from jobs.privacy.crypto import ensure_udf_jar
     from jobs.privacy.keys import load_key
 
-    load_key(use_airflow=False)  # fail closed here with the key's own message: the service reads the key itself
+    key_source = os.environ if key_source is None else key_source
+    load_key(dict(key_source), use_airflow=False)  # fail closed here with the key's own message
     ensure_udf_jar()
     folder.mkdir(parents=True, exist_ok=True)
     chosen = port or int(os.environ.get(ENV_PORT, DEFAULT_PORT))
@@ -202,7 +232,7 @@ def start(folder: Path | str | None = None, port: int | None = None, timeout: fl
         process = subprocess.Popen(
             [sys.executable, "-m", "jobs.core.spark_service", "serve", "--state", str(folder), "--port", str(chosen)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=str(PROJECT_ROOT), env=_service_environment())
+            cwd=str(PROJECT_ROOT), env=_service_environment(key_source))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -231,6 +261,40 @@ def stop(folder: Path | str | None = None, timeout: float = STOP_TIMEOUT_S) -> S
         os.kill(state.pid, signal.SIGKILL)  # Spark did not stop in time; the JVM is its child and goes with it
     state_path(folder).unlink(missing_ok=True)
     return state
+
+
+def held_fingerprint(state: ServiceState) -> str:
+    """The fingerprint of the key the service holds, asked of the service itself (as ``affluent spark check``)."""
+    from jobs.core.session import get_connect
+    from jobs.privacy.crypto import ServiceKey
+
+    return ServiceKey(get_connect(state.remote)).fingerprint
+
+
+def ensure(key_source: Mapping[str, str], folder: Path | str | None = None) -> tuple[ServiceState, bool]:
+    """The service for the key of ``key_source``: started unless one runs; whether this call started it.
+
+    A command without a key uses a running service as it is (and cannot start
+    one). A running service that holds another key is refused, never reused: its
+    pseudonyms would not match the lake's (the tables record the key's
+    fingerprint and the land stage refuses a mismatch too, but only after the
+    batch has been read and keyed).
+    """
+    from jobs.privacy.keys import load_key
+
+    folder = state_dir(folder)
+    running = read_state(folder)
+    if running is not None and not any(key_source.get(name) for name in KEY_ENVIRONMENT):
+        return running, False  # a thin client without a key: the service's key is the deployment's
+    expected = load_key(dict(key_source), use_airflow=False).fingerprint
+    state = running or start(folder, key_source=key_source)
+    held = held_fingerprint(state)
+    if held != expected:
+        raise ServiceKeyMismatch(
+            f"the Spark service at {state.address} holds the key with fingerprint {held}, not this command's "
+            f"({expected}): stop it (`affluent spark stop`) to start one with this key, or give the command the "
+            "key the service holds")
+    return state, running is None
 
 
 def check() -> str:

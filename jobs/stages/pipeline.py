@@ -203,11 +203,11 @@ def spark_master_from_connection(conn_id: str = "spark_default") -> str | None:
     not defined: the embedded default (AFFLUENT_SPARK_MASTER or ``local[*]``) applies.
     """
     from airflow.sdk import Connection
-    from airflow.sdk.exceptions import AirflowRuntimeError
+    from airflow.sdk.exceptions import AirflowNotFoundException, AirflowRuntimeError
 
     try:
         conn = Connection.get(conn_id)
-    except AirflowRuntimeError:
+    except (AirflowRuntimeError, AirflowNotFoundException):  # the latter from a task's own look-up (Airflow 3.3)
         return None
     host = (conn.host or "").strip()
     if not host:

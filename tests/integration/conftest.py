@@ -2,7 +2,8 @@
 
 ``affluent demo`` generates a small consortium (with injected defects and its
 ground truth), runs every establishment's ingest DAG for each batch and the
-publish DAG through Airflow (``dag.test`` on SQLite, its own Spark), then
+publish DAG through Airflow (``dag.test`` on SQLite, every task a client of
+the Spark service the demo starts and stops), then
 starts the researcher gateway. The tests of ``test_airflow_e2e.py`` check what
 the demo printed and how Airflow re-runs a batch; those of
 ``test_consortium.py`` check the lake it left against the generator's ground
@@ -48,8 +49,11 @@ def demo_env() -> dict[str, str]:
     env = dict(os.environ, AFFLUENT_PSEUDONYM_KEY=TEST_KEY, AFFLUENT_SHUFFLE_PARTITIONS="2",
                AFFLUENT_DRIVER_MEMORY="2g")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # The demo runs as `make demo` does: every task a client of the Spark service it starts (the suite's
+    # classic default is for the tests' own Spark).
     for name in list(env):
-        if name.startswith("AIRFLOW") or name in ("AFFLUENT_LAKE_ROOT", "AFFLUENT_LANDING_ROOT"):
+        if name.startswith("AIRFLOW") or name in ("AFFLUENT_LAKE_ROOT", "AFFLUENT_LANDING_ROOT", "AFFLUENT_SPARK_MODE",
+                                                  "AFFLUENT_SPARK_REMOTE", "AFFLUENT_SPARK_TOKEN"):
             del env[name]
     return env
 
@@ -71,7 +75,9 @@ class DemoLaunch:
                 lower_priority([sys.executable, "-m", "jobs.app.cli", "demo", "--patients", str(PATIENTS),
                                 "--batches", str(BATCHES), "--seed", str(SEED), "--defect-rate", str(DEFECT_RATE),
                                 "--workdir", str(workdir)]),
-                cwd=ROOT, env=demo_env(), stdout=out, stderr=err)
+                # Its own service (state folder, free port), never one this machine runs already.
+                cwd=ROOT, env=demo_env() | {"AFFLUENT_SPARK_STATE": str(workdir / "spark-service")}, stdout=out,
+                stderr=err)
 
     def result(self, timeout: float = 2400) -> DemoRun:
         try:

@@ -1,13 +1,15 @@
 """Quick-start command 1 at a small size: the real DAGs through Airflow, end to end.
 
 The demo (tests/integration/conftest.py) ran in a subprocess with its own
-Airflow home on SQLite and its own Spark; these tests check what it printed,
-silver, quarantine and a project extract from this process, and that running
-a DAG run again for a landed batch changes no table.
+Airflow home on SQLite, every task a client of the Spark service it started;
+these tests check what it printed, silver, quarantine and a project extract
+from this process, and that running a DAG run again for a landed batch changes
+no table.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -34,6 +36,18 @@ def test_demo_ends_with_the_summary_and_the_query_result(demo):
     # The researcher's question is differentially private: one row per visit concept, its intervals and ε.
     assert "visit_concept_id" in stdout and "visits_low95" in stdout and "spent epsilon" in stdout
     assert "9202" in stdout and "visit_source_value" not in stdout.split("Starting the researcher gateway")[1]
+
+
+def test_the_demo_ran_every_dag_on_one_spark_jvm_the_service_s(demo):
+    """After each DAG run the demo lists the Spark JVMs: the service's one, none in its own process or tasks."""
+    stdout = demo.stdout
+    assert "Spark: started the service at sc://localhost:" in stdout
+    census = [line for line in stdout.splitlines() if "Spark JVMs:" in line]
+    runs = re.findall(r"^\[affluent demo\] affluent_(?:ingest_\w+: batch \S+|publish) \S+ in \d+ s", stdout, re.M)
+    assert runs and len(census) == len(runs), stdout[-3000:]  # one census after each DAG run
+    for line in census:
+        assert "Spark JVMs: 1 — the service's: 1 (pids " in line and line.endswith("its tasks: 0"), line
+    assert "stopped the Spark service the demo started" in stdout
 
 
 def test_pooled_visits_mean_one_thing_across_establishments(demo, spark):

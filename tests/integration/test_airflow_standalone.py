@@ -3,8 +3,10 @@
 Starts ``affluent airflow`` (what ``make airflow`` runs: ``airflow standalone``
 on SQLite) on an exported lake, triggers one establishment's ingest run through
 the REST API, waits for it and for the publish run its Asset events trigger,
-then reads every task log through the API. Stops it with TERM, as Ctrl-C
-would, and checks that no process of the tree is left. Run with
+then reads every task log through the API. Every task is a client of the
+Spark service ``affluent airflow`` starts (its own state folder here): no task
+process starts a JVM. Stops it with TERM, as Ctrl-C would, and checks that no
+process of the tree is left and that ``--stop-spark`` stopped the service too. Run with
 ``make test-airflow`` (it is left out of ``make test`` for time).
 """
 
@@ -92,12 +94,13 @@ def airflow(tmp_path_factory):
         "AFFLUENT_SHUFFLE_PARTITIONS": "2",
         "AFFLUENT_DRIVER_MEMORY": "1g",
         "AFFLUENT_TODAY": os.environ["AFFLUENT_TODAY"],
+        "AFFLUENT_SPARK_STATE": str(workdir / "spark-service"),  # its own service, never this machine's
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     port = _free_port()
     log = (workdir / "standalone.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "jobs.app.cli", "airflow", "--workdir", str(workdir / "af"),
-                                "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                "--port", str(port), "--stop-spark"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     home = workdir / "af" / "airflow"
     base = f"http://127.0.0.1:{port}"
     try:
@@ -142,7 +145,12 @@ def ingest_run(airflow):
     run_id = response.json()["dag_run_id"]
     api.client.patch(f"/api/v2/dags/{INGEST_DAG}", json={"is_paused": False}).raise_for_status()
 
+    _, _, home, _ = airflow
+    jvms: set[int] = set()
+
     def all_finished():
+        # A task that started its own Spark would hold a JVM for all its run: seen within 5 s.
+        jvms.update(p.pid for p in _processes_of(home) if "org.apache.spark.deploy.SparkSubmit" in _cmdline(p))
         runs = api.get(f"/api/v2/dags/{INGEST_DAG}/dagRuns")["dag_runs"]
         mine = [r for r in runs if r["dag_run_id"] == run_id]
         if mine and all(r["state"] in ("success", "failed") for r in runs):
@@ -153,7 +161,16 @@ def ingest_run(airflow):
     triggered = next(r for r in runs if r["dag_run_id"] == run_id)
     landing = [r for r in runs if _task_state(api, r["dag_run_id"], "land") == "success"]
     assert len(landing) == 1, runs
-    return {"triggered": triggered, "landing": landing[0], "runs": runs}
+    return {"triggered": triggered, "landing": landing[0], "runs": runs, "jvms": jvms}
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
 
 
 def _task_state(api: Api, run_id: str, task_id: str) -> str | None:
@@ -235,6 +252,17 @@ def test_the_assets_trigger_a_publish_run(airflow, ingest_run):
     assert not errors, errors
 
 
+def test_no_task_starts_a_jvm_every_one_is_a_client_of_the_service(airflow, ingest_run):
+    from jobs.app.spark_client import spark_jvms
+    from jobs.core.spark_service import read_state
+
+    _, _, home, workdir = airflow
+    assert ingest_run["jvms"] == set()
+    service = read_state(workdir / "spark-service")
+    assert service is not None and len(spark_jvms(service.pid)) == 1
+    assert "Spark: started the service at sc://localhost:" in (workdir / "standalone.log").read_text()
+
+
 def test_stopping_leaves_no_process_behind(airflow, ingest_run):
     _, process, home, _ = airflow
     assert _processes_of(home), "the running Airflow should be found by its AIRFLOW_HOME"
@@ -244,3 +272,6 @@ def test_stopping_leaves_no_process_behind(airflow, ingest_run):
     while _processes_of(home) and time.monotonic() < deadline:
         time.sleep(1)
     assert not _processes_of(home), [p.cmdline() for p in _processes_of(home)]
+    from jobs.core.spark_service import read_state
+
+    assert read_state(airflow[3] / "spark-service") is None  # --stop-spark: the service stopped with Airflow
