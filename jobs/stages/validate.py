@@ -621,7 +621,7 @@ def previous_full_batches(lake: Lake, establishment_id: str, batch_id: str) -> d
     latest: dict[tuple[str, str, str], dict] = {}
     for entry in batch_log_entries(lake, establishment_id):  # oldest first: later entries replace earlier ones
         latest[(entry["dataset"], entry["batch_id"], entry["stage"])] = entry
-    best: dict[str, dict] = {}
+    best: dict[str, tuple[tuple, dict]] = {}
     for (dataset, batch, stage), e in latest.items():
         if (stage != STAGE or batch == batch_id or e["kind"] != BatchKind.FULL
                 or latest.get((dataset, batch, Stage.LAND), {}).get("status") != Status.LANDED):
