@@ -422,3 +422,73 @@ def test_plausibility_bounds_judge_values_in_the_unit_of_the_bound(spark, lake, 
     results = spark.read.format("delta").load(lake.ops("validation_results")).where(F.col("batch_id") == "b1")
     skipped = results.where(F.col("rule") == "value.bound_not_applied").first()
     assert (skipped.dataset, skipped.unexpected_count) == ("lab_result", 1)
+
+
+# ------------------------------------------------- transforms, no Delta ----
+
+def _flagged(spark, dataset: str, rows: list[dict]):
+    from jobs.stages.validate import flag_rows, load_suite, suite_checks, suite_parameters, with_reference_columns
+
+    checks = suite_checks(load_suite(dataset))
+    staged = staged_frame(spark, dataset, "b1", EXTRACTED, rows)
+    return flag_rows(with_reference_columns(staged, dataset), checks, suite_parameters(None)), checks, staged.columns
+
+
+def test_one_job_counts_every_dataset_as_each_would_be_counted_alone(spark):
+    from jobs.stages.validate import count_batch, count_batches
+
+    flagged = {
+        "diagnosis": _flagged(spark, "diagnosis", [diag("d1"), diag("d2", code=None), diag("d3", code="K80.2")]),
+        "consent": _flagged(spark, "consent", [consent("c1"), consent("c2", purpose="marketing")]),
+        "lab_result": _flagged(spark, "lab_result", [lab("l1"), lab("l2", value=999.0)]),
+    }
+    together = count_batches({d: (f, checks) for d, (f, checks, _) in flagged.items()})
+    assert together == {d: count_batch(f, checks, d) for d, (f, checks, _) in flagged.items()}
+    assert together["diagnosis"].by_rule == {"completeness.required": 1}
+    assert together["diagnosis"].information == {"code.not_in_reference_list": 1}
+    assert together["consent"].information == {}  # another dataset's information columns are not the consent's
+    assert together["lab_result"].information == {"code.not_in_reference_list": 0, "value.bound_not_applied": 0}
+    # Without a consortium no purpose is declared: both consent rows fail their purpose check.
+    assert (together["consent"].rows, together["consent"].by_rule) == (2, {"conformance.code": 2})
+
+
+def test_flagged_rows_split_into_quarantine_and_validated_rows_that_add_up(spark):
+    from jobs.core.schemas import QUARANTINE_SCHEMA
+    from jobs.stages.validate import kept_rows, quarantine_rows, validated_rows
+
+    flagged, _, columns = _flagged(spark, "encounter", [enc("v1"), enc("v2", person=None), enc("v3")])
+    quarantine = quarantine_rows(flagged, "encounter", columns, dt.datetime(2026, 1, 6))
+    validated = validated_rows(kept_rows(flagged, columns), "encounter")
+    assert [(f.name, f.dataType) for f in quarantine.schema] == [(f.name, f.dataType) for f in QUARANTINE_SCHEMA]
+    assert [(r.rule, r.stage, r.batch_id) for r in quarantine.collect()] == [("completeness.required", "validate", "b1")]
+    assert [(f.name, f.dataType) for f in validated.schema] == [(f.name, f.dataType) for f in staged_schema("encounter")]
+    assert sorted(r.visit_occurrence_id for r in validated.collect()) == ["v1", "v3"]
+
+
+def _gx(check: str, rule: str, kind: str, success: bool, unexpected: int | None):
+    from jobs.stages.validate import GxResult
+
+    return GxResult(check, rule, kind, success, unexpected, None, None)
+
+
+def test_judging_a_dataset_needs_no_spark_and_refuses_engines_that_disagree():
+    from jobs.core.config import BatchRules
+    from jobs.stages.validate import BatchCounts, EngineDisagreement, judge_dataset
+
+    counts = BatchCounts(rows=30, failures={"person_id.required": 8}, by_rule={"completeness.required": 8},
+                         information={}, extracted_at=EXTRACTED)
+    rules = BatchRules()
+    figures = dict(rules=rules, previous=("b0", 100), expected_columns=["a"], ingest=(32, 2),
+                   establishment_id=EST, batch_id="b1", run_at=EXTRACTED)
+    judged = judge_dataset("consent", counts, [
+        _gx("person_id.required", "completeness.required", "row", False, 8),
+        _gx("row_count.no_drop", "batch.row_count_drop", "batch", False, None)], **figures)
+    assert judged.outcome.valid == 22 and judged.outcome.quarantined == 8
+    assert [f.rule for f in judged.failures] == ["batch.row_count_drop", "batch.quarantined_rate"]
+    assert "30 rows vs 100 in the previous full batch b0, a drop of 70.0%" in str(judged.failures[0])
+    assert "10 of 32 rows read quarantined (2 at ingest, 8 at validate)" in str(judged.failures[1])
+    assert [r[3] for r in judged.results] == ["person_id.required", "row_count.no_drop", "quarantined_rate"]
+
+    with pytest.raises(EngineDisagreement, match="consent.person_id.required: GX counts 7 failing rows"):
+        judge_dataset("consent", counts, [_gx("person_id.required", "completeness.required", "row", False, 7)],
+                      **figures)

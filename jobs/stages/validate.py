@@ -62,9 +62,10 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from functools import cache
+from functools import cache, reduce
 from pathlib import Path
 
 from pyspark import StorageLevel
@@ -87,7 +88,7 @@ from jobs.core.schemas import (
     silver_columns,
     staged_schema,
 )
-from jobs.core.tables import OVERWRITE, cast_to, ensure_table, table_exists
+from jobs.core.tables import OVERWRITE, cast_to, ensure_table, sql_string, table_exists
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.VALIDATE
@@ -287,18 +288,21 @@ def _resolve(value, params: dict):
     return value
 
 
-def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFrame | None = None) -> DataFrame:
+def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFrame | None = None,
+                           staged_columns: list[str] | None = None) -> DataFrame:
     """Staged rows plus the helper columns some expectations compare with (see :data:`HELPER_COLUMNS`).
 
     ``birth_years`` (``person_id, _birth_year``) gives encounters their patient's year of birth.
+    ``staged_columns``, when the caller knows them, spares a schema request to Spark.
     """
+    columns = list(staged_columns) if staged_columns is not None else staged.columns
     if dataset == "encounter":
         if birth_years is None:
             birth_years = _no_birth_years(staged.sparkSession)
         # A visit reason is a code like a diagnosis's: checked for its pattern and check digit alike.
         reason = vocabularies.well_formed(F.col("visit_reason_source_vocabulary"), F.col("visit_reason_source_value"))
         return staged.join(birth_years, on="person_id", how="left").select(
-            *staged.columns, "_birth_year", reason.alias("_reason_well_formed"))
+            *columns, "_birth_year", reason.alias("_reason_well_formed"))
     if dataset not in CODED:
         return staged
     spark = staged.sparkSession
@@ -306,7 +310,7 @@ def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFra
     listed = _listed_codes(spark, dataset)
     coded = (staged.join(F.broadcast(listed), on=[staged[c] == listed[f"_l{i}"] for i, c in
                                                   enumerate(CODED[dataset])], how="left")
-             .select(*staged.columns,
+             .select(*columns,
                      vocabularies.well_formed(vocabulary, code).alias("_code_well_formed"),
                      F.when(code.isNotNull(), F.col("_listed").isNotNull()).alias("_code_in_reference")))
     if dataset != "lab_result":
@@ -320,7 +324,7 @@ def with_reference_columns(staged: DataFrame, dataset: str, birth_years: DataFra
     joined = with_unit.join(F.broadcast(bounds), on=(with_unit["measurement_source_value"] == bounds["_b_code"])
                             & (with_unit["_unit_key"] == bounds["_b_unit"]), how="left")
     # A unit with no known conversion leaves the bounds unset: not applied, counted, never a rejection.
-    return joined.select(*coded.columns, "_ref_plausible_low", "_ref_plausible_high",
+    return joined.select(*columns, *CODE_HELPERS, "_ref_plausible_low", "_ref_plausible_high",
                          (F.col("value_as_number") * F.col("_factor")).alias("_value_in_reference_unit"))
 
 
@@ -348,6 +352,13 @@ def _information_aggs(dataset: str) -> list[Column]:
         aggs.append(F.sum((kept & listed & F.col("_ref_plausible_low").isNull()).cast("long"))
                     .alias(INFO_BOUND_NOT_APPLIED))
     return aggs
+
+
+def _information_names(dataset: str) -> tuple[str, ...]:
+    """The names :func:`_information_aggs` gives ``dataset``, in :data:`INFORMATION_NAMES`' order."""
+    if dataset not in CODED:
+        return ()
+    return (INFO_NOT_IN_REFERENCE, INFO_BOUND_NOT_APPLIED) if dataset == "lab_result" else (INFO_NOT_IN_REFERENCE,)
 
 
 def _no_birth_years(spark: SparkSession) -> DataFrame:
@@ -465,28 +476,59 @@ class BatchCounts:
     extracted_at: dt.datetime | None
 
 
-def count_batch(flagged: DataFrame, checks: list[Check], dataset: str) -> BatchCounts:
-    """Rows, failures per check, quarantined rows per rule, information counts and extraction instant: one pass."""
+def counts_frame(flagged: DataFrame, checks: list[Check], dataset: str) -> DataFrame:
+    """One row: rows, failures per check, quarantined rows per rule, information counts, extraction instant.
+
+    The row carries its ``_dataset``, so that the frames of a batch's datasets can be unioned and
+    collected in one Spark job (:func:`count_batches`); :func:`read_counts` reads it back.
+    """
     row_checks = [c for c in checks if c.kind == KIND_ROW]
     rules = sorted({c.rule for c in row_checks})
-    information = _information_aggs(dataset)
     aggs = [F.count(F.lit(1)).alias("_rows"), F.max("_extracted_at").alias("_extracted_at")]
     aggs += [F.sum(F.col(f"_fail_{c.position}").cast("long")).alias(f"_check_{c.position}") for c in row_checks]
     aggs += [F.sum((F.col("_rule") == F.lit(rule)).cast("long")).alias(f"_rule_{i}") for i, rule in enumerate(rules)]
-    totals = flagged.agg(*aggs, *information).collect()[0].asDict()
-    by_rule = {rule: int(totals[f"_rule_{i}"] or 0) for i, rule in enumerate(rules)}
+    return flagged.agg(*aggs, *_information_aggs(dataset)).select(F.lit(dataset).alias("_dataset"), "*")
+
+
+def read_counts(totals: dict, checks: list[Check], dataset: str) -> BatchCounts:
+    """The :class:`BatchCounts` of one row of :func:`counts_frame` (as a dict); other datasets' columns ignored."""
+    row_checks = [c for c in checks if c.kind == KIND_ROW]
+    rules = sorted({c.rule for c in row_checks})
+    by_rule = {rule: int(totals.get(f"_rule_{i}") or 0) for i, rule in enumerate(rules)}
     return BatchCounts(
-        rows=totals["_rows"],
-        failures={c.name: int(totals[f"_check_{c.position}"] or 0) for c in row_checks},
+        rows=int(totals["_rows"]),
+        failures={c.name: int(totals.get(f"_check_{c.position}") or 0) for c in row_checks},
         by_rule={rule: n for rule, n in by_rule.items() if n},
-        information={name: int(totals[name] or 0) for name in INFORMATION_NAMES if name in totals},
+        information={name: int(totals[name] or 0) for name in _information_names(dataset)},
         extracted_at=totals["_extracted_at"],
     )
 
 
+def count_batch(flagged: DataFrame, checks: list[Check], dataset: str) -> BatchCounts:
+    """Rows, failures per check, quarantined rows per rule, information counts and extraction instant: one pass."""
+    (totals,) = counts_frame(flagged, checks, dataset).collect()
+    return read_counts(totals.asDict(), checks, dataset)
+
+
+def count_batches(flagged: dict[str, tuple[DataFrame, list[Check]]]) -> dict[str, BatchCounts]:
+    """:func:`count_batch` of every dataset of a batch (``dataset -> (flagged rows, checks)``) in one Spark job.
+
+    Each dataset's counts are one aggregated row; their union (columns a dataset lacks left
+    null) is collected once. On cached frames, that job is also the one that fills the caches.
+    """
+    if not flagged:
+        return {}
+    frames = [counts_frame(rows, checks, dataset) for dataset, (rows, checks) in flagged.items()]
+    union = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), frames)
+    # Columns only another dataset has come back null: read_counts looks at its own dataset's names only.
+    return {r["_dataset"]: read_counts(r.asDict(), flagged[r["_dataset"]][1], r["_dataset"]) for r in union.collect()}
+
+
 # -------------------------------------------------------------- GX run ----
 
+@cache
 def _gx_context():
+    """The process's ephemeral GX context: built once (importing GX and building a context costs seconds)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     # GX logs every expectation's defaults at INFO: noise in task logs, nothing a data engineer acts on.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -513,8 +555,13 @@ class GxResult:
     observed: str | None
 
 
+@cache
 def gx_spark_source(name: str = "staged"):
-    """A GX Spark datasource in an ephemeral context (nothing written outside the lake)."""
+    """A GX Spark datasource in the process's ephemeral context (nothing written outside the lake), made once.
+
+    :func:`run_gx_suite` adds one asset per validation and removes it afterwards, so the source
+    holds no DataFrame between batches.
+    """
     return _gx_context().data_sources.add_spark(name=name)
 
 
@@ -522,11 +569,14 @@ def run_gx_suite(source, df: DataFrame, dataset: str, suite: dict, params: dict)
     """Validate ``df`` with GX's Spark datasource; one result per expectation, in the suite's order."""
     from great_expectations.core.expectation_suite import ExpectationSuite
 
-    asset_name = f"{dataset}_{len(source.assets)}"
-    batch = (source.add_dataframe_asset(name=asset_name).add_batch_definition_whole_dataframe("batch")
-             .get_batch(batch_parameters={"dataframe": df}))
-    gx_suite = ExpectationSuite(**suite)
-    validation = batch.validate(gx_suite, expectation_parameters=params, result_format=GX_RESULT_FORMAT)
+    asset_name = f"{dataset}_{uuid.uuid4().hex}"
+    asset = source.add_dataframe_asset(name=asset_name)
+    try:
+        batch = asset.add_batch_definition_whole_dataframe("batch").get_batch(batch_parameters={"dataframe": df})
+        validation = batch.validate(ExpectationSuite(**suite), expectation_parameters=params,
+                                    result_format=GX_RESULT_FORMAT)
+    finally:
+        source.delete_asset(asset_name)
     checks = {c.name: c for c in suite_checks(suite)}
     results: dict[str, GxResult] = {}
     for r in validation.results:
@@ -560,44 +610,122 @@ def _batch_filter(establishment_id: str, batch_id: str) -> Column:
     return (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)
 
 
-def previous_full_rows(lake: Lake, establishment_id: str, batch_id: str, dataset: str) -> tuple[str, int] | None:
-    """Batch id and staged rows of the establishment's latest landed ``full`` batch of ``dataset``.
+def previous_full_batches(lake: Lake, establishment_id: str, batch_id: str) -> dict[str, tuple[str, int]]:
+    """Per dataset, batch id and staged rows of the establishment's latest landed ``full`` batch.
 
-    Read from the batch log with delta-rs: the latest entry per batch, dataset and stage counts.
+    Read from the batch log with delta-rs (once for every dataset): the latest entry per batch,
+    dataset and stage counts.
     """
     from jobs.stages.batch_queue import batch_log_entries, utc
 
-    latest: dict[tuple[str, str], dict] = {}
+    latest: dict[tuple[str, str, str], dict] = {}
     for entry in batch_log_entries(lake, establishment_id):  # oldest first: later entries replace earlier ones
-        if entry["dataset"] == dataset:
-            latest[(entry["batch_id"], entry["stage"])] = entry
-    candidates = [e for (batch, stage), e in latest.items()
-                  if stage == STAGE and batch != batch_id and e["kind"] == BatchKind.FULL
-                  and latest.get((batch, Stage.LAND), {}).get("status") == Status.LANDED]
-    if not candidates:
-        return None
-    best = max(candidates, key=lambda e: (e["extracted_at"] is not None, utc(e["extracted_at"]), e["batch_id"]))
-    return best["batch_id"], int(best["rows_read"] or 0)
+        latest[(entry["dataset"], entry["batch_id"], entry["stage"])] = entry
+    best: dict[str, tuple[tuple, dict]] = {}
+    for (dataset, batch, stage), e in latest.items():
+        if (stage != STAGE or batch == batch_id or e["kind"] != BatchKind.FULL
+                or latest.get((dataset, batch, Stage.LAND), {}).get("status") != Status.LANDED):
+            continue
+        key = (e["extracted_at"] is not None, utc(e["extracted_at"]), e["batch_id"])
+        if dataset not in best or key > best[dataset][0]:
+            best[dataset] = (key, e)
+    return {dataset: (e["batch_id"], int(e["rows_read"] or 0)) for dataset, (_, e) in best.items()}
 
 
-def _expected_columns(spark: SparkSession, lake: Lake, dataset: str, observed: list[str], allow_changes: bool) -> list[str]:
+def previous_full_rows(lake: Lake, establishment_id: str, batch_id: str, dataset: str) -> tuple[str, int] | None:
+    """Batch id and staged rows of the establishment's latest landed ``full`` batch of ``dataset``."""
+    return previous_full_batches(lake, establishment_id, batch_id).get(dataset)
+
+
+def _table_columns(path: str) -> list[str] | None:
+    """A Delta table's column names read from its log with delta-rs (no Spark job), ``None`` without a table."""
+    from jobs.core.arrow_tables import open_delta
+
+    table = open_delta(path)
+    return None if table is None else [f.name for f in table.schema().fields]
+
+
+def _expected_columns(lake: Lake, dataset: str, observed: list[str], allow_changes: bool) -> list[str]:
     if allow_changes:
         return sorted(observed)
-    silver = lake.silver(dataset)
     # Columns the canonical schema adds are added to silver at land (jobs.core.tables.add_missing_columns):
     # an addition is no change to stop for; a column silver has and the schema dropped still is.
-    columns = list(silver_columns(dataset))
-    if table_exists(spark, silver):
-        columns += spark.read.format("delta").load(silver).columns
+    columns = list(silver_columns(dataset)) + (_table_columns(lake.silver(dataset)) or [])
     # Standard concepts are derived at land: silver has them, staged rows never do.
     columns = [c for c in columns if c not in CONCEPT_COLUMNS.get(dataset, ())]
     extra = [f.name for f in STAGED_EXTRA_FIELDS] + list(HELPER_COLUMNS.get(dataset, ()))
     return sorted(set(columns) | set(extra))
 
 
-# --------------------------------------------------------------- writes ----
+# ----------------------------------------------------- batch judgement ----
+# Pure functions of the figures Spark and GX gave: what lands, what is recorded, what stops the batch.
 
-def _quarantine_rows(flagged: DataFrame, dataset: str, staged_columns: list[str], now: dt.datetime) -> DataFrame:
+@dataclass(frozen=True)
+class DatasetJudgement:
+    """What one dataset of a batch contributes: result rows, batch-rule failures and its outcome."""
+
+    results: list[tuple]
+    failures: list[BatchRuleFailure]
+    outcome: DatasetValidation
+
+
+def judge_dataset(dataset: str, counts: BatchCounts, gx_results: list[GxResult], *, rules,
+                  previous: tuple[str, int] | None, expected_columns: list[str], ingest: tuple[int, int],
+                  establishment_id: str, batch_id: str, run_at: dt.datetime) -> DatasetJudgement:
+    """Compare GX's counts with the Spark translation's, and judge the batch rules of one dataset.
+
+    ``previous`` is the previous landed full batch (id, rows) when the row-count drop applies;
+    ``ingest`` the rows read and quarantined at ingest. Raises :class:`EngineDisagreement` when
+    the two engines count a row-level expectation differently.
+    """
+    rows, key = counts.rows, (establishment_id, batch_id, dataset)
+    results: list[tuple] = []
+    failures: list[BatchRuleFailure] = []
+    for r in gx_results:
+        if r.kind == KIND_ROW and r.unexpected_count != counts.failures[r.check]:
+            raise EngineDisagreement(
+                f"{dataset}.{r.check}: GX counts {r.unexpected_count} failing rows, the Spark translation "
+                f"{counts.failures[r.check]}. The suite uses a construct the translation reads differently; "
+                "fix check_failure before validating again.")
+        results.append((*key, r.check, r.rule, r.kind, r.success, r.unexpected_count,
+                        r.element_count if r.element_count is not None else rows, r.observed, run_at))
+        if r.kind == KIND_BATCH and not r.success:
+            if r.rule == RULE_ROW_COUNT_DROP and previous is not None:
+                drop = 100 * (previous[1] - rows) / previous[1]
+                figures = (f"{rows} rows vs {previous[1]} in the previous full batch {previous[0]}, "
+                           f"a drop of {drop:.1f}% > {rules.max_row_count_drop_pct:g}%")
+            else:
+                figures = f"columns {r.observed} vs silver {sorted(expected_columns)}"
+            failures.append(BatchRuleFailure(dataset, r.rule, figures))
+
+    for name, count in counts.information.items():
+        results.append((*key, name, name, KIND_INFO, True, count, rows, None, run_at))
+
+    quarantined = sum(counts.by_rule.values())
+    outcome = DatasetValidation(rows, rows - quarantined, quarantined, dict(sorted(counts.by_rule.items())))
+
+    read, ingest_q = ingest
+    rejected = ingest_q + quarantined
+    rate_ok = read < MIN_ROWS_FOR_RATE or 100 * rejected / read <= rules.max_quarantined_pct
+    results.append((*key, "quarantined_rate", RULE_QUARANTINED_RATE, KIND_BATCH, rate_ok, rejected, read,
+                    json.dumps(round(100 * rejected / read, 2) if read else 0.0), run_at))
+    if not rate_ok:
+        failures.append(BatchRuleFailure(
+            dataset, RULE_QUARANTINED_RATE,
+            f"{rejected} of {read} rows read quarantined ({ingest_q} at ingest, {quarantined} at validate), "
+            f"{100 * rejected / read:.1f}% > {rules.max_quarantined_pct:g}%"))
+    return DatasetJudgement(results, failures, outcome)
+
+
+# ----------------------------------------------------------- transforms ----
+
+def enriched_columns(staged_columns: list[str], dataset: str) -> list[str]:
+    """The columns of :func:`with_reference_columns`' output: the staged ones and the dataset's helpers."""
+    return [*staged_columns, *HELPER_COLUMNS.get(dataset, ())]
+
+
+def quarantine_rows(flagged: DataFrame, dataset: str, staged_columns: list[str], now: dt.datetime) -> DataFrame:
+    """The flagged rows that failed a row-level check, as quarantine rows (record without identifiers)."""
     return flagged.where(F.col("_rule").isNotNull()).select(
         F.col("establishment_id"), F.col("_batch_id").alias("batch_id"), F.lit(dataset).alias("dataset"),
         F.lit(STAGE).alias("stage"), F.col("_rule").alias("rule"), F.col("_reason").alias("reason"),
@@ -608,19 +736,77 @@ def _quarantine_rows(flagged: DataFrame, dataset: str, staged_columns: list[str]
     ).select([cast_to(F.col(f.name), f.dataType) for f in QUARANTINE_SCHEMA.fields])
 
 
+def kept_rows(flagged: DataFrame, staged_columns: list[str]) -> DataFrame:
+    """The flagged rows that passed every row-level check, with the staged columns only."""
+    return flagged.where(F.col("_rule").isNull()).select(*staged_columns)
+
+
+def validated_rows(kept: DataFrame, dataset: str) -> DataFrame:
+    """``kept`` in the staged schema of ``dataset``, the validated zone's."""
+    return kept.select([cast_to(F.col(f.name), f.dataType) for f in staged_schema(dataset).fields])
+
+
+# ------------------------------------------------------------------ I/O ----
+# The one place that reads the staged zone and writes the validated zone, quarantine and results.
+
+def read_staged(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, tuple[DataFrame, list[str]]]:
+    """Per dataset with a staged table: the batch's staged rows and the table's columns (read with delta-rs)."""
+    found = {}
+    for dataset in DATASETS:
+        path = lake.staged(dataset)
+        columns = _table_columns(path)
+        if columns is None:
+            continue
+        found[dataset] = (spark.read.format("delta").load(path).where(_batch_filter(establishment_id, batch_id)),
+                          columns)
+    return found
+
+
 def _replace(df: DataFrame, path: str, predicate: str) -> None:
     df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).save(path)
 
 
-def _write_results(spark: SparkSession, lake: Lake, rows: list[tuple], establishment_id: str, batch_id: str) -> None:
+def _ensure(spark: SparkSession, path: str, schema: StructType, comment: str) -> None:
+    """Create the table once; a table that already has every column of ``schema`` costs no Spark call."""
+    present = _table_columns(path)
+    if present is not None and not {f.name for f in schema.fields} - set(present):
+        return
+    ensure_table(spark, path, schema, partition_by=("establishment_id",), comment=comment)
+
+
+def write_validation(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str, results: list[tuple],
+                     quarantine: DataFrame, validated: dict[str, DataFrame]) -> None:
+    """Replace the batch's results, validate-stage quarantine rows and validated rows: one commit per table."""
+    batch = f"establishment_id = {sql_string(establishment_id)} AND batch_id = {sql_string(batch_id)}"
     path = lake.ops(VALIDATION_RESULTS)
-    ensure_table(spark, path, VALIDATION_RESULTS_SCHEMA, partition_by=("establishment_id",),
-                 comment="Great Expectations results per batch, dataset and expectation (counts only, no values).")
-    _replace(spark.createDataFrame(rows, VALIDATION_RESULTS_SCHEMA), path,
-             f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}'")
+    _ensure(spark, path, VALIDATION_RESULTS_SCHEMA,
+            "Great Expectations results per batch, dataset and expectation (counts only, no values).")
+    _replace(spark.createDataFrame(results, VALIDATION_RESULTS_SCHEMA), path, batch)
+
+    qpath = lake.quarantine()
+    _ensure(spark, qpath, QUARANTINE_SCHEMA,
+            "Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
+    _replace(quarantine, qpath, f"{batch} AND stage = {sql_string(STAGE)}")
+
+    for dataset, rows in validated.items():
+        vpath = validated_path(lake, dataset)
+        _ensure(spark, vpath, staged_schema(dataset), f"Validated {dataset} rows waiting for land (pseudonymised).")
+        _replace(rows, vpath, f"establishment_id = {sql_string(establishment_id)} "
+                              f"AND _batch_id = {sql_string(batch_id)}")
 
 
 # ---------------------------------------------------------------- entry ----
+
+@dataclass
+class _Prepared:
+    """One staged dataset of the batch, flagged and cached, waiting for its counts and GX."""
+
+    staged_columns: list[str]
+    suite: dict
+    checks: list[Check]
+    rules: Any
+    flagged: DataFrame
+
 
 @writes_lake(Mode.SHARED)
 def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, establishment_id: str,
@@ -633,6 +819,9 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     validate-stage quarantine rows, validated rows and results. Raises
     :class:`BatchRejected` when a batch-level rule fails; the batch's validated
     rows are then removed so that land has nothing to take.
+
+    Each dataset's flagged rows are cached once; one Spark job counts every dataset of the
+    batch, GX validates the cached rows, and each table written takes one commit.
     """
     batch_kind = BatchKind(batch_kind)
     run_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
@@ -641,127 +830,74 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     # (rows read, rows quarantined at ingest) per dataset of the batch.
     ingest = {dataset: (int(e["rows_read"] or 0), int(e["rows_quarantined"] or 0))
               for dataset, e in ingested_entries(lake, establishment_id, batch_id).items()}
-    source = gx_spark_source()
-    predicate = f"establishment_id = '{establishment_id}' AND _batch_id = '{batch_id}'"
+    previous_full = previous_full_batches(lake, establishment_id, batch_id) if batch_kind == BatchKind.FULL else {}
+    params = suite_parameters(consortium)
 
     results: list[tuple] = []
     outcomes: dict[str, DatasetValidation] = {}
     failures: list[BatchRuleFailure] = []
     quarantine_parts: list[DataFrame] = []
     kept: dict[str, DataFrame] = {}
-    extracted: dict[str, dt.datetime | None] = {}
-    persisted: list[DataFrame] = []
+    prepared: dict[str, _Prepared] = {}
     try:
-        for dataset in DATASETS:
-            path = lake.staged(dataset)
-            if not table_exists(spark, path):
-                continue
-            staged = spark.read.format("delta").load(path).where(_batch_filter(establishment_id, batch_id))
-            staged_columns = staged.columns
-            rules = consortium.batch_rules(establishment_id, dataset)  # the establishment's overrides applied
+        for dataset, (staged, staged_columns) in read_staged(spark, lake, establishment_id, batch_id).items():
             suite = load_suite(dataset)
             checks = suite_checks(suite)
-            enriched = with_reference_columns(staged, dataset, birth_years(spark, lake, establishment_id, batch_id)
-                                              if dataset == "encounter" else None).persist(StorageLevel.MEMORY_AND_DISK)
-            flagged = flag_rows(enriched, checks, suite_parameters(consortium)).persist(StorageLevel.MEMORY_AND_DISK)
-            persisted += [enriched, flagged]
-            counts = count_batch(flagged, checks, dataset)
-            rows, spark_counts, extracted[dataset] = counts.rows, counts.failures, counts.extracted_at
+            years = birth_years(spark, lake, establishment_id, batch_id) if dataset == "encounter" else None
+            # One cached frame per dataset: the row checks' flags on the enriched rows; GX reads its enriched columns.
+            flagged = flag_rows(with_reference_columns(staged, dataset, years, staged_columns), checks, params)
+            prepared[dataset] = _Prepared(staged_columns, suite, checks,
+                                          consortium.batch_rules(establishment_id, dataset),  # overrides applied
+                                          flagged.persist(StorageLevel.MEMORY_AND_DISK))
+        counts = count_batches({d: (p.flagged, p.checks) for d, p in prepared.items()})
+
+        for dataset, p in prepared.items():
+            rows = counts[dataset].rows
             if rows == 0:
                 continue
+            previous = previous_full.get(dataset)
+            enriched = enriched_columns(p.staged_columns, dataset)
+            expected = _expected_columns(lake, dataset, enriched, p.rules.allow_column_changes)
+            min_rows = previous[1] * (1 - p.rules.max_row_count_drop_pct / 100) if previous else 0
+            gx_results = run_gx_suite(gx_spark_source(), p.flagged.select(*enriched), dataset, p.suite,
+                                      suite_parameters(consortium, **{PARAM_MIN_ROW_COUNT: min_rows,
+                                                                      PARAM_EXPECTED_COLUMNS: expected}))
+            judged = judge_dataset(dataset, counts[dataset], gx_results, rules=p.rules, previous=previous,
+                                   expected_columns=expected, ingest=ingest.get(dataset, (rows, 0)),
+                                   establishment_id=establishment_id, batch_id=batch_id, run_at=run_at)
+            results += judged.results
+            failures += judged.failures
+            outcomes[dataset] = judged.outcome
+            quarantine_parts.append(quarantine_rows(p.flagged, dataset, p.staged_columns, run_at))
+            kept[dataset] = kept_rows(p.flagged, p.staged_columns)
 
-            previous = previous_full_rows(lake, establishment_id, batch_id, dataset) \
-                if batch_kind == BatchKind.FULL else None
-            min_rows = previous[1] * (1 - rules.max_row_count_drop_pct / 100) if previous else 0
-            params = suite_parameters(consortium, **{
-                PARAM_MIN_ROW_COUNT: min_rows,
-                PARAM_EXPECTED_COLUMNS: _expected_columns(spark, lake, dataset, enriched.columns,
-                                                          rules.allow_column_changes)})
-            gx_results = run_gx_suite(source, enriched, dataset, suite, params)
-
-            for r in gx_results:
-                if r.kind == KIND_ROW and r.unexpected_count != spark_counts[r.check]:
-                    raise EngineDisagreement(
-                        f"{dataset}.{r.check}: GX counts {r.unexpected_count} failing rows, the Spark translation "
-                        f"{spark_counts[r.check]}. The suite uses a construct the translation reads differently; "
-                        "fix check_failure before validating again.")
-                results.append((establishment_id, batch_id, dataset, r.check, r.rule, r.kind, r.success,
-                                r.unexpected_count, r.element_count if r.element_count is not None else rows,
-                                r.observed, run_at))
-                if r.kind == KIND_BATCH and not r.success:
-                    if r.rule == RULE_ROW_COUNT_DROP and previous is not None:
-                        drop = 100 * (previous[1] - rows) / previous[1]
-                        figures = (f"{rows} rows vs {previous[1]} in the previous full batch {previous[0]}, "
-                                   f"a drop of {drop:.1f}% > {rules.max_row_count_drop_pct:g}%")
-                    else:
-                        figures = f"columns {r.observed} vs silver {sorted(params[PARAM_EXPECTED_COLUMNS])}"
-                    failures.append(BatchRuleFailure(dataset, r.rule, figures))
-
-            for name, count in counts.information.items():
-                results.append((establishment_id, batch_id, dataset, name, name, KIND_INFO, True, count, rows,
-                                None, run_at))
-
-            by_rule = counts.by_rule
-            quarantined = sum(by_rule.values())
-            outcomes[dataset] = DatasetValidation(rows, rows - quarantined, quarantined, dict(sorted(by_rule.items())))
-
-            read, ingest_q = ingest.get(dataset, (rows, 0))
-            rejected = ingest_q + quarantined
-            rate_ok = read < MIN_ROWS_FOR_RATE or 100 * rejected / read <= rules.max_quarantined_pct
-            results.append((establishment_id, batch_id, dataset, "quarantined_rate", RULE_QUARANTINED_RATE,
-                            KIND_BATCH, rate_ok, rejected, read,
-                            json.dumps(round(100 * rejected / read, 2) if read else 0.0), run_at))
-            if not rate_ok:
-                failures.append(BatchRuleFailure(
-                    dataset, RULE_QUARANTINED_RATE,
-                    f"{rejected} of {read} rows read quarantined ({ingest_q} at ingest, {quarantined} at validate), "
-                    f"{100 * rejected / read:.1f}% > {rules.max_quarantined_pct:g}%"))
-
-            quarantine_parts.append(_quarantine_rows(flagged, dataset, staged_columns, run_at))
-            kept[dataset] = flagged.where(F.col("_rule").isNull()).select(*staged_columns)
-
-            mapped = _mapped_share(kept[dataset], dataset, consortium, rules, establishment_id, batch_id, run_at)
-            if mapped is not None:
-                results.append(mapped[0])
-                failures += mapped[1]
-
+        for row, found in _mapped_shares(kept, consortium, {d: prepared[d].rules for d in kept},
+                                         establishment_id, batch_id, run_at):
+            results.append(row)
+            failures += found
         # Datasets whose every row was quarantined at ingest still get a validate entry, so land sees them.
         for dataset in ingest:
             outcomes.setdefault(dataset, DatasetValidation(0, 0, 0))
-        _write_results(spark, lake, results, establishment_id, batch_id)
-        from jobs.stages.reports import write_validation_report
 
-        report = write_validation_report(spark, lake, establishment_id, batch_id, batch_kind, run_at,
-                                         results, failures, outcomes)
-
-        qpath = lake.quarantine()
-        ensure_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",),
-                     comment="Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
-        quarantine = spark.createDataFrame([], QUARANTINE_SCHEMA)
-        for part in quarantine_parts:
-            quarantine = quarantine.unionByName(part)
-        _replace(quarantine, qpath,
-                 f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
-
-        for dataset in kept:
-            vpath = validated_path(lake, dataset)
-            ensure_table(spark, vpath, staged_schema(dataset), partition_by=("establishment_id",),
-                         comment=f"Validated {dataset} rows waiting for land (pseudonymised).")
-            rows_out = kept.get(dataset) if not failures else None
-            if rows_out is None:
-                rows_out = spark.createDataFrame([], staged_schema(dataset))
-            _replace(rows_out.select([cast_to(F.col(f.name), f.dataType) for f in staged_schema(dataset).fields]),
-                     vpath, predicate)
+        quarantine = reduce(DataFrame.unionByName, quarantine_parts, spark.createDataFrame([], QUARANTINE_SCHEMA))
+        # A stopped batch leaves nothing for land: its validated rows are replaced by none.
+        validated = {d: validated_rows(spark.createDataFrame([], staged_schema(d)) if failures else rows, d)
+                     for d, rows in kept.items()}
+        write_validation(spark, lake, establishment_id, batch_id, results, quarantine, validated)
     finally:
-        for frame in persisted:
-            frame.unpersist()
+        for p in prepared.values():
+            p.flagged.unpersist()
 
+    from jobs.stages.reports import write_validation_report
+
+    report = write_validation_report(spark, lake, establishment_id, batch_id, batch_kind, run_at,
+                                     results, failures, outcomes)
     status = Status.STOPPED if failures else Status.VALIDATED
     failure_text = {f.dataset: str(f) for f in failures}
     append_batch_log(spark, lake, [
         {"establishment_id": establishment_id, "batch_id": batch_id, "dataset": dataset, "stage": STAGE,
          "status": status, "rows_read": o.rows, "rows_quarantined": o.quarantined,
-         "extracted_at": extracted.get(dataset), "kind": batch_kind,
+         "extracted_at": counts[dataset].extracted_at if dataset in counts else None, "kind": batch_kind,
          "message": f"{o.valid} valid, {o.quarantined} quarantined"
                     + (f"; {failure_text[dataset]}" if dataset in failure_text else "") + f"; report {report}"}
         for dataset, o in outcomes.items()
@@ -774,34 +910,46 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
 # ---------------------------------------------------------- terminology ----
 
 
-def _mapped_share(kept: DataFrame, dataset: str, consortium: Consortium, rules, establishment_id: str,
-                  batch_id: str, run_at: dt.datetime) -> tuple[tuple, list[BatchRuleFailure]] | None:
-    """The batch's terminology coverage (concepts derived as land will) as a result row, and the
-    ``batch.mapped_share`` failure when less than ``min_mapped_pct`` of its source values map."""
+def _mapped_shares(kept: dict[str, DataFrame], consortium: Consortium, rules: dict, establishment_id: str,
+                   batch_id: str, run_at: dt.datetime) -> list[tuple[tuple, list[BatchRuleFailure]]]:
+    """Per measured dataset, the batch's terminology coverage (concepts derived as land will) as a result
+    row, and the ``batch.mapped_share`` failure when less than ``min_mapped_pct`` of its source values
+    map. One Spark job for every dataset of the batch."""
     from jobs.terminology.concepts import with_concepts
-    from jobs.terminology.coverage import coverage
+    from jobs.terminology.coverage import MEASURED_DATASETS, summarise, value_counts
 
     if consortium.terminology is None:
-        return None
-    found = coverage(with_concepts(kept, dataset, consortium.terminology), dataset,
-                     consortium.pipeline.min_cell_size)
-    if not found:
-        return None
-    (c,) = found
-    # Like the quarantined share, a mapped share over a handful of rows says nothing.
-    ok = c.rows < MIN_ROWS_FOR_RATE or c.row_share >= rules.min_mapped_pct
-    observed = json.dumps({"rows_mapped_pct": round(c.row_share, 2), "values_mapped": c.values_mapped,
-                           "values": c.values,
-                           # Reports hold counts, not row values: an unmapped source value is named only when at
-                           # least min_cell_size rows share it (a code, not something typed once into a field).
-                           "unmapped": [[v, n] for v, n in c.unmapped if n is not None]})
-    row = (establishment_id, batch_id, dataset, "mapped_share", RULE_MAPPED_SHARE, KIND_BATCH, ok,
-           c.rows - c.rows_mapped, c.rows, observed, run_at)
-    failures = [] if ok else [BatchRuleFailure(
-        dataset, RULE_MAPPED_SHARE, f"{c.rows_mapped} of {c.rows} rows with a source value map to a standard "
-                                    f"concept, {c.row_share:.1f}% < {rules.min_mapped_pct:g}%; add the unmapped "
-                                    "values to a map under config/terminology/ (affluent mapping coverage)")]
-    return row, failures
+        return []
+    measured = [d for d in kept if d in MEASURED_DATASETS]
+    if not measured:
+        return []
+    frames = [value_counts(with_concepts(kept[d], d, consortium.terminology), d)
+              .select(F.lit(d).alias("_dataset"), "*") for d in measured]
+    per_value: dict[str, list] = {d: [] for d in measured}
+    for r in reduce(DataFrame.unionByName, frames).collect():
+        per_value[r["_dataset"]].append(r)
+    found = []
+    for dataset in measured:
+        shares = summarise(per_value[dataset], dataset, consortium.pipeline.min_cell_size)
+        if not shares:
+            continue
+        (c,) = shares
+        min_mapped_pct = rules[dataset].min_mapped_pct
+        # Like the quarantined share, a mapped share over a handful of rows says nothing.
+        ok = c.rows < MIN_ROWS_FOR_RATE or c.row_share >= min_mapped_pct
+        observed = json.dumps({"rows_mapped_pct": round(c.row_share, 2), "values_mapped": c.values_mapped,
+                               "values": c.values,
+                               # Reports hold counts, not row values: an unmapped source value is named only when
+                               # at least min_cell_size rows share it (a code, not something typed once into a field).
+                               "unmapped": [[v, n] for v, n in c.unmapped if n is not None]})
+        row = (establishment_id, batch_id, dataset, "mapped_share", RULE_MAPPED_SHARE, KIND_BATCH, ok,
+               c.rows - c.rows_mapped, c.rows, observed, run_at)
+        failures = [] if ok else [BatchRuleFailure(
+            dataset, RULE_MAPPED_SHARE, f"{c.rows_mapped} of {c.rows} rows with a source value map to a standard "
+                                        f"concept, {c.row_share:.1f}% < {min_mapped_pct:g}%; add the unmapped "
+                                        "values to a map under config/terminology/ (affluent mapping coverage)")]
+        found.append((row, failures))
+    return found
 
 
 # ------------------------------------------------------------ benchmark ----

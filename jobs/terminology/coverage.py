@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -81,8 +82,21 @@ def coverage(df: DataFrame, dataset: str, min_cell_size: int, top: int = DEFAULT
     """Coverage of ``df`` (rows of ``dataset`` with their concept columns), one per establishment."""
     if dataset not in MEASURED_DATASETS:
         return []
-    per_value = (source_and_mapped(df, dataset).groupBy("establishment_id", "_source", "_mapped")
-                 .agg(F.count(F.lit(1)).alias("_rows")).collect())
+    return summarise(value_counts(df, dataset).collect(), dataset, min_cell_size, top)
+
+
+def value_counts(df: DataFrame, dataset: str) -> DataFrame:
+    """``establishment_id, _source, _mapped, _rows``: rows per source value, the figures :func:`summarise` reads.
+
+    A frame rather than a collected list, so that a caller measuring several datasets can union
+    them and collect once.
+    """
+    return (source_and_mapped(df, dataset).groupBy("establishment_id", "_source", "_mapped")
+            .agg(F.count(F.lit(1)).alias("_rows")))
+
+
+def summarise(per_value: Iterable, dataset: str, min_cell_size: int, top: int = DEFAULT_TOP) -> list[Coverage]:
+    """Coverage per establishment from the rows of :func:`value_counts` (``Row``s of one dataset)."""
     found: dict[str, dict] = {}
     for r in per_value:
         c = found.setdefault(r.establishment_id, {"rows": 0, "mapped": 0, "values": 0, "values_mapped": 0,
