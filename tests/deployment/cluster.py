@@ -139,7 +139,7 @@ class StandaloneCluster:
 def _alive_workers(cluster: StandaloneCluster) -> int:
     try:
         return cluster.state().get("aliveworkers", 0)
-    except urllib.error.URLError:  # the UI answers 404 until its handlers are attached
+    except (urllib.error.URLError, ValueError):  # 404, or an empty page, until the UI's handlers are attached
         return 0
 
 
