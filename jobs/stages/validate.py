@@ -555,14 +555,24 @@ class GxResult:
     observed: str | None
 
 
-@cache
-def gx_spark_source(name: str = "staged"):
-    """A GX Spark datasource in the process's ephemeral context (nothing written outside the lake), made once.
+_GX_SOURCES: dict[int, object] = {}
 
-    :func:`run_gx_suite` adds one asset per validation and removes it afterwards, so the source
-    holds no DataFrame between batches.
+
+def gx_spark_source(spark: SparkSession):
+    """A GX Spark datasource in the process's ephemeral context (nothing written outside the lake),
+    made once per Spark session.
+
+    GX's execution engine keeps the session its datasource was made with: a process that runs
+    in-process Spark and a Spark Connect client (the test suite, a notebook) needs one datasource
+    each, bound to its own session. :func:`run_gx_suite` adds one asset per validation and removes
+    it afterwards, so a source holds no DataFrame between batches.
     """
-    return _gx_context().data_sources.add_spark(name=name)
+    source = _GX_SOURCES.get(id(spark))
+    if source is None:
+        source = _gx_context().data_sources.add_spark(name=f"staged_{len(_GX_SOURCES)}")
+        source._spark = spark  # noqa: SLF001 - GX's own slot for the session its engine is built with
+        _GX_SOURCES[id(spark)] = source
+    return source
 
 
 def run_gx_suite(source, df: DataFrame, dataset: str, suite: dict, params: dict) -> list[GxResult]:
@@ -859,7 +869,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
             enriched = enriched_columns(p.staged_columns, dataset)
             expected = _expected_columns(lake, dataset, enriched, p.rules.allow_column_changes)
             min_rows = previous[1] * (1 - p.rules.max_row_count_drop_pct / 100) if previous else 0
-            gx_results = run_gx_suite(gx_spark_source(), p.flagged.select(*enriched), dataset, p.suite,
+            gx_results = run_gx_suite(gx_spark_source(spark), p.flagged.select(*enriched), dataset, p.suite,
                                       suite_parameters(consortium, **{PARAM_MIN_ROW_COUNT: min_rows,
                                                                       PARAM_EXPECTED_COLUMNS: expected}))
             judged = judge_dataset(dataset, counts[dataset], gx_results, rules=p.rules, previous=previous,
@@ -970,7 +980,7 @@ def measure_engines(spark: SparkSession, staged: DataFrame, dataset: str,
     df = with_reference_columns(staged, dataset).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         df.count()
-        source = gx_spark_source()
+        source = gx_spark_source(spark)
         started = time.perf_counter()
         run_gx_suite(source, df, dataset, row_suite, params)
         gx_seconds = time.perf_counter() - started
