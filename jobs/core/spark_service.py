@@ -258,7 +258,12 @@ def stop(folder: Path | str | None = None, timeout: float = STOP_TIMEOUT_S) -> S
     while _alive(state.pid) and time.monotonic() < deadline:
         time.sleep(0.3)
     if _alive(state.pid):
-        os.kill(state.pid, signal.SIGKILL)  # Spark did not stop in time; the JVM is its child and goes with it
+        # Spark did not stop in time: the whole process group (the service runs in a session of its own),
+        # so that its JVM goes too rather than outliving it as an orphan.
+        try:
+            os.killpg(state.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            os.kill(state.pid, signal.SIGKILL)
     state_path(folder).unlink(missing_ok=True)
     return state
 
