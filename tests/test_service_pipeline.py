@@ -46,7 +46,18 @@ def test_every_stage_publish_and_an_erasure_run_through_the_service(connect, tmp
     assert landed["patient"] >= 2
 
     outcome = publish(connect, lake, consortium, key, dt.date(2026, 6, 15))
-    assert outcome is not None
+    assert outcome.key_fingerprint == expected.fingerprint
+    with_patients = {p: sizes for p, sizes in outcome.extracts.items() if sizes.get("patient", 0) > 0}
+    assert with_patients, outcome.extracts  # the service's keyed functions pseudonymised the extracts
+    person_id = silver.where(F.col("patient_key") == victim).first().person_id
+
+    def holding(project: str) -> int:
+        pseudonym = hmac_hex(expected.project_key(project), person_id)
+        extract = connect.read.format("delta").load(lake.project(project, "patient"))
+        return extract.where(F.col("person_id") == pseudonym).count()
+
+    held_by = [p for p in with_patients if holding(p)]
+    assert held_by, "the person's project pseudonym is in no extract: the erasure would prove nothing"
     # Every table the service wrote reads with delta-rs too (the gateway's reader): plain types only.
     tables = sorted(log.parent for log in Path(lake.root).rglob("_delta_log"))
     assert any("projects" in str(t) for t in tables) and any("silver" in str(t) for t in tables)
@@ -60,3 +71,4 @@ def test_every_stage_publish_and_an_erasure_run_through_the_service(connect, tmp
     silver = connect.read.format("delta").load(lake.silver("patient"))
     assert silver.where(F.col("patient_key") == victim).count() == 0
     assert silver.count() >= 1  # the others stay
+    assert [p for p in held_by if holding(p)] == []  # and the person's project pseudonym left every extract
