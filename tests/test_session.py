@@ -78,3 +78,41 @@ def test_the_suite_session_runs_as_its_environment_says(spark):
     assert spark.conf.get("spark.sql.codegen.factoryMode") == ("NO_CODEGEN" if interpreted else "FALLBACK")
     adaptive = os.environ.get(ENV_ADAPTIVE, "on") == "on"
     assert spark.conf.get("spark.sql.adaptive.enabled") == str(adaptive).lower()
+
+
+def test_a_small_batch_runs_its_session_interpreted_and_a_large_one_gets_the_settings_back(spark, monkeypatch):
+    from jobs.core.session import ENV_ADAPTIVE, ENV_CODEGEN, ENV_SMALL_BATCH_MB, tune_for_batch
+
+    monkeypatch.delenv(ENV_CODEGEN, raising=False)
+    monkeypatch.delenv(ENV_ADAPTIVE, raising=False)
+    monkeypatch.setenv(ENV_SMALL_BATCH_MB, "1")
+    session = spark.newSession()  # its own settings: the suite's session is not changed
+    session.conf.set("spark.sql.codegen.wholeStage", "true")
+    session.conf.set("spark.sql.adaptive.enabled", "true")
+    factory_mode = session.conf.get("spark.sql.codegen.factoryMode")
+
+    tune_for_batch(session, 200_000)
+    assert session.conf.get("spark.sql.codegen.wholeStage") == "false"
+    assert session.conf.get("spark.sql.codegen.factoryMode") == "NO_CODEGEN"
+    assert session.conf.get("spark.sql.adaptive.enabled") == "false"
+
+    tune_for_batch(session, 5 * 1024 * 1024)
+    assert session.conf.get("spark.sql.codegen.wholeStage") == "true"
+    assert session.conf.get("spark.sql.adaptive.enabled") == "true"
+    assert session.conf.get("spark.sql.codegen.factoryMode") == factory_mode
+
+
+def test_an_explicit_execution_mode_is_not_tuned_and_a_bad_threshold_is_refused(spark, monkeypatch):
+    from jobs.core.session import ENV_CODEGEN, ENV_SMALL_BATCH_MB, tune_for_batch
+
+    session = spark.newSession()
+    session.conf.set("spark.sql.codegen.wholeStage", "true")
+    monkeypatch.setenv(ENV_CODEGEN, "on")
+    assert tune_for_batch(session, 10) == {}
+    assert session.conf.get("spark.sql.codegen.wholeStage") == "true"
+
+    monkeypatch.delenv(ENV_CODEGEN)
+    monkeypatch.delenv("AFFLUENT_SPARK_ADAPTIVE", raising=False)
+    monkeypatch.setenv(ENV_SMALL_BATCH_MB, "lots")
+    with pytest.raises(ValueError, match=ENV_SMALL_BATCH_MB):
+        tune_for_batch(session, 10)

@@ -84,6 +84,57 @@ def execution_mode_conf() -> dict[str, str]:
     return codegen_conf() | adaptive_conf()
 
 
+# A batch whose landing files total less than this many MiB runs its session interpreted and planned
+# once (as ENV_CODEGEN=off and ENV_ADAPTIVE=off), whatever the service's own defaults: a few thousand
+# rows cost what Spark spends compiling and re-planning each query, not the rows. Larger batches get
+# the service's defaults back.
+ENV_SMALL_BATCH_MB = "AFFLUENT_SMALL_BATCH_MB"
+DEFAULT_SMALL_BATCH_MB = 32
+
+
+def small_batch_bytes() -> int:
+    """:data:`ENV_SMALL_BATCH_MB` in bytes; a value that is not a non-negative number is refused."""
+    raw = os.environ.get(ENV_SMALL_BATCH_MB, str(DEFAULT_SMALL_BATCH_MB)).strip()
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = -1.0
+    if mib < 0:
+        raise ValueError(f"{ENV_SMALL_BATCH_MB}={raw!r}: use a number of MiB (0 turns the small-batch mode off)")
+    return int(mib * 1024 * 1024)
+
+
+# Per session: its execution settings before the first batch tuned it, to go back to for a large batch.
+_UNTUNED: dict[int, dict[str, str | None]] = {}
+
+
+def tune_for_batch(spark: SparkSession, landing_bytes: int) -> dict[str, str | None]:
+    """Set this session's execution mode for a batch of ``landing_bytes``; the settings it now has.
+
+    Below :func:`small_batch_bytes`, code generation and adaptive execution are off for the
+    session; at or above it, the session gets back the settings it had before it was first
+    tuned (the service's own). An explicit :data:`ENV_CODEGEN` or :data:`ENV_ADAPTIVE` in this
+    process's environment wins: nothing is changed then. Each setting is one round trip.
+
+    Example::
+
+        tune_for_batch(spark, sum(f.stat().st_size for f in batch_folder.rglob("*") if f.is_file()))
+    """
+    if ENV_CODEGEN in os.environ or ENV_ADAPTIVE in os.environ:
+        return {}
+    interpreted = CODEGEN_OFF | ADAPTIVE_OFF
+    untuned = _UNTUNED.get(id(spark))
+    if untuned is None:
+        untuned = _UNTUNED[id(spark)] = {key: spark.conf.get(key, None) for key in interpreted}
+    wanted: dict[str, str | None] = dict(interpreted) if landing_bytes < small_batch_bytes() else dict(untuned)
+    for key, value in wanted.items():
+        if value is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, value)
+    return wanted
+
+
 def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: dict[str, str] | None = None) -> SparkSession.Builder:
     """Return a builder configured for Delta, small machines and quiet logs.
 

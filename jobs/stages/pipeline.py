@@ -29,6 +29,8 @@ class Context:
 
     settings: Settings
     spark_master: str | None = None
+    # The landing size of the batch a stage is running (tune_session), applied to the session when made.
+    batch_bytes: int | None = None
 
     @cached_property
     def consortium(self) -> Consortium:
@@ -55,7 +57,12 @@ class Context:
         if self.spark_master:
             settings = Settings.from_env(spark_master=self.spark_master, lake_root=settings.lake_root,
                                          config_dir=str(settings.config_dir))
-        return get_spark(settings, app_name="affluent")
+        spark = get_spark(settings, app_name="affluent")
+        if self.batch_bytes is not None:
+            from jobs.core.session import tune_for_batch
+
+            tune_for_batch(spark, self.batch_bytes)
+        return spark
 
     @classmethod
     def from_env(cls, spark_master: str | None = None) -> "Context":
@@ -88,6 +95,7 @@ def one_run_per_batch(stage):
 
         try:
             with batch_run(ctx.lake.root, establishment_id, batch_id, stage.__name__):
+                tune_session(ctx, establishment_id, batch_id)
                 return stage(ctx, establishment_id, batch_id)
         except BatchAlreadyRunning as refused:
             from jobs.core.ops import append_batch_log
@@ -97,6 +105,28 @@ def one_run_per_batch(stage):
                 "status": Status.ALREADY_RUNNING, "message": str(refused)}])
             raise
     return run
+
+
+def landing_bytes(ctx: Context, establishment_id: str, batch_id: str) -> int:
+    """What the establishment delivered for the batch, in bytes (its landing folder's files); 0 when gone."""
+    est = ctx.consortium.establishments.get(establishment_id)
+    if est is None:
+        return 0
+    folder = ctx.settings.landing / est.landing_folder / batch_id
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def tune_session(ctx: Context, establishment_id: str, batch_id: str) -> None:
+    """The session's execution mode for this batch's size (:func:`jobs.core.session.tune_for_batch`).
+
+    Applied now when the session exists, else as soon as the stage makes it: a stage that reads the
+    key first (ingest, pseudonymise, land) still fails on a missing key before any Spark starts.
+    """
+    ctx.batch_bytes = landing_bytes(ctx, establishment_id, batch_id)
+    if "spark" in ctx.__dict__:
+        from jobs.core.session import tune_for_batch
+
+        tune_for_batch(ctx.spark, ctx.batch_bytes)
 
 
 def require_key(ctx: Context) -> PseudonymKey | ServiceKey:
