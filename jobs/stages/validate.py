@@ -61,6 +61,7 @@ import datetime as dt
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -558,6 +559,18 @@ class GxResult:
 _GX_SOURCES: dict[int, object] = {}
 
 
+def import_gx_meanwhile() -> threading.Thread:
+    """Build the GX context (importing GX: seconds) in a thread while this one waits on Spark.
+
+    The first validation of a process (every Airflow validate task) would otherwise pay GX's import
+    before its first GX call, after the staged rows were read and counted. Join the thread before
+    using GX; an import that fails there fails again, with its own error, on the caller's call.
+    """
+    thread = threading.Thread(target=_gx_context, name="gx-context", daemon=True)
+    thread.start()
+    return thread
+
+
 def gx_spark_source(spark: SparkSession):
     """A GX Spark datasource in the process's ephemeral context (nothing written outside the lake),
     made once per Spark session.
@@ -849,6 +862,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     quarantine_parts: list[DataFrame] = []
     kept: dict[str, DataFrame] = {}
     prepared: dict[str, _Prepared] = {}
+    gx_ready = import_gx_meanwhile()
     try:
         for dataset, (staged, staged_columns) in read_staged(spark, lake, establishment_id, batch_id).items():
             suite = load_suite(dataset)
@@ -860,6 +874,7 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
                                           consortium.batch_rules(establishment_id, dataset),  # overrides applied
                                           flagged.persist(StorageLevel.MEMORY_AND_DISK))
         counts = count_batches({d: (p.flagged, p.checks) for d, p in prepared.items()})
+        gx_ready.join()
 
         for dataset, p in prepared.items():
             rows = counts[dataset].rows
