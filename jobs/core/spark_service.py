@@ -57,6 +57,8 @@ ENV_BIND = "AFFLUENT_SPARK_BIND"
 CLIENT_HOST = "localhost"
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 60
+# How long the service lets Spark stop cleanly before it ends its own JVM (see serve).
+SERVE_STOP_GRACE_S = 10.0
 
 
 class SparkServiceError(RuntimeError):
@@ -363,8 +365,16 @@ def serve(folder: Path, port: int) -> int:
     print(f"Spark service ready at sc://{CLIENT_HOST}:{port} (pid {os.getpid()})", flush=True)
     stopping.wait()
     print("Spark service stopping", flush=True)
-    spark.stop()
+    # Spark's stop waits for the Connect server to drain, which it does not while a client session is
+    # open (a notebook, a task still holding its session): after a short grace the JVM goes with us.
+    stopper = threading.Thread(target=spark.stop, name="spark-stop", daemon=True)
+    stopper.start()
+    stopper.join(SERVE_STOP_GRACE_S)
     state_path(folder).unlink(missing_ok=True)
+    if stopper.is_alive():
+        print(f"Spark did not stop within {SERVE_STOP_GRACE_S:.0f} s (clients still connected): ending its JVM",
+              flush=True)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     return 0
 
 
