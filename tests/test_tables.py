@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import pytest
+
 from jobs.core.schemas import staged_schema
 from jobs.core.tables import STATS_COLUMNS, ensure_table, stats_columns, table_properties
 
@@ -117,3 +119,36 @@ def test_a_write_s_own_count_is_read_from_its_tagged_commit_after_another_writer
         .option("userMetadata", tag).save(path)
     spark.createDataFrame([("d",)], "x string").write.format("delta").mode("append").save(path)  # another writer
     assert written_rows(tagged_commit(path, tag)) == 3
+
+
+def test_operations_on_several_tables_run_side_by_side_and_all_end_before_a_failure_is_raised(monkeypatch):
+    import threading
+    import time
+
+    from jobs.core.tables import ENV_TABLE_THREADS, on_each_table
+
+    monkeypatch.setenv(ENV_TABLE_THREADS, "3")
+    started = threading.Barrier(3, timeout=10)  # passes only if three operations run at once
+    ended: list[str] = []
+
+    def operation(name: str, fails: bool = False):
+        def run():
+            started.wait()
+            time.sleep(0.05)
+            ended.append(name)
+            if fails:
+                raise RuntimeError(f"{name} failed")
+            return name.upper()
+        return run
+
+    assert on_each_table({n: operation(n) for n in ("a", "b", "c")}) == {"a": "A", "b": "B", "c": "C"}
+
+    ended.clear()
+    started.reset()
+    with pytest.raises(RuntimeError, match="b failed"):
+        on_each_table({"a": operation("a"), "b": operation("b", fails=True), "c": operation("c")})
+    assert sorted(ended) == ["a", "b", "c"]  # the siblings of the failing one were not abandoned
+
+    monkeypatch.setenv(ENV_TABLE_THREADS, "0")
+    with pytest.raises(ValueError, match=ENV_TABLE_THREADS):
+        on_each_table({"a": operation("a")})

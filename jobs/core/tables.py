@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql.types import (
@@ -42,6 +42,9 @@ NUM_INDEXED_COLUMNS = "delta.dataSkippingNumIndexedCols"
 # Write modes, named once.
 APPEND = "append"
 OVERWRITE = "overwrite"
+
+
+T = TypeVar("T")
 
 
 def stats_columns(schema: StructType, partition_by: tuple[str, ...] = ()) -> list[str]:
@@ -177,6 +180,41 @@ def delete_where(spark: SparkSession, path: str, condition: str | None = None) -
     where = f" WHERE {condition}" if condition else ""
     row = spark.sql(f"DELETE FROM {table_ref(path)}{where}").first()
     return int((row.asDict().get("num_affected_rows") if row is not None else 0) or 0)
+
+
+# Operations of one stage on different tables (a DELETE per transient table, a MERGE per silver table)
+# are independent: up to this many run at once, so the Spark service overlaps their round trips and
+# commits. 1 runs them one after the other.
+ENV_TABLE_THREADS = "AFFLUENT_TABLE_THREADS"
+DEFAULT_TABLE_THREADS = 4
+
+
+def table_threads() -> int:
+    """:data:`ENV_TABLE_THREADS` (default :data:`DEFAULT_TABLE_THREADS`); anything but a positive integer is refused."""
+    raw = os.environ.get(ENV_TABLE_THREADS, str(DEFAULT_TABLE_THREADS)).strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{ENV_TABLE_THREADS}={raw!r}: use a positive number of threads (1: one table at a time)")
+    return int(raw)
+
+
+def on_each_table(calls: Mapping[str, Callable[[], T]]) -> dict[str, T]:
+    """Run each table's operation, up to :func:`table_threads` at once; results by name, in ``calls``' order.
+
+    Every operation runs to its end (a commit is never abandoned half-way by a sibling's failure);
+    then the first failure, in ``calls``' order, is raised.
+
+    Example::
+
+        removed = on_each_table({path: partial(delete_where, spark, path, "day < '2026-01-01'") for path in paths})
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = min(table_threads(), len(calls))
+    if threads <= 1:
+        return {name: call() for name, call in calls.items()}
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="table") as pool:
+        futures = {name: pool.submit(call) for name, call in calls.items()}
+    return {name: future.result() for name, future in futures.items()}
 
 
 def vacuum(spark: SparkSession, path: str, retain_hours: float) -> None:

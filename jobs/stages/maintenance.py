@@ -14,6 +14,7 @@ or ``transient_retention_days`` after a stopped batch's last batch-log entry.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from jobs.core import files
 from jobs.core.lake import DIRECT_IDENTIFIERS, LANDING, PROJECTS, ZONES, Lake
 from jobs.core.schemas import DATASETS
 from jobs.core.tables import compact, delete_where, merge_into, purge_deletion_vectors, table_exists, table_version
-from jobs.core.tables import vacuum
+from jobs.core.tables import on_each_table, vacuum
 from jobs.core.writer_lock import Mode, writes_lake
 
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
@@ -220,16 +221,19 @@ def purge_transient(spark: SparkSession, lake: Lake, establishment_id: str, batc
     stages' own ``replaceWhere`` writes of these tables already do. Neither names a person
     (persons are only ever matched as data, :func:`delete_matching`).
     """
-    removed = {}
+    removed: dict[str, int] = {}
+    deletes = {}
     for zone in ZONES.values():
         if not zone.transient:
             continue
         for name, path in zone_tables(spark, lake, zone.name).items():
             # A table whose files cannot hold the batch (their statistics say so) needs no DELETE: each one
             # is a Spark job, and a batch rarely carries every dataset.
-            removed[name] = (delete_batch(spark, path, establishment_id, batch_id)
-                             if may_hold_batch(path, establishment_id, batch_id) else 0)
-    return removed
+            removed[name] = 0
+            if may_hold_batch(path, establishment_id, batch_id):
+                deletes[name] = functools.partial(delete_batch, spark, path, establishment_id, batch_id)
+    # One table's DELETE does not wait on another's: they run side by side (jobs.core.tables.on_each_table).
+    return removed | on_each_table(deletes)
 
 
 def may_hold_batch(path: str, establishment_id: str, batch_id: str) -> bool:
