@@ -152,3 +152,16 @@ def test_operations_on_several_tables_run_side_by_side_and_all_end_before_a_fail
     monkeypatch.setenv(ENV_TABLE_THREADS, "0")
     with pytest.raises(ValueError, match=ENV_TABLE_THREADS):
         on_each_table({"a": operation("a")})
+
+
+def test_a_table_operation_in_a_pool_thread_keeps_its_callers_spark_job_group(spark, monkeypatch):
+    from jobs.core.tables import ENV_TABLE_THREADS, on_each_table
+
+    monkeypatch.setenv(ENV_TABLE_THREADS, "2")
+    context = spark.sparkContext
+    context.setJobGroup("land-benchmark", "a stage measured by job group")
+    try:
+        seen = on_each_table({n: (lambda: context.getLocalProperty("spark.jobGroup.id")) for n in ("a", "b")})
+    finally:
+        context.setJobGroup("(none)", "")
+    assert seen == {"a": "land-benchmark", "b": "land-benchmark"}

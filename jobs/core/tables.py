@@ -213,8 +213,23 @@ def on_each_table(calls: Mapping[str, Callable[[], T]]) -> dict[str, T]:
     if threads <= 1:
         return {name: call() for name, call in calls.items()}
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="table") as pool:
-        futures = {name: pool.submit(call) for name, call in calls.items()}
+        futures = {name: pool.submit(_inheriting(call)) for name, call in calls.items()}
     return {name: future.result() for name, future in futures.items()}
+
+
+def _inheriting(call: Callable[[], T]) -> Callable[[], T]:
+    """``call``, carrying this thread's Spark job properties (a benchmark's job group) into its pool thread.
+
+    Only an in-process Spark has them; a Spark Connect client's operations carry nothing to inherit.
+    """
+    from pyspark import SparkContext
+    from pyspark.sql.utils import is_remote
+
+    if SparkContext._active_spark_context is None or is_remote():
+        return call
+    from pyspark.util import inheritable_thread_target
+
+    return inheritable_thread_target(call)
 
 
 def vacuum(spark: SparkSession, path: str, retain_hours: float) -> None:
