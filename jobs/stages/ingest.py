@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from functools import reduce
+from functools import partial, reduce
 from pathlib import Path
+from typing import Callable
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -46,7 +47,7 @@ from jobs.stages.landing import BUNDLE, MANIFEST, NOT_COLLECTED, Batch, check_ba
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.core.schemas import QUARANTINE_SCHEMA, bronze_schema
-from jobs.core.tables import OVERWRITE, cast_to, ready_table
+from jobs.core.tables import OVERWRITE, cast_to, on_each_table, ready_table
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.INGEST
@@ -225,10 +226,14 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
             quarantine_parts.append(result.quarantine)
             results.append(result)
 
-        for dataset, frames in bronze_parts.items():
-            write_bronze(spark, lake, dataset, reduce(DataFrame.unionByName, frames), establishment_id, batch_id)
-        write_ingest_quarantine(spark, lake, reduce(DataFrame.unionByName, quarantine_parts), establishment_id,
-                                batch_id)
+        # One commit per table, the tables written side by side (jobs.core.tables.on_each_table).
+        writes: dict[str, Callable[[], None]] = {
+            dataset: partial(write_bronze, spark, lake, dataset, reduce(DataFrame.unionByName, frames),
+                             establishment_id, batch_id)
+            for dataset, frames in bronze_parts.items()}
+        writes["quarantine"] = partial(write_ingest_quarantine, spark, lake,
+                                       reduce(DataFrame.unionByName, quarantine_parts), establishment_id, batch_id)
+        on_each_table(writes)
         # What the tables now hold of the batch, counted once over all of them (one Spark job).
         # Every dataset read is counted, an empty file's too (its batch-log entry says 0 rows read).
         bronze_counts: dict[str, int] = dict.fromkeys(bronze_parts, 0)

@@ -12,7 +12,8 @@ Spark functions (:mod:`jobs.privacy.crypto`), never a Python UDF.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -27,7 +28,8 @@ from jobs.core.batchlog import Stage, Status
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.core.schemas import BRONZE_COLUMNS, CONCEPT_SEPARATOR, DATASETS, PERSON_IDENTIFIERS, staged_schema
 from jobs.reference.vocabularies import VOCABULARY_TOKENS, luhn_ok, vocabulary_of
-from jobs.core.tables import OVERWRITE, cast_to, new_commit_tag, ready_table, table_exists, tagged_commit, written_rows
+from jobs.core.tables import (OVERWRITE, cast_to, new_commit_tag, on_each_table, ready_table, table_exists,
+                              tagged_commit, written_rows)
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.PSEUDONYMISE
@@ -518,6 +520,7 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
             silver_patients.where(F.col("establishment_id") == establishment_id)
             .select("patient_key", "person_id").join(batch_persons, on="patient_key", how="left_anti"))
 
+    writes: dict[str, Callable[[], int]] = {}
     for dataset in DATASETS[1:]:
         facts = deduped(dataset)
         if facts is None:
@@ -530,8 +533,10 @@ def pseudonymise_batch(spark: SparkSession, lake: Lake, consortium: Consortium, 
                     for r in facts.select(F.trim(source)).distinct().collect()]
             checked = declared_vocabulary(consortium, establishment_id, sent)
         pseudo = guard_coded_fields(_conform(pseudo, dataset), dataset, checked)
-        staged[dataset] = _write_staged(spark, lake, dataset, pseudo, establishment_id, batch_id,
-                                        keys.fingerprint)
+        writes[dataset] = partial(_write_staged, spark, lake, dataset, pseudo, establishment_id, batch_id,
+                                  keys.fingerprint)
+    # One commit per staged table, the tables written side by side (jobs.core.tables.on_each_table).
+    staged.update(on_each_table(writes))
 
     for dataset, rows in staged.items():
         duplicates[dataset] = bronze_rows[dataset] - rows

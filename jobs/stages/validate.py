@@ -66,7 +66,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from functools import cache, reduce
+from functools import cache, partial, reduce
 from pathlib import Path
 
 from pyspark import StorageLevel
@@ -89,7 +89,7 @@ from jobs.core.schemas import (
     silver_columns,
     staged_schema,
 )
-from jobs.core.tables import OVERWRITE, cast_to, ensure_table, sql_string, table_exists
+from jobs.core.tables import OVERWRITE, cast_to, ensure_table, on_each_table, sql_string, table_exists
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.VALIDATE
@@ -799,23 +799,25 @@ def _ensure(spark: SparkSession, path: str, schema: StructType, comment: str) ->
 
 def write_validation(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str, results: list[tuple],
                      quarantine: DataFrame, validated: dict[str, DataFrame]) -> None:
-    """Replace the batch's results, validate-stage quarantine rows and validated rows: one commit per table."""
+    """Replace the batch's results, validate-stage quarantine rows and validated rows: one commit per table,
+    the tables written side by side (:func:`jobs.core.tables.on_each_table`)."""
     batch = f"establishment_id = {sql_string(establishment_id)} AND batch_id = {sql_string(batch_id)}"
     path = lake.ops(VALIDATION_RESULTS)
     _ensure(spark, path, VALIDATION_RESULTS_SCHEMA,
             "Great Expectations results per batch, dataset and expectation (counts only, no values).")
-    _replace(spark.createDataFrame(results, VALIDATION_RESULTS_SCHEMA), path, batch)
+    writes = {path: partial(_replace, spark.createDataFrame(results, VALIDATION_RESULTS_SCHEMA), path, batch)}
 
     qpath = lake.quarantine()
     _ensure(spark, qpath, QUARANTINE_SCHEMA,
             "Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
-    _replace(quarantine, qpath, f"{batch} AND stage = {sql_string(STAGE)}")
+    writes[qpath] = partial(_replace, quarantine, qpath, f"{batch} AND stage = {sql_string(STAGE)}")
 
     for dataset, rows in validated.items():
         vpath = validated_path(lake, dataset)
         _ensure(spark, vpath, staged_schema(dataset), f"Validated {dataset} rows waiting for land (pseudonymised).")
-        _replace(rows, vpath, f"establishment_id = {sql_string(establishment_id)} "
-                              f"AND _batch_id = {sql_string(batch_id)}")
+        writes[vpath] = partial(_replace, rows, vpath, f"establishment_id = {sql_string(establishment_id)} "
+                                                       f"AND _batch_id = {sql_string(batch_id)}")
+    on_each_table(writes)
 
 
 # ---------------------------------------------------------------- entry ----
