@@ -99,7 +99,7 @@ def small_batch_bytes() -> int:
         mib = float(raw)
     except ValueError:
         mib = -1.0
-    if mib < 0:
+    if not 0 <= mib < float("inf"):  # also refuses nan
         raise ValueError(f"{ENV_SMALL_BATCH_MB}={raw!r}: use a number of MiB (0 turns the small-batch mode off)")
     return int(mib * 1024 * 1024)
 
