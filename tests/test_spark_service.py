@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,16 @@ def test_a_command_says_where_the_service_is_down_and_works_once_it_is_back(serv
     assert back.token == service.token  # clients configured with it need no change
     again = _cli("spark", "check", **env)
     assert again.returncode == 0, again.stderr
+
+
+def test_a_service_process_that_ended_is_not_alive_even_unreaped():
+    """A stopped service started by this very process (a test, ``affluent demo``) is a zombie until reaped:
+    ``stop`` must see it gone at once, not wait out its timeout."""
+    from jobs.core.spark_service import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    status = Path(f"/proc/{child.pid}/stat")
+    while status.read_text().split(") ", 1)[1][0] != "Z":  # ended, not yet reaped
+        time.sleep(0.01)
+    assert not _alive(child.pid)
+    assert _alive(os.getpid())

@@ -137,6 +137,14 @@ def log_path(folder: Path) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs. A service this process started (a test, ``affluent demo``) is its child:
+    once it has ended it stays a zombie, which signal 0 still reaches, until reaped here."""
+    try:
+        ended, _ = os.waitpid(pid, os.WNOHANG)
+        if ended:
+            return False
+    except ChildProcessError:
+        pass  # not this process's child: whoever started it reaps it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
