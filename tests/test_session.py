@@ -81,25 +81,42 @@ def test_the_suite_session_runs_as_its_environment_says(spark):
 
 
 def test_a_small_batch_runs_its_session_interpreted_and_a_large_one_gets_the_settings_back(spark, monkeypatch):
-    from jobs.core.session import ENV_ADAPTIVE, ENV_CODEGEN, ENV_SMALL_BATCH_MB, tune_for_batch
+    from jobs.core.session import ENV_ADAPTIVE, ENV_CODEGEN, ENV_SHUFFLE_PARTITIONS, ENV_SMALL_BATCH_MB, tune_for_batch
 
-    monkeypatch.delenv(ENV_CODEGEN, raising=False)
-    monkeypatch.delenv(ENV_ADAPTIVE, raising=False)
+    for name in (ENV_CODEGEN, ENV_ADAPTIVE, ENV_SHUFFLE_PARTITIONS):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(ENV_SMALL_BATCH_MB, "1")
     session = spark.newSession()  # its own settings: the suite's session is not changed
     session.conf.set("spark.sql.codegen.wholeStage", "true")
     session.conf.set("spark.sql.adaptive.enabled", "true")
+    session.conf.set("spark.sql.shuffle.partitions", "6")
     factory_mode = session.conf.get("spark.sql.codegen.factoryMode")
 
     tune_for_batch(session, 200_000)
     assert session.conf.get("spark.sql.codegen.wholeStage") == "false"
     assert session.conf.get("spark.sql.codegen.factoryMode") == "NO_CODEGEN"
     assert session.conf.get("spark.sql.adaptive.enabled") == "false"
+    assert session.conf.get("spark.sql.shuffle.partitions") == "1"
+    assert session.range(40).repartition(4).groupBy("id").count().rdd.getNumPartitions() == 1
 
     tune_for_batch(session, 5 * 1024 * 1024)
     assert session.conf.get("spark.sql.codegen.wholeStage") == "true"
     assert session.conf.get("spark.sql.adaptive.enabled") == "true"
     assert session.conf.get("spark.sql.codegen.factoryMode") == factory_mode
+    assert session.conf.get("spark.sql.shuffle.partitions") == "6"
+
+
+def test_a_pinned_shuffle_partition_count_is_kept_for_a_small_batch(spark, monkeypatch):
+    from jobs.core.session import ENV_ADAPTIVE, ENV_CODEGEN, ENV_SHUFFLE_PARTITIONS, tune_for_batch
+
+    monkeypatch.delenv(ENV_CODEGEN, raising=False)
+    monkeypatch.delenv(ENV_ADAPTIVE, raising=False)
+    monkeypatch.setenv(ENV_SHUFFLE_PARTITIONS, "3")
+    session = spark.newSession()
+    session.conf.set("spark.sql.shuffle.partitions", "3")
+    wanted = tune_for_batch(session, 10)
+    assert "spark.sql.shuffle.partitions" not in wanted and wanted["spark.sql.adaptive.enabled"] == "false"
+    assert session.conf.get("spark.sql.shuffle.partitions") == "3"
 
 
 def test_an_explicit_execution_mode_is_not_tuned_and_a_bad_threshold_is_refused(spark, monkeypatch):
@@ -108,11 +125,12 @@ def test_an_explicit_execution_mode_is_not_tuned_and_a_bad_threshold_is_refused(
     session = spark.newSession()
     session.conf.set("spark.sql.codegen.wholeStage", "true")
     monkeypatch.setenv(ENV_CODEGEN, "on")
+    monkeypatch.setenv("AFFLUENT_SPARK_ADAPTIVE", "on")
+    monkeypatch.setenv("AFFLUENT_SHUFFLE_PARTITIONS", "2")
     assert tune_for_batch(session, 10) == {}
     assert session.conf.get("spark.sql.codegen.wholeStage") == "true"
 
     monkeypatch.delenv(ENV_CODEGEN)
-    monkeypatch.delenv("AFFLUENT_SPARK_ADAPTIVE", raising=False)
     monkeypatch.setenv(ENV_SMALL_BATCH_MB, "lots")
     with pytest.raises(ValueError, match=ENV_SMALL_BATCH_MB):
         tune_for_batch(session, 10)

@@ -94,8 +94,6 @@ def airflow_env(workdir: Path, keep_exported: bool = False) -> dict[str, str]:
         if exported and (keep_exported or name == "AFFLUENT_CONFIG_DIR"):
             continue  # the demo keeps an exported configuration folder too: it is read, never written
         env[name] = value
-    # Demo batches are small: two partitions per shuffle suit them and the two cores of a laptop.
-    env.setdefault("AFFLUENT_SHUFFLE_PARTITIONS", "2")
     has_key = env.get("AFFLUENT_PSEUDONYM_KEY") or env.get("AFFLUENT_PSEUDONYM_KEY_FILE")
     # A throwaway key only for the demo's own synthetic lake: a real lake without its key fails closed.
     if not has_key and env["AFFLUENT_LAKE_ROOT"] == defaults["AFFLUENT_LAKE_ROOT"]:

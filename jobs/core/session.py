@@ -18,6 +18,7 @@ import re
 import socket
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 from delta import configure_spark_with_delta_pip
@@ -85,11 +86,16 @@ def execution_mode_conf() -> dict[str, str]:
 
 
 # A batch whose landing files total less than this many MiB runs its session interpreted and planned
-# once (as ENV_CODEGEN=off and ENV_ADAPTIVE=off), whatever the service's own defaults: a few thousand
-# rows cost what Spark spends compiling and re-planning each query, not the rows. Larger batches get
-# the service's defaults back.
+# once (as ENV_CODEGEN=off and ENV_ADAPTIVE=off), its shuffles into one partition, whatever the
+# service's own defaults: a few thousand rows cost what Spark spends compiling and re-planning each
+# query and scheduling a task per partition, not the rows. Larger batches get the service's defaults back.
 ENV_SMALL_BATCH_MB = "AFFLUENT_SMALL_BATCH_MB"
 DEFAULT_SMALL_BATCH_MB = 32
+# Shuffle partitions of every session (and the default parallelism of an in-process Spark).
+ENV_SHUFFLE_PARTITIONS = "AFFLUENT_SHUFFLE_PARTITIONS"
+SHUFFLE_ONE = {"spark.sql.shuffle.partitions": "1"}
+# What the small-batch mode sets, each group unless its own setting is in the environment (then it wins).
+SMALL_BATCH_CONF = ((ENV_CODEGEN, CODEGEN_OFF), (ENV_ADAPTIVE, ADAPTIVE_OFF), (ENV_SHUFFLE_PARTITIONS, SHUFFLE_ONE))
 
 
 def small_batch_bytes() -> int:
@@ -104,29 +110,34 @@ def small_batch_bytes() -> int:
     return int(mib * 1024 * 1024)
 
 
-# Per session: its execution settings before the first batch tuned it, to go back to for a large batch.
-_UNTUNED: dict[int, dict[str, str | None]] = {}
+# Per session: its settings before the first batch tuned it, to go back to for a large batch.
+_UNTUNED: weakref.WeakKeyDictionary[SparkSession, dict[str, str | None]] = weakref.WeakKeyDictionary()
 
 
 def tune_for_batch(spark: SparkSession, landing_bytes: int) -> dict[str, str | None]:
     """Set this session's execution mode for a batch of ``landing_bytes``; the settings it now has.
 
     Below :func:`small_batch_bytes`, code generation and adaptive execution are off for the
-    session; at or above it, the session gets back the settings it had before it was first
-    tuned (the service's own). An explicit :data:`ENV_CODEGEN` or :data:`ENV_ADAPTIVE` in this
-    process's environment wins: nothing is changed then. Each setting is one round trip.
+    session and its shuffles have one partition; at or above it, the session gets back the
+    settings it had before it was first tuned (the service's own). A setting given explicitly in
+    this process's environment (:data:`ENV_CODEGEN`, :data:`ENV_ADAPTIVE`,
+    :data:`ENV_SHUFFLE_PARTITIONS`) wins: that group is not changed. Each setting is one round trip.
 
     Example::
 
         tune_for_batch(spark, sum(f.stat().st_size for f in batch_folder.rglob("*") if f.is_file()))
     """
-    if ENV_CODEGEN in os.environ or ENV_ADAPTIVE in os.environ:
+    small: dict[str, str] = {}
+    for env, conf in SMALL_BATCH_CONF:
+        if env not in os.environ:
+            small |= conf
+    if not small:
         return {}
-    interpreted = CODEGEN_OFF | ADAPTIVE_OFF
-    untuned = _UNTUNED.get(id(spark))
+    untuned = _UNTUNED.get(spark)
     if untuned is None:
-        untuned = _UNTUNED[id(spark)] = {key: spark.conf.get(key, None) for key in interpreted}
-    wanted: dict[str, str | None] = dict(interpreted) if landing_bytes < small_batch_bytes() else dict(untuned)
+        untuned = _UNTUNED[spark] = {key: spark.conf.get(key, None) for key in small}
+    wanted: dict[str, str | None] = (dict(small) if landing_bytes < small_batch_bytes()
+                                     else {key: untuned.get(key) for key in small})
     for key, value in wanted.items():
         if value is None:
             spark.conf.unset(key)
@@ -153,13 +164,13 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         # Defaults that suit a 2-core machine; a cluster overrides them.
-        .config("spark.sql.shuffle.partitions", os.environ.get("AFFLUENT_SHUFFLE_PARTITIONS", "8"))
-        .config("spark.default.parallelism", os.environ.get("AFFLUENT_SHUFFLE_PARTITIONS", "8"))
+        .config("spark.sql.shuffle.partitions", os.environ.get(ENV_SHUFFLE_PARTITIONS, "8"))
+        .config("spark.default.parallelism", os.environ.get(ENV_SHUFFLE_PARTITIONS, "8"))
         .config("spark.databricks.delta.snapshotPartitions", "2")
         # VACUUM lists and deletes files in as many tasks as this (Spark's default, 10 000, costs
         # half a minute of empty tasks per VACUUM on a small machine).
         .config("spark.sql.sources.parallelPartitionDiscovery.parallelism",
-                os.environ.get("AFFLUENT_SHUFFLE_PARTITIONS", "8"))
+                os.environ.get(ENV_SHUFFLE_PARTITIONS, "8"))
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.driver.memory", os.environ.get("AFFLUENT_DRIVER_MEMORY", "4g"))
