@@ -116,14 +116,16 @@ def test_a_full_batch_is_a_snapshot_whose_absent_records_are_deleted(spark, lake
     assert spark.read.format("delta").load(lake.silver("consent")).count() == 2
     deletions = spark.read.format("delta").load(lake.ops("silver_deletions")).collect()
     assert [(r.record_id, r.deleted_at, r.batch_id) for r in deletions] == [("v4", t3, "b3")]
-    message = (read_batch_log(spark, lake).where("batch_id = 'b3' AND stage = 'land'").first().message)
+    message = (read_batch_log(spark, lake)
+               .where("batch_id = 'b3' AND stage = 'land' AND dataset = 'encounter'").first().message)
     assert "full snapshot: 1 record(s) absent from it deleted" in message
 
     # A line of the next snapshot was quarantined at ingest: it may be v1, v2 or v3; nothing is deleted.
     run_batch(spark, lake, consortium, "b4", {"encounter": [enc("v1")]}, t4, kind="full",
               ingest_quarantined={"encounter": 1})
     assert set(silver()) == {"v1", "v2", "v3"}
-    message = (read_batch_log(spark, lake).where("batch_id = 'b4' AND stage = 'land'").first().message)
+    message = (read_batch_log(spark, lake)
+               .where("batch_id = 'b4' AND stage = 'land' AND dataset = 'encounter'").first().message)
     assert "records absent from it were not deleted (1 line(s) quarantined at ingest" in message
 
 
@@ -263,7 +265,7 @@ def test_an_identical_redelivery_changes_no_row_and_feeds_no_change(spark, lande
         ("v1", "update_postimage"), ("v1", "update_preimage"), ("v3", "insert")]
     batches = {r.visit_occurrence_id: r._batch_id for r in spark.read.format("delta").load(path).collect()}
     assert batches == {"v1": "b3", "v2": "b1", "v3": "b3"}
-    entry = read_batch_log(spark, lake).where("batch_id = 'b3' AND stage = 'land'").first()
+    entry = read_batch_log(spark, lake).where("batch_id = 'b3' AND stage = 'land' AND dataset = 'encounter'").first()
     assert entry.rows_unchanged == 1 and "1 inserted, 1 updated, 0 deleted, 1 unchanged" in entry.message
 
 
