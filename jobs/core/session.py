@@ -258,6 +258,13 @@ def _rpc_reason(exc: Exception) -> str:
 _CLIENTS: dict[str, SparkSession] = {}
 
 
+def is_loopback(url: str) -> bool:
+    """Whether a Spark Connect URL names this machine (``localhost``, ``127.x``, ``::1``)."""
+    match = re.match(r"^sc://(\[[^\]]*\]|[^:/;]+)", url)
+    host = match.group(1).strip("[]").lower() if match else ""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 def get_connect(url: str) -> SparkSession:
     """A Spark Connect client session of the service at ``url``; a clear error when it is down or refuses us."""
     from pyspark.errors import PySparkException
@@ -270,6 +277,10 @@ def get_connect(url: str) -> SparkSession:
         return known
     # The generic builder (not ConnectSession's own) also switches pyspark's functions to Connect mode.
     spark = SparkSession.builder.remote(url).create()
+    if is_loopback(url):
+        # A reattachable execution lets a query outlive a dropped connection, at the price of a release call
+        # per response (about 1,500 per validated batch). On loopback there is no network to drop.
+        spark.client.disable_reattachable_execute()
     _CLIENTS[url] = spark
     try:
         _ = spark.version  # one round trip: a wrong token or a dead server shows here, not in the middle of a job
