@@ -1,7 +1,7 @@
 """The Spark service: one warm Spark Connect server, reached with a token, holding the key.
 
-One service for the module (started as ``affluent spark start`` starts it,
-stopped at the end). The client session here is a real Spark Connect client:
+The suite's one service (``tests/conftest.py``, started as ``affluent spark
+start`` starts it, stopped when the suite ends). The client session here is a real Spark Connect client:
 no JVM of its own, every request captured on its way out.
 """
 
@@ -33,25 +33,6 @@ from tests.privacy_helpers import (
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    """A running service (its own state folder, port and event log), as ``affluent spark start`` leaves it."""
-    from jobs.core import spark_service
-
-    folder = tmp_path_factory.mktemp("spark-service")
-    env = {"AFFLUENT_PSEUDONYM_KEY": TEST_KEY, spark_service.ENV_EVENT_LOG: str(folder / "event-log"),
-           "AFFLUENT_SPARK_LOG_LEVEL": "INFO"}  # verbose: a key in any log line would show
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        state = spark_service.start(folder / "state", port=_free_port())
-    finally:
-        for name, value in saved.items():
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
-    yield state
-    spark_service.stop(folder / "state")
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +73,6 @@ class _Recorder:
         return call
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jobs.app.cli", *args], capture_output=True, text=True, cwd=ROOT, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=300)
@@ -119,6 +92,14 @@ def test_inside_airflow_the_address_comes_from_the_spark_connect_connection(monk
         {"conn_type": "spark_connect", "host": "sc://localhost", "port": 15002, "password": "t0ken"}))
     url = remote_url()
     assert url == "sc://localhost:15002/;token=t0ken" and public_address(url) == "sc://localhost:15002"
+
+
+def test_a_client_of_a_service_on_this_machine_does_not_make_its_queries_reattachable(connect):
+    from jobs.core.session import is_loopback
+
+    assert connect.client._use_reattachable_execute is False  # noqa: SLF001 - the client's own flag
+    assert is_loopback("sc://localhost:15002/;token=t") and is_loopback("sc://127.0.0.1:1") and is_loopback("sc://[::1]:1")
+    assert not is_loopback("sc://spark-connect:15002/;token=t") and not is_loopback("sc://10.0.0.7:15002")
 
 
 def test_start_is_idempotent_and_status_says_where(service):
