@@ -76,6 +76,39 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
+def service(tmp_path_factory):
+    """The suite's one Spark service, as ``affluent spark start`` leaves it: its own state folder, port and
+    event log, holding the test key, logging at INFO (a key in any log line would show). Tests that stop it
+    start it again on the same port with the same token, as an operator would."""
+    from jobs.core import spark_service
+    from jobs.core.session import close_clients
+
+    folder = tmp_path_factory.mktemp("spark-service")
+    env = {"AFFLUENT_PSEUDONYM_KEY": TEST_KEY, spark_service.ENV_EVENT_LOG: str(folder / "event-log"),
+           "AFFLUENT_SPARK_LOG_LEVEL": "INFO"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        state = spark_service.start(folder / "state", port=_free_port())
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    yield state
+    if spark_service.read_state(folder / "state") is not None:
+        close_clients()
+    spark_service.stop(folder / "state")
+    os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)  # the rest of the session runs classic
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from jobs.core.session import get_spark
     from jobs.core.settings import Settings

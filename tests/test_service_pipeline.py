@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.privacy_helpers import BATCH, EST, hmac_hex, run_batch, write_planted_batch
-from tests.test_spark_service import _key, connect, service  # noqa: F401 - the module's service and its client
+from tests.test_spark_service import _key, connect  # noqa: F401 - a client of the suite's service
 
 pytestmark = pytest.mark.integration
 

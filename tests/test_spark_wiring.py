@@ -1,7 +1,7 @@
 """Commands and DAGs as clients of the Spark service: key hand-over, refusal of another key, retries.
 
-One service for the module, started as a command starts it (the key given to
-the service only). The DAG test runs the real ingest DAG with Airflow's own
+The suite's one service (``tests/conftest.py``), started as a command starts it
+(the key given to the service only). The DAG test runs the real ingest DAG with Airflow's own
 ``dag.test`` loop in a subprocess (its own Airflow home on SQLite), a thin
 client of that service: it has no key and no Spark of its own.
 """
@@ -25,29 +25,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 KEY_SOURCE = {"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}
 DAG_RUN_TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    """A running service holding the test key, in its own state folder and port."""
-    from jobs.core import spark_service
-    from jobs.core.session import close_clients
-
-    folder = tmp_path_factory.mktemp("spark-wiring") / "state"
-    state = spark_service.start(folder, port=_free_port(), key_source=KEY_SOURCE)
-    yield state
-    if spark_service.read_state(folder) is not None:
-        close_clients()
-    spark_service.stop(folder)
-    os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)  # the rest of the suite runs classic
 
 
 def _client_env(**extra: str) -> dict[str, str]:
@@ -82,6 +59,7 @@ def test_the_airflow_environment_names_the_service_and_holds_no_key(tmp_path, mo
 def test_a_service_holding_another_key_is_refused_and_one_holding_the_same_is_reused(service, tmp_path):
     from jobs.core import spark_service
 
+    running = spark_service.read_state(service.state_dir)
     refused = subprocess.run(
         [sys.executable, "-m", "jobs.app.cli", "run", "--establishment", EST], cwd=ROOT, capture_output=True,
         text=True, timeout=300, check=False,
@@ -93,10 +71,10 @@ def test_a_service_holding_another_key_is_refused_and_one_holding_the_same_is_re
     assert "\n" not in line and "Traceback" not in line
     assert f"the Spark service at {service.address} holds the key with fingerprint" in line
     assert "affluent spark stop" in line
-    assert spark_service.read_state(service.state_dir).pid == service.pid  # refused, not replaced
+    assert spark_service.read_state(service.state_dir).pid == running.pid  # refused, not replaced
 
     state, started = spark_service.ensure(KEY_SOURCE, service.state_dir)
-    assert (state.pid, started) == (service.pid, False)
+    assert (state.pid, started) == (running.pid, False)
     assert spark_service.held_fingerprint(state) == spark_service.held_fingerprint(service)
 
 
