@@ -269,3 +269,18 @@ def test_an_unreadable_manifest_is_a_rejection_not_a_crash(tmp_path, consortium,
     with pytest.raises(BatchRejected, match="manifest.json cannot be read: Permission denied") as rejected:
         check_batch(tmp_path, consortium, EST, "20260105-001")
     assert rejected.value.file == "manifest.json"
+
+
+def test_a_batch_size_is_its_landing_folder_and_unknown_once_the_folder_is_gone(tmp_path):
+    from jobs.core.settings import Settings
+    from jobs.stages import pipeline
+
+    ctx = pipeline.Context(Settings.from_env(lake_root=str(tmp_path / "lake"), landing_root=str(tmp_path / "landing")))
+    est_id, est = next(iter(ctx.consortium.establishments.items()))
+    folder = tmp_path / "landing" / est.landing_folder / "20260105-001"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    (folder / "patients.csv").write_text("a,b\n1,2\n")
+    assert pipeline.landing_bytes(ctx, est_id, "20260105-001") == 2 + 8
+    assert pipeline.landing_bytes(ctx, est_id, "20260112-002") is None  # gone: size unknown
+    assert pipeline.landing_bytes(ctx, "nowhere", "20260105-001") is None

@@ -105,6 +105,11 @@ def test_a_small_batch_runs_its_session_interpreted_and_a_large_one_gets_the_set
     assert session.conf.get("spark.sql.codegen.factoryMode") == factory_mode
     assert session.conf.get("spark.sql.shuffle.partitions") == "6"
 
+    tune_for_batch(session, 10)
+    tune_for_batch(session, None)  # a batch of unknown size (its landing folder is gone): the session's own
+    assert session.conf.get("spark.sql.codegen.wholeStage") == "true"
+    assert session.conf.get("spark.sql.shuffle.partitions") == "6"
+
 
 def test_a_pinned_shuffle_partition_count_is_kept_for_a_small_batch(spark, monkeypatch):
     from jobs.core.session import ENV_ADAPTIVE, ENV_CODEGEN, ENV_SHUFFLE_PARTITIONS, tune_for_batch

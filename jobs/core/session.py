@@ -114,12 +114,13 @@ def small_batch_bytes() -> int:
 _UNTUNED: weakref.WeakKeyDictionary[SparkSession, dict[str, str | None]] = weakref.WeakKeyDictionary()
 
 
-def tune_for_batch(spark: SparkSession, landing_bytes: int) -> dict[str, str | None]:
+def tune_for_batch(spark: SparkSession, landing_bytes: int | None) -> dict[str, str | None]:
     """Set this session's execution mode for a batch of ``landing_bytes``; the settings it now has.
 
     Below :func:`small_batch_bytes`, code generation and adaptive execution are off for the
-    session and its shuffles have one partition; at or above it, the session gets back the
-    settings it had before it was first tuned (the service's own). A setting given explicitly in
+    session and its shuffles have one partition; at or above it, or when the size is not known
+    (None: the landing folder is gone), the session gets back the settings it had before it was
+    first tuned (the service's own). A setting given explicitly in
     this process's environment (:data:`ENV_CODEGEN`, :data:`ENV_ADAPTIVE`,
     :data:`ENV_SHUFFLE_PARTITIONS`) wins: that group is not changed. Each setting is one round trip.
 
@@ -136,7 +137,7 @@ def tune_for_batch(spark: SparkSession, landing_bytes: int) -> dict[str, str | N
     untuned = _UNTUNED.get(spark)
     if untuned is None:
         untuned = _UNTUNED[spark] = {key: spark.conf.get(key, None) for key in small}
-    wanted: dict[str, str | None] = (dict(small) if landing_bytes < small_batch_bytes()
+    wanted: dict[str, str | None] = (dict(small) if landing_bytes is not None and landing_bytes < small_batch_bytes()
                                      else {key: untuned.get(key) for key in small})
     for key, value in wanted.items():
         if value is None:

@@ -29,8 +29,10 @@ class Context:
 
     settings: Settings
     spark_master: str | None = None
-    # The landing size of the batch a stage is running (tune_session), applied to the session when made.
+    # The landing size of the batch a stage is running (tune_session), applied to the session when made;
+    # None with batch_tuned: a batch whose landing folder is gone, of unknown size.
     batch_bytes: int | None = None
+    batch_tuned: bool = False
 
     @cached_property
     def consortium(self) -> Consortium:
@@ -58,7 +60,7 @@ class Context:
             settings = Settings.from_env(spark_master=self.spark_master, lake_root=settings.lake_root,
                                          config_dir=str(settings.config_dir))
         spark = get_spark(settings, app_name="affluent")
-        if self.batch_bytes is not None:
+        if self.batch_tuned:
             from jobs.core.session import tune_for_batch
 
             tune_for_batch(spark, self.batch_bytes)
@@ -107,13 +109,14 @@ def one_run_per_batch(stage):
     return run
 
 
-def landing_bytes(ctx: Context, establishment_id: str, batch_id: str) -> int:
-    """What the establishment delivered for the batch, in bytes (its landing folder's files); 0 when gone."""
+def landing_bytes(ctx: Context, establishment_id: str, batch_id: str) -> int | None:
+    """What the establishment delivered for the batch, in bytes (its landing folder's files); None when the
+    folder is gone (landing retention, an unknown establishment): the batch's size is not known then."""
     est = ctx.consortium.establishments.get(establishment_id)
     if est is None:
-        return 0
+        return None
     folder = ctx.settings.landing / est.landing_folder / batch_id
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else None
 
 
 def tune_session(ctx: Context, establishment_id: str, batch_id: str) -> None:
@@ -122,7 +125,7 @@ def tune_session(ctx: Context, establishment_id: str, batch_id: str) -> None:
     Applied now when the session exists, else as soon as the stage makes it: a stage that reads the
     key first (ingest, pseudonymise, land) still fails on a missing key before any Spark starts.
     """
-    ctx.batch_bytes = landing_bytes(ctx, establishment_id, batch_id)
+    ctx.batch_bytes, ctx.batch_tuned = landing_bytes(ctx, establishment_id, batch_id), True
     if "spark" in ctx.__dict__:
         from jobs.core.session import tune_for_batch
 
