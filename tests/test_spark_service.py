@@ -102,6 +102,30 @@ def test_a_client_of_a_service_on_this_machine_does_not_make_its_queries_reattac
     assert not is_loopback("sc://spark-connect:15002/;token=t") and not is_loopback("sc://10.0.0.7:15002")
 
 
+def test_a_checkpoint_is_released_between_stages_never_by_the_garbage_collector(connect):
+    """PySpark releases a checkpoint from a finaliser with a blocking call, which hangs when the collector runs
+    inside another call; here the finaliser only notes it and the release is sent at a safe point."""
+    import gc
+
+    from pyspark.errors import PySparkException
+
+    from jobs.core.checkpoints import pending, release_pending
+
+    frame = connect.range(5).localCheckpoint()
+    relation = frame._plan._relation_id  # noqa: SLF001 - the id the service keeps the rows under
+    assert frame.count() == 5
+    connect.requests.clear()
+    del frame
+    gc.collect()
+    assert relation in pending() and not connect.requests  # noted; nothing sent from the finaliser
+    assert release_pending() >= 1 and relation not in pending()
+    assert relation.encode() in b"".join(connect.requests)
+    gone = connect._create_remote_dataframe(relation)  # noqa: SLF001 - a reference to the released rows
+    with pytest.raises(PySparkException, match=relation):
+        gone.count()
+    gone._plan._relation_id = None  # noqa: SLF001 - nothing left to release for this reference
+
+
 def test_start_is_idempotent_and_status_says_where(service):
     from jobs.core import spark_service
 

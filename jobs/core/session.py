@@ -273,9 +273,13 @@ def get_connect(url: str) -> SparkSession:
     from jobs.core.spark_service import SparkServiceUnavailable
 
     _check_reachable(url)
+    from jobs.core.checkpoints import defer_releases, release_pending
+
     known = _CLIENTS.get(url)
     if known is not None and not getattr(known, "is_stopped", False):  # a Connect session's own attribute
+        release_pending()
         return known
+    defer_releases()  # checkpoints are released between stages, never from the garbage collector
     # The generic builder (not ConnectSession's own) also switches pyspark's functions to Connect mode.
     spark = SparkSession.builder.remote(url).create()
     if is_loopback(url):

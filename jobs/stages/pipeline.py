@@ -98,7 +98,9 @@ def one_run_per_batch(stage):
         try:
             with batch_run(ctx.lake.root, establishment_id, batch_id, stage.__name__):
                 tune_session(ctx, establishment_id, batch_id)
-                return stage(ctx, establishment_id, batch_id)
+                outcome = stage(ctx, establishment_id, batch_id)
+            release_checkpoints()
+            return outcome
         except BatchAlreadyRunning as refused:
             from jobs.core.ops import append_batch_log
 
@@ -107,6 +109,13 @@ def one_run_per_batch(stage):
                 "status": Status.ALREADY_RUNNING, "message": str(refused)}])
             raise
     return run
+
+
+def release_checkpoints() -> None:
+    """A stage's checkpoints in the Spark service, released once it ended well (:mod:`jobs.core.checkpoints`)."""
+    from jobs.core.checkpoints import release_pending
+
+    release_pending()
 
 
 def landing_bytes(ctx: Context, establishment_id: str, batch_id: str) -> int | None:
@@ -258,11 +267,15 @@ def publish_all(ctx: Context) -> dict:
     from jobs.stages.publish import publish
 
     key = ctx.key
-    return _summary(publish(ctx.spark, ctx.lake, ctx.consortium, key, clock.today()))
+    outcome = _summary(publish(ctx.spark, ctx.lake, ctx.consortium, key, clock.today()))
+    release_checkpoints()
+    return outcome
 
 
 def process_erasure_requests(ctx: Context) -> dict:
     from jobs.privacy.erasure import process_erasures
 
     key = ctx.key
-    return _summary(process_erasures(ctx.spark, ctx.lake, ctx.consortium, key))
+    outcome = _summary(process_erasures(ctx.spark, ctx.lake, ctx.consortium, key))
+    release_checkpoints()
+    return outcome
