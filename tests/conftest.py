@@ -27,6 +27,10 @@ os.environ["AFFLUENT_TODAY"] = FIXED_TODAY
 # AFFLUENT_SPARK_CODEGEN=on AFFLUENT_SPARK_ADAPTIVE=on runs the suite as production runs.
 os.environ.setdefault("AFFLUENT_SPARK_CODEGEN", "off")
 os.environ.setdefault("AFFLUENT_SPARK_ADAPTIVE", "off")
+# Two shuffle partitions everywhere in the suite, in-process and in the subprocesses it starts, whatever a
+# batch's size (the small-batch mode's one partition is checked by tests/test_session.py): rows spread over
+# more than one partition keep order-dependent mistakes visible.
+os.environ.setdefault("AFFLUENT_SHUFFLE_PARTITIONS", "2")
 # Commands run their Spark in-process here (the session fixture's, or their own in a subprocess):
 # a test that wants the Spark service starts one of its own (tests/test_spark_service.py) and
 # says so, rather than every `affluent run` of the suite sharing whatever service this machine runs.
