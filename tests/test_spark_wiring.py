@@ -27,6 +27,18 @@ KEY_SOURCE = {"AFFLUENT_PSEUDONYM_KEY": TEST_KEY}
 DAG_RUN_TIMEOUT_S = 900
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _classic_after_this_module(service):
+    """This process's client sessions of the service end with the module: the rest of the suite runs classic."""
+    yield
+    from jobs.core import spark_service
+    from jobs.core.session import close_clients
+
+    if spark_service.read_state(service.state_dir) is not None:
+        close_clients()
+    os.environ.pop("SPARK_CONNECT_MODE_ENABLED", None)
+
+
 def _client_env(**extra: str) -> dict[str, str]:
     """The caller's environment without any Airflow, Spark service or key setting, plus ``extra``."""
     from jobs.core.spark_service import KEY_ENVIRONMENT
