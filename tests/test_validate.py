@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -403,6 +404,40 @@ def test_measure_engines_times_gx_and_the_spark_translation_on_the_same_rows(spa
     staged = staged_frame(spark, "lab_result", "b1", EXTRACTED, [lab(f"l{i}") for i in range(5)] + [lab("l9", value=999.0)])
     seconds = measure_engines(spark, staged, "lab_result")
     assert set(seconds) == {"gx", "spark"} and all(s > 0 for s in seconds.values())
+
+
+def test_gx_suites_validated_side_by_side_give_what_each_gives_alone(spark):
+    """The datasets of a batch are validated by GX at once (one thread each): every result, query
+    expectations included (GX runs those on a view of one fixed name), is the one of a validation alone."""
+    from jobs.core.tables import on_each_table
+    from jobs.stages.validate import enriched_columns, load_suite, run_gx_suite, suite_parameters
+
+    frames = {
+        "diagnosis": _flagged(spark, "diagnosis", [diag("d1"), diag("d2", code=None), diag("d3", on=dt.date(2030, 1, 1))]),
+        "lab_result": _flagged(spark, "lab_result", [lab("l1"), lab("l2", value=999.0), lab("l3", code="bad")]),
+        "encounter": _flagged(spark, "encounter", [enc("v1"), enc("v2", end=dt.datetime(2025, 11, 1, 8, 0))]),
+        "patient": _flagged(spark, "patient", [patient("k1"), patient("k2", year=1800)]),
+    }
+
+    def run(dataset, flagged, columns):
+        enriched = enriched_columns(columns, dataset)
+        return lambda: run_gx_suite(spark, flagged.select(*enriched), dataset, load_suite(dataset),
+                                    suite_parameters(None, min_row_count=0, expected_columns=enriched))
+
+    runs = {d: run(d, f, columns) for d, (f, _, columns) in frames.items()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AFFLUENT_TABLE_THREADS", str(len(runs)))
+        # A view's registration and the query that reads it, further apart: another thread's view would show.
+        register = type(spark.range(1)).createOrReplaceTempView
+        mp.setattr(type(spark.range(1)), "createOrReplaceTempView",
+                   lambda df, name: (register(df, name), time.sleep(0.3))[0])
+        together = on_each_table(runs)
+    alone = {d: run() for d, run in runs.items()}
+    assert together == alone
+    # Query expectations that fail on their own dataset's columns (a view of another dataset has none of them).
+    failing = {(d, r.check): r.unexpected_count for d, results in alone.items() for r in results if r.unexpected_count}
+    assert failing[("lab_result", "measurement_source_value.well_formed")] == 1
+    assert failing[("diagnosis", "condition_source_value.required")] == 1
 
 
 def test_plausibility_bounds_judge_values_in_the_unit_of_the_bound(spark, lake, consortium):

@@ -57,15 +57,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 from functools import cache, partial, reduce
 from pathlib import Path
 
@@ -556,7 +559,11 @@ class GxResult:
     observed: str | None
 
 
-_GX_SOURCES: dict[int, object] = {}
+# GX data sources per Spark session, each lent to one validation at a time (:func:`lent_gx_source`).
+_GX_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# GX's context keeps every data source's configuration: adding or removing an asset updates it.
+_GX_CONFIG_LOCK = threading.Lock()
+_GX_MADE = itertools.count()
 
 
 def import_gx_meanwhile() -> threading.Thread:
@@ -571,38 +578,72 @@ def import_gx_meanwhile() -> threading.Thread:
     return thread
 
 
-def gx_spark_source(spark: SparkSession):
-    """A GX Spark datasource in the process's ephemeral context (nothing written outside the lake),
-    made once per Spark session.
+@contextlib.contextmanager
+def lent_gx_source(spark: SparkSession) -> Iterator[Any]:
+    """A GX Spark datasource of the process's ephemeral context (nothing written outside the lake), bound
+    to ``spark`` and lent to the caller alone until the block ends.
 
-    GX's execution engine keeps the session its datasource was made with: a process that runs
-    in-process Spark and a Spark Connect client (the test suite, a notebook) needs one datasource
-    each, bound to its own session. :func:`run_gx_suite` adds one asset per validation and removes
-    it afterwards, so a source holds no DataFrame between batches.
+    GX's execution engine keeps the session its datasource was made with (a process that runs
+    in-process Spark and a Spark Connect client needs one datasource each), and it keeps the batch it
+    is validating: two validations at once need one datasource each. Sources are made on demand and
+    kept for the session's next validations; :func:`run_gx_suite` adds one asset per validation and
+    removes it afterwards, so a source holds no DataFrame between batches.
     """
-    source = _GX_SOURCES.get(id(spark))
-    if source is None:
-        source = _gx_context().data_sources.add_spark(name=f"staged_{len(_GX_SOURCES)}")
-        source._spark = spark  # noqa: SLF001 - GX's own slot for the session its engine is built with
-        _GX_SOURCES[id(spark)] = source
-    return source
+    with _GX_CONFIG_LOCK:
+        free = _GX_FREE.setdefault(spark, [])
+        if free:
+            source = free.pop()
+        else:
+            source = _gx_context().data_sources.add_spark(name=f"staged_{next(_GX_MADE)}")
+            source._spark = spark  # noqa: SLF001 - GX's own slot for the session its engine is built with
+    try:
+        yield source
+    finally:
+        with _GX_CONFIG_LOCK:
+            free.append(source)
 
 
-def run_gx_suite(source, df: DataFrame, dataset: str, suite: dict, params: dict) -> list[GxResult]:
-    """Validate ``df`` with GX's Spark datasource; one result per expectation, in the suite's order."""
+# GX evaluates a query expectation on a temporary view of one fixed name in the batch's Spark session:
+# two at once in one session would read each other's rows.
+QUERY_EXPECTATIONS = frozenset({"unexpected_rows_expectation"})
+_GX_QUERY_LOCK = threading.Lock()
+
+
+def run_gx_suite(spark: SparkSession, df: DataFrame, dataset: str, suite: dict, params: dict) -> list[GxResult]:
+    """Validate ``df`` with GX's Spark datasource; one result per expectation, in the suite's order.
+
+    Safe to call from several threads at once, so the datasets of a batch are validated side by side
+    (:func:`validate_batch`): each validation has a datasource of its own, and the suite's query
+    expectations (:data:`QUERY_EXPECTATIONS`) run in a second validation, one thread's at a time, and
+    ``params`` are put in place of the suite's ``$PARAMETER`` references before GX sees it.
+    """
     from great_expectations.core.expectation_suite import ExpectationSuite
 
+    # The parameters are put in place here, not by GX: its parameter parser is one object per process,
+    # whose state two validations at once would share.
+    expectations = [dict(e, kwargs={k: _resolve(v, params) for k, v in e["kwargs"].items()})
+                    for e in suite["expectations"]]
+    parts = ([e for e in expectations if e["type"] not in QUERY_EXPECTATIONS],
+             [e for e in expectations if e["type"] in QUERY_EXPECTATIONS])
     asset_name = f"{dataset}_{uuid.uuid4().hex}"
-    asset = source.add_dataframe_asset(name=asset_name)
-    try:
-        batch = asset.add_batch_definition_whole_dataframe("batch").get_batch(batch_parameters={"dataframe": df})
-        validation = batch.validate(ExpectationSuite(**suite), expectation_parameters=params,
-                                    result_format=GX_RESULT_FORMAT)
-    finally:
-        source.delete_asset(asset_name)
+    validated = []
+    with lent_gx_source(spark) as source:
+        with _GX_CONFIG_LOCK:
+            asset = source.add_dataframe_asset(name=asset_name)
+            batch = asset.add_batch_definition_whole_dataframe("batch").get_batch(batch_parameters={"dataframe": df})
+        try:
+            locks: tuple[contextlib.AbstractContextManager, ...] = (contextlib.nullcontext(), _GX_QUERY_LOCK)
+            for part, lock in zip(parts, locks):
+                if part:
+                    with lock:
+                        validated += batch.validate(ExpectationSuite(**dict(suite, expectations=part)),
+                                                    result_format=GX_RESULT_FORMAT).results
+        finally:
+            with _GX_CONFIG_LOCK:
+                source.delete_asset(asset_name)
     checks = {c.name: c for c in suite_checks(suite)}
     results: dict[str, GxResult] = {}
-    for r in validation.results:
+    for r in validated:
         name = r.expectation_config.meta["check"]
         if r.exception_info and r.exception_info.get("raised_exception"):
             raise SuiteError(f"GX could not evaluate {dataset}.{name}: {r.exception_info.get('exception_message')}")
@@ -877,24 +918,35 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
             flagged = flag_rows(with_reference_columns(staged, dataset, years, staged_columns), checks, params)
             prepared[dataset] = _Prepared(staged_columns, suite, checks,
                                           consortium.batch_rules(establishment_id, dataset),  # overrides applied
-                                          flagged.localCheckpoint(eager=False,
-                                                                  storageLevel=StorageLevel.MEMORY_AND_DISK))
+                                          flagged)
+        # Each checkpoint is a round trip in which Spark analyses the dataset's plan: side by side.
+        for dataset, checkpointed in on_each_table({
+                d: partial(p.flagged.localCheckpoint, eager=False, storageLevel=StorageLevel.MEMORY_AND_DISK)
+                for d, p in prepared.items()}).items():
+            prepared[dataset].flagged = checkpointed
         counts = count_batches({d: (p.flagged, p.checks) for d, p in prepared.items()})
         gx_ready.join()
 
+        # GX validates the datasets side by side (each a few dozen small Spark queries: their round trips
+        # overlap), then each is judged in the batch's order.
+        to_judge = {}
+        gx_runs = {}
         for dataset, p in prepared.items():
-            rows = counts[dataset].rows
-            if rows == 0:
+            if counts[dataset].rows == 0:
                 continue
             previous = previous_full.get(dataset)
             enriched = enriched_columns(p.staged_columns, dataset)
             expected = _expected_columns(lake, dataset, enriched, p.rules.allow_column_changes)
             min_rows = previous[1] * (1 - p.rules.max_row_count_drop_pct / 100) if previous else 0
-            gx_results = run_gx_suite(gx_spark_source(spark), p.flagged.select(*enriched), dataset, p.suite,
-                                      suite_parameters(consortium, **{PARAM_MIN_ROW_COUNT: min_rows,
-                                                                      PARAM_EXPECTED_COLUMNS: expected}))
-            judged = judge_dataset(dataset, counts[dataset], gx_results, rules=p.rules, previous=previous,
-                                   expected_columns=expected, ingest=ingest.get(dataset, (rows, 0)),
+            to_judge[dataset] = (previous, expected)
+            gx_runs[dataset] = partial(run_gx_suite, spark, p.flagged.select(*enriched), dataset, p.suite,
+                                       suite_parameters(consortium, **{PARAM_MIN_ROW_COUNT: min_rows,
+                                                                       PARAM_EXPECTED_COLUMNS: expected}))
+        gx_results = on_each_table(gx_runs)
+        for dataset, (previous, expected) in to_judge.items():
+            p = prepared[dataset]
+            judged = judge_dataset(dataset, counts[dataset], gx_results[dataset], rules=p.rules, previous=previous,
+                                   expected_columns=expected, ingest=ingest.get(dataset, (counts[dataset].rows, 0)),
                                    establishment_id=establishment_id, batch_id=batch_id, run_at=run_at)
             results += judged.results
             failures += judged.failures
@@ -1001,9 +1053,8 @@ def measure_engines(spark: SparkSession, staged: DataFrame, dataset: str,
     df = with_reference_columns(staged, dataset).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         df.count()
-        source = gx_spark_source(spark)
         started = time.perf_counter()
-        run_gx_suite(source, df, dataset, row_suite, params)
+        run_gx_suite(spark, df, dataset, row_suite, params)
         gx_seconds = time.perf_counter() - started
         started = time.perf_counter()
         count_batch(flag_rows(df, checks, params), checks, dataset)
