@@ -16,7 +16,8 @@ Per silver table, keyed by ``(establishment_id, <record key>)``:
   Consent decisions are never deleted by absence (a refusal left out of a
   truncated export would become the purpose's default);
 - re-landing a batch changes nothing: the batch log says it is landed, each
-  MERGE carries Delta's idempotent transaction id (scoped to that one write),
+  MERGE carries Delta's idempotent transaction id (set for the batch's MERGEs
+  only, which run side by side, one table each; a tombstone MERGE has its own),
   and equal extraction instants never update.
 
 Before writing, the batch must add up, per dataset: ``rows read = rows landed +
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame, SparkSession
@@ -62,7 +64,7 @@ from jobs.core.schemas import ACTION_DELETE, ACTION_UPSERT, DATASETS, SILVER_KEY
 from jobs.terminology.concepts import CONCEPT_COMMENTS, with_concepts
 from jobs.terminology.maps import Terminology, default_terminology
 from jobs.core.tables import DELETION_VECTORS, create_table, insert_values, merge_into, ready_table, require_fingerprint
-from jobs.core.tables import table_exists
+from jobs.core.tables import on_each_table, table_exists
 from jobs.core.tables import update_set
 from jobs.stages.validate import validated_path
 from jobs.core.writer_lock import Mode, writes_lake
@@ -371,10 +373,15 @@ def _merge_counts(row) -> MergeCounts:
                        int(values.get("num_deleted_rows") or 0))
 
 
+def batch_app_id(establishment_id: str, batch_id: str) -> str:
+    """The idempotent-write id of a batch's silver MERGEs (one per table: each table's log records its own)."""
+    return f"affluent.land.{establishment_id}.{batch_id}"
+
+
 def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataFrame, establishment_id: str,
                       batch_id: str, terminology: Terminology | None = None, *,
                       deletes: int | None = None) -> MergeCounts:
-    """MERGE one batch's valid rows of ``dataset`` into silver (see the module's rules).
+    """MERGE one batch's valid rows of ``dataset`` into silver (see the module's rules), then record its tombstones.
 
     ``rows`` have the silver source columns plus ``record_action``, one row per record key;
     their standard concepts are derived here (``terminology``, or the configuration's maps).
@@ -384,39 +391,57 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
     (:func:`content_columns`, concepts included) differs: the same record delivered again changes
     no row, no file and nothing in the change feed. Returns what the MERGE inserted, updated and deleted.
     """
+    _deletions(spark, lake)
+    with _idempotent_write(spark, batch_app_id(establishment_id, batch_id)):
+        counts = merge_silver_rows(spark, lake, dataset, rows, establishment_id, terminology)
+    record_tombstones(spark, lake, dataset, rows, establishment_id, batch_id, deletes=deletes)
+    return counts
+
+
+def merge_silver_rows(spark: SparkSession, lake: Lake, dataset: str, rows: DataFrame, establishment_id: str,
+                      terminology: Terminology | None = None) -> MergeCounts:
+    """The MERGE of :func:`merge_into_silver`, no more: the caller scopes its idempotent-write id, and the
+    silver and tombstone tables exist.
+
+    The MERGEs of one batch's datasets may run side by side under one id (:func:`land_batch`):
+    each table's log records it on its own.
+    """
     rows = with_concepts(rows, dataset, terminology or default_terminology())
     key = SILVER_KEY[dataset]
     columns = list(silver_columns(dataset))
-    app_id = f"affluent.land.{establishment_id}.{batch_id}.{dataset}"
-    deletions = _deletions(spark, lake)
-    tombstones = (spark.read.format("delta").load(deletions)
+    tombstones = (spark.read.format("delta").load(lake.ops(DELETIONS))
                   .where((F.col("establishment_id") == establishment_id) & (F.col("dataset") == dataset))
                   .select(F.col("record_id").alias(key), F.col("deleted_at").alias("_deleted_at")))
     source = (rows.select(*columns, "record_action")
               .join(tombstones, on=key, how="left")
               .select(*columns, "record_action", "_deleted_at"))
     same_record = f"t.establishment_id = '{establishment_id}' AND t.establishment_id = s.establishment_id AND t.{key} = s.{key}"
-    with _idempotent_write(spark, app_id):
-        metrics = merge_into(
-            spark, lake.silver(dataset), source, same_record,
-            f"WHEN MATCHED AND s.record_action = '{ACTION_DELETE}' AND s._extracted_at >= t._extracted_at "
-            "THEN DELETE",
-            f"WHEN MATCHED AND s.record_action = '{ACTION_UPSERT}' AND s._extracted_at > t._extracted_at "
-            f"AND {content_differs(dataset)} THEN UPDATE SET {update_set(columns)}",
-            f"WHEN NOT MATCHED AND s.record_action = '{ACTION_UPSERT}' "
-            f"AND (s._deleted_at IS NULL OR s._extracted_at > s._deleted_at) THEN INSERT {insert_values(columns)}")
-    counts = _merge_counts(metrics)
+    metrics = merge_into(
+        spark, lake.silver(dataset), source, same_record,
+        f"WHEN MATCHED AND s.record_action = '{ACTION_DELETE}' AND s._extracted_at >= t._extracted_at "
+        "THEN DELETE",
+        f"WHEN MATCHED AND s.record_action = '{ACTION_UPSERT}' AND s._extracted_at > t._extracted_at "
+        f"AND {content_differs(dataset)} THEN UPDATE SET {update_set(columns)}",
+        f"WHEN NOT MATCHED AND s.record_action = '{ACTION_UPSERT}' "
+        f"AND (s._deleted_at IS NULL OR s._extracted_at > s._deleted_at) THEN INSERT {insert_values(columns)}")
+    return _merge_counts(metrics)
 
+
+def record_tombstones(spark: SparkSession, lake: Lake, dataset: str, rows: DataFrame, establishment_id: str,
+                      batch_id: str, *, deletes: int | None = None) -> None:
+    """Record the batch's deletes of ``dataset`` in the tombstone table (its own idempotent-write id per
+    dataset: the table is shared by every dataset). ``deletes == 0`` (counted by the caller) costs nothing."""
     if deletes == 0:
-        return counts  # the caller counted no delete among the rows: no tombstone to write, nothing to look at
+        return  # the caller counted no delete among the rows: no tombstone to write, nothing to look at
+    key = SILVER_KEY[dataset]
     deleted = rows.where(F.col("record_action") == ACTION_DELETE).select(
         F.col("establishment_id"), F.lit(dataset).alias("dataset"), F.col(key).alias("record_id"),
         F.col("_extracted_at").alias("deleted_at"), F.col("_batch_id").alias("batch_id"))
     if deleted.isEmpty():
-        return counts
-    with _idempotent_write(spark, app_id):
-        _merge_tombstones(spark, deletions, deleted, establishment_id, dataset)
-    return counts
+        return
+    path = _deletions(spark, lake)  # created, when missing, before the id is set
+    with _idempotent_write(spark, f"{batch_app_id(establishment_id, batch_id)}.{dataset}"):
+        _merge_tombstones(spark, path, deleted, establishment_id, dataset)
 
 
 # Consent decisions are never deleted because a snapshot left them out: a refusal missing from a
@@ -445,8 +470,9 @@ def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establi
                    f"t.establishment_id = '{establishment_id}' AND t.establishment_id = s.establishment_id "
                    f"AND t.{key} = s.record_id",
                    "WHEN MATCHED AND t._extracted_at < s.deleted_at THEN DELETE")
+    path = _deletions(spark, lake)  # created, when missing, before the id is set
     with _idempotent_write(spark, app_id):
-        _merge_tombstones(spark, _deletions(spark, lake), absent, establishment_id, dataset)
+        _merge_tombstones(spark, path, absent, establishment_id, dataset)
     return gone
 
 
@@ -601,13 +627,21 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     to_land = [d for d, f in figures.items() if f.landed > 0]
     for dataset in to_land:
         require_fingerprint(lake.silver(dataset), key_fingerprint)
-    counts: dict[str, MergeCounts] = {}
+    # Every table exists before the idempotent-write id is set: a table created under it would record the
+    # id, and its own MERGE would then be skipped as already done.
     for dataset in to_land:
         ensure_silver_table(spark, lake, dataset, key_fingerprint)
-        rows = spark.read.format("delta").load(validated_path(lake, dataset)).where(
-            (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id))
-        counts[dataset] = merge_into_silver(spark, lake, dataset, rows, establishment_id, batch_id, terminology,
-                                            deletes=figures[dataset].deletes)
+    _deletions(spark, lake)
+    rows = {d: spark.read.format("delta").load(validated_path(lake, d)).where(
+        (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)) for d in to_land}
+    # The datasets' MERGEs touch different tables: side by side (jobs.core.tables.on_each_table), under the
+    # batch's one id. The tombstones, all in one table, follow one dataset at a time.
+    with _idempotent_write(spark, batch_app_id(establishment_id, batch_id)):
+        counts = on_each_table({d: partial(merge_silver_rows, spark, lake, d, rows[d], establishment_id, terminology)
+                                for d in to_land})
+    for dataset in to_land:
+        record_tombstones(spark, lake, dataset, rows[dataset], establishment_id, batch_id,
+                          deletes=figures[dataset].deletes)
     unchanged = {d: f.landed - counts.get(d, MergeCounts()).changed for d, f in figures.items()}
 
     # A full batch is a snapshot: what it no longer holds was deleted at the source. Not when a row's
