@@ -17,7 +17,8 @@ Per silver table, keyed by ``(establishment_id, <record key>)``:
   truncated export would become the purpose's default);
 - re-landing a batch changes nothing: the batch log says it is landed, each
   MERGE carries Delta's idempotent transaction id (set for the batch's MERGEs
-  only, which run side by side, one table each; a tombstone MERGE has its own),
+  only, which run side by side, one table each: the tombstones of every dataset
+  go in one MERGE),
   and equal extraction instants never update.
 
 Before writing, the batch must add up, per dataset: ``rows read = rows landed +
@@ -48,8 +49,9 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from functools import partial
+from functools import partial, reduce
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -321,13 +323,25 @@ def _deletions(spark: SparkSession, lake: Lake) -> str:
 
 
 def _merge_tombstones(spark: SparkSession, path: str, tombstones: DataFrame, establishment_id: str,
-                      dataset: str) -> None:
-    """Record ``tombstones`` (:data:`DELETIONS_SCHEMA`): a later deletion of a record replaces an earlier one."""
+                      datasets: list[str]) -> None:
+    """Record ``tombstones`` (:data:`DELETIONS_SCHEMA`) of ``datasets``: a later deletion of a record replaces
+    an earlier one."""
+    listed = ", ".join(f"'{d}'" for d in sorted(datasets))
     merge_into(spark, path, tombstones.select(*DELETIONS_SCHEMA.fieldNames()),
-               f"t.establishment_id = '{establishment_id}' AND t.dataset = '{dataset}' "
+               f"t.establishment_id = '{establishment_id}' AND t.dataset IN ({listed}) "
                "AND t.establishment_id = s.establishment_id AND t.dataset = s.dataset AND t.record_id = s.record_id",
                "WHEN MATCHED AND s.deleted_at > t.deleted_at THEN UPDATE SET *",
                "WHEN NOT MATCHED THEN INSERT *")
+
+
+def batch_tombstones(rows: dict[str, DataFrame]) -> DataFrame:
+    """The deletes among a batch's rows of each dataset (``record_action = 'delete'``), as tombstones
+    (:data:`DELETIONS_SCHEMA`), in one frame."""
+    parts = [frame.where(F.col("record_action") == ACTION_DELETE).select(
+        F.col("establishment_id"), F.lit(dataset).alias("dataset"), F.col(SILVER_KEY[dataset]).alias("record_id"),
+        F.col("_extracted_at").alias("deleted_at"), F.col("_batch_id").alias("batch_id"))
+        for dataset, frame in rows.items()]
+    return reduce(DataFrame.unionByName, parts)
 
 
 # Lineage says which delivery brought a version, not what the record holds: a record whose content
@@ -391,10 +405,14 @@ def merge_into_silver(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
     (:func:`content_columns`, concepts included) differs: the same record delivered again changes
     no row, no file and nothing in the change feed. Returns what the MERGE inserted, updated and deleted.
     """
-    _deletions(spark, lake)
+    path = _deletions(spark, lake)
+    tombstones = batch_tombstones({dataset: rows}) if deletes != 0 else None
+    if tombstones is not None and deletes is None and tombstones.isEmpty():
+        tombstones = None
     with _idempotent_write(spark, batch_app_id(establishment_id, batch_id)):
         counts = merge_silver_rows(spark, lake, dataset, rows, establishment_id, terminology)
-    record_tombstones(spark, lake, dataset, rows, establishment_id, batch_id, deletes=deletes)
+        if tombstones is not None:
+            _merge_tombstones(spark, path, tombstones, establishment_id, [dataset])
     return counts
 
 
@@ -427,23 +445,6 @@ def merge_silver_rows(spark: SparkSession, lake: Lake, dataset: str, rows: DataF
     return _merge_counts(metrics)
 
 
-def record_tombstones(spark: SparkSession, lake: Lake, dataset: str, rows: DataFrame, establishment_id: str,
-                      batch_id: str, *, deletes: int | None = None) -> None:
-    """Record the batch's deletes of ``dataset`` in the tombstone table (its own idempotent-write id per
-    dataset: the table is shared by every dataset). ``deletes == 0`` (counted by the caller) costs nothing."""
-    if deletes == 0:
-        return  # the caller counted no delete among the rows: no tombstone to write, nothing to look at
-    key = SILVER_KEY[dataset]
-    deleted = rows.where(F.col("record_action") == ACTION_DELETE).select(
-        F.col("establishment_id"), F.lit(dataset).alias("dataset"), F.col(key).alias("record_id"),
-        F.col("_extracted_at").alias("deleted_at"), F.col("_batch_id").alias("batch_id"))
-    if deleted.isEmpty():
-        return
-    path = _deletions(spark, lake)  # created, when missing, before the id is set
-    with _idempotent_write(spark, f"{batch_app_id(establishment_id, batch_id)}.{dataset}"):
-        _merge_tombstones(spark, path, deleted, establishment_id, dataset)
-
-
 # Consent decisions are never deleted because a snapshot left them out: a refusal missing from a
 # truncated export would turn into the purpose's default. They change by later decisions or deletes.
 NOT_BY_ABSENCE = frozenset({"consent"})
@@ -472,7 +473,7 @@ def delete_absent_records(spark: SparkSession, lake: Lake, dataset: str, establi
                    "WHEN MATCHED AND t._extracted_at < s.deleted_at THEN DELETE")
     path = _deletions(spark, lake)  # created, when missing, before the id is set
     with _idempotent_write(spark, app_id):
-        _merge_tombstones(spark, path, absent, establishment_id, dataset)
+        _merge_tombstones(spark, path, absent, establishment_id, [dataset])
     return gone
 
 
@@ -631,17 +632,21 @@ def land_batch(spark: SparkSession, lake: Lake, establishment_id: str, batch_id:
     # id, and its own MERGE would then be skipped as already done.
     for dataset in to_land:
         ensure_silver_table(spark, lake, dataset, key_fingerprint)
-    _deletions(spark, lake)
+    deletions = _deletions(spark, lake)
     rows = {d: spark.read.format("delta").load(validated_path(lake, d)).where(
         (F.col("establishment_id") == establishment_id) & (F.col("_batch_id") == batch_id)) for d in to_land}
-    # The datasets' MERGEs touch different tables: side by side (jobs.core.tables.on_each_table), under the
-    # batch's one id. The tombstones, all in one table, follow one dataset at a time.
+    # Each MERGE writes a table of its own (a silver table per dataset; the batch's deletes, every dataset's,
+    # in one MERGE into the tombstone table): side by side (jobs.core.tables.on_each_table), under the batch's
+    # one id. The order does not matter: a batch never carries two rows of one record.
+    merges: dict[str, Callable[[], MergeCounts | None]] = {
+        d: partial(merge_silver_rows, spark, lake, d, rows[d], establishment_id, terminology) for d in to_land}
+    deleting = [d for d in to_land if figures[d].deletes]
+    if deleting:
+        merges[DELETIONS] = partial(_merge_tombstones, spark, deletions,
+                                    batch_tombstones({d: rows[d] for d in deleting}), establishment_id, deleting)
     with _idempotent_write(spark, batch_app_id(establishment_id, batch_id)):
-        counts = on_each_table({d: partial(merge_silver_rows, spark, lake, d, rows[d], establishment_id, terminology)
-                                for d in to_land})
-    for dataset in to_land:
-        record_tombstones(spark, lake, dataset, rows[dataset], establishment_id, batch_id,
-                          deletes=figures[dataset].deletes)
+        merged = on_each_table(merges)
+    counts = {d: merged[d] or MergeCounts() for d in to_land}
     unchanged = {d: f.landed - counts.get(d, MergeCounts()).changed for d, f in figures.items()}
 
     # A full batch is a snapshot: what it no longer holds was deleted at the source. Not when a row's
