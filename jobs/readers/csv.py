@@ -103,7 +103,8 @@ class ReadResult:
         return self.free_text.count() if self.free_text is not None else 0
 
     def unpersist(self) -> None:
-        """Release the checked records; call once bronze and quarantine are written."""
+        """Unpersist the checked records; call once bronze and quarantine are written. They are a local
+        checkpoint: its rows go with the last frame that refers to it (:mod:`jobs.core.checkpoints`)."""
         if self.cached is not None:
             self.cached.unpersist()
 
@@ -405,9 +406,10 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
                           F.concat(F.lit("action value not in the profile's action_values: "),
                                    F.coalesce(F.substring(raw_action, 1, 3), F.lit("(empty)"))))
         .otherwise(F.col("_reason")))
-    # One parse feeds bronze and quarantine: without the cache, each write would read, number,
-    # join and check the file's lines again.
-    checked = checked.persist(StorageLevel.MEMORY_AND_DISK)
+    # One parse feeds bronze and quarantine: without it kept, each write would read, number,
+    # join and check the file's lines again. A local checkpoint rather than a cache: the queries
+    # after it plan a one-node relation instead of analysing the parse and checks again.
+    checked = checked.localCheckpoint(eager=False, storageLevel=StorageLevel.MEMORY_AND_DISK)
 
     accepted = checked.where(F.col("_rule").isNull())
     routing = profile.observations

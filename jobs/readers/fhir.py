@@ -131,6 +131,7 @@ from dataclasses import dataclass, field
 from functools import reduce
 from typing import Callable, Iterable, Mapping, Sequence
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -277,7 +278,10 @@ class FhirReadResult:
         return {source: reads.not_collected for source, reads in self.file_reads().items()}
 
     def unpersist(self) -> None:
-        """Release the parsed rows cached for bronze, quarantine and counts; call once all are written."""
+        """Unpersist the parsed rows kept for bronze, quarantine and counts; call once all are written.
+
+        They are a local checkpoint: its rows go with the last frame that refers to it (Spark Connect: at
+        the stage's end, :mod:`jobs.core.checkpoints`; in-process: Spark's cleaner)."""
         if self._cached is not None:
             self._cached.unpersist()
 
@@ -1018,10 +1022,12 @@ def _lineage_columns(lineage: FileLineage) -> list[Column]:
 
 def _split(classified: DataFrame, datasets: Sequence[str], file_dataset: str,
            lineage: FileLineage) -> FhirReadResult:
-    # One parse feeds bronze, quarantine and the counts. Without the cache, Spark
+    # One parse feeds bronze, quarantine and the counts. Without a barrier, Spark
     # pushes the quarantine/bronze filters below the parse and repeats from_json
-    # inside every condition.
-    classified = classified.cache()
+    # inside every condition. A local checkpoint rather than a cache: each query
+    # after it (a write per dataset, quarantine, counts) then plans a one-node
+    # relation instead of analysing the parse and classification again.
+    classified = classified.localCheckpoint(eager=False, storageLevel=StorageLevel.MEMORY_AND_DISK)
     kept = classified.where(F.col("_rule").isNull() & ~F.col("_not_collected"))
     bronze: dict[str, DataFrame] = {}
     for dataset in datasets:
