@@ -66,7 +66,6 @@ import os
 import threading
 import time
 import uuid
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 from functools import cache, partial, reduce
@@ -559,8 +558,9 @@ class GxResult:
     observed: str | None
 
 
-# GX data sources per Spark session, each lent to one validation at a time (:func:`lent_gx_source`).
-_GX_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# GX data sources not lent at the moment, by the Spark session they are bound to (the session itself is
+# the key, so a session made after another one ended never finds its sources: each keeps its own alive).
+_GX_FREE: dict[SparkSession, list] = {}
 # GX's context keeps every data source's configuration: adding or removing an asset updates it.
 _GX_CONFIG_LOCK = threading.Lock()
 _GX_MADE = itertools.count()
