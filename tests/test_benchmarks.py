@@ -61,6 +61,19 @@ def test_every_stage_of_both_batches_and_the_dag_is_measured(tiny_run):
     assert steps["full.ingest"]["peak_memory"]["jvm_mb"] > 0
 
 
+def test_the_dag_tasks_are_clients_of_one_service_compared_with_the_warm_session(tiny_run):
+    orchestration = tiny_run["ratios"]["orchestration"]
+    tasks = [task for per_dag in orchestration["tasks"].values() for task in per_dag.values()]
+    assert len(tasks) == 5
+    # No task process started a JVM of its own: their Spark work ran in the service.
+    assert all(task["peak_memory"]["jvm_mb"] == 0 for task in tasks), tasks
+    assert all(task["peak_memory"]["python_mb"] > 0 for task in tasks), tasks
+    warm = sum(tiny_run["stages"][f"incremental.{stage}"]["seconds"]
+               for stage in ("ingest", "pseudonymise", "validate", "land"))
+    assert orchestration["warm_session_stage_seconds"] == pytest.approx(warm, abs=0.05)
+    assert orchestration["ratio"] == pytest.approx(orchestration["dag_wall_seconds"] / warm, abs=0.011)
+
+
 def test_erasure_removes_the_person_at_both_sizes(tiny_run):
     erasure = tiny_run["ratios"]["erasure"]
     for layout in ("as_landed", "clustered_by_person"):
