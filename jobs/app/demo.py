@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.app.airflow_preload import SETTINGS_DIR
 from jobs.core.settings import PROJECT_ROOT
 
 
@@ -83,6 +84,8 @@ def airflow_env(workdir: Path, keep_exported: bool = False) -> dict[str, str]:
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "60",
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Airflow's local settings: its scheduler preloads what every task imports (jobs.app.airflow_preload).
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SETTINGS_DIR), os.environ.get("PYTHONPATH", "")) if p),
     })
     defaults = {
         "AFFLUENT_LAKE_ROOT": str(workdir / "lake"),
