@@ -83,6 +83,13 @@ RATIOS = (
 )
 
 
+# What a ratio re-measured on its own (``benchmarks.run --only NAME``) replaced in a size's results.
+REMEASURED = {
+    "validation": "the validation ratios (2a, 2b) and the `validation_engines.*` steps",
+    "erasure": "the erasure ratios (4a, 4b) and the `erasure_setup.*` and `erasure.*` steps",
+}
+
+
 def earlier(result: dict) -> bool:
     return result.get("method", 1) < METHOD
 
@@ -102,9 +109,10 @@ def ratio_table(results: list[dict]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     for r in results:
         for name, again in sorted((r.get("remeasured") or {}).items()):
-            lines += ["", f"{r['size']}: the {name} ratios (2a, 2b) and the `{name}_engines.*` steps were re-measured "
-                          f"in a run of their own on {again['at'][:10]} (commit {again['commit']}): {again['why']}. "
-                          "Every other figure of that column is the complete run's."]
+            what = REMEASURED.get(name, f"the {name} ratio")
+            lines += ["", f"{r['size']}: {what} were re-measured in a run of their own on {again['at'][:10]} "
+                          f"(commit {again['commit']}): {again['why']}. Every other figure of that column is the "
+                          "run's."]
     for method, how in sorted(EARLIER_METHODS.items()):
         old = [r["size"] for r in results if r.get("method", 1) == method]
         if old:

@@ -400,7 +400,8 @@ def build_erasure_lake(spark, ctx, root: Path, factor: float, clustered: bool, t
 
     - ``factor`` ≥ 1: the table's rows plus ``factor - 1`` copies whose person
       columns (``person_id``, ``patient_key``, ``patient_ref``) are renamed
-      per copy, so each copy is other persons;
+      per copy (SHA-256 of the id and the copy's number, the same in every
+      table), so each copy is other persons;
     - ``factor`` < 1: that share of the table's persons (by a hash of its own
       person column), always keeping the person to erase.
 
@@ -439,7 +440,9 @@ def build_erasure_lake(spark, ctx, root: Path, factor: float, clustered: bool, t
         for copy in range(1, copies):
             renamed = table
             for column in ids:
-                renamed = renamed.withColumn(column, F.concat(F.col(column), F.lit(f"~{copy}")))
+                # A new id that does not contain the original: the erasure's proof looks for the person's ids
+                # inside every value, so an id with a suffix would still name the person erased.
+                renamed = renamed.withColumn(column, F.sha2(F.concat(F.col(column), F.lit(f"~{copy}")), 256))
             parts.append(renamed)
         frame = parts[0]
         for part in parts[1:]:
@@ -688,6 +691,55 @@ def remeasure_validation(size_name: str, out: Path, doc: Path | None, plot: bool
         "why": "the complete run read staged/ after land had removed the batch: both engines checked no rows"}
     result_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     say(f"ratio 2 re-measured into {result_path}", clock)
+    if doc is not None or plot:
+        from benchmarks.report import render
+
+        render(out, doc, plot)
+    return results
+
+
+def remeasure_erasure(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> dict:
+    """Ratio 4 alone, merged into an existing ``<size>.json``: the erasure phase on copies of the lake the
+    size's last run left (landed and published), as that run would have measured it.
+
+    The result's ``erasure`` ratio and ``erasure_setup.*``/``erasure.*`` steps
+    are replaced and ``remeasured.erasure`` says when, at which commit and why;
+    every other figure stays the run's. A run that stopped in its erasure phase
+    (its last) is then complete: its Spark jobs are profiled from its event log.
+    """
+    size = SIZES[size_name]
+    result_path = out / f"{size_name}.json"
+    results = json.loads(result_path.read_text(encoding="utf-8"))
+    clock = Clock()
+    work = work.resolve()
+    setup_environment(work, size)
+    if not (work / "lake" / "silver").is_dir():
+        raise SystemExit(f"no landed lake in {work / 'lake'}: run --size {size_name} first")
+
+    from jobs.stages import pipeline
+    from jobs.core.session import get_spark
+    from jobs.core.settings import Settings
+
+    if not results.get("profile"):
+        results["profile"] = spark_jobs_by_group(work / "eventlog")
+    ctx = pipeline.Context.from_env()
+    spark = get_spark(Settings.from_env(), app_name="affluent-bench-erasure")
+    with MemorySampler() as memory:
+        rec = Recorder(spark, memory, clock)
+        measured = erasure(spark, ctx, rec, work, size, clock)
+    spark.stop()
+    code = code_version(PROJECT_ROOT)
+    results["ratios"]["erasure"] = measured
+    steps = {name: step for name, step in results["stages"].items() if not name.startswith(("erasure_setup.", "erasure."))}
+    results["stages"] = steps | rec.table()
+    results.setdefault("remeasured", {})["erasure"] = {
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": code["short"],
+        "dirty": code["dirty"],
+        "why": ("the run stopped in its erasure phase: the 10×N copies renamed each person by a suffix, an id "
+                "that still contains the erased person's, which the erasure's content proof rightly refused")}
+    results["complete"] = True
+    result_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    say(f"ratio 4 re-measured into {result_path}", clock)
     if doc is not None or plot:
         from benchmarks.report import render
 
@@ -992,10 +1044,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="Markdown file whose results are rebuilt")
     parser.add_argument("--no-doc", action="store_true", help="leave the Markdown results alone")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the throughput plot")
-    parser.add_argument("--only", choices=["validation"], default=None,
-                        help="re-measure one ratio into the size's existing results (validation: ratio 2)")
+    parser.add_argument("--only", choices=["validation", "erasure"], default=None,
+                        help="re-measure one ratio into the size's existing results (validation: ratio 2, "
+                             "erasure: ratio 4 on the lake the size's last run left)")
     args = parser.parse_args(argv)
-    measure = remeasure_validation if args.only == "validation" else run
+    measure = {"validation": remeasure_validation, "erasure": remeasure_erasure}.get(args.only or "", run)
     measure(args.size, args.out.resolve(), None if args.no_doc else args.doc, not args.no_plot,
             args.work or BENCH_ROOT / args.size)
     return 0

@@ -69,6 +69,17 @@ class Api:
         response.raise_for_status()
         return response.json()
 
+    def send(self, method: str, path: str, body: dict, attempts: int = 5):
+        """A write request, tried again on a server error: SQLite's lock, held by the scheduler while a task
+        starts, makes the API server give up after its 5 s busy timeout (a 500) now and then."""
+        for attempt in range(attempts):
+            response = self.client.request(method, path, json=body)
+            if response.status_code < 500 or attempt == attempts - 1:
+                response.raise_for_status()
+                return response
+            time.sleep(2)
+        raise AssertionError("unreachable")
+
     def wait_for(self, what: str, check, timeout: float):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -157,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         api.wait_for("the DAGs to be parsed", lambda: dag_id in {d["dag_id"] for d in api.get("/api/v2/dags")["dags"]},
                      START_TIMEOUT)
         for other in PAUSED_FOR_THE_MEASURE:
-            api.client.patch(f"/api/v2/dags/{other}", json={"is_paused": True}).raise_for_status()
-        api.client.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+            api.send("PATCH", f"/api/v2/dags/{other}", {"is_paused": True})
+        api.send("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
         unpaused_at = time.monotonic()
         # Unpausing starts a scheduled run at once (catchup off): it takes the first batch.
         seen: set[str] = set()
@@ -174,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 if scheduled is not None:
                     triggered_at = unpaused_at
             if scheduled is None:
-                response = api.client.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": {}})
-                response.raise_for_status()
+                api.send("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": {}})
 
             def finished():
                 found = [r for r in api.get(f"/api/v2/dags/{dag_id}/dagRuns")["dag_runs"] if r["dag_run_id"] not in seen]
