@@ -509,7 +509,12 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = setup_environment(work, size)
-    for scratch in ("lake", "bare", "erasure", "eventlog", "scratch"):
+    from jobs.core import spark_service
+
+    # What an interrupted run left: its Spark service (holding that run's key) and Airflow's metadata
+    # database, whose DAG runs of the same batch would refuse this run's trigger.
+    spark_service.stop(work / "spark-service")
+    for scratch in ("lake", "bare", "erasure", "eventlog", "scratch", "airflow", "spark-service"):
         shutil.rmtree(work / scratch, ignore_errors=True)
     (work / "eventlog").mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
