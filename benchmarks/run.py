@@ -651,6 +651,16 @@ def run(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> 
     return results
 
 
+def _reopen(size_name: str, out: Path, work: Path) -> tuple[Size, Path, dict, Clock, Path]:
+    """A size's existing results to re-measure a ratio into, and its environment set up as its run set it."""
+    size = SIZES[size_name]
+    result_path = out / f"{size_name}.json"
+    results = json.loads(result_path.read_text(encoding="utf-8"))
+    work = work.resolve()
+    setup_environment(work, size)
+    return size, result_path, results, Clock(), work
+
+
 def remeasure_validation(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> dict:
     """Ratio 2 alone, merged into an existing ``<size>.json``: a fresh lake, the full batch's ingest,
     pseudonymise and validate, then both engines on its staged rows.
@@ -659,12 +669,7 @@ def remeasure_validation(size_name: str, out: Path, doc: Path | None, plot: bool
     replaced and ``remeasured.validation`` says when, at which commit and why;
     every other figure stays the complete run's.
     """
-    size = SIZES[size_name]
-    result_path = out / f"{size_name}.json"
-    results = json.loads(result_path.read_text(encoding="utf-8"))
-    clock = Clock()
-    work = work.resolve()
-    setup_environment(work, size)
+    size, result_path, results, clock, work = _reopen(size_name, out, work)
     shutil.rmtree(work / "lake", ignore_errors=True)
 
     from jobs.stages import pipeline
@@ -685,22 +690,10 @@ def remeasure_validation(size_name: str, out: Path, doc: Path | None, plot: bool
             staged_versions[est] = staged_table_versions(ctx)
         validation = validation_engines(spark, ctx, rec, batch_full, staged_versions)
     spark.stop()
-    code = code_version(PROJECT_ROOT)
-    results["ratios"]["validation"] = validation
-    results["stages"] = {name: step for name, step in results["stages"].items()
-                         if not name.startswith("validation_engines.")}
-    results["stages"] |= {name: step for name, step in rec.table().items() if name.startswith("validation_engines.")}
-    results.setdefault("remeasured", {})["validation"] = {
-        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": code["short"],
-        "dirty": code["dirty"],
-        "why": "the complete run read staged/ after land had removed the batch: both engines checked no rows"}
-    result_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    say(f"ratio 2 re-measured into {result_path}", clock)
-    if doc is not None or plot:
-        from benchmarks.report import render
-
-        render(out, doc, plot)
-    return results
+    steps = {name: step for name, step in rec.table().items() if name.startswith("validation_engines.")}
+    return _merge_remeasured(results, result_path, "validation", validation, ("validation_engines.",), steps,
+                             "the complete run read staged/ after land had removed the batch: both engines checked "
+                             "no rows", out, doc, plot, clock)
 
 
 def remeasure_erasure(size_name: str, out: Path, doc: Path | None, plot: bool, work: Path) -> dict:
@@ -712,12 +705,7 @@ def remeasure_erasure(size_name: str, out: Path, doc: Path | None, plot: bool, w
     every other figure stays the run's. A run that stopped in its erasure phase
     (its last) is then complete: its Spark jobs are profiled from its event log.
     """
-    size = SIZES[size_name]
-    result_path = out / f"{size_name}.json"
-    results = json.loads(result_path.read_text(encoding="utf-8"))
-    clock = Clock()
-    work = work.resolve()
-    setup_environment(work, size)
+    size, result_path, results, clock, work = _reopen(size_name, out, work)
     if not (work / "lake" / "silver").is_dir():
         raise SystemExit(f"no landed lake in {work / 'lake'}: run --size {size_name} first")
 
@@ -733,18 +721,26 @@ def remeasure_erasure(size_name: str, out: Path, doc: Path | None, plot: bool, w
         rec = Recorder(spark, memory, clock)
         measured = erasure(spark, ctx, rec, work, size, clock)
     spark.stop()
-    code = code_version(PROJECT_ROOT)
-    results["ratios"]["erasure"] = measured
-    steps = {name: step for name, step in results["stages"].items() if not name.startswith(("erasure_setup.", "erasure."))}
-    results["stages"] = steps | rec.table()
-    results.setdefault("remeasured", {})["erasure"] = {
-        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": code["short"],
-        "dirty": code["dirty"],
-        "why": ("the run stopped in its erasure phase: the 10×N copies renamed each person by a suffix, an id "
-                "that still contains the erased person's, which the erasure's content proof rightly refused")}
     results["complete"] = True
+    return _merge_remeasured(results, result_path, "erasure", measured, ("erasure_setup.", "erasure."), rec.table(),
+                             "the run stopped in its erasure phase: the 10×N copies renamed each person by a suffix, "
+                             "an id that still contains the erased person's, which the erasure's content proof "
+                             "rightly refused", out, doc, plot, clock)
+
+
+def _merge_remeasured(results: dict, result_path: Path, name: str, measured: dict, prefixes: tuple[str, ...],
+                      steps: dict, why: str, out: Path, doc: Path | None, plot: bool, clock: Clock) -> dict:
+    """``measured`` as the ratio ``name`` of ``results`` and ``steps`` instead of its steps (those named with
+    ``prefixes``), with when, at which commit and why in ``remeasured``; written, then the docs rebuilt."""
+    code = code_version(PROJECT_ROOT)
+    results["ratios"][name] = measured
+    kept = {step: figures for step, figures in results["stages"].items() if not step.startswith(prefixes)}
+    results["stages"] = kept | steps
+    results.setdefault("remeasured", {})[name] = {
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": code["short"],
+        "dirty": code["dirty"], "why": why}
     result_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    say(f"ratio 4 re-measured into {result_path}", clock)
+    say(f"the {name} ratio re-measured into {result_path}", clock)
     if doc is not None or plot:
         from benchmarks.report import render
 
