@@ -118,8 +118,7 @@ def ratio_table(results: list[dict]) -> list[str]:
         if old:
             which = "Every column" if len(old) == len(results) else "Column(s) " + ", ".join(old)
             lines += ["", f"{which}: measured with an earlier method ({how}); those ratios do not measure what "
-                          "*What each ratio compares* now describes, and are not comparable with the other columns "
-                          "(see *What changed* under Findings)."]
+                          "*What each ratio compares* now describes, and are not comparable with the other columns."]
     return lines + [""]
 
 
