@@ -183,3 +183,47 @@ def test_content_scan_finds_an_id_the_statistics_do_not_show(spark, tmp_path):
     contents = table_contents(spark, "t", path)  # the old file is no longer in the current version
     assert contents.data_files >= 2 and contents.log_files >= 2
     assert mentions(contents.values, ids) == {("t", "person_id"): 1}
+
+
+def test_content_scan_reads_partition_folders_and_change_data(spark, tmp_path):
+    """Rows in files under partition folders (``_batch_id=…``) and in the change data feed's ``_change_data/``
+    are rows all the same: the scan reads them."""
+    from jobs.stages.maintenance import keys_frame, mentions, table_contents
+
+    path = str(tmp_path / "t")
+    (spark.createDataFrame([("b1", "in-a-partition-folder"), ("b2", "kept")], "_batch_id string, person_id string")
+     .write.format("delta").partitionBy("_batch_id").option("delta.enableChangeDataFeed", "true")
+     .option("delta.dataSkippingNumIndexedCols", "0").save(path))  # no statistics: the ids only in data files
+    spark.sql(f"UPDATE delta.`{path}` SET person_id = 'changed' WHERE _batch_id = 'b2'")
+    assert list((tmp_path / "t" / "_change_data").rglob("*.parquet"))  # the update's copy of the old row
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE _batch_id = 'b1'")
+    ids = keys_frame(spark, "id string, kind string", [("in-a-partition-folder", "person_id"), ("kept", "person_id")])
+    # Both only in files no current version names: one in a partition folder, one in the change data as well.
+    assert mentions(table_contents(spark, "t", path).values, ids) == {("t", "person_id"): 3}
+
+
+def test_the_proof_keys_the_references_of_a_bronze_table_laid_out_by_batch(spark, tmp_path, pseudonym_key):
+    """Bronze's patient references are in clear, and its files sit in ``_establishment=…/_batch_id=…`` folders:
+    the proof keys each file's references with its folder's establishment and finds the erased person's."""
+    import datetime as dt
+
+    from pyspark.sql import Row
+
+    from jobs.core.lake import Lake
+    from jobs.core.schemas import bronze_schema
+    from jobs.privacy.erasure import _Person, prove_erased
+    from jobs.stages.ingest import write_bronze
+    from jobs.stages.pseudonymise import Keyring
+
+    lake = Lake(str(tmp_path / "lake"))
+    values = dict.fromkeys(bronze_schema("patient").fieldNames()) | dict(
+        record_action="upsert", _establishment="chu_laurentides", _batch_id="b1", _source_file="b1#0",
+        _source_line=2, _extracted_at=dt.datetime(2026, 6, 1), _ingested_at=dt.datetime(2026, 6, 1))
+    rows = [Row(**(values | {"patient_ref": ref})) for ref in ("L001", "L002")]
+    write_bronze(spark, lake, "patient", spark.createDataFrame(rows, bronze_schema("patient")), "chu_laurentides", "b1")
+    keyring = Keyring.for_establishment(spark, pseudonym_key, "chu_laurentides")
+    (keyed,) = spark.range(1).select(keyring.record_id("patient", F.lit("L001")).alias("k")).first()
+
+    proof = prove_erased(spark, lake, pseudonym_key, [_Person((), (("chu_laurentides", keyed),))], zones=("bronze",))
+
+    assert proof.found == {("bronze.patient", "patient_key"): 1}

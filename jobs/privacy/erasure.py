@@ -276,8 +276,12 @@ def _bronze_keyed_references(spark: SparkSession, name: str, path: str, key: Pse
     if not data or not establishments:
         return None
     rows = spark.read.option("mergeSchema", "true").parquet(*data)
-    if not {"_establishment", "patient_ref"} <= set(rows.columns):
+    if "patient_ref" not in rows.columns:
         return None
+    if "_establishment" not in rows.columns:
+        # A partition column is not in the table's files: its value is in each file's folder name.
+        rows = rows.withColumn("_establishment", F.regexp_extract(F.col("_metadata.file_path"),
+                                                                  r"/_establishment=([^/]+)/", 1))
     ref = F.nullif(F.trim(F.col("patient_ref")), F.lit(""))
     keyed = F.lit(None).cast("string")
     for establishment_id in sorted(establishments):

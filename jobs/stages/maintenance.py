@@ -111,9 +111,10 @@ def table_files(spark: SparkSession, path: str) -> tuple[list[str], list[str]]:
     """Every Parquet data file under a table's folder (in its current version or not) and every file of its log.
 
     Files on disk, not the table's file list: an orphan file, or one only an
-    old version names, holds rows all the same. Hadoop's hidden ``.<name>.crc``
-    sidecars only checksum the files listed here, and deletion vectors hold row
-    numbers only.
+    old version names, holds rows all the same, and so do the files in partition
+    folders (``_batch_id=…``) and in ``_change_data/`` (the change data feed's copies
+    of changed rows). Hadoop's hidden ``.<name>.crc`` sidecars only checksum the
+    files listed here, and deletion vectors hold row numbers only.
     """
     data, log = [], []
     _, root = files.filesystem(path)
@@ -125,7 +126,7 @@ def table_files(spark: SparkSession, path: str) -> tuple[list[str], list[str]]:
             continue
         if relative.startswith("_delta_log/"):
             log.append(files.spark_path(path, file))
-        elif name.endswith(".parquet") and not any(p.startswith("_") for p in relative.split("/")):
+        elif name.endswith(".parquet"):
             data.append(files.spark_path(path, file))
     return sorted(data), sorted(log)
 
