@@ -149,3 +149,48 @@ def test_a_transient_table_whose_files_cannot_hold_the_batch_gets_no_delete(spar
     assert removed == {"staged.consent": 0, "staged.patient": 1}
     assert table_version(spark, paths["consent"]) == before
     assert spark.read.format("delta").load(paths["patient"]).count() == 0
+
+
+def test_a_batch_leaves_the_transient_tables_the_stages_make_as_whole_files(spark, tmp_path):
+    """Staged and validated tables are laid out by establishment and batch: the purge removes the batch's files,
+    rewrites nothing and adds no deletion vector, and leaves every other batch's files as they were."""
+    from jobs.core.arrow_tables import open_delta
+    from jobs.core.lake import TRANSIENT_PARTITIONS
+    from jobs.core.schemas import QUARANTINE_SCHEMA, staged_schema
+    from jobs.stages.maintenance import may_hold_batch, purge_transient
+    from jobs.stages.pseudonymise import _write_staged
+    from jobs.stages.validate import validated_path, write_validation
+
+    lake = Lake(str(tmp_path / "lake"))
+    schema = staged_schema("consent")
+
+    def batch(est: str, batch_id: str):
+        row = {f.name: None for f in schema.fields} | {"establishment_id": est, "_batch_id": batch_id,
+                                                       "record_action": "upsert", "_parse_errors": [],
+                                                       "_source_file": f"{batch_id}#0", "person_id": f"p-{batch_id}"}
+        return spark.createDataFrame([row, row | {"_source_line": 3}], schema)
+
+    batches = [("chu_laurentides", "b1"), ("chu_laurentides", "b2"), ("other", "b1")]
+    for est, batch_id in batches:
+        assert _write_staged(spark, lake, "consent", batch(est, batch_id), est, batch_id, "fp-test") == 2
+        write_validation(spark, lake, est, batch_id, [], spark.createDataFrame([], QUARANTINE_SCHEMA),
+                         {"consent": batch(est, batch_id)})
+    paths = {"staged.consent": lake.staged("consent"), "validated.consent": validated_path(lake, "consent")}
+    kept = {}
+    for path in paths.values():
+        table = open_delta(path)
+        assert table.metadata().partition_columns == list(TRANSIENT_PARTITIONS)
+        assert not may_hold_batch(path, "chu_laurentides", "b3")
+        kept[path] = {f for f in table.file_uris() if "_batch_id=b2" in f or "establishment_id=other" in f}
+
+    assert purge_transient(spark, lake, "chu_laurentides", "b1") == {name: 2 for name in paths}
+
+    for path in paths.values():
+        table = open_delta(path)
+        assert set(table.file_uris()) == kept[path]
+        (last,) = table.history(1)
+        assert last["operation"] == "DELETE"
+        metrics = last["operationMetrics"]
+        assert int(metrics["numAddedFiles"]) == int(metrics["numDeletionVectorsAdded"]) == 0
+        assert int(metrics["numRemovedFiles"]) >= 1
+        assert not may_hold_batch(path, "chu_laurentides", "b1")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.core.lake import Lake
+from jobs.core.lake import TRANSIENT_PARTITIONS, Lake
 from jobs.core.ops import append_batch_log
 from jobs.core.schemas import DATASETS, staged_schema
 from jobs.core.tables import OVERWRITE, ensure_table
@@ -42,7 +42,7 @@ def stage_batch(spark, lake: Lake, batch_id: str, rows: dict[str, list[dict]], e
     ingest_quarantined, duplicates = ingest_quarantined or {}, duplicates or {}
     for dataset, dataset_rows in rows.items():
         path = lake.staged(dataset)
-        ensure_table(spark, path, staged_schema(dataset), FP, partition_by=("establishment_id",))
+        ensure_table(spark, path, staged_schema(dataset), FP, partition_by=TRANSIENT_PARTITIONS)
         (staged_frame(spark, dataset, batch_id, extracted_at, dataset_rows).write.format("delta").mode(OVERWRITE)
          .option("replaceWhere", f"establishment_id = '{EST}' AND _batch_id = '{batch_id}'").save(path))
     append_batch_log(spark, lake, [

@@ -51,6 +51,12 @@ ZONES = {z.name: z for z in (
     Zone(PROJECTS, frozenset({PROJECT_PERSON_IDS})),
 )}
 
+# How a transient zone's tables are laid out: one folder per establishment and batch, so that a batch
+# leaves them (land, skip, the retention purge) as whole files, a metadata-only DELETE with no Spark job
+# over the rows, and a stage's reads and replaceWhere writes of its batch touch its own files only. A
+# table made before this layout keeps its own (partitioned by establishment): every operation works on both.
+TRANSIENT_PARTITIONS = ("establishment_id", "_batch_id")
+
 # Zones that may hold direct identifiers; nothing else may ever contain one.
 RESTRICTED_ZONES = tuple(name for name, zone in ZONES.items() if DIRECT_IDENTIFIERS in zone.holds)
 

@@ -260,13 +260,16 @@ def may_hold_batch(path: str, establishment_id: str, batch_id: str) -> bool:
     def within(value: str, low, high) -> bool:
         return low is None or high is None or low <= value <= high
 
-    partitions = actions.get("partition.establishment_id")
+    # A partition column has a value per file (tables laid out by jobs.core.lake.TRANSIENT_PARTITIONS, or by
+    # establishment only when made before that layout); any other column has min/max statistics at best.
+    establishments, batches = actions.get("partition.establishment_id"), actions.get("partition._batch_id")
     for i, (low_e, high_e, low_b, high_b) in enumerate(zip(
             column("min.establishment_id"), column("max.establishment_id"),
             column("min._batch_id"), column("max._batch_id"))):
-        establishment_ok = (partitions[i] == establishment_id if partitions is not None
+        establishment_ok = (establishments[i] == establishment_id if establishments is not None
                             else within(establishment_id, low_e, high_e))
-        if establishment_ok and within(batch_id, low_b, high_b):
+        batch_ok = batches[i] == batch_id if batches is not None else within(batch_id, low_b, high_b)
+        if establishment_ok and batch_ok:
             return True
     return False
 

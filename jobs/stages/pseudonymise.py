@@ -23,7 +23,7 @@ from jobs.core.config import Consortium, CsvProfile, Establishment, PersonIdenti
 from jobs.privacy.coded_fields import UNIT_COLUMNS, declared_vocabulary, guard_coded_fields
 from jobs.privacy.crypto import ServiceKey, SparkKey, hmac_sha256_hex
 from jobs.privacy.keys import PseudonymKey
-from jobs.core.lake import Lake
+from jobs.core.lake import TRANSIENT_PARTITIONS, Lake
 from jobs.core.batchlog import Stage, Status
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.core.schemas import BRONZE_COLUMNS, CONCEPT_SEPARATOR, DATASETS, PERSON_IDENTIFIERS, staged_schema
@@ -445,7 +445,7 @@ def _write_staged(spark: SparkSession, lake: Lake, dataset: str, df: DataFrame, 
                   batch_id: str, fingerprint: str) -> int:
     """Replace the batch's rows of a staged table (one commit); the rows written, from that commit's metrics."""
     path = lake.staged(dataset)
-    ready_table(spark, path, staged_schema(dataset), fingerprint, partition_by=("establishment_id",))
+    ready_table(spark, path, staged_schema(dataset), fingerprint, partition_by=TRANSIENT_PARTITIONS)
     predicate = f"establishment_id = '{establishment_id}' AND _batch_id = '{batch_id}'"
     tag = new_commit_tag()
     (df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).option("userMetadata", tag)

@@ -80,7 +80,7 @@ from pyspark.sql.window import Window
 from jobs import reference
 from jobs.reference import units, vocabularies
 from jobs.core.config import Consortium
-from jobs.core.lake import Lake
+from jobs.core.lake import TRANSIENT_PARTITIONS, Lake
 from jobs.core.batchlog import BatchKind, BatchRejected, Stage, Status
 from jobs.core.ops import append_batch_log
 from jobs.core.schemas import (
@@ -830,12 +830,13 @@ def _replace(df: DataFrame, path: str, predicate: str) -> None:
     df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).save(path)
 
 
-def _ensure(spark: SparkSession, path: str, schema: StructType, comment: str) -> None:
+def _ensure(spark: SparkSession, path: str, schema: StructType, comment: str,
+            partition_by: tuple[str, ...] = ("establishment_id",)) -> None:
     """Create the table once; a table that already has every column of ``schema`` costs no Spark call."""
     present = _table_columns(path)
     if present is not None and not {f.name for f in schema.fields} - set(present):
         return
-    ensure_table(spark, path, schema, partition_by=("establishment_id",), comment=comment)
+    ensure_table(spark, path, schema, partition_by=partition_by, comment=comment)
 
 
 def write_validation(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str, results: list[tuple],
@@ -855,7 +856,8 @@ def write_validation(spark: SparkSession, lake: Lake, establishment_id: str, bat
 
     for dataset, rows in validated.items():
         vpath = validated_path(lake, dataset)
-        _ensure(spark, vpath, staged_schema(dataset), f"Validated {dataset} rows waiting for land (pseudonymised).")
+        _ensure(spark, vpath, staged_schema(dataset), f"Validated {dataset} rows waiting for land (pseudonymised).",
+                TRANSIENT_PARTITIONS)
         writes[vpath] = partial(_replace, rows, vpath, f"establishment_id = {sql_string(establishment_id)} "
                                                        f"AND _batch_id = {sql_string(batch_id)}")
     on_each_table(writes)
