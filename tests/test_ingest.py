@@ -66,6 +66,32 @@ def test_ingest_leaves_nothing_cached_in_the_session(spark, consortium, landed):
     assert not _cached_plans(spark)
 
 
+@pytest.mark.parametrize("failing, named", [({"encounter"}, "#1"), ({"patient", "encounter"}, "#0")])
+def test_files_read_side_by_side_stop_the_batch_in_manifest_order_and_release_every_parse(
+        spark, consortium, landed, monkeypatch, failing, named):
+    """The files of a batch are read at once; the first failing one in the manifest stops the batch, as if read
+    one by one, and the parses of the files read beside it are released."""
+    from jobs.readers.csv import HeaderError
+    from jobs.stages import ingest
+
+    lake, landing = landed
+    real = ingest._read_file
+
+    def read(spark_, path, dataset, est, lineage, max_field_bytes):
+        if dataset in failing:
+            raise HeaderError(f"{lineage.source_file}: line 1: planted failure")
+        return real(spark_, path, dataset, est, lineage, max_field_bytes)
+
+    monkeypatch.setattr(ingest, "_read_file", read)
+    spark.catalog.clearCache()
+    with pytest.raises(BatchRejected, match=f"20260105-001{named}: line 1: planted failure"):
+        ingest_batch(spark, lake, landing, consortium, "chu_laurentides", "20260105-001")
+    assert not _cached_plans(spark)
+    assert [(r.status, r.source_file) for r in read_batch_log(spark, lake).collect()] == [
+        ("rejected", f"20260105-001{named}")]
+    assert table_version(spark, lake.bronze("patient")) is None
+
+
 @pytest.mark.parametrize("breakage, reason", [
     (lambda folder: (folder / "sejours.csv").unlink(), "the file is missing"),
     (lambda folder: (folder / "sejours.csv").write_bytes(b"changed"), "the file's sha256 does not match"),

@@ -45,6 +45,7 @@ OVERWRITE = "overwrite"
 
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 def stats_columns(schema: StructType, partition_by: tuple[str, ...] = ()) -> list[str]:
@@ -197,7 +198,7 @@ def table_threads() -> int:
     return int(raw)
 
 
-def on_each_table(calls: Mapping[str, Callable[[], T]]) -> dict[str, T]:
+def on_each_table(calls: Mapping[K, Callable[[], T]]) -> dict[K, T]:
     """Run each table's operation, up to :func:`table_threads` at once; results by name, in ``calls``' order.
 
     Every operation runs to its end (a commit is never abandoned half-way by a sibling's failure);
@@ -215,6 +216,21 @@ def on_each_table(calls: Mapping[str, Callable[[], T]]) -> dict[str, T]:
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="table") as pool:
         futures = {name: pool.submit(_inheriting(call)) for name, call in calls.items()}
     return {name: future.result() for name, future in futures.items()}
+
+
+def each_outcome(calls: Mapping[K, Callable[[], T]]) -> dict[K, T | Exception]:
+    """:func:`on_each_table` for operations whose results hold something to release (a cached parse):
+    every result or the exception it raised, by key in ``calls``' order, so that the caller releases the
+    results of the operations that succeeded before it raises the first failure."""
+    def outcome(call: Callable[[], T]) -> Callable[[], T | Exception]:
+        def run() -> T | Exception:
+            try:
+                return call()
+            except Exception as exc:  # handed to the caller, which raises it in order
+                return exc
+        return run
+
+    return on_each_table({key: outcome(call) for key, call in calls.items()})
 
 
 def _inheriting(call: Callable[[], T]) -> Callable[[], T]:

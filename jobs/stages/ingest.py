@@ -34,7 +34,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from functools import partial, reduce
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -47,7 +47,7 @@ from jobs.stages.landing import BUNDLE, MANIFEST, NOT_COLLECTED, Batch, check_ba
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.core.schemas import QUARANTINE_SCHEMA, bronze_schema
-from jobs.core.tables import OVERWRITE, cast_to, on_each_table, ready_table
+from jobs.core.tables import OVERWRITE, cast_to, each_outcome, on_each_table, ready_table
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.INGEST
@@ -154,7 +154,6 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     est = consortium.establishment(establishment_id)
     ingested_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     bronze_parts: dict[str, list[DataFrame]] = {}
-    results = []
     column_changes: dict[str, str] = {}
     quarantine_parts: list[DataFrame] = []
     notes: dict[str, list[str]] = {}
@@ -184,36 +183,43 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     # and take longer to plan than to run. Path → the file's reference (its lineage).
     bundles = {str(batch.file_path(entry)): file_reference(batch_id, index)
                for index, entry in enumerate(batch.files) if entry.dataset == BUNDLE}
+    # The files are read side by side (each read is a few Spark round trips: they overlap), then taken
+    # in the manifest's order: the first file that fails stops the batch, as if they were read one by one.
+    reads: dict[int, Callable[[], Any]] = {}
+    for index, entry in enumerate(batch.files):
+        lineage = FileLineage(establishment_id, batch_id, file_reference(batch_id, index),
+                              batch.extracted_at, ingested_at)
+        if entry.dataset == NOT_COLLECTED:
+            # A whole file of resources not collected: checked and counted by the landing checks, never read.
+            not_collected_files[lineage.source_file] = entry.rows
+            whole_files_not_collected[lineage.source_file] = entry.rows
+            not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + entry.rows
+        elif entry.dataset == BUNDLE:
+            if lineage.source_file == next(iter(bundles.values())):
+                reads[index] = partial(_read_bundles, spark, bundles, est, lineage)  # every Bundle at once
+        else:
+            reads[index] = partial(_read_file, spark, batch.file_path(entry), entry.dataset, est, lineage,
+                                   consortium.pipeline.max_field_bytes)
+    outcomes = each_outcome(reads)
+    # The readers' cached parses, released at the end whatever happens (a failed read left none).
+    results = [o for o in outcomes.values() if not isinstance(o, Exception)]
     try:
-        for index, entry in enumerate(batch.files):
-            lineage = FileLineage(establishment_id, batch_id, file_reference(batch_id, index),
-                                  batch.extracted_at, ingested_at)
-            if entry.dataset == NOT_COLLECTED:
-                # A whole file of resources not collected: checked and counted by the landing checks, never read.
-                not_collected_files[lineage.source_file] = entry.rows
-                whole_files_not_collected[lineage.source_file] = entry.rows
-                not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + entry.rows
-                continue
-            if entry.dataset == BUNDLE:
-                if lineage.source_file != next(iter(bundles.values())):
-                    continue  # read with the batch's first Bundle
-                result = _read_bundles(spark, bundles, est, lineage)
-            else:
-                try:
-                    result = _read_file(spark, batch.file_path(entry), entry.dataset, est, lineage,
-                                        consortium.pipeline.max_field_bytes)
-                except HeaderError as exc:
-                    raise reject(index, str(exc)) from None
+        for index, result in outcomes.items():
+            entry = batch.files[index]
+            if isinstance(result, HeaderError) and entry.dataset != BUNDLE:
+                raise reject(index, str(result)) from None
+            if isinstance(result, Exception):
+                raise result
             notes.setdefault(entry.dataset, []).extend(getattr(result, "notes", ()))
             file_reads = getattr(result, "file_reads", None)
-            for source, reads in (file_reads() if file_reads else {}).items():
-                if reads.free_text_dropped:
-                    free_text_dropped[entry.dataset] = free_text_dropped.get(entry.dataset, 0) + reads.free_text_dropped
-                if reads.not_collected:
-                    not_collected_files[source] = not_collected_files.get(source, 0) + reads.not_collected
-                    not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + reads.not_collected
+            for source, counted in (file_reads() if file_reads else {}).items():
+                if counted.free_text_dropped:
+                    free_text_dropped[entry.dataset] = free_text_dropped.get(entry.dataset, 0) + counted.free_text_dropped
+                if counted.not_collected:
+                    not_collected_files[source] = not_collected_files.get(source, 0) + counted.not_collected
+                    not_collected[entry.dataset] = not_collected.get(entry.dataset, 0) + counted.not_collected
                     types = not_collected_types.setdefault(entry.dataset, {})
-                    for rtype, n in reads.not_collected_types.items():
+                    for rtype, n in counted.not_collected_types.items():
                         types[rtype] = types.get(rtype, 0) + n
             dropped_answers = getattr(result, "free_text_dropped", None)
             if dropped_answers is not None:
@@ -224,7 +230,6 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
             for dataset, frame in result.bronze.items():
                 bronze_parts.setdefault(dataset, []).append(frame)
             quarantine_parts.append(result.quarantine)
-            results.append(result)
 
         # One commit per table, the tables written side by side (jobs.core.tables.on_each_table).
         writes: dict[str, Callable[[], None]] = {
