@@ -194,3 +194,35 @@ def test_a_batch_leaves_the_transient_tables_the_stages_make_as_whole_files(spar
         assert int(metrics["numAddedFiles"]) == int(metrics["numDeletionVectorsAdded"]) == 0
         assert int(metrics["numRemovedFiles"]) >= 1
         assert not may_hold_batch(path, "chu_laurentides", "b1")
+
+
+def test_tables_removed_for_good_side_by_side_keep_only_their_current_version(spark, tmp_path, monkeypatch):
+    """Deletion vectors purged, old files vacuumed and history forgotten in every table at once; the
+    retention guard is lifted for all of them and restored once, as it was."""
+    from jobs.core.tables import DELETION_VECTORS, ENV_TABLE_THREADS, table_version
+    from jobs.stages.maintenance import RETENTION_CHECK, remove_for_good
+
+    monkeypatch.setenv(ENV_TABLE_THREADS, "3")
+    tables = {}
+    for name in ("a", "b", "c"):
+        tables[name] = path = str(tmp_path / name)
+        spark.createDataFrame([("p1", name), ("p2", name)], "person_id string, v string").coalesce(1) \
+            .write.format("delta").option(DELETION_VECTORS, "true").save(path)
+        spark.sql(f"DELETE FROM delta.`{path}` WHERE person_id = 'p1'")  # a deletion vector hides p1
+    spark.conf.set(RETENTION_CHECK, "true")
+
+    remove_for_good(spark, tables)
+
+    assert spark.conf.get(RETENTION_CHECK) == "true"
+    for name, path in tables.items():
+        data = sorted(p.name for p in (tmp_path / name).glob("*.parquet"))
+        (only,) = data  # the rewritten file: the original, which still held p1, is gone
+        held = {r.person_id for r in spark.read.parquet(str(tmp_path / name / only)).collect()}
+        assert held == {"p2"}
+        assert not list((tmp_path / name).glob("deletion_vector_*"))
+        version = table_version(spark, path)
+        log = tmp_path / name / "_delta_log"
+        oldest = min(int(p.name.split(".")[0]) for p in log.glob("*.json"))
+        # History starts at the checkpointed commit that turned the history off, one before the current one.
+        assert oldest == version - 1 and list(log.glob(f"{oldest:020d}.checkpoint*.parquet"))
+        assert {r.v for r in spark.read.format("delta").load(path).collect()} == {name}

@@ -55,7 +55,9 @@ import datetime as dt
 import hashlib
 import hmac
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -68,9 +70,9 @@ from jobs.privacy.crypto import ServiceKey
 from jobs.privacy.keys import PseudonymKey
 from jobs.core.lake import (BRONZE, DIRECT_IDENTIFIERS, GOLD, LANDING, OPS, PATIENT_KEYS, PATIENT_REFERENCES, PERSON_IDS, PROJECTS,
                        ZONES, Lake, Zone)
-from jobs.stages.maintenance import (delete_matching, forget_history, keys_frame, mentions, table_contents, table_files,
-                              vacuum_now, zone_tables)
-from jobs.core.tables import APPEND, merge_into, purge_deletion_vectors, table_exists, table_version
+from jobs.stages.maintenance import (delete_matching, keys_frame, mentions, remove_for_good, table_contents, table_files,
+                              zone_tables)
+from jobs.core.tables import APPEND, merge_into, on_each_table, table_exists, table_version
 from jobs.core.writer_lock import Mode, writes_lake
 
 ERASURE_REQUESTS = "erasure_requests"
@@ -209,13 +211,13 @@ def _resolve(spark: SparkSession, lake: Lake, establishment_id: str, patient_key
 
 
 def _erase_from_zone(spark: SparkSession, lake: Lake, zone: Zone, key: PseudonymKey | ServiceKey, person: _Person
-                     ) -> tuple[dict[str, int], dict[str, str]]:
-    """Rows removed per table, and the tables' paths."""
-    removed: dict[str, int] = {}
+                     ) -> tuple[dict[str, Callable[[], int]], dict[str, str]]:
+    """One call per table removing the person's rows (each returns the rows it removed), and the tables' paths."""
     tables = zone_tables(spark, lake, zone.name) if zone.name != LANDING else {}
     person_keys = keys_frame(spark, "person_id string", [(p,) for p in person.person_ids])
     patient_keys = keys_frame(spark, "establishment_id string, patient_key string", list(person.patient_keys))
-    for name, path in tables.items():
+
+    def erase(name: str, path: str) -> int:
         columns = set(spark.read.format("delta").load(path).columns)
         n = 0
         if zone.name == PROJECTS:
@@ -229,8 +231,9 @@ def _erase_from_zone(spark: SparkSession, lake: Lake, zone: Zone, key: Pseudonym
                 n += delete_matching(spark, path, person_keys, ["person_id"])
             if PATIENT_KEYS in zone.holds and {"establishment_id", "patient_key"} <= columns and zone.name != OPS:
                 n += delete_matching(spark, path, patient_keys, ["establishment_id", "patient_key"])
-        removed[name] = n
-    return removed, tables
+        return n
+
+    return {name: partial(erase, name, path) for name, path in tables.items()}, tables
 
 
 def _project_pseudonyms(key: PseudonymKey | ServiceKey, project_id: str, person: _Person) -> list[str]:
@@ -391,14 +394,16 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
     totals: dict[str, int] = {}
     all_paths: dict[str, str] = {}
     for request, person in resolved:
-        removed: dict[str, int] = {}
+        erasures: dict[str, Callable[[], int]] = {}
         for zone in ZONES.values():
             if not zone.holds - {DIRECT_IDENTIFIERS}:
                 continue
-            zone_removed, paths = _erase_from_zone(spark, lake, zone, key, person)
-            removed |= zone_removed
+            calls, paths = _erase_from_zone(spark, lake, zone, key, person)
+            erasures |= calls
             if _cleaned(zone):
                 all_paths |= paths
+        # Every table's rows at once (each table is its own MERGE, under the exclusive lock).
+        removed = on_each_table(erasures)
         for name, n in removed.items():
             totals[name] = totals.get(name, 0) + n
         done.append(request.request_id)
@@ -410,13 +415,8 @@ def process_erasures(spark: SparkSession, lake: Lake, consortium: Consortium, ke
         as_of = spark.read.format("delta").load(gold_path).select(F.max("as_of").alias("as_of")).collect()[0].as_of
         build_patients_by_condition(spark, lake, consortium, as_of or clock.today())
         all_paths[f"gold.{PATIENTS_BY_CONDITION}"] = gold_path
-    vacuumed = []
-    for name in sorted(all_paths):
-        path = all_paths[name]
-        purge_deletion_vectors(spark, path)
-        vacuum_now(spark, path)
-        forget_history(spark, path)
-        vacuumed.append(name)
+    vacuumed = sorted(all_paths)
+    remove_for_good(spark, {name: all_paths[name] for name in vacuumed})
     versions_after = {name: table_version(spark, all_paths[name]) for name in vacuumed}
 
     proof = prove_erased(spark, lake, key, persons)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from jobs.core import files
-from jobs.core.lake import DIRECT_IDENTIFIERS, LANDING, PROJECTS, ZONES, Lake
+from jobs.core.lake import BRONZE, DIRECT_IDENTIFIERS, LANDING, PROJECTS, ZONES, Lake
 from jobs.core.schemas import DATASETS
 from jobs.core.tables import compact, delete_where, merge_into, purge_deletion_vectors, table_exists, table_version
 from jobs.core.tables import on_each_table, vacuum
@@ -49,6 +50,21 @@ def vacuum_now(spark: SparkSession, path: str) -> None:
     """Remove every file no longer in the table's current version."""
     with retention_check_disabled(spark):
         vacuum(spark, path, 0)
+
+
+def remove_for_good(spark: SparkSession, tables: Mapping[str, str]) -> None:
+    """Purge each table's deletion vectors, VACUUM it with no retention and forget its history; several at once.
+
+    Retention's guard is lifted once for all of them: a guard lifted and restored around each VACUUM
+    would be restored by one table's thread while another's VACUUM runs.
+    """
+    def remove(path: str) -> None:
+        purge_deletion_vectors(spark, path)
+        vacuum(spark, path, 0)
+        forget_history(spark, path)
+
+    with retention_check_disabled(spark):
+        on_each_table({name: functools.partial(remove, path) for name, path in tables.items()})
 
 
 def keys_frame(spark: SparkSession, schema: str, rows: list[tuple]) -> DataFrame:
@@ -199,18 +215,13 @@ def purge_bronze(spark: SparkSession, lake: Lake, retention_days: int, now: dt.d
     """
     now = now or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     cutoff = now - dt.timedelta(days=retention_days)
-    removed: dict[str, int] = {}
-    for zone in ZONES.values():
-        if DIRECT_IDENTIFIERS not in zone.holds or zone.name == LANDING:
-            continue
-        for name, path in zone_tables(spark, lake, zone.name).items():
-            # The session's time zone is UTC (jobs.core.session), as the cutoff is.
-            n = delete_where(spark, path, f"_ingested_at < TIMESTAMP '{cutoff.isoformat(sep=' ')}'")
-            removed[name.split(".", 1)[1] if zone.name == "bronze" else name] = n
-            if n:
-                purge_deletion_vectors(spark, path)
-                vacuum_now(spark, path)
-                forget_history(spark, path)
+    tables = {name: path for zone in ZONES.values() if DIRECT_IDENTIFIERS in zone.holds and zone.name != LANDING
+              for name, path in zone_tables(spark, lake, zone.name).items()}
+    # The session's time zone is UTC (jobs.core.session), as the cutoff is.
+    older = f"_ingested_at < TIMESTAMP '{cutoff.isoformat(sep=' ')}'"
+    deleted = on_each_table({name: functools.partial(delete_where, spark, path, older) for name, path in tables.items()})
+    remove_for_good(spark, {name: tables[name] for name, n in deleted.items() if n})
+    removed = {name.split(".", 1)[1] if name.startswith(f"{BRONZE}.") else name: n for name, n in deleted.items()}
     return {"cutoff": cutoff.isoformat(), "rows_removed": removed}
 
 
@@ -319,17 +330,15 @@ def purge_transient_zones(spark: SparkSession, lake: Lake, retention_days: int,
     removed: dict[str, int] = {}
     anything = not keys.isEmpty()
     try:
-        for zone in ZONES.values():
-            if not zone.transient:
-                continue
-            for name, path in zone_tables(spark, lake, zone.name).items():
-                removed[name] = (delete_matching(spark, path, keys, ["establishment_id", "_batch_id"])
-                                 if anything else 0)
-                # Rows hidden by deletion vectors (this purge's or an earlier one's) leave the files, then
-                # the files and the history leave the table: under the exclusive lock no write is in flight.
-                purge_deletion_vectors(spark, path)
-                vacuum_now(spark, path)
-                forget_history(spark, path)
+        tables = {name: path for zone in ZONES.values() if zone.transient
+                  for name, path in zone_tables(spark, lake, zone.name).items()}
+        removed = on_each_table({name: functools.partial(delete_matching, spark, path, keys,
+                                                         ["establishment_id", "_batch_id"])
+                                 for name, path in tables.items()} if anything else {})
+        removed = {name: removed.get(name, 0) for name in tables}
+        # Rows hidden by deletion vectors (this purge's or an earlier one's) leave the files, then
+        # the files and the history leave the table: under the exclusive lock no write is in flight.
+        remove_for_good(spark, tables)
     finally:
         keys.unpersist()
     return {"cutoff": cutoff.isoformat(), "stale_batches": stale_batches, "rows_removed": removed}
