@@ -129,6 +129,26 @@ def test_a_full_batch_is_a_snapshot_whose_absent_records_are_deleted(spark, lake
     assert "records absent from it were not deleted (1 line(s) quarantined at ingest" in message
 
 
+def test_the_log_tells_whether_silver_may_hold_records_older_than_a_snapshot(spark, lake, consortium, tmp_path):
+    """A first snapshot has no older record to miss: the files' partition values and ``_extracted_at``
+    minimums say so, and land asks Spark nothing; a file without statistics may hold one."""
+    from jobs.stages.land import may_hold_older
+
+    t1 = EXTRACTED
+    path = lake.silver("encounter")
+    assert not may_hold_older(path, EST, t1)  # no table yet
+    run_batch(spark, lake, consortium, "b1", {"encounter": [enc("v1"), enc("v2")]}, t1, kind="full")
+    assert not may_hold_older(path, EST, t1)
+    assert not may_hold_older(path, EST, None)
+    assert may_hold_older(path, EST, t1 + DAY)
+    assert not may_hold_older(path, "another_establishment", t1 + DAY)
+
+    bare = str(tmp_path / "no-statistics")
+    spark.createDataFrame([(EST, t1)], "establishment_id string, _extracted_at timestamp").write.format("delta") \
+        .option("delta.dataSkippingNumIndexedCols", "0").partitionBy("establishment_id").save(bare)
+    assert may_hold_older(bare, EST, t1)
+
+
 def test_landing_twice_changes_nothing(spark, landed, consortium):
     from jobs.stages.land import land_batch, merge_into_silver
     from jobs.stages.validate import validated_path

@@ -47,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from contextlib import contextmanager
 from functools import partial, reduce
@@ -500,15 +501,38 @@ def absent_counts(spark: SparkSession, lake: Lake, datasets: list[str], establis
     Most snapshots delete nothing: only a dataset counted here goes on to :func:`delete_absent_records`
     (a checkpoint, a count and two MERGEs), instead of every dataset paying for the first two.
     """
-    if not datasets:
-        return {}
+    # A dataset whose files hold no record of the establishment extracted before the snapshot (its first
+    # snapshot, say) has none to miss: the log's statistics say so without a query.
+    queried = [d for d in datasets if may_hold_older(lake.silver(d), establishment_id, extracted_at)]
+    if not queried:
+        return {d: 0 for d in datasets}
     frames = [_absent_records(spark, lake, d, establishment_id, batch_id, extracted_at).select("dataset")
-              for d in datasets]
+              for d in queried]
     union = frames[0]
     for frame in frames[1:]:
         union = union.unionByName(frame)
     counted = {r.dataset: int(r["count"]) for r in union.groupBy("dataset").count().collect()}
     return {d: counted.get(d, 0) for d in datasets}
+
+
+def may_hold_older(path: str, establishment_id: str, extracted_at: dt.datetime | None) -> bool:
+    """Whether a silver table may hold a record of the establishment extracted before ``extracted_at``: from
+    its files' ``establishment_id`` partition values and ``_extracted_at`` minimums, read from the log with
+    delta-rs (no Spark job). A file without that statistic may; no snapshot time, no record is older."""
+    import pyarrow as pa
+
+    from jobs.core.arrow_tables import open_delta
+    from jobs.stages.batch_queue import utc
+
+    table = open_delta(path)
+    if table is None or extracted_at is None:
+        return False
+    actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
+    files = len(actions.get("path") or [])
+    establishments = actions.get("partition.establishment_id") or [establishment_id] * files
+    oldest = actions.get("min._extracted_at") or [None] * files
+    return any(e == establishment_id and (low is None or utc(low) < utc(extracted_at))
+               for e, low in zip(establishments, oldest))
 
 
 def _snapshot(lake: Lake, establishment_id: str, batch_id: str):
