@@ -327,15 +327,14 @@ def purge_transient_zones(spark: SparkSession, lake: Lake, retention_days: int,
     stale_batches = [f"{r.establishment_id}/{r.batch_id}" for r in
                      per_batch.where(stale).select("establishment_id", "batch_id")
                      .orderBy("establishment_id", "batch_id").collect()]
-    removed: dict[str, int] = {}
     anything = not keys.isEmpty()
     try:
         tables = {name: path for zone in ZONES.values() if zone.transient
                   for name, path in zone_tables(spark, lake, zone.name).items()}
-        removed = on_each_table({name: functools.partial(delete_matching, spark, path, keys,
+        deleted = on_each_table({name: functools.partial(delete_matching, spark, path, keys,
                                                          ["establishment_id", "_batch_id"])
-                                 for name, path in tables.items()} if anything else {})
-        removed = {name: removed.get(name, 0) for name in tables}
+                                 for name, path in tables.items()}) if anything else {}
+        removed = {name: deleted.get(name, 0) for name in tables}
         # Rows hidden by deletion vectors (this purge's or an earlier one's) leave the files, then
         # the files and the history leave the table: under the exclusive lock no write is in flight.
         remove_for_good(spark, tables)
