@@ -129,10 +129,12 @@ def test_a_full_batch_is_a_snapshot_whose_absent_records_are_deleted(spark, lake
     assert "records absent from it were not deleted (1 line(s) quarantined at ingest" in message
 
 
-def test_the_log_tells_whether_silver_may_hold_records_older_than_a_snapshot(spark, lake, consortium, tmp_path):
+def test_the_log_tells_whether_silver_may_hold_records_older_than_a_snapshot(spark, lake, consortium, tmp_path,
+                                                                            monkeypatch):
     """A first snapshot has no older record to miss: the files' partition values and ``_extracted_at``
     minimums say so, and land asks Spark nothing; a file without statistics may hold one."""
-    from jobs.stages.land import may_hold_older
+    from jobs.stages import land
+    from jobs.stages.land import absent_counts, may_hold_older
 
     t1 = EXTRACTED
     path = lake.silver("encounter")
@@ -142,6 +144,14 @@ def test_the_log_tells_whether_silver_may_hold_records_older_than_a_snapshot(spa
     assert not may_hold_older(path, EST, None)
     assert may_hold_older(path, EST, t1 + DAY)
     assert not may_hold_older(path, "another_establishment", t1 + DAY)
+
+    def no_query(*args, **kwargs):
+        raise AssertionError("absent records queried although the log rules them out")
+
+    monkeypatch.setattr(land, "_absent_records", no_query)
+    assert absent_counts(spark, lake, ["encounter"], EST, "b1", t1) == {"encounter": 0}
+    with pytest.raises(AssertionError, match="queried although"):
+        absent_counts(spark, lake, ["encounter"], EST, "b2", t1 + DAY)
 
     bare = str(tmp_path / "no-statistics")
     spark.createDataFrame([(EST, t1)], "establishment_id string, _extracted_at timestamp").write.format("delta") \
