@@ -23,13 +23,14 @@ data the client sends.
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, StructField, StructType
+
+from jobs.core.java import compile_jar, jar_for
 
 _BLOCK = 64
 JAVA_SOURCE = Path(__file__).resolve().parent / "jvm" / "KeyedHmac.java"
@@ -50,28 +51,12 @@ def _padded(key: bytes) -> tuple[bytes, bytes]:
 
 def udf_jar() -> Path:
     """Where the compiled keyed functions go: the ignored cache, named by the source's digest."""
-    from jobs.core.settings import Settings
-
-    digest = hashlib.sha256(JAVA_SOURCE.read_bytes()).hexdigest()[:12]
-    return Settings.from_env().jars_cache.parent / "spark-udf" / f"affluent-privacy-{digest}.jar"
+    return jar_for(JAVA_SOURCE, "affluent-privacy")
 
 
 def ensure_udf_jar() -> Path:
     """Compile ``jvm/KeyedHmac.java`` against pyspark's jars into :func:`udf_jar` unless it is there."""
-    jar = udf_jar()
-    if jar.is_file():
-        return jar
-    import pyspark
-
-    classes = jar.parent / f"{jar.stem}-classes"
-    classes.mkdir(parents=True, exist_ok=True)
-    spark_jars = Path(pyspark.__file__).parent / "jars" / "*"
-    subprocess.run(["javac", "--release", "17", "-nowarn", "-cp", str(spark_jars), "-d", str(classes),
-                    str(JAVA_SOURCE)], check=True, capture_output=True, text=True)
-    partial = jar.with_suffix(".tmp")
-    subprocess.run(["jar", "cf", str(partial), "-C", str(classes), "."], check=True, capture_output=True, text=True)
-    partial.replace(jar)
-    return jar
+    return compile_jar(JAVA_SOURCE, udf_jar())
 
 
 @dataclass(frozen=True)
