@@ -24,6 +24,7 @@ from pathlib import Path
 from delta import configure_spark_with_delta_pip
 from pyspark.sql import SparkSession
 
+from jobs.core.local_fs import local_fs_conf
 from jobs.core.settings import Settings
 
 # Extra Maven packages for object storage; only added when the lake is on s3a://.
@@ -183,7 +184,7 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
     extra_packages: list[str] = []
     if settings.lake_root.startswith("s3a://"):
         extra_packages.extend(S3A_PACKAGES)
-    for key, value in (execution_mode_conf() | (extra_conf or {})).items():
+    for key, value in (execution_mode_conf() | local_fs_conf(settings.spark_master) | (extra_conf or {})).items():
         builder = builder.config(key, value)
     return configure_spark_with_delta_pip(builder, extra_packages=extra_packages)
 
