@@ -174,6 +174,10 @@ def session_builder(settings: Settings, app_name: str = "affluent", extra_conf: 
         .config("spark.sql.sources.parallelPartitionDiscovery.parallelism",
                 os.environ.get(ENV_SHUFFLE_PARTITIONS, "8"))
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
+        # Delta's checksum files need not list every file of the table: with the list, each CREATE TABLE
+        # reconstructs the state of the table before it (a Spark job) to start the list, and each commit
+        # extends it; no read here uses it (a scan still computes the table's state).
+        .config("spark.databricks.delta.allFilesInCrc.enabled", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.driver.memory", os.environ.get("AFFLUENT_DRIVER_MEMORY", "4g"))
         .config("spark.sql.warehouse.dir", str(Path(settings.jars_cache).parent / "warehouse"))
