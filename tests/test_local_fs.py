@@ -106,3 +106,32 @@ def test_without_a_compiler_hadoop_is_kept_with_a_warning(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="jobs.core.local_fs"):
         assert local_fs.local_fs_conf("local[*]") == {}
     assert "ForklessLocalFileSystem.java could not be compiled" in caplog.text
+
+
+def _forks_since_boot() -> int:
+    with open("/proc/stat", encoding="ascii") as stat:
+        return next(int(line.split()[1]) for line in stat if line.startswith("processes "))
+
+
+def test_no_process_is_started_for_a_permission_or_a_link_status(spark, tmp_path):
+    """What the subclass is for: Hadoop's own starts one process per call, it starts none."""
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("counts processes through Linux's /proc/stat")
+    jvm = _jvm(spark)
+    ours = _local(spark, local_fs.FILE_SYSTEM_CLASS).getRaw()
+    hadoop = jvm.org.apache.hadoop.fs.RawLocalFileSystem()
+    hadoop.initialize(jvm.java.net.URI("file:///"), spark.sparkContext._jsc.hadoopConfiguration())  # noqa: SLF001
+    target = tmp_path / "f"
+    target.write_text("x")
+    path, mode = jvm.org.apache.hadoop.fs.Path(str(target)), jvm.org.apache.hadoop.fs.permission.FsPermission(0o640)
+    calls = 250
+    started = {}
+    for name, fs in (("hadoop", hadoop), ("ours", ours)):
+        before = _forks_since_boot()
+        for _ in range(calls):
+            fs.setPermission(path, mode)
+            fs.getFileLinkStatus(path)
+        started[name] = _forks_since_boot() - before
+    # Every process of the machine counts: the margin leaves room for the suite's background work.
+    assert started["hadoop"] >= 2 * calls, started
+    assert started["ours"] < started["hadoop"] / 4, started
