@@ -39,11 +39,13 @@ driver, never a row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
+from functools import partial
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from jobs.core.tables import cast_to
+from jobs.core.tables import cast_to, on_each_table
 from jobs.privacy.kanonymity import POSTAL_PREFIX, YEAR_OF_BIRTH
 
 # (ICD-10 characters kept, ATC characters kept); None = the code as in silver.
@@ -277,12 +279,17 @@ def enforce(project_id: str, demographics: DataFrame, qis: list[str], year_band:
     if original is None:
         return RelinkOutcome(0, None, {"k": bound.k, "m": bound.m, "code_level": 0.0})
     before = linkable(original, 0)
-    total_items = original.count()
-    figures = {"k": float(bound.k), "m": float(bound.m), "persons": float(before.persons.count()),
-               "items": float(total_items),
-               "unique_on_m_codes_before": float(_rare_count(before.persons, qis, bound))}
-    unique, under = _relinked_counts(before, others, bound.k)
-    figures |= {"relinked_unique_before": float(unique), "relinked_under_k_before": float(under)}
+    # The figures before are independent small jobs: side by side, their planning and scheduling overlap.
+    figures_of: dict[str, Callable[[], Any]] = {
+        "persons": before.persons.count, "items": original.count,
+        "rare": partial(_rare_count, before.persons, qis, bound),
+        "relinked": partial(_relinked_counts, before, others, bound.k)}
+    found = on_each_table(figures_of)
+    total_items = found["items"]
+    unique, under = found["relinked"]
+    figures = {"k": float(bound.k), "m": float(bound.m), "persons": float(found["persons"]),
+               "items": float(total_items), "unique_on_m_codes_before": float(found["rare"]),
+               "relinked_unique_before": float(unique), "relinked_under_k_before": float(under)}
 
     best = None
     for level in range(len(CODE_LEVELS)):
@@ -322,11 +329,14 @@ def enforce(project_id: str, demographics: DataFrame, qis: list[str], year_band:
             "code datasets.")
     level, kept, suppressed, without_hierarchy = best
     after = linkable(kept, level)
-    unique, under = _relinked_counts(after, others, bound.k)
-    figures |= {"code_level": float(level), "items_published": float(kept.count()),
+    figures_of = {"published": kept.count, "rare": partial(_rare_count, after.persons, qis, bound),
+                  "relinked": partial(_relinked_counts, after, others, bound.k)}
+    found = on_each_table(figures_of)
+    unique, under = found["relinked"]
+    figures |= {"code_level": float(level), "items_published": float(found["published"]),
                 "items_suppressed": float(suppressed),
                 "items_without_hierarchy": float(without_hierarchy),
-                "unique_on_m_codes_after": float(_rare_count(after.persons, qis, bound)),
+                "unique_on_m_codes_after": float(found["rare"]),
                 "relinked_unique_after": float(unique), "relinked_under_k_after": float(under)}
     return RelinkOutcome(level, kept, figures)
 
@@ -410,13 +420,18 @@ def enforce_relink_bound(spark, lake, consortium, project, extracts: dict[str, D
     other active projects, whose extracts are read as published now.
     """
     bound = declared_bound(consortium, project)
-    # Only the person and the code are read, many times over: computed once.
-    frames = {c.dataset: extracts[c.dataset].select("person_id", c.column).localCheckpoint()
-              for c in CODE_COLUMNS if c.dataset in extracts and c.column in extracts[c.dataset].columns}
+    # Only the person and the code are read, many times over: computed once, each dataset's side by side.
+    frames = on_each_table({c.dataset: extracts[c.dataset].select("person_id", c.column).localCheckpoint
+                            for c in CODE_COLUMNS
+                            if c.dataset in extracts and c.column in extracts[c.dataset].columns})
     if not frames:
         return RelinkOutcome(0, None, {"k": float(bound.k), "m": float(bound.m), "code_level": 0.0})
     qis = list(anonymity.quasi_identifiers) if anonymity is not None else []
-    demographics = demographics_of(extracts.get("patient"), qis, frames)
-    linkables = [found for other in others if (found := published_linkable(spark, lake, other, manifest)) is not None]
+    # The persons' demographics come from the k-anonymised patient extract (silver, consent, the
+    # k-anonymity decision): computed once, not again for each level and pass.
+    demographics = demographics_of(extracts.get("patient"), qis, frames).localCheckpoint()
+    # The other projects' published extracts, read side by side.
+    read = on_each_table({other.id: partial(published_linkable, spark, lake, other, manifest) for other in others})
+    linkables = [found for found in read.values() if found is not None]
     return enforce(project.id, demographics, qis, anonymity.year_band if anonymity is not None else 1,
                    anonymity.postal_characters if anonymity is not None else None, frames, linkables, bound)

@@ -60,6 +60,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -87,7 +88,8 @@ from jobs.stages.maintenance import list_folders
 from jobs.privacy.policy import check_policy, shared_establishments
 from jobs.privacy.relink import RelinkRiskExceeded, enforce_relink_bound, published_codes
 from jobs.core.schemas import DATASETS, SILVER_SCHEMAS
-from jobs.core.tables import APPEND, cast_to, check_fingerprint, delete_where, overwrite_table, table_exists, table_version
+from jobs.core.tables import (APPEND, cast_to, check_fingerprint, delete_where, on_each_table, overwrite_table,
+                              table_exists, table_version)
 from jobs.core.writer_lock import Mode, writes_lake
 
 MANIFEST = "_manifest"
@@ -252,7 +254,6 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
     for stale in list_folders(spark, lake.project(project.id)):
         if stale != MANIFEST and stale not in project.datasets:
             drop_table_physically(spark, lake.project(project.id, stale))
-    counts: dict[str, int] = {}
     shared: dict[str, list[str]] = {}
     extracts: dict[str, DataFrame] = {}
     anonymity = None
@@ -265,10 +266,10 @@ def _publish_project(spark: SparkSession, lake: Lake, consortium: Consortium, pr
         extracts[dataset] = extract
     # Code sets are quasi-identifiers too: generalised and suppressed to the project's bound, or refused.
     relink = enforce_relink_bound(spark, lake, consortium, project, extracts, anonymity, others, MANIFEST)
-    for dataset, extract in extracts.items():
-        extract = published_codes(extract, dataset, relink)
-        path = lake.project(project.id, dataset)
-        counts[dataset] = overwrite_table(spark, extract, path)
+    # Each dataset is a table of its own: written side by side.
+    counts = on_each_table({dataset: partial(overwrite_table, spark, published_codes(extract, dataset, relink),
+                                             lake.project(project.id, dataset))
+                            for dataset, extract in extracts.items()})
     anonymity_figures = risk = None
     if anonymity is not None:  # k-anonymised with the patient extract
         anonymity_figures = anonymity.figures()
