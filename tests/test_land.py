@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
+from jobs.core.batchlog import BATCH_LOG
 from jobs.core.lake import Lake
 from jobs.core.schemas import silver_columns
 from jobs.core.tables import table_version
@@ -195,6 +196,39 @@ def test_a_batch_that_does_not_add_up_lands_nothing(spark, landed, consortium):
     with pytest.raises(ReconciliationError, match=r"encounter: read 3 != landed 2 \+ quarantined 0"):
         land_batch(spark, lake, EST, "b2", FP)
     assert table_version(spark, lake.silver("encounter")) == version
+
+
+def test_datasets_ingest_passed_no_row_on_are_not_read_by_validate_or_land(spark, landed, consortium, monkeypatch):
+    """An incremental delivery carries every dataset's file, most of them empty: validate and land look only
+    at the datasets with rows, and the empty ones still get their zero figures in the log."""
+    from jobs.stages import land, validate
+
+    read: dict[str, list[str]] = {"validate": [], "land": []}
+    read_staged, batch_rows = validate.read_staged, land._batch_rows
+
+    def spy_staged(*args, **kwargs):
+        found = read_staged(*args, **kwargs)
+        read["validate"] += found
+        return found
+
+    def spy_rows(spark, lake, establishment_id, batch_id, datasets):
+        read["land"] += datasets
+        return batch_rows(spark, lake, establishment_id, batch_id, datasets)
+
+    monkeypatch.setattr(validate, "read_staged", spy_staged)
+    monkeypatch.setattr(land, "_batch_rows", spy_rows)
+    lake = landed  # b1 landed: staged, validated and silver tables of encounter exist
+    # b2: two encounters; its patient file held one line, quarantined at ingest; its consent file was empty.
+    outcome = run_batch(spark, lake, consortium, "b2", {"encounter": [enc("v3"), enc("v4")], "patient": [],
+                                                        "consent": []},
+                        EXTRACTED + DAY, ingest_quarantined={"patient": 1})
+    assert read == {"validate": ["encounter"], "land": ["encounter"]}
+    assert outcome.landed == {"encounter": 2, "patient": 0, "consent": 0}
+    assert outcome.quarantined == {"encounter": 0, "patient": 1, "consent": 0}
+    logged = {(r.dataset, r.stage): (r.rows_read, r.rows_quarantined) for r in
+              spark.read.format("delta").load(lake.ops(BATCH_LOG)).where(F.col("batch_id") == "b2").collect()}
+    assert logged[("patient", "validate")] == (0, 0) and logged[("consent", "land")] == (0, 0)
+    assert logged[("patient", "land")] == (1, 1)
 
 
 def test_a_silver_table_written_with_another_key_is_refused(spark, landed, consortium):

@@ -553,8 +553,11 @@ def batch_figures(spark: SparkSession, lake: Lake, establishment_id: str, batch_
     """Per dataset: rows read, valid, quarantined (ingest, validate) and duplicates of one batch."""
     log = {key: entry for key, entry in latest_batch_entries(lake, establishment_id, batch_id).items() if key[0]}
     logged = sorted({d for d, stage in log if d and stage in (Stage.INGEST, Stage.VALIDATE)})
+    # A dataset of which ingest passed no row on (an empty file) has none waiting in validated/: not read.
+    passed_on = [d for d in logged if (e := log.get((d, Stage.INGEST.value))) is None
+                 or int(e["rows_read"] or 0) > int(e["rows_quarantined"] or 0)]
     # Rows quarantined at validation and rows waiting in validated/, in one query (one Spark job).
-    validate_q, valid, deletes = _batch_rows(spark, lake, establishment_id, batch_id, logged)
+    validate_q, valid, deletes = _batch_rows(spark, lake, establishment_id, batch_id, passed_on)
     datasets = sorted(set(logged) | set(validate_q))
     figures = {}
     for dataset in datasets:

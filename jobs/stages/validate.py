@@ -67,7 +67,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 from functools import cache, partial, reduce
 from pathlib import Path
 
@@ -813,10 +813,12 @@ def validated_rows(kept: DataFrame, dataset: str) -> DataFrame:
 # ------------------------------------------------------------------ I/O ----
 # The one place that reads the staged zone and writes the validated zone, quarantine and results.
 
-def read_staged(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str) -> dict[str, tuple[DataFrame, list[str]]]:
-    """Per dataset with a staged table: the batch's staged rows and the table's columns (read with delta-rs)."""
+def read_staged(spark: SparkSession, lake: Lake, establishment_id: str, batch_id: str,
+                skip: Iterable[str] = ()) -> dict[str, tuple[DataFrame, list[str]]]:
+    """Per dataset with a staged table, ``skip`` aside: the batch's staged rows and the table's columns
+    (read with delta-rs)."""
     found = {}
-    for dataset in DATASETS:
+    for dataset in (d for d in DATASETS if d not in set(skip)):
         path = lake.staged(dataset)
         columns = _table_columns(path)
         if columns is None:
@@ -909,7 +911,11 @@ def validate_batch(spark: SparkSession, lake: Lake, consortium: Consortium, esta
     prepared: dict[str, _Prepared] = {}
     gx_ready = import_gx_meanwhile()
     try:
-        for dataset, (staged, staged_columns) in read_staged(spark, lake, establishment_id, batch_id).items():
+        # A dataset whose every row read was quarantined at ingest (an incremental batch's empty files) has
+        # nothing staged: no Spark job looks for its rows, and its outcome is zeros (below).
+        nothing_staged = [d for d, (read, quarantined) in ingest.items() if read <= quarantined]
+        for dataset, (staged, staged_columns) in read_staged(spark, lake, establishment_id, batch_id,
+                                                             nothing_staged).items():
             suite = load_suite(dataset)
             checks = suite_checks(suite)
             years = birth_years(spark, lake, establishment_id, batch_id) if dataset == "encounter" else None
