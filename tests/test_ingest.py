@@ -301,3 +301,25 @@ def test_an_empty_file_is_logged_as_a_dataset_read_with_no_rows(spark, consortiu
     assert outcome.bronze == {"patient": 1, "encounter": 0}
     log = {r.dataset: r for r in read_batch_log(spark, lake).where(F.col("stage") == "ingest").collect()}
     assert (log["encounter"].rows_read, log["encounter"].status) == (0, "ingested")
+    # Found empty from its bytes, after its header was checked: no Spark read, no bronze commit for it.
+    from jobs.core.tables import table_exists
+
+    assert table_exists(spark, lake.bronze("patient")) and not table_exists(spark, lake.bronze("encounter"))
+
+
+def test_a_file_holds_no_record_when_only_blank_lines_follow_its_header(tmp_path, consortium):
+    from jobs.readers.csv import NO_RECORD_PROBE_BYTES, holds_no_record
+
+    profile = consortium.establishment("chu_laurentides").input
+    header = LAURENTIDES_ENCOUNTER_HEADER.encode("latin-1")
+    cases = {
+        b"": True, header: True, header + b"\n": True, header + b"\r\n\r\n  \n": True, header + b"\r   \r": True,
+        header + b"\n\t\n": False,  # Spark trims spaces only: a tab line is a record (quarantined as malformed)
+        header + b"\nS1;K001\n": False, header + b"\n\n\nS1\n": False, header + b"\n\x00": False,
+        b'"no_sejour\nsuite";no_dossier\n': False,  # a quoted header may span lines: left to Spark
+        header + b"\n" + b" " * NO_RECORD_PROBE_BYTES: False,  # too large to look at from Python
+    }
+    for index, (content, expected) in enumerate(cases.items()):
+        path = tmp_path / f"{index}.csv"
+        path.write_bytes(content)
+        assert holds_no_record(path, profile) is expected, content[:80]

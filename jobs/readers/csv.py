@@ -33,7 +33,7 @@ from jobs.core.batchlog import Stage
 from jobs.core.config import CsvProfile, ObservationRouting
 from jobs.readers.lines import (decode_strict, in_one_partition, join_quoted_lines, quote_count, read_lines,
                                 utf8_in_single_byte)
-from jobs.core.schemas import BRONZE_COLUMNS, PERSON_IDENTIFIERS, RECORD_REF, bronze_schema
+from jobs.core.schemas import BRONZE_COLUMNS, PERSON_IDENTIFIERS, QUARANTINE_SCHEMA, RECORD_REF, bronze_schema
 
 STAGE_INGEST = Stage.INGEST.value
 RULE_ENCODING = "ingest.encoding"
@@ -97,6 +97,8 @@ class ReadResult:
     cached: DataFrame | None = None
     # Lines of observations whose word answer is not in the profile's closed list: landed without it.
     free_text: DataFrame | None = None
+    # False when the file was found to hold no record before Spark read it (its frames are empty).
+    holds_records: bool = True
 
     def free_text_dropped(self) -> int:
         """Answers dropped as possible free text from rows that landed (runs one small Spark job)."""
@@ -292,6 +294,25 @@ def read_records(spark: SparkSession, path: Path, profile: CsvProfile) -> DataFr
             .where(~F.col("valid") | (F.trim(F.col("text")) != "")))
 
 
+# Files up to this size are looked at from Python for a record before Spark reads them.
+NO_RECORD_PROBE_BYTES = 64 * 1024
+
+
+def holds_no_record(path: Path, profile: CsvProfile) -> bool:
+    """Whether the file is its header line followed only by blank lines (spaces and line breaks), so that
+    :func:`read_records` would find no record in it; decided from its bytes (every supported encoding
+    writes those bytes as ASCII does). A file over :data:`NO_RECORD_PROBE_BYTES`, or whose first line holds
+    a quote (a quoted header field may span lines), is left to Spark: False."""
+    if path.stat().st_size > NO_RECORD_PROBE_BYTES:
+        return False
+    data = path.read_bytes()
+    ends = [i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0]
+    first_end = min(ends) if ends else len(data)
+    if profile.quote.encode("ascii", "replace") in data[:first_end]:
+        return False
+    return data[first_end:].strip(b" \r\n") == b""
+
+
 def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvProfile,
                   lineage: FileLineage, max_field_bytes: int = DEFAULT_MAX_FIELD_BYTES) -> ReadResult:
     """Read one CSV extract of ``dataset``: every data record ends in bronze or in quarantine.
@@ -320,6 +341,11 @@ def read_csv_file(spark: SparkSession, path: Path, dataset: str, profile: CsvPro
                               f"builds the record id from; header is {profile.delimiter.join(header)}")
     identifiers = ({system: header.index(source) for system, source in profile.person_identifiers.items()
                     if source in header} if dataset == "patient" else {})
+    if holds_no_record(path, profile):
+        # An empty extract (an incremental delivery's file of a dataset with no change): its header checked
+        # above, no Spark job reads it.
+        return ReadResult(bronze={t: spark.createDataFrame([], bronze_schema(t)) for t in targets},
+                          quarantine=spark.createDataFrame([], QUARANTINE_SCHEMA), notes=notes, holds_records=False)
 
     records = read_records(spark, path, profile)
     n_fields, balanced = _field_count(F.col("text"), profile)

@@ -154,6 +154,7 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
     est = consortium.establishment(establishment_id)
     ingested_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     bronze_parts: dict[str, list[DataFrame]] = {}
+    empty: set[str] = set()  # datasets of files that held no record
     column_changes: dict[str, str] = {}
     quarantine_parts: list[DataFrame] = []
     notes: dict[str, list[str]] = {}
@@ -227,6 +228,11 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
                 n = dropped_answers()
                 if n:
                     free_text_dropped["observation"] = free_text_dropped.get("observation", 0) + n
+            if not getattr(result, "holds_records", True):
+                # A file found empty before Spark read it: nothing to write or count (a batch's content is
+                # fixed by its manifest, so no earlier attempt wrote rows of it either); 0 rows read below.
+                empty.update(result.bronze)
+                continue
             for dataset, frame in result.bronze.items():
                 bronze_parts.setdefault(dataset, []).append(frame)
             quarantine_parts.append(result.quarantine)
@@ -236,13 +242,15 @@ def ingest_batch(spark: SparkSession, lake: Lake, landing_root: Path, consortium
             dataset: partial(write_bronze, spark, lake, dataset, reduce(DataFrame.unionByName, frames),
                              establishment_id, batch_id)
             for dataset, frames in bronze_parts.items()}
-        writes["quarantine"] = partial(write_ingest_quarantine, spark, lake,
-                                       reduce(DataFrame.unionByName, quarantine_parts), establishment_id, batch_id)
+        # Written even when every file was empty: it replaces the rows an earlier attempt may have left.
+        quarantine = (reduce(DataFrame.unionByName, quarantine_parts) if quarantine_parts
+                      else spark.createDataFrame([], QUARANTINE_SCHEMA))
+        writes["quarantine"] = partial(write_ingest_quarantine, spark, lake, quarantine, establishment_id, batch_id)
         on_each_table(writes)
         # What the tables now hold of the batch, counted once over all of them (one Spark job).
         # Every dataset read is counted, an empty file's too (its batch-log entry says 0 rows read).
-        bronze_counts: dict[str, int] = dict.fromkeys(bronze_parts, 0)
-        bronze_entries: dict[str, int] = dict.fromkeys(bronze_parts, 0)
+        bronze_counts: dict[str, int] = dict.fromkeys([*empty, *bronze_parts], 0)
+        bronze_entries: dict[str, int] = dict.fromkeys([*empty, *bronze_parts], 0)
         quarantined: dict[str, int] = {}
         per_file: dict[str, int] = dict(not_collected_files)
         for r in batch_counts(spark, lake, list(bronze_parts), establishment_id, batch_id):
