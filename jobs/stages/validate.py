@@ -818,7 +818,8 @@ def read_staged(spark: SparkSession, lake: Lake, establishment_id: str, batch_id
     """Per dataset with a staged table, ``skip`` aside: the batch's staged rows and the table's columns
     (read with delta-rs)."""
     found = {}
-    for dataset in (d for d in DATASETS if d not in set(skip)):
+    skipped = set(skip)
+    for dataset in (d for d in DATASETS if d not in skipped):
         path = lake.staged(dataset)
         columns = _table_columns(path)
         if columns is None:
