@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from jobs.core.schemas import staged_schema
-from jobs.core.tables import STATS_COLUMNS, ensure_table, stats_columns, table_properties
+from jobs.core.arrow_tables import open_delta
+from jobs.core.tables import (NO_COMMIT, STATS_COLUMNS, create_table, ensure_table, files_that_may_hold, replace_rows,
+                              stats_columns, table_properties, written_rows)
 
 NAME = "Éloïse Tremblay, 12 rue des Érables"
 
@@ -165,3 +167,66 @@ def test_a_table_operation_in_a_pool_thread_keeps_its_callers_spark_job_group(sp
     finally:
         context.setJobGroup("(none)", "")
     assert seen == {"a": "land-benchmark", "b": "land-benchmark"}
+
+
+ROWS = "est string, batch string, stage string, n int"
+
+
+def _rows(spark, path: str) -> list[tuple]:
+    return sorted(tuple(r) for r in spark.read.format("delta").load(path).collect())
+
+
+def _operation(commit: dict) -> str:
+    return commit["operationParameters"]["mode"]
+
+
+def test_a_batch_s_first_write_appends_and_a_rewrite_replaces_only_its_own_rows(spark, tmp_path):
+    path = str(tmp_path / "transient")
+    create_table(spark, path, spark.createDataFrame([], ROWS).schema, partition_by=("est", "batch"))
+    other = replace_rows(spark.createDataFrame([("e1", "b0", "s", 0)], ROWS), path, {"est": "e1", "batch": "b0"})
+    first = replace_rows(spark.createDataFrame([("e1", "b1", "s", 1), ("e1", "b1", "s", 2)], ROWS), path,
+                         {"est": "e1", "batch": "b1"})
+    assert (_operation(other), _operation(first), written_rows(first)) == ("Append", "Append", 2)
+    again = replace_rows(spark.createDataFrame([("e1", "b1", "s", 3)], ROWS), path, {"est": "e1", "batch": "b1"})
+    assert (_operation(again), written_rows(again)) == ("Overwrite", 1)
+    assert _rows(spark, path) == [("e1", "b0", "s", 0), ("e1", "b1", "s", 3)]
+    assert replace_rows(spark.createDataFrame([], ROWS), path, {"est": "e1", "batch": "b2"}) is NO_COMMIT
+    assert _rows(spark, path) == [("e1", "b0", "s", 0), ("e1", "b1", "s", 3)]
+
+
+def test_statistics_rule_files_out_and_a_column_without_them_rules_nothing_out(spark, tmp_path):
+    path = str(tmp_path / "quarantine")
+    schema = spark.createDataFrame([], "establishment_id string, batch_id string, stage string, n int").schema
+    ensure_table(spark, path, schema, partition_by=("establishment_id",))  # statistics of batch_id, not stage
+    rows = [("e1", "b1", "ingest", 1)]
+    replace_rows(spark.createDataFrame(rows, schema), path, {"establishment_id": "e1", "batch_id": "b1", "stage": "ingest"})
+    table = open_delta(path)
+    assert files_that_may_hold(table, {"establishment_id": "e1", "batch_id": "b2"}) == 0  # outside min..max
+    assert files_that_may_hold(table, {"establishment_id": "e2", "batch_id": "b1"}) == 0  # another partition
+    assert files_that_may_hold(table, {"establishment_id": "e1", "batch_id": "b1", "stage": "validate"}) == 1
+    late = replace_rows(spark.createDataFrame([("e1", "b1", "validate", 2)], schema), path,
+                        {"establishment_id": "e1", "batch_id": "b1", "stage": "validate"})
+    assert _operation(late) == "Overwrite"
+    assert _rows(spark, path) == [("e1", "b1", "ingest", 1), ("e1", "b1", "validate", 2)]
+
+
+def test_rows_another_writer_committed_after_the_check_are_replaced_not_doubled(spark, tmp_path, monkeypatch):
+    """The log said no file held the batch, then another writer's rows of the batch landed before the append."""
+    import jobs.core.tables as tables
+
+    path = str(tmp_path / "transient")
+    create_table(spark, path, spark.createDataFrame([], ROWS).schema, partition_by=("est", "batch"))
+    checks = []
+    real = tables.files_that_may_hold
+
+    def racing(table, match):
+        if not checks:  # the check before the write: the other writer commits right after it
+            spark.createDataFrame([("e1", "b1", "theirs", 1)], ROWS).write.format("delta").mode("append").save(path)
+        checks.append(real(table, match))
+        return checks[-1]
+
+    monkeypatch.setattr(tables, "files_that_may_hold", racing)
+    commit = replace_rows(spark.createDataFrame([("e1", "b1", "ours", 2)], ROWS), path, {"est": "e1", "batch": "b1"})
+    assert checks[0] == 0 and checks[1] == 2  # the append's own file and the other writer's
+    assert _operation(commit) == "Overwrite" and written_rows(commit) == 1
+    assert _rows(spark, path) == [("e1", "b1", "ours", 2)]

@@ -486,3 +486,77 @@ def tagged_commit(path: str, tag: str, depth: int = 50) -> dict:
 def written_rows(commit: dict) -> int:
     """Rows a write committed (``numOutputRows`` of its operation metrics)."""
     return int((commit.get("operationMetrics") or {}).get("numOutputRows", 0) or 0)
+
+
+# ------------------------------------------------------- batch rewrites ----
+
+def files_that_may_hold(table, match: Mapping[str, str]) -> int:
+    """How many data files of a delta-rs table may hold rows whose columns equal ``match``.
+
+    A file may hold them unless its partition values or its min/max statistics rule them out; a
+    column the file has no statistics of (text columns keep none, see :func:`stats_columns`) rules
+    nothing out.
+    """
+    import pyarrow as pa
+
+    files = pa.table(table.get_add_actions(flatten=True))
+    may_hold = [True] * files.num_rows
+    for column, value in match.items():
+        if f"partition.{column}" in files.column_names:
+            values = files.column(f"partition.{column}").to_pylist()
+            may_hold = [m and v == value for m, v in zip(may_hold, values)]
+        elif f"min.{column}" in files.column_names:
+            lows, highs = files.column(f"min.{column}").to_pylist(), files.column(f"max.{column}").to_pylist()
+            may_hold = [m and (lo is None or hi is None or lo <= value <= hi)
+                        for m, lo, hi in zip(may_hold, lows, highs)]
+    return sum(may_hold)
+
+
+# What :func:`replace_rows` returns when Delta made no commit (an append of no row): no row written.
+NO_COMMIT: dict = {"version": None, "operationMetrics": {"numOutputRows": "0", "numFiles": "0"}}
+
+
+def _commit_since(path: str, tag: str, read_version: int) -> dict:
+    """The commit tagged ``tag`` among those made after ``read_version``, or :data:`NO_COMMIT`."""
+    from jobs.core.arrow_tables import open_delta
+
+    table = open_delta(path)
+    newer = table.version() - read_version if table is not None else 0
+    found = (c for c in (table.history(newer) if newer > 0 else []) if c.get("userMetadata") == tag)
+    return next(found, NO_COMMIT)
+
+
+def replace_rows(df: DataFrame, path: str, match: Mapping[str, str]) -> dict:
+    """Put ``df`` in place of the rows of the existing table at ``path`` whose (text) columns equal
+    ``match``: at most one commit, returned as the log records it (its ``operationMetrics`` are the
+    write's own counts), :data:`NO_COMMIT` when there was nothing to write or replace.
+
+    A ``replaceWhere`` overwrite first makes Delta rebuild the table's whole state (its delete counts
+    every file of the table), about a second on a small table after each commit. A batch's first
+    attempt replaces nothing, so when the log (read with delta-rs) shows no file that may hold such rows,
+    ``df`` is appended instead. The log is read again at the append's version: if a file other than
+    the append's own may hold such rows (another writer of the same rows committed meanwhile), the
+    write is made again as a ``replaceWhere``, whose conflict check covers what the append's cannot.
+    """
+    from deltalake import DeltaTable
+
+    from jobs.core.arrow_tables import delta_uri, open_delta, storage_options
+
+    table = open_delta(path)
+    if table is None:
+        raise FileNotFoundError(f"no Delta table at {path}")
+    read_version = table.version()
+    if files_that_may_hold(table, match) == 0:
+        tag = new_commit_tag()
+        df.write.format("delta").mode(APPEND).option("userMetadata", tag).save(path)
+        commit = _commit_since(path, tag, read_version)
+        if commit is NO_COMMIT:
+            return commit
+        written = DeltaTable(delta_uri(path), version=commit["version"], storage_options=storage_options())
+        if files_that_may_hold(written, match) == int(commit["operationMetrics"].get("numFiles", 0)):
+            return commit
+        read_version = commit["version"]
+    tag = new_commit_tag()
+    predicate = " AND ".join(f"`{column}` = {sql_string(value)}" for column, value in match.items())
+    df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).option("userMetadata", tag).save(path)
+    return _commit_since(path, tag, read_version)

@@ -47,7 +47,7 @@ from jobs.stages.landing import BUNDLE, MANIFEST, NOT_COLLECTED, Batch, check_ba
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.readers.csv import FileLineage, HeaderError, header_drift, read_csv_file, read_header
 from jobs.core.schemas import QUARANTINE_SCHEMA, bronze_schema
-from jobs.core.tables import OVERWRITE, cast_to, each_outcome, on_each_table, ready_table
+from jobs.core.tables import cast_to, each_outcome, on_each_table, ready_table, replace_rows
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.INGEST
@@ -321,8 +321,7 @@ def write_bronze(spark: SparkSession, lake: Lake, dataset: str, frame: DataFrame
     path = lake.bronze(dataset)
     ready_table(spark, path, bronze_schema(dataset), partition_by=("_establishment", "_batch_id"),
                 comment=BRONZE_COMMENT.format(dataset=dataset))
-    (frame.write.format("delta").mode(OVERWRITE)
-     .option("replaceWhere", f"_establishment = '{establishment_id}' AND _batch_id = '{batch_id}'").save(path))
+    replace_rows(frame, path, {"_establishment": establishment_id, "_batch_id": batch_id})
 
 
 def write_ingest_quarantine(spark: SparkSession, lake: Lake, quarantine: DataFrame, establishment_id: str,
@@ -330,10 +329,8 @@ def write_ingest_quarantine(spark: SparkSession, lake: Lake, quarantine: DataFra
     """Replace the batch's ingest rows of the quarantine table (one commit)."""
     qpath = lake.quarantine()
     ready_table(spark, qpath, QUARANTINE_SCHEMA, partition_by=("establishment_id",), comment=QUARANTINE_COMMENT)
-    (quarantine.select([cast_to(F.col(f.name), f.dataType) for f in QUARANTINE_SCHEMA.fields])
-     .write.format("delta").mode(OVERWRITE)
-     .option("replaceWhere", f"establishment_id = '{establishment_id}' AND batch_id = '{batch_id}' AND stage = '{STAGE}'")
-     .save(qpath))
+    replace_rows(quarantine.select([cast_to(F.col(f.name), f.dataType) for f in QUARANTINE_SCHEMA.fields]), qpath,
+                 {"establishment_id": establishment_id, "batch_id": batch_id, "stage": STAGE})
 
 
 def batch_counts(spark: SparkSession, lake: Lake, datasets: list[str], establishment_id: str,

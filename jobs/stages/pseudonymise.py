@@ -28,8 +28,8 @@ from jobs.core.batchlog import Stage, Status
 from jobs.core.ops import append_batch_log, batches_with_status
 from jobs.core.schemas import BRONZE_COLUMNS, CONCEPT_SEPARATOR, DATASETS, PERSON_IDENTIFIERS, staged_schema
 from jobs.reference.vocabularies import VOCABULARY_TOKENS, luhn_ok, vocabulary_of
-from jobs.core.tables import (OVERWRITE, cast_to, new_commit_tag, on_each_table, ready_table, table_exists,
-                              tagged_commit, written_rows)
+from jobs.core.tables import (cast_to, on_each_table, ready_table, replace_rows, table_exists,
+                              written_rows)
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.PSEUDONYMISE
@@ -446,12 +446,8 @@ def _write_staged(spark: SparkSession, lake: Lake, dataset: str, df: DataFrame, 
     """Replace the batch's rows of a staged table (one commit); the rows written, from that commit's metrics."""
     path = lake.staged(dataset)
     ready_table(spark, path, staged_schema(dataset), fingerprint, partition_by=TRANSIENT_PARTITIONS)
-    predicate = f"establishment_id = '{establishment_id}' AND _batch_id = '{batch_id}'"
-    tag = new_commit_tag()
-    (df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).option("userMetadata", tag)
-     .save(path))
     # The write's own count: reading the batch back would cost a Spark job for a figure the commit holds.
-    return written_rows(tagged_commit(path, tag))
+    return written_rows(replace_rows(df, path, {"establishment_id": establishment_id, "_batch_id": batch_id}))
 
 
 @writes_lake(Mode.SHARED)

@@ -91,7 +91,7 @@ from jobs.core.schemas import (
     silver_columns,
     staged_schema,
 )
-from jobs.core.tables import OVERWRITE, cast_to, ensure_table, on_each_table, sql_string, table_exists
+from jobs.core.tables import cast_to, ensure_table, on_each_table, replace_rows, table_exists
 from jobs.core.writer_lock import Mode, writes_lake
 
 STAGE = Stage.VALIDATE
@@ -829,10 +829,6 @@ def read_staged(spark: SparkSession, lake: Lake, establishment_id: str, batch_id
     return found
 
 
-def _replace(df: DataFrame, path: str, predicate: str) -> None:
-    df.write.format("delta").mode(OVERWRITE).option("replaceWhere", predicate).save(path)
-
-
 def _ensure(spark: SparkSession, path: str, schema: StructType, comment: str,
             partition_by: tuple[str, ...] = ("establishment_id",)) -> None:
     """Create the table once; a table that already has every column of ``schema`` costs no Spark call."""
@@ -846,23 +842,22 @@ def write_validation(spark: SparkSession, lake: Lake, establishment_id: str, bat
                      quarantine: DataFrame, validated: dict[str, DataFrame]) -> None:
     """Replace the batch's results, validate-stage quarantine rows and validated rows: one commit per table,
     the tables written side by side (:func:`jobs.core.tables.on_each_table`)."""
-    batch = f"establishment_id = {sql_string(establishment_id)} AND batch_id = {sql_string(batch_id)}"
+    batch = {"establishment_id": establishment_id, "batch_id": batch_id}
     path = lake.ops(VALIDATION_RESULTS)
     _ensure(spark, path, VALIDATION_RESULTS_SCHEMA,
             "Great Expectations results per batch, dataset and expectation (counts only, no values).")
-    writes = {path: partial(_replace, spark.createDataFrame(results, VALIDATION_RESULTS_SCHEMA), path, batch)}
+    writes = {path: partial(replace_rows, spark.createDataFrame(results, VALIDATION_RESULTS_SCHEMA), path, batch)}
 
     qpath = lake.quarantine()
     _ensure(spark, qpath, QUARANTINE_SCHEMA,
             "Rejected rows (no identifier) with the stage, rule and reason that rejected them.")
-    writes[qpath] = partial(_replace, quarantine, qpath, f"{batch} AND stage = {sql_string(STAGE)}")
+    writes[qpath] = partial(replace_rows, quarantine, qpath, batch | {"stage": STAGE})
 
     for dataset, rows in validated.items():
         vpath = validated_path(lake, dataset)
         _ensure(spark, vpath, staged_schema(dataset), f"Validated {dataset} rows waiting for land (pseudonymised).",
                 TRANSIENT_PARTITIONS)
-        writes[vpath] = partial(_replace, rows, vpath, f"establishment_id = {sql_string(establishment_id)} "
-                                                       f"AND _batch_id = {sql_string(batch_id)}")
+        writes[vpath] = partial(replace_rows, rows, vpath, {"establishment_id": establishment_id, "_batch_id": batch_id})
     on_each_table(writes)
 
 
