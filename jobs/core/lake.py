@@ -53,7 +53,7 @@ ZONES = {z.name: z for z in (
 
 # How a transient zone's tables are laid out: one folder per establishment and batch, so that a batch
 # leaves them (land, skip, the retention purge) as whole files, a metadata-only DELETE with no Spark job
-# over the rows, and a stage's reads and replaceWhere writes of its batch touch its own files only. A
+# over the rows, and a stage's reads and rewrites of its batch touch its own files only. A
 # table made before this layout keeps its own (partitioned by establishment): every operation works on both.
 TRANSIENT_PARTITIONS = ("establishment_id", "_batch_id")
 

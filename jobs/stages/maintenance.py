@@ -230,7 +230,7 @@ def purge_transient(spark: SparkSession, lake: Lake, establishment_id: str, batc
     """Remove one batch from every transient zone (staged, validated) once it has landed; rows removed per table.
 
     A DELETE on the establishment and batch: the commit records that predicate, as the
-    stages' own ``replaceWhere`` writes of these tables already do. Neither names a person
+    stages' rewrites of their batch (``replaceWhere``) do. Neither names a person
     (persons are only ever matched as data, :func:`delete_matching`).
     """
     removed: dict[str, int] = {}
