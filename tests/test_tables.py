@@ -113,14 +113,16 @@ def test_a_table_made_ready_once_is_not_looked_at_again_and_another_key_is_refus
 
 
 def test_a_write_s_own_count_is_read_from_its_tagged_commit_after_another_writer_s(spark, tmp_path):
-    from jobs.core.tables import new_commit_tag, tagged_commit, written_rows
+    from jobs.core.tables import _commit_since, new_commit_tag
 
     path = str(tmp_path / "t")
+    spark.createDataFrame([], "x string").write.format("delta").save(path)  # version 0
     tag = new_commit_tag()
-    spark.createDataFrame([("a",), ("b",), ("c",)], "x string").write.format("delta") \
+    spark.createDataFrame([("a",), ("b",), ("c",)], "x string").write.format("delta").mode("append") \
         .option("userMetadata", tag).save(path)
     spark.createDataFrame([("d",)], "x string").write.format("delta").mode("append").save(path)  # another writer
-    assert written_rows(tagged_commit(path, tag)) == 3
+    assert written_rows(_commit_since(path, tag, 0)) == 3
+    assert _commit_since(path, tag, 1) is NO_COMMIT  # made before the version read: not this write's
 
 
 def test_operations_on_several_tables_run_side_by_side_and_all_end_before_a_failure_is_raised(monkeypatch):

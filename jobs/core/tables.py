@@ -466,23 +466,6 @@ def new_commit_tag() -> str:
     return "affluent-write-" + uuid.uuid4().hex
 
 
-def tagged_commit(path: str, tag: str, depth: int = 50) -> dict:
-    """The commit of the write made with ``option("userMetadata", tag)``, read from the log with delta-rs.
-
-    The newest commit is not necessarily one's own (another establishment's batch writes the same table):
-    the tag names it. Its ``operationMetrics`` (``numOutputRows``…) are the write's own counts.
-    """
-    from jobs.core.arrow_tables import open_delta
-
-    table = open_delta(path)
-    if table is None:
-        raise FileNotFoundError(f"no Delta table at {path}")
-    for commit in table.history(depth):
-        if commit.get("userMetadata") == tag:
-            return commit
-    raise LookupError(f"no commit tagged {tag} among the last {depth} of {path}")
-
-
 def written_rows(commit: dict) -> int:
     """Rows a write committed (``numOutputRows`` of its operation metrics)."""
     return int((commit.get("operationMetrics") or {}).get("numOutputRows", 0) or 0)
