@@ -521,9 +521,7 @@ def replace_rows(df: DataFrame, path: str, match: Mapping[str, str]) -> dict:
     the append's own may hold such rows (another writer of the same rows committed meanwhile), the
     write is made again as a ``replaceWhere``, whose conflict check covers what the append's cannot.
     """
-    from deltalake import DeltaTable
-
-    from jobs.core.arrow_tables import delta_uri, open_delta, storage_options
+    from jobs.core.arrow_tables import open_delta
 
     table = open_delta(path)
     if table is None:
@@ -535,8 +533,8 @@ def replace_rows(df: DataFrame, path: str, match: Mapping[str, str]) -> dict:
         commit = _commit_since(path, tag, read_version)
         if commit is NO_COMMIT:
             return commit
-        written = DeltaTable(delta_uri(path), version=commit["version"], storage_options=storage_options())
-        if files_that_may_hold(written, match) == int(commit["operationMetrics"].get("numFiles", 0)):
+        table.load_as_version(commit["version"])
+        if files_that_may_hold(table, match) == int(commit["operationMetrics"].get("numFiles", 0)):
             return commit
         read_version = commit["version"]
     tag = new_commit_tag()
